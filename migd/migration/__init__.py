@@ -1,0 +1,1 @@
+"""Live migration: the source's migration thread, the destination's loader and the stream between them."""
