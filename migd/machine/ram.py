@@ -1,0 +1,234 @@
+"""Guest RAM: blocks of host memory mapped once and viewed through numpy, never copied.
+
+A block is an ``mmap`` (private anonymous, or a shared mapping of a file like QEMU's
+``memory-backend-file,share=on``) plus a dirty bitmap. The bitmap follows the one rule that live
+migration rests on: a writer writes the data first and marks the page after, and ``take_dirty`` swaps
+the bitmap out atomically, so a page written after a take started is always in the next take.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+import threading
+from collections.abc import Iterable
+
+import numpy as np
+
+PAGE_SIZE = 4096
+MAX_NAME_LEN = 127  # QEMU's stream analysis reads the idstr length as a signed byte
+MADV_POPULATE_WRITE = 23
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+_libc.mincore.restype = ctypes.c_int
+
+
+def _swap_enabled() -> bool:
+    """Whether a non-resident anonymous page could be in swap rather than never touched."""
+    try:
+        with open("/proc/swaps") as f:
+            return len(f.read().strip().splitlines()) > 1
+    except OSError:
+        return True
+
+
+class RAMBlock:
+    """One named region of guest RAM with its dirty bitmap."""
+
+    def __init__(self, name: str, size: int, *, mem_path: str | None = None,
+                 page_size: int = PAGE_SIZE) -> None:
+        validate_block(name, size, page_size)
+        self.name = name
+        self.size = size
+        self.page_size = page_size
+        self.npages = size // page_size
+        self.mem_path = mem_path
+        self.mem = _map_file(mem_path, size) if mem_path else mmap.mmap(
+            -1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.buf: np.ndarray = np.frombuffer(self.mem, dtype=np.uint8)
+        self.pages: np.ndarray = self.buf.reshape(self.npages, page_size)
+        self.words: np.ndarray = self.buf.view(np.uint64).reshape(self.npages, page_size // 8)
+        self._dirty = np.zeros(self.npages, dtype=bool)
+        self._dirty_lock = threading.Lock()
+        self._logging = False
+
+    # -- dirty logging -------------------------------------------------------------------------
+
+    @property
+    def logging(self) -> bool:
+        return self._logging
+
+    def set_logging(self, on: bool, *, all_dirty: bool = False) -> None:
+        """Turn dirty logging on or off; ``all_dirty`` starts with every page marked."""
+        with self._dirty_lock:
+            self._logging = on
+            self._dirty.fill(all_dirty and on)
+
+    def mark_dirty(self, idx: int | slice | np.ndarray | Iterable[int]) -> None:
+        """Record pages as written. Call *after* writing their data."""
+        if not self._logging:
+            return
+        with self._dirty_lock:
+            if self._logging:
+                self._dirty[idx] = True
+
+    def take_dirty(self) -> np.ndarray:
+        """Pages marked since the last take, clearing them: one copy and one fill under the lock."""
+        with self._dirty_lock:
+            snap = self._dirty.copy()
+            self._dirty.fill(False)
+        return snap
+
+    def dirty_count(self) -> int:
+        """Pages marked and not yet taken (a cheap estimate; not a take)."""
+        return int(np.count_nonzero(self._dirty))
+
+    # -- residency -----------------------------------------------------------------------------
+
+    def untouched_pages(self) -> np.ndarray | None:
+        """Pages that were never touched and therefore read as zero, or None when unknowable.
+
+        Only a private anonymous mapping guarantees that a non-resident page is zero; with swap
+        configured, /proc/self/pagemap tells swapped-out pages apart.
+        """
+        if self.mem_path is not None or mmap.PAGESIZE != self.page_size:
+            return None
+        addr = self.buf.ctypes.data
+        if _swap_enabled():
+            return self._untouched_from_pagemap(addr)
+        vec = np.empty(self.npages, dtype=np.uint8)
+        if _libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(self.size),
+                         ctypes.c_void_p(vec.ctypes.data)) != 0:
+            return None
+        return (vec & 1) == 0
+
+    def _untouched_from_pagemap(self, addr: int) -> np.ndarray | None:
+        entries = np.empty(self.npages, dtype=np.uint64)
+        try:
+            fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            want = self.npages * 8
+            got = os.preadv(fd, [memoryview(entries).cast("B")], (addr // self.page_size) * 8)
+            if got != want:
+                return None
+        finally:
+            os.close(fd)
+        present_or_swapped = np.uint64(0b11 << 62)
+        return (entries & present_or_swapped) == 0
+
+    def populate(self) -> None:
+        """Fault every page in ahead of a bulk write (the destination's -mem-prealloc)."""
+        try:
+            self.mem.madvise(MADV_POPULATE_WRITE)
+        except OSError:  # kernel older than 5.14: touch one byte per page instead
+            self.pages[:, 0] |= 0
+
+    def close(self) -> None:
+        """Unmap if no view is still exported; otherwise the mapping goes with its last view."""
+        self.buf = self.pages = self.words = np.empty(0, dtype=np.uint8)
+        try:
+            self.mem.close()
+        except BufferError:
+            pass
+
+    def __repr__(self) -> str:
+        return f"RAMBlock({self.name!r}, {self.size})"
+
+
+def validate_block(name: str, size: int, page_size: int = PAGE_SIZE) -> None:
+    """Raise ValueError unless a block of this name and size can exist."""
+    if not name:
+        raise ValueError("RAM block name must not be empty")
+    if len(name.encode()) > MAX_NAME_LEN:
+        raise ValueError(f"RAM block name '{name}' is longer than {MAX_NAME_LEN} bytes")
+    if size <= 0 or size % page_size:
+        raise ValueError(f"RAM block size {size} must be a positive multiple of {page_size}")
+
+
+def _map_file(path: str, size: int) -> mmap.mmap:
+    """A shared mapping of ``path``: existing contents are the RAM, a missing file is created."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        actual = os.fstat(fd).st_size
+        if actual == 0:
+            os.ftruncate(fd, size)
+        elif actual != size:
+            raise ValueError(f"mem-path '{path}' is {actual} bytes, but the machine has {size} bytes of RAM")
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+
+
+class RAMList:
+    """The machine's RAM blocks, with a version bumped on every add/remove (the ram list mutex)."""
+
+    MAIN = "ram0"
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.version = 0
+        self._blocks: dict[str, RAMBlock] = {}
+        self._logging = False
+
+    def blocks(self) -> list[RAMBlock]:
+        """A snapshot of the blocks in insertion order."""
+        with self.lock:
+            return list(self._blocks.values())
+
+    def get(self, name: str) -> RAMBlock | None:
+        with self.lock:
+            return self._blocks.get(name)
+
+    def __contains__(self, name: str) -> bool:
+        return self.get(name) is not None
+
+    def add(self, name: str, size: int, *, mem_path: str | None = None) -> RAMBlock:
+        """Create and map a block. While dirty logging is on, a new block starts fully dirty."""
+        validate_block(name, size)
+        with self.lock:
+            if name in self._blocks:
+                raise ValueError(f"RAM block '{name}' already exists")
+            block = RAMBlock(name, size, mem_path=mem_path)
+            if self._logging:
+                block.set_logging(True, all_dirty=True)
+            self._blocks[name] = block
+            self.version += 1
+            return block
+
+    def remove(self, name: str) -> None:
+        with self.lock:
+            if name == self.MAIN:
+                raise ValueError(f"RAM block '{name}' is the machine's main RAM and cannot be removed")
+            block = self._blocks.pop(name, None)
+            if block is None:
+                raise KeyError(f"RAM block '{name}' not found")
+            self.version += 1
+        block.set_logging(False)
+
+    def total_bytes(self) -> int:
+        with self.lock:
+            return sum(b.size for b in self._blocks.values())
+
+    @property
+    def logging(self) -> bool:
+        return self._logging
+
+    def set_logging(self, on: bool) -> None:
+        """Switch logging on every block, and for blocks added later (see migd.machine.dirty)."""
+        with self.lock:
+            self._logging = on
+            for block in self._blocks.values():
+                block.set_logging(on)
+
+    def close(self) -> None:
+        with self.lock:
+            blocks = list(self._blocks.values())
+            self._blocks.clear()
+            self.version += 1
+        for block in blocks:
+            block.close()
