@@ -1,0 +1,199 @@
+"""Transports: turn a migration address into a connected Channel (source) or a Listener (destination).
+
+One module per transport, as in QEMU; this package only dispatches. ``connect`` and ``Listener.accept``
+block, so the migration and incoming threads call them off the event loop. Every failure is a
+:class:`TransportError` whose ``str()`` is QEMU's text, ready to become ``error-desc``.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import threading
+from collections.abc import MutableMapping
+from typing import TYPE_CHECKING, Any
+
+from migd.transports.uri import (
+    ExecURI,
+    FdURI,
+    FileURI,
+    MigrationURI,
+    TcpURI,
+    UnixURI,
+    URIError,
+    parse_channels,
+    parse_uri,
+)
+
+if TYPE_CHECKING:
+    from migd.transports.channel import Channel
+
+__all__ = [
+    "Listener",
+    "MigrationURI",
+    "SocketListener",
+    "TransportError",
+    "URIError",
+    "connect",
+    "listen",
+    "parse_channels",
+    "parse_uri",
+    "resolve",
+]
+
+Fds = MutableMapping[str, int]
+
+
+class TransportError(OSError):
+    """Connecting, listening or accepting failed; ``str()`` is the QEMU-style description."""
+
+    def __init__(self, desc: str) -> None:
+        super().__init__(desc)
+        self.desc = desc
+
+    def __str__(self) -> str:
+        return self.desc
+
+
+class Listener:
+    """The destination end: ``accept()`` blocks until the source arrives or ``close()`` is called."""
+
+    socket_address: list[dict[str, str]] = []
+
+    def accept(self) -> Channel:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class SocketListener(Listener):
+    """A listening socket whose blocking accept can be interrupted from another thread.
+
+    Closing a socket does not wake a thread blocked in accept(2) on Linux, so accept waits in poll(2)
+    on the socket and on a wake-up pipe that ``close()`` writes to.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._wake_r, self._wake_w = os.pipe()
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def accept(self) -> Channel:
+        from migd.transports.channel import SocketChannel
+
+        poller = select.poll()
+        poller.register(self._sock.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while True:
+            if self._closed:
+                raise TransportError("Listener closed before a connection arrived")
+            try:
+                ready = dict(poller.poll())
+            except InterruptedError:
+                continue
+            if self._wake_r in ready or self._closed:
+                raise TransportError("Listener closed before a connection arrived")
+            try:
+                conn, _ = self._sock.accept()
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise TransportError(f"Failed to accept connection: {exc.strerror or exc}") from exc
+            conn.setblocking(True)
+            tune_socket(conn)
+            return SocketChannel(conn)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        os.write(self._wake_w, b"x")
+        self._sock.close()
+        self._cleanup()
+        # the pipe is left for the garbage collector: a concurrent accept may still be polling it
+
+    def _cleanup(self) -> None:
+        """Hook for subclasses (a unix listener removes its socket file)."""
+
+    def __del__(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def tune_socket(sock: socket.socket) -> None:
+    """Small return-path messages (PONG, SHUT) must not wait for Nagle."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def resolve(uri: str | None = None, channels: list[Any] | None = None, *, incoming: bool = False) -> MigrationURI:
+    """The address of ``migrate``/``migrate-incoming``: exactly one of ``uri`` and ``channels``."""
+    if (uri is None) == (channels is None):
+        raise URIError("need either 'uri' or 'channels' argument")
+    if channels is not None:
+        return parse_channels(channels, incoming=incoming)
+    assert uri is not None
+    return parse_uri(uri)
+
+
+def _as_uri(uri: str | MigrationURI) -> MigrationURI:
+    return parse_uri(uri) if isinstance(uri, str) else uri
+
+
+def connect(uri: str | MigrationURI, fds: Fds | None = None) -> Channel:
+    """Open the source end of a migration (blocking). ``fds`` are the QMP session's getfd names."""
+    parsed = _as_uri(uri)
+    if isinstance(parsed, TcpURI):
+        from migd.transports import tcp
+
+        return tcp.connect(parsed)
+    if isinstance(parsed, UnixURI):
+        from migd.transports import unix
+
+        return unix.connect(parsed)
+    if isinstance(parsed, ExecURI):
+        from migd.transports import exec as exec_
+
+        return exec_.connect(parsed)
+    if isinstance(parsed, FdURI):
+        from migd.transports import fd
+
+        return fd.connect(parsed, fds)
+    if isinstance(parsed, FileURI):
+        from migd.transports import file
+
+        return file.connect(parsed)
+    raise URIError(f"unknown migration protocol: {uri}")
+
+
+def listen(uri: str | MigrationURI, fds: Fds | None = None) -> Listener:
+    """Open the destination end of a migration: listening already, accepting later."""
+    parsed = _as_uri(uri)
+    if isinstance(parsed, TcpURI):
+        from migd.transports import tcp
+
+        return tcp.listen(parsed)
+    if isinstance(parsed, UnixURI):
+        from migd.transports import unix
+
+        return unix.listen(parsed)
+    if isinstance(parsed, ExecURI):
+        from migd.transports import exec as exec_
+
+        return exec_.listen(parsed)
+    if isinstance(parsed, FdURI):
+        from migd.transports import fd
+
+        return fd.listen(parsed, fds)
+    if isinstance(parsed, FileURI):
+        from migd.transports import file
+
+        return file.listen(parsed)
+    raise URIError(f"unknown migration protocol: {uri}")

@@ -1,0 +1,117 @@
+"""``exec:CMD``: the source writes the stream to ``sh -c CMD``'s stdin, the destination reads its stdout.
+
+The child is reaped when the channel closes: the source waits for the command to finish consuming the
+stream (e.g. ``cat > file`` must have written everything), killing it only if it hangs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Sequence
+from typing import IO, Any
+
+from migd.transports import Listener, TransportError
+from migd.transports.channel import FdChannel
+from migd.transports.uri import ExecURI
+
+REAP_TIMEOUT = 10.0  # seconds a finished stream's command gets to exit before it is killed
+
+
+class CommandChannel(FdChannel):
+    """An FdChannel on a child's pipe that reports errors like QEMU and reaps the child on close."""
+
+    def __init__(self, fd: int, proc: subprocess.Popen[bytes], direction: str) -> None:
+        super().__init__(fd)
+        self.proc = proc
+        self._direction = direction  # "write" (source) or "read" (destination)
+        self._reaped = False
+
+    def write_vectored(self, bufs: Sequence[Any]) -> int:
+        try:
+            return super().write_vectored(bufs)
+        except OSError as exc:
+            raise TransportError(f"Unable to write to command: {exc.strerror or exc}") from exc
+
+    def read_into(self, mv: Any) -> int:
+        try:
+            return super().read_into(mv)
+        except OSError as exc:
+            raise TransportError(f"Unable to read from command: {exc.strerror or exc}") from exc
+
+    def close(self) -> None:
+        super().close()
+        self.reap()
+
+    def reap(self) -> int | None:
+        """Wait for the command (bounded), kill it if it hangs; returns its exit status."""
+        if self._reaped:
+            return self.proc.returncode
+        try:
+            self.proc.wait(timeout=REAP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            _kill(self.proc)
+        self._reaped = True
+        return self.proc.returncode
+
+
+def _spawn(uri: ExecURI, **pipes: Any) -> subprocess.Popen[bytes]:
+    try:
+        return subprocess.Popen(list(uri.args), close_fds=True, start_new_session=True, **pipes)
+    except OSError as exc:
+        raise TransportError(f"Unable to spawn command '{uri.display()}': {exc.strerror or exc}") from exc
+
+
+def _detach(pipe: IO[bytes]) -> int:
+    """Move a Popen pipe's descriptor into our hands (the file object would close it when collected)."""
+    fd = os.dup(pipe.fileno())
+    pipe.close()
+    return fd
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    """Kill the command's whole process group (``sh -c`` may have children) and reap it."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def connect(uri: ExecURI) -> CommandChannel:
+    proc = _spawn(uri, stdin=subprocess.PIPE)
+    assert proc.stdin is not None
+    return CommandChannel(_detach(proc.stdin), proc, "write")
+
+
+class ExecListener(Listener):
+    """The command starts at once (like QEMU); ``accept`` hands out its stdout, once."""
+
+    def __init__(self, uri: ExecURI) -> None:
+        self.uri = uri
+        self.socket_address = []
+        self._proc = _spawn(uri, stdout=subprocess.PIPE)
+        self._taken = False
+
+    def accept(self) -> CommandChannel:
+        if self._taken:
+            raise TransportError("exec: the command's output was already taken")
+        self._taken = True
+        assert self._proc.stdout is not None
+        fd = _detach(self._proc.stdout)
+        self._proc.stdout = None
+        return CommandChannel(fd, self._proc, "read")
+
+    def close(self) -> None:
+        """Before accept the command is ours to stop; after it the channel reaps it."""
+        if not self._taken:
+            self._taken = True
+            _kill(self._proc)
+            if self._proc.stdout is not None:
+                self._proc.stdout.close()
+
+
+def listen(uri: ExecURI) -> ExecListener:
+    return ExecListener(uri)

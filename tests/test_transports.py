@@ -1,0 +1,323 @@
+"""Transports: URI parsing (QEMU's texts) and every transport over real sockets, pipes, processes, files."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from migd.transports import (
+    TransportError,
+    URIError,
+    connect,
+    listen,
+    parse_channels,
+    parse_uri,
+    resolve,
+)
+from migd.transports.channel import FdChannel, SocketChannel
+from migd.transports.uri import ExecURI, FdURI, FileURI, TcpURI, UnixURI, socket_address
+
+# -- parsing ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("tcp:127.0.0.1:4444", TcpURI("127.0.0.1", 4444)),
+        ("tcp:localhost:0", TcpURI("localhost", 0)),
+        ("tcp:[::1]:4444", TcpURI("::1", 4444)),
+        ("tcp::4444", TcpURI("", 4444)),
+        ("unix:/run/x.sock", UnixURI("/run/x.sock")),
+        ("exec:cat > /tmp/f", ExecURI(("/bin/sh", "-c", "cat > /tmp/f"))),
+        ("fd:mig", FdURI("mig")),
+        ("file:/tmp/state", FileURI("/tmp/state", 0)),
+        ("file:/tmp/state,offset=4096", FileURI("/tmp/state", 4096)),
+        ("file:/tmp/state,offset=1M", FileURI("/tmp/state", 1 << 20)),
+    ],
+)
+def test_parse_uri(text: str, expected: object) -> None:
+    assert parse_uri(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("rdma2:host:1", "unknown migration protocol: rdma2:host:1"),
+        ("nonsense", "unknown migration protocol: nonsense"),
+        ("", "unknown migration protocol: "),
+        ("tcp:127.0.0.1", "error parsing address '127.0.0.1'"),
+        ("tcp:127.0.0.1:http", "error parsing address '127.0.0.1:http'"),
+        ("tcp:127.0.0.1:70000", "error parsing address '127.0.0.1:70000'"),
+        ("tcp:[::1:4444", "error parsing IPv6 address '[::1:4444'"),
+        ("tcp:::1:4444", "error parsing address '::1:4444'"),
+        ("unix:" + "x" * 200, "UNIX socket path '" + "x" * 200 + "' is too long"),
+        ("file:/tmp/f,offset=abc", "Invalid file offset abc"),
+        ("fd:", "File descriptor name is empty"),
+    ],
+)
+def test_parse_uri_errors(text: str, error: str) -> None:
+    with pytest.raises(URIError) as info:
+        parse_uri(text)
+    assert str(info.value) == error
+
+
+def test_channels_form() -> None:
+    def main(addr: dict) -> list[dict]:
+        return [{"channel-type": "main", "addr": addr}]
+
+    assert parse_channels(main({"transport": "socket", "type": "inet", "host": "::1", "port": "5"})) == TcpURI(
+        "::1", 5
+    )
+    assert parse_channels(main({"transport": "socket", "type": "unix", "path": "/s"})) == UnixURI("/s")
+    assert parse_channels(main({"transport": "socket", "type": "fd", "str": "n"})) == FdURI("n")
+    assert parse_channels(main({"transport": "exec", "args": ["cat"]})) == ExecURI(("cat",))
+    assert parse_channels(main({"transport": "file", "filename": "/f", "offset": 8})) == FileURI("/f", 8)
+    with pytest.raises(URIError, match="Channel list has no main entry"):
+        parse_channels([])
+    two = main({"transport": "exec", "args": ["cat"]}) * 2
+    with pytest.raises(URIError, match="Channel list has more than one main entry"):
+        parse_channels(two)
+    with pytest.raises(URIError, match="Channel list has more than one entries"):
+        parse_channels(two, incoming=True)
+    with pytest.raises(URIError, match="'transport' does not accept value 'carrier-pigeon'"):
+        parse_channels(main({"transport": "carrier-pigeon"}))
+
+
+def test_resolve_needs_exactly_one() -> None:
+    for kwargs in ({}, {"uri": "unix:/x", "channels": []}):
+        with pytest.raises(URIError, match="need either 'uri' or 'channels' argument"):
+            resolve(**kwargs)
+    assert resolve("unix:/x") == UnixURI("/x")
+
+
+def test_socket_address_shape() -> None:
+    assert socket_address(TcpURI("1.2.3.4", 80)) == {"type": "inet", "host": "1.2.3.4", "port": "80"}
+    assert socket_address(UnixURI("/p")) == {"type": "unix", "path": "/p"}
+    assert socket_address(FileURI("/p")) is None
+
+
+# -- real transports -------------------------------------------------------------------------------
+
+
+def _roundtrip(listener, connect_uri: str) -> None:
+    """Accept on a thread, connect, send both ways (the return path), check the bytes."""
+    accepted: list = []
+    thread = threading.Thread(target=lambda: accepted.append(listener.accept()))
+    thread.start()
+    src = connect(connect_uri)
+    thread.join(10)
+    assert accepted, "accept did not return"
+    dst = accepted[0]
+    try:
+        payload = os.urandom(1 << 20)
+        sender = threading.Thread(target=src.write_all, args=([payload],))
+        sender.start()
+        got = _read_exact(dst, len(payload))
+        sender.join(10)
+        assert got == payload
+        assert src.has_return_path and dst.has_return_path
+        dst.write_all([b"ack!"])
+        assert _read_exact(src, 4) == b"ack!"
+    finally:
+        src.close()
+        dst.close()
+
+
+def _read_exact(channel, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        count = channel.read_into(view[got:])
+        assert count, "unexpected EOF"
+        got += count
+    return bytes(buf)
+
+
+def _read_all(channel) -> bytes:
+    out = bytearray()
+    buf = bytearray(65536)
+    while count := channel.read_into(memoryview(buf)):
+        out += buf[:count]
+    return bytes(out)
+
+
+def test_tcp_port_zero_reports_the_chosen_port() -> None:
+    listener = listen("tcp:127.0.0.1:0")
+    try:
+        (addr,) = listener.socket_address
+        assert addr["type"] == "inet" and addr["host"] == "127.0.0.1"
+        assert isinstance(addr["port"], str) and int(addr["port"]) > 0
+        _roundtrip(listener, f"tcp:127.0.0.1:{addr['port']}")
+    finally:
+        listener.close()
+
+
+def test_tcp_ipv6() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        listener = listen("tcp:[::1]:0")
+    except TransportError as exc:
+        pytest.skip(f"IPv6 loopback unavailable: {exc}")
+    try:
+        port = listener.socket_address[0]["port"]
+        assert listener.socket_address[0]["host"] == "::1"
+        _roundtrip(listener, f"tcp:[::1]:{port}")
+    finally:
+        listener.close()
+
+
+def test_tcp_connect_refused_text() -> None:
+    with socket.socket() as s:  # a port that was free a moment ago and has no listener
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(TransportError) as info:
+        connect(f"tcp:127.0.0.1:{port}")
+    assert str(info.value) == f"Failed to connect to '127.0.0.1:{port}': Connection refused"
+
+
+def test_tcp_port_in_use() -> None:
+    listener = listen("tcp:127.0.0.1:0")
+    try:
+        port = listener.socket_address[0]["port"]
+        with pytest.raises(TransportError, match="Address already in use"):
+            listen(f"tcp:127.0.0.1:{port}")
+    finally:
+        listener.close()
+
+
+def test_unix_roundtrip_and_socket_file_removed(tmp_path: Path) -> None:
+    path = tmp_path / "mig.sock"
+    listener = listen(f"unix:{path}")
+    assert listener.socket_address == [{"type": "unix", "path": str(path)}]
+    assert path.exists()
+    _roundtrip(listener, f"unix:{path}")
+    listener.close()
+    assert not path.exists()
+
+
+def test_unix_stale_socket_replaced_and_missing_text(tmp_path: Path) -> None:
+    path = tmp_path / "stale.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()  # leaves the file behind, like a crashed daemon
+    listener = listen(f"unix:{path}")
+    listener.close()
+    with pytest.raises(TransportError) as info:
+        connect(f"unix:{tmp_path}/nope.sock")
+    assert str(info.value) == f"Failed to connect to '{tmp_path}/nope.sock': No such file or directory"
+
+
+def test_accept_is_interrupted_by_close(tmp_path: Path) -> None:
+    listener = listen(f"unix:{tmp_path}/wait.sock")
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            listener.accept()
+        except TransportError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    thread.join(0.2)
+    assert thread.is_alive()  # really blocked
+    listener.close()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert errors and "closed" in str(errors[0])
+
+
+def test_exec_source_writes_to_command_stdin(tmp_path: Path) -> None:
+    out = tmp_path / "stream.bin"
+    channel = connect(f"exec:cat > {out}")
+    assert isinstance(channel, FdChannel) and not channel.has_return_path
+    payload = os.urandom(3 << 20)
+    channel.write_all([payload])
+    channel.close()  # waits for the command: the file is complete afterwards
+    assert out.read_bytes() == payload
+    assert channel.proc.returncode == 0
+
+
+def test_exec_broken_pipe_text() -> None:
+    channel = connect("exec:false")
+    channel.proc.wait(10)
+    with pytest.raises(TransportError) as info:
+        channel.write_all([b"x" * (1 << 20)])
+    assert str(info.value) == "Unable to write to command: Broken pipe"
+    channel.close()
+
+
+def test_exec_destination_reads_command_stdout(tmp_path: Path) -> None:
+    src = tmp_path / "in.bin"
+    payload = os.urandom(2 << 20)
+    src.write_bytes(payload)
+    listener = listen(f"exec:cat {src}")
+    assert listener.socket_address == []
+    channel = listener.accept()
+    listener.close()
+    assert _read_all(channel) == payload
+    channel.close()
+    assert channel.proc.returncode == 0
+
+
+def test_exec_listener_closed_before_accept_kills_command() -> None:
+    listener = listen("exec:sleep 30")
+    proc = listener._proc
+    listener.close()
+    assert proc.returncode is not None
+
+
+def test_fd_socket_by_name_is_taken_once() -> None:
+    a, b = socket.socketpair()
+    fds = {"mig": a.detach()}
+    channel = connect("fd:mig", fds)
+    assert isinstance(channel, SocketChannel) and channel.has_return_path
+    assert "mig" not in fds  # consumed, like QEMU's monitor_get_fd
+    channel.write_all([b"hello"])
+    assert b.recv(5) == b"hello"
+    channel.close()
+    b.close()
+    with pytest.raises(TransportError) as info:
+        connect("fd:mig", fds)
+    assert str(info.value) == "File descriptor named 'mig' has not been found"
+
+
+def test_fd_pipe_listen() -> None:
+    r, w = os.pipe()
+    listener = listen("fd:in", {"in": r})
+    channel = listener.accept()
+    assert isinstance(channel, FdChannel) and not channel.has_return_path
+    os.write(w, b"stream")
+    os.close(w)
+    assert _read_all(channel) == b"stream"
+    channel.close()
+    with pytest.raises(TransportError, match="File descriptor named 'nosuchfd' has not been found"):
+        listen("fd:nosuchfd", {})
+
+
+def test_file_with_offset_keeps_prefix(tmp_path: Path) -> None:
+    path = tmp_path / "state"
+    path.write_bytes(b"H" * 100 + b"old tail that must go")
+    channel = connect(f"file:{path},offset=100")
+    channel.write_all([b"stream bytes"])
+    channel.close()
+    assert path.read_bytes() == b"H" * 100 + b"stream bytes"
+    listener = listen(f"file:{path},offset=100")
+    reader = listener.accept()
+    listener.close()
+    assert _read_all(reader) == b"stream bytes"
+    reader.close()
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(TransportError) as info:
+        listen(f"file:{tmp_path}/missing")
+    assert str(info.value) == f"Unable to open {tmp_path}/missing: No such file or directory"
+    with pytest.raises(TransportError, match="Unable to open"):
+        connect(f"file:{tmp_path}/no/such/dir/f")
