@@ -1,0 +1,108 @@
+"""migctl: the operator's client for migd (and QEMU), built on QEMU's own ``qemu.qmp`` library.
+
+``main(argv)`` parses the command line, connects, runs one subcommand and returns its exit status:
+0 success, 1 the daemon refused or the migration failed/was cancelled, 2 bad usage, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from collections.abc import Awaitable, Callable, Sequence
+
+from migd.migctl import commands
+from migd.migctl.address import AddressError, parse_address
+from migd.migctl.client import Client, CommandFailed, MigctlError, quiet_library_logs
+from migd.migctl.output import Output
+
+Handler = Callable[[Client, argparse.Namespace, Output], Awaitable[int]]
+
+DEFAULT_SOCKET_ENV = "MIGCTL_SOCKET"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="migctl", description="Control a migd (or QEMU) over QMP.")
+    parser.add_argument("-s", "--socket", default=os.environ.get(DEFAULT_SOCKET_ENV),
+                        help=f"QMP socket: unix path, unix:PATH, or tcp:HOST:PORT (default ${DEFAULT_SOCKET_ENV})")
+    parser.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for the connection")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the QMP library's own log")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable output, one JSON per line")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Handler | None, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+        p.set_defaults(handler=handler)
+        return p
+
+    add("status", commands.status, "guest run state and migration status")
+    p = add("migrate", commands.migrate, "start an outgoing migration")
+    p.add_argument("uri", help="destination, e.g. unix:/path, tcp:host:port, exec:cmd, file:/path")
+    p.add_argument("--bandwidth", help="max-bandwidth in bytes/s (K/M/G suffixes; 0 = unlimited)")
+    p.add_argument("--downtime", type=int, metavar="MS", help="downtime-limit in milliseconds")
+    p.add_argument("--auto-converge", action="store_true", help="enable the auto-converge capability")
+    p.add_argument("--wait", action="store_true", help="follow the migration with a live display")
+    p.add_argument("--interval", type=float, default=0.2, help=argparse.SUPPRESS)
+    add("cancel", commands.cancel, "cancel the running migration (migrate_cancel)")
+    p = add("set", commands.set_parameters, "set migration parameters")
+    p.add_argument("assignments", nargs="+", metavar="PARAM=VALUE")
+    p = add("caps", commands.capabilities, "show, or set, migration capabilities")
+    p.add_argument("assignments", nargs="*", metavar="CAP=on|off")
+    p = add("events", commands.events, "print QMP events as they arrive")
+    p.add_argument("--count", type=int, help="stop after this many events")
+    p.add_argument("--timeout", type=float, help="stop after this many seconds")
+    p.add_argument("--enable", action="store_true", help="turn the 'events' capability on first")
+    p = add("incoming", commands.incoming, "start listening for an incoming migration (migrate-incoming)")
+    p.add_argument("uri")
+    add("shell", None, "interactive QMP prompt with history and completion")
+    p = add("raw", commands.raw, "send one QMP command written as JSON")
+    p.add_argument("message", metavar="JSON", help='e.g. \'{"execute": "query-status"}\'')
+    p = add("demo", None, "migrate a running machine between two local migd processes")
+    from migd.migctl.demo import add_demo_arguments
+
+    add_demo_arguments(p)
+    return parser
+
+
+async def _run(handler: Handler, args: argparse.Namespace, out: Output) -> int:
+    client = Client(parse_address(args.socket))
+    await client.connect(timeout=args.connect_timeout)
+    try:
+        return await handler(client, args, out)
+    finally:
+        await client.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    quiet_library_logs(args.verbose)
+    out = Output(json_mode=getattr(args, "json", False))
+    try:
+        if args.command == "demo":
+            from migd.migctl.demo import run_demo
+
+            return run_demo(args, out)
+        if not args.socket:
+            parser.error(f"-s/--socket is required (or set ${DEFAULT_SOCKET_ENV})")
+        if args.command == "shell":
+            from migd.migctl.shell import run_shell
+
+            return run_shell(parse_address(args.socket), json_mode=args.json)
+        return asyncio.run(_run(args.handler, args, out))
+    except AddressError as exc:
+        out.error(str(exc))
+        return 2
+    except CommandFailed as exc:
+        if out.json_mode:
+            out.data({"error": {"class": exc.error_class, "desc": exc.desc}})
+        out.error(f"{exc.command}: {exc.desc}")
+        return commands.EXIT_FAILED
+    except MigctlError as exc:
+        out.error(str(exc))
+        return commands.EXIT_FAILED
+    except KeyboardInterrupt:
+        out.error("interrupted")
+        return commands.EXIT_INTERRUPTED
+
