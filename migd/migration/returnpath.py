@@ -1,0 +1,153 @@
+"""The return path: destination -> source messages on the same (bidirectional) channel.
+
+With it the source calls a migration ``completed`` only once the destination said its load succeeded
+(SHUT 0), and resumes its own guest when the destination failed. Framing is QEMU's: ``be16 type,
+be16 length, payload``. migd sends SHUT and PONG; the source's reader accepts exactly those and rejects
+anything else, so a confused or hostile peer cannot make it allocate or wait on garbage.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from migd.transports.channel import Channel
+
+log = logging.getLogger("migd.migration")
+
+MSG_INVALID = 0
+MSG_SHUT = 1
+MSG_PONG = 2
+MSG_REQ_PAGES_ID = 3
+MSG_REQ_PAGES = 4
+MSG_RECV_BITMAP = 5
+MSG_RESUME_ACK = 6
+MSG_SWITCHOVER_ACK = 7
+
+MAX_LENGTH = 512  # QEMU's bound on any return-path payload
+_HEADER = struct.Struct(">HH")
+_U32 = struct.Struct(">I")
+
+# the messages a migd source understands, with their fixed payload length
+_ACCEPTED = {MSG_SHUT: 4, MSG_PONG: 4}
+
+
+class ReturnPathError(RuntimeError):
+    """The return path broke or carried something a source must not accept."""
+
+
+def _send(channel: Channel, kind: int, payload: bytes) -> None:
+    data = memoryview(_HEADER.pack(kind, len(payload)) + payload)
+    while data:
+        written = channel.write_vectored([data])
+        data = data[written:]
+
+
+def send_shut(channel: Channel, error: int | bool) -> None:
+    """Destination: the load is over; ``error`` non-zero tells the source it failed."""
+    _send(channel, MSG_SHUT, _U32.pack(1 if error is True else int(error) & 0xFFFFFFFF))
+
+
+def send_pong(channel: Channel, value: int) -> None:
+    """Destination: answer a PING command from the stream with its value."""
+    _send(channel, MSG_PONG, _U32.pack(value & 0xFFFFFFFF))
+
+
+def sibling_error(flag: int) -> str:
+    """The source's error-desc for a non-zero SHUT (QEMU's words)."""
+    return f"Sibling indicated error {flag}"
+
+
+class ReturnPathReader:
+    """Source side: a thread that reads the destination's messages until SHUT, EOF or an error."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.pongs: list[int] = []
+        self.shut: int | None = None
+        self.error: str | None = None  # why the reader stopped without a SHUT
+        self._done = threading.Event()
+        self._pong = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="mig/src/rp", daemon=True)
+        self._thread.start()
+
+    def _read_exact(self, n: int) -> bytes | None:
+        """n bytes, or None at a clean EOF before the first byte; raises on EOF inside a message."""
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            count = self.channel.read_into(view[got:])
+            if count == 0:
+                if got == 0:
+                    return None
+                raise ReturnPathError("Return path truncated inside a message")
+            got += count
+        return bytes(buf)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                header = self._read_exact(_HEADER.size)
+                if header is None:
+                    self.error = "Return path closed before the destination acknowledged the load"
+                    return
+                kind, length = _HEADER.unpack(header)
+                expected = _ACCEPTED.get(kind)
+                if expected is None or length != expected or length > MAX_LENGTH:
+                    self.error = f"Received invalid message 0x{kind:04x} length 0x{length:04x}"
+                    return
+                payload = self._read_exact(length) if length else b""
+                if payload is None:
+                    raise ReturnPathError("Return path truncated inside a message")
+                (value,) = _U32.unpack(payload)
+                if kind == MSG_SHUT:
+                    self.shut = value
+                    return
+                with self._pong:
+                    self.pongs.append(value)
+                    del self.pongs[:-16]
+                    self._pong.notify_all()
+        except ReturnPathError as exc:
+            self.error = str(exc)
+        except OSError as exc:
+            self.error = f"Return path read failed: {exc.strerror or exc}"
+        finally:
+            if self.error and not self._closing:
+                log.info("return path stopped: %s", self.error)
+            self._done.set()
+            with self._pong:
+                self._pong.notify_all()
+
+    def wait_for_pong(self, value: int, timeout: float) -> bool:
+        """True once PONG ``value`` arrived (False on timeout or when the reader stopped)."""
+        with self._pong:
+            return self._pong.wait_for(lambda: value in self.pongs or self._done.is_set(), timeout) and (
+                value in self.pongs
+            )
+
+    def wait_for_shut(self, timeout: float | None = None) -> int:
+        """The destination's SHUT flag (0 = load succeeded); raises if it never comes."""
+        if self._thread is None:
+            raise ReturnPathError("Return path reader was not started")
+        if not self._done.wait(timeout):
+            raise ReturnPathError("Timed out waiting for the destination to acknowledge the load")
+        if self.shut is None:
+            raise ReturnPathError(self.error or "Return path closed without a SHUT message")
+        return self.shut
+
+    def close(self) -> None:
+        """Stop the reader. If it is still waiting (no SHUT came) the channel is shut down to wake it."""
+        self._closing = True
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return
+        self.channel.shutdown()
+        thread.join(timeout=5)
