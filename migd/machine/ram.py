@@ -38,9 +38,10 @@ def _swap_enabled() -> bool:
 class RAMBlock:
     """One named region of guest RAM with its dirty bitmap."""
 
-    def __init__(self, name: str, size: int, *, mem_path: str | None = None,
+    def __init__(self, name: str, size: int, *, mem_path: str | os.PathLike[str] | None = None,
                  page_size: int = PAGE_SIZE) -> None:
         validate_block(name, size, page_size)
+        mem_path = os.fspath(mem_path) if mem_path is not None else None
         self.name = name
         self.size = size
         self.page_size = page_size
@@ -187,7 +188,7 @@ class RAMList:
     def __contains__(self, name: str) -> bool:
         return self.get(name) is not None
 
-    def add(self, name: str, size: int, *, mem_path: str | None = None) -> RAMBlock:
+    def add(self, name: str, size: int, *, mem_path: str | os.PathLike[str] | None = None) -> RAMBlock:
         """Create and map a block. While dirty logging is on, a new block starts fully dirty."""
         validate_block(name, size)
         with self.lock:
