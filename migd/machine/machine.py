@@ -1,12 +1,26 @@
-"""The machine: RAM, vCPUs, drives and device state, started and stopped like QEMU's vm_start/vm_stop."""
+"""The machine: RAM, vCPUs, workload, drives and device state, driven like QEMU's vm_start/vm_stop."""
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
+import xxhash
+
+from migd.machine.block import Drive
 from migd.machine.ram import RAMList
 from migd.machine.runstate import LIVE_STATES, RunState, RunStateMachine
 from migd.machine.vcpu import VCPU, VCPUSet
+from migd.machine.vmstate import DriveDevice, MachineDevice, Value, VCPUDevice, VMStateDevice
+from migd.machine.workloads import (
+    CounterCorrupt,
+    VCPUWork,
+    Workload,
+    WorkloadError,
+    check_counter,
+    parse_workload,
+    read_counter,
+)
 
 if TYPE_CHECKING:
     from migd.config import MachineConfig
@@ -17,16 +31,31 @@ _UNCOUNTED_STOPS = frozenset({RunState.PAUSED, RunState.PRELAUNCH, RunState.SHUT
 
 
 class Machine:
-    """One guest. Callers of vm_stop/vm_start and of the drive methods hold the BQL."""
+    """One guest. Callers of vm_stop/vm_start and of the drive methods hold the BQL.
+
+    A machine constructed while the run state is ``inmigrate`` is a migration destination: its drives
+    open inactive (the source holds the image locks) and are activated when the migration completes.
+    """
 
     def __init__(self, config: MachineConfig, runstate: RunStateMachine, events: EventSink) -> None:
         self.config = config
+        self.name = str(getattr(config, "name", "") or "migd")
         self.runstate = runstate
         self.events = events
         self.ram = RAMList()
         self.ram.add(RAMList.MAIN, int(config.memory), mem_path=getattr(config, "mem_path", None))
         self.vcpus = VCPUSet(int(config.smp), self._run_slice)
-        self.drives: list[Any] = []
+        incoming = runstate.state is RunState.INMIGRATE
+        self.drives: list[Drive] = []
+        try:
+            for dc in getattr(config, "drives", None) or []:
+                self.drives.append(Drive(str(dc.file), getattr(dc, "cache", None) or "writeback",
+                                         active=not incoming))
+            self.workload = self._build(parse_workload(getattr(config, "workload", None) or "idle"))
+        except Exception:
+            self._close_drives()
+            self.ram.close()
+            raise
         self._started = False
         self._closed = False
         runstate.add_notifier(self._on_runstate)
@@ -52,7 +81,12 @@ class Machine:
         except ValueError:
             pass
         self.vcpus.shutdown()
+        self._close_drives()
         self.ram.close()
+
+    def _close_drives(self) -> None:
+        for d in self.drives:
+            d.close()
 
     # -- run state -----------------------------------------------------------------------------
 
@@ -71,7 +105,7 @@ class Machine:
             self.runstate.set(state)
 
     def vm_start(self) -> None:
-        """Run state running, vCPUs resumed, RESUME emitted (QEMU emits it even when already running)."""
+        """Run state running, vCPUs resumed, RESUME emitted."""
         self.runstate.set(RunState.RUNNING)
         self.vcpus.resume_all()
         self.events.emit("RESUME")
@@ -85,10 +119,60 @@ class Machine:
         elif old in LIVE_STATES:
             self.vcpus.pause_all(count_stall=new not in _UNCOUNTED_STOPS)
 
-    # -- vCPU work -----------------------------------------------------------------------------
+    # -- workload ------------------------------------------------------------------------------
+
+    def _build(self, spec: Any) -> Workload:
+        ram0 = self.ram.get(RAMList.MAIN)
+        assert ram0 is not None
+        return Workload(spec, ram0, self.drives, len(self.vcpus))
+
+    def set_workload(self, text: str) -> Workload:
+        """Parse and switch the workload at run time (WorkloadError leaves the old one running)."""
+        wl = self._build(parse_workload(text))
+        self.workload = wl  # each vCPU attaches at its next slice, with fresh state and stats
+        return wl
 
     def _run_slice(self, vcpu: VCPU) -> None:
-        return None
+        wl = self.workload
+        w = vcpu.wstate
+        if not isinstance(w, VCPUWork) or w.owner is not wl:
+            pending = w if isinstance(w, VCPUWork) and w.owner == "incoming" else None
+            if pending is None:
+                vcpu.reset_stats()
+            wl.attach(vcpu, pending)
+        wl.run(vcpu)
+
+    def vcpu_state(self, index: int) -> dict[str, Value]:
+        """The vCPU's device state (VCPUDevice), read while the vCPUs are stopped."""
+        vcpu = self.vcpus[index]
+        w = vcpu.wstate if isinstance(vcpu.wstate, VCPUWork) else VCPUWork()
+        spec = str(self.workload.spec).encode()
+        return {"index": index, "spec_len": len(spec), "spec": spec, "seq": w.seq, "counter": w.counter,
+                "bytes_written": vcpu.stats.bytes_written,
+                "disk_bytes_written": vcpu.stats.disk_bytes_written,
+                "largest_stall_us": int(vcpu.stats.largest_stall * 1e6),
+                "last_slice_wall_ns": int(vcpu.last_slice_wall() * 1e9)}
+
+    def load_vcpu_state(self, index: int, spec: str, values: dict[str, Value]) -> None:
+        """Incoming: adopt the source's workload and this vCPU's position in it (vCPUs not running)."""
+        if not self.vcpus.all_paused():
+            raise ValueError("vcpu state can only be loaded while the vCPUs are stopped")
+        try:
+            parsed = parse_workload(spec)
+        except WorkloadError as exc:
+            raise ValueError(f"vcpu {index}: {exc}") from exc
+        if str(parsed) != str(self.workload.spec):
+            try:
+                self.workload = self._build(parsed)
+            except WorkloadError as exc:
+                raise ValueError(f"vcpu {index}: {exc}") from exc
+        vcpu = self.vcpus[index]
+        vcpu.reset_stats()
+        vcpu.stats.bytes_written = int(values["bytes_written"])
+        vcpu.stats.disk_bytes_written = int(values["disk_bytes_written"])
+        vcpu.stats.largest_stall = int(values["largest_stall_us"]) / 1e6
+        vcpu.set_wall_ref(int(values["last_slice_wall_ns"]) / 1e9)
+        vcpu.wstate = VCPUWork(seq=int(values["seq"]), counter=int(values["counter"]), owner="incoming")
 
     # -- drives and devices --------------------------------------------------------------------
 
@@ -108,6 +192,73 @@ class Machine:
         for d in self.drives:
             d.activate()
 
-    def devices(self) -> list[Any]:
-        """The non-iterative device sections, in save order."""
-        return []
+    def devices(self) -> list[VMStateDevice]:
+        """The non-iterative device sections, in save order: machine shape, vCPUs, drives."""
+        devs: list[VMStateDevice] = [MachineDevice(self)]
+        devs += [VCPUDevice(self, i) for i in range(len(self.vcpus))]
+        devs += [DriveDevice(self, i) for i in range(len(self.drives))]
+        return devs
+
+    # -- introspection (QMP) -------------------------------------------------------------------
+
+    def ram_digest(self) -> list[dict[str, Any]]:
+        """xxh3-128 of every block's contents. Slow for big RAM: call it off the event loop."""
+        out = []
+        for block in self.ram.blocks():
+            buf = block.buf
+            out.append({"name": block.name, "size": block.size,
+                        "digest": xxhash.xxh3_128_hexdigest(memoryview(buf))})
+        return out
+
+    def workload_info(self) -> dict[str, Any]:
+        wl = self.workload
+        spec = wl.spec
+        vcpus = []
+        ram_rate = disk_rate = 0.0
+        stall = 0.0
+        ram0 = self.ram.get(RAMList.MAIN)
+        for v in self.vcpus:
+            r, d = v.stats.achieved()
+            ram_rate += r
+            disk_rate += d
+            stall = max(stall, v.stats.largest_stall)
+            w = v.wstate if isinstance(v.wstate, VCPUWork) else None
+            info: dict[str, Any] = {
+                "index": v.index, "achieved-rate": int(r), "achieved-disk-rate": int(d),
+                "bytes-written": v.stats.bytes_written, "disk-bytes-written": v.stats.disk_bytes_written,
+                "largest-stall-ms": round(v.stats.largest_stall * 1000, 3), "slices": v.stats.slices,
+                "seq": w.seq if w else 0}
+            if spec.kind == "counter" and ram0 is not None:
+                info["counter"] = w.counter if w else 0
+                info["ram-counter"] = read_counter(ram0, v.index)[1]
+                if not self.vcpus.running:  # a consistent read needs the guest stopped
+                    try:
+                        check_counter(ram0, v.index, expect=w.counter if w else None)
+                        info["consistent"] = True
+                    except CounterCorrupt as exc:
+                        info["consistent"] = False
+                        info["error"] = str(exc)
+            if v.error:
+                info["error"] = v.error
+            vcpus.append(info)
+        return {"spec": str(spec), "kind": spec.kind, "rate": spec.rate, "achieved-rate": int(ram_rate),
+                "disk-rate": spec.disk_rate, "achieved-disk-rate": int(disk_rate),
+                "wss": spec.wss if spec.wss is not None else (ram0.size if ram0 else 0),
+                "seed": spec.seed, "largest-stall-ms": round(stall * 1000, 3),
+                "throttle-percentage": self.vcpus.throttle_percentage, "vcpus": vcpus,
+                "time": time.time()}
+
+    def machine_info(self) -> dict[str, Any]:
+        blocks = [{"name": b.name, "size": b.size, "page-size": b.page_size,
+                   **({"mem-path": b.mem_path} if b.mem_path else {})} for b in self.ram.blocks()]
+        wl = self.workload_info()
+        return {"name": self.name, "status": str(self.runstate.state),
+                "ram": {"version": self.ram.version, "total": self.ram.total_bytes(), "blocks": blocks,
+                        "dirty-logging": self.ram.logging},
+                "smp": len(self.vcpus),
+                "vcpus": [{"index": v.index, "thread-alive": v.thread.is_alive(), "paused": v.paused,
+                           "largest-stall-ms": round(v.stats.largest_stall * 1000, 3)} for v in self.vcpus],
+                "throttle-percentage": self.vcpus.throttle_percentage,
+                "workload": {k: wl[k] for k in ("spec", "rate", "achieved-rate", "disk-rate",
+                                                "achieved-disk-rate", "largest-stall-ms")},
+                "drives": [d.info() for d in self.drives]}
