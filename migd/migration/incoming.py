@@ -1,0 +1,301 @@
+"""The destination side: accept one migration, load it on its own thread, and run the guest only if it
+all arrived intact.
+
+QEMU's rules are kept: the status goes none -> setup -> active -> completed|failed (MIGRATION events only
+with the ``events`` capability); the load uses blocking reads on a dedicated thread so the event loop
+keeps answering QMP; drives are activated (image locks taken) only after a successful load; the guest
+starts unless ``-S``, and ``completed`` is set after that run-state change; the source learns the outcome
+through SHUT on the return path. A failed load never runs the half-loaded guest; with ``exit-on-error``
+(default true) the process then exits with status 1, otherwise it stays up reporting ``failed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import sys
+import threading
+from typing import TYPE_CHECKING, Any
+
+from migd.bql import BQL
+from migd.machine.runstate import RunState
+from migd.migration import returnpath
+from migd.transports import Listener, TransportError, URIError, listen, parse_uri
+from migd.transports.uri import MigrationURI
+
+if TYPE_CHECKING:
+    from migd.daemon import Daemon
+    from migd.transports.channel import Channel
+
+log = logging.getLogger("migd.migration")
+
+CMD_OPEN_RETURN_PATH = 1
+CMD_PING = 2
+
+DEFER = "defer"
+
+
+class IncomingError(Exception):
+    """A refused ``migrate-incoming``; ``str()`` is QEMU's text."""
+
+
+def _events_enabled(daemon: Any) -> bool:
+    """The source engineer's ``events`` capability, read defensively (absent -> off, like QEMU)."""
+    migration = getattr(daemon, "migration", None)
+    if migration is None:
+        return False
+    for holder in (getattr(migration, "config", None), getattr(migration, "capabilities", None), migration):
+        if holder is None:
+            continue
+        cap = getattr(holder, "cap", None)
+        if callable(cap):
+            try:
+                return bool(cap("events"))
+            except Exception:  # noqa: BLE001 - an unknown shape is "off", never a crash
+                return False
+        if isinstance(holder, dict) and "events" in holder:
+            return bool(holder["events"])
+    return False
+
+
+class IncomingMigration:
+    """One process's destination state (QEMU's MigrationIncomingState)."""
+
+    def __init__(self, daemon: Daemon, uri: str | None) -> None:
+        self.daemon = daemon
+        self.uri = uri  # the --incoming value: a URI or "defer"
+        self.status = "none"
+        self.error_desc: str | None = None
+        self.socket_address: list[dict[str, str]] | None = None
+        self.exit_on_error = True
+        self.return_path_open = False
+        self._started = False
+        self._closing = False
+        self._listener: Listener | None = None
+        self._channel: Channel | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.finished = threading.Event()  # set once the status is completed or failed
+
+    # -- starting ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """``--incoming URI`` at daemon start (``defer`` waits for migrate-incoming)."""
+        if self.uri is None or self.uri == DEFER:
+            return
+        await self._begin(parse_uri(self.uri), None, True)
+
+    async def start_deferred(
+        self, uri: str | MigrationURI, exit_on_error: bool = True, fds: Any = None
+    ) -> None:
+        """``migrate-incoming``: only once, and only on a daemon started with ``--incoming``."""
+        self.check_can_start()
+        parsed = parse_uri(uri) if isinstance(uri, str) else uri
+        await self._begin(parsed, fds, exit_on_error)
+
+    def check_can_start(self) -> None:
+        """QEMU's refusals, checked before the address is even parsed."""
+        if self._started:
+            raise IncomingError("The incoming migration has already been started")
+        if self.daemon.runstate.state is not RunState.INMIGRATE:
+            raise IncomingError("'-incoming' was not specified on the command line")
+
+    async def _begin(self, uri: MigrationURI, fds: Any, exit_on_error: bool) -> None:
+        if self._started:
+            raise IncomingError("The incoming migration has already been started")
+        self._started = True  # claimed before the await: a concurrent call is refused
+        self._loop = asyncio.get_running_loop()
+        try:
+            # listening may spawn a command or resolve a name: keep it off the loop
+            listener = await self._loop.run_in_executor(None, listen, uri, fds)
+        except (TransportError, URIError):
+            self._started = False  # nothing changed: a corrected migrate-incoming may follow
+            raise
+        self._listener = listener
+        self.exit_on_error = exit_on_error
+        self.socket_address = list(listener.socket_address) or None
+        self._set_status("setup")
+        log.info("incoming migration: listening on %s", uri.display())
+        self._thread = threading.Thread(target=self._run, name="mig/dst/main", daemon=True)
+        self._thread.start()
+
+    # -- status --------------------------------------------------------------------------------
+
+    def _set_status(self, status: str) -> None:
+        self.status = status
+        log.info("incoming migration status=%s%s", status,
+                 f" error={self.error_desc!r}" if status == "failed" and self.error_desc else "")
+        if _events_enabled(self.daemon):
+            self.daemon.events.emit("MIGRATION", {"status": status})
+
+    def query(self) -> dict[str, Any]:
+        """The destination's MigrationInfo; ``{}`` before anything happened."""
+        if self.status == "none":
+            return {}
+        info: dict[str, Any] = {"status": self.status}
+        if self.socket_address and self.status in ("setup", "active"):
+            info["socket-address"] = [dict(a) for a in self.socket_address]
+        if self.status == "failed" and self.error_desc:
+            info["error-desc"] = self.error_desc
+        return info
+
+    # -- the incoming thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._accept_and_load()
+        except Exception as exc:  # noqa: BLE001 - last resort: report, never crash the daemon
+            log.exception("incoming migration: unexpected error")
+            self._fail(f"Incoming migration failed: {exc}")
+
+    def _accept_and_load(self) -> None:
+        from migd.migration.savevm import load_stream
+        from migd.migration.stream import InStream
+
+        machine = self.daemon.machine
+        self._prefault(machine)
+        listener = self._listener
+        assert listener is not None
+        try:
+            channel = listener.accept()
+        except (TransportError, OSError) as exc:
+            if self._closing:
+                return
+            self._fail(str(exc))
+            return
+        finally:
+            listener.close()
+        self._channel = channel
+        if self._closing:
+            self._fail("Incoming migration was shut down")
+            return
+        self._set_status("active")
+        try:
+            load_stream(InStream(channel), machine, on_command=self._on_command)
+        except Exception as exc:  # noqa: BLE001 - StreamError or anything a bad stream provokes
+            self._fail(self._describe(exc))
+            return
+        self._finish()
+
+    def _describe(self, exc: BaseException) -> str:
+        if self._closing:
+            return "Incoming migration was shut down"
+        text = str(exc) or type(exc).__name__
+        if isinstance(exc, OSError) and not str(exc).strip():
+            text = exc.strerror or type(exc).__name__
+        return f"load of migration failed: {text}"
+
+    def _prefault(self, machine: Any) -> None:
+        """Fault the destination RAM in while waiting: faulting during the stream halves throughput."""
+        try:
+            from migd.migration import ram as ram_section
+
+            prefault = getattr(ram_section, "prefault", None)
+        except ImportError:
+            prefault = None
+        try:
+            if prefault is not None:
+                prefault(machine.ram)
+            else:
+                for block in machine.ram.blocks():
+                    populate = getattr(block, "populate", None)
+                    if populate is not None:
+                        populate()
+        except Exception:  # noqa: BLE001 - an optimisation only
+            log.warning("incoming migration: prefaulting RAM failed", exc_info=True)
+
+    def _on_command(self, cmd: int, payload: bytes = b"") -> None:
+        """Stream COMMANDs the loader hands up: the return path opens, PINGs get their PONG."""
+        channel = self._channel
+        if cmd == CMD_OPEN_RETURN_PATH:
+            if channel is not None and channel.has_return_path:
+                self.return_path_open = True
+        elif cmd == CMD_PING and len(payload) == 4 and channel is not None and self.return_path_open:
+            (value,) = struct.unpack(">I", payload)
+            returnpath.send_pong(channel, value)
+
+    def _finish(self) -> None:
+        """Success: late drive activation, run (or stay paused with -S), completed, SHUT(0)."""
+        machine = self.daemon.machine
+        with BQL:
+            autostart = self._autostart()
+            try:
+                machine.activate_drives()
+            except Exception as exc:  # noqa: BLE001 - QEMU: report, and do not start the guest
+                log.error("incoming migration: could not activate drives: %s", exc)
+                autostart = False
+            if autostart:
+                machine.vm_start()
+            else:
+                self.daemon.runstate.set(RunState.PAUSED)
+            self.socket_address = None
+            self._set_status("completed")
+        self._send_shut(0)
+        self._close_channel()
+        self.finished.set()
+
+    def _autostart(self) -> bool:
+        explicit = getattr(self.daemon, "autostart", None)
+        if isinstance(explicit, bool):
+            return explicit
+        config = getattr(self.daemon, "config", None)
+        machine_config = getattr(config, "machine", None)
+        return not bool(getattr(machine_config, "start_paused", False))
+
+    def _fail(self, desc: str) -> None:
+        """The guest stays stopped (inmigrate); the source hears SHUT(1); maybe exit(1)."""
+        self.error_desc = desc
+        self.socket_address = None
+        self._set_status("failed")
+        self._send_shut(1)
+        self._close_channel()
+        self.finished.set()
+        if self.exit_on_error and not self._closing:
+            self._exit_failure(desc)
+
+    def _send_shut(self, error: int) -> None:
+        channel = self._channel
+        if channel is None or not self.return_path_open:
+            return
+        try:
+            returnpath.send_shut(channel, error)
+        except OSError as exc:  # the source is gone: nothing to tell it
+            log.info("incoming migration: could not send SHUT(%d): %s", error, exc)
+
+    def _close_channel(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            try:
+                channel.close()
+            except OSError:
+                pass
+
+    def _exit_failure(self, desc: str) -> None:
+        """QEMU prints the error and exits with EXIT_FAILURE; the daemon does the clean-up."""
+        print(f"migd: {desc}", file=sys.stderr, flush=True)
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        loop.call_soon_threadsafe(self._request_exit)
+
+    def _request_exit(self) -> None:
+        daemon: Any = self.daemon
+        daemon.exit_code = 1
+        daemon.request_shutdown("incoming-migration-failed")
+
+    # -- shutting down -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Daemon shutdown: stop listening and wake a blocked load (it ends failed, no exit)."""
+        self._closing = True
+        listener = self._listener
+        if listener is not None:
+            listener.close()
+        channel = self._channel
+        if channel is not None:
+            channel.shutdown()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
