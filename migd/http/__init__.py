@@ -1,0 +1,1 @@
+"""migd's HTTP endpoint: Prometheus metrics, health, the migration as JSON and a live dashboard."""
