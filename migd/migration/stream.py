@@ -1,0 +1,331 @@
+"""The migration stream over a channel: buffered, rate limited, with a sticky error (QEMUFile's role).
+
+``OutStream`` gathers small puts in a staging buffer and large ones (pages, staging arrays) as
+references, and writes them with few vectored system calls. The rate limit is QEMU's: at most
+``max-bandwidth / 10`` bytes per 100 ms window, counted when they really left (``transferred``); the
+migration thread resets windows. Any write failure, or ``shutdown()`` from another thread, sets
+``error`` and every later write fails at once.
+
+``InStream`` reads through one buffer; bulk parsers look at the buffered bytes with ``peek`` and
+consume them with ``skip``, so records are decoded straight out of the buffer without per-record copies.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from typing import Any
+
+from migd.transports.channel import IOV_MAX, Channel
+
+WINDOWS_PER_SECOND = 10  # QEMU's BUFFER_DELAY of 100 ms
+SMALL_BUF = 64 << 10  # small puts are copied into this; larger ones are queued by reference
+FLUSH_THRESHOLD = 4 << 20  # queued bytes that trigger an implicit flush
+IN_BUF = 4 << 20  # InStream's read buffer
+MAX_READ = 64 << 20  # largest single read(); callers bound lengths from the stream well below this
+
+_BE16 = struct.Struct(">H")
+_BE32 = struct.Struct(">I")
+_BE64 = struct.Struct(">Q")
+
+
+class StreamError(Exception):
+    """The stream is broken: a write/read failed, it was shut down, or its content is invalid."""
+
+    def __init__(self, desc: str) -> None:
+        super().__init__(desc)
+        self.desc = desc
+
+
+class OutStream:
+    """Write side. One writer thread; ``shutdown``/``set_rate_limit`` may come from any thread."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.transferred = 0  # bytes really written to the channel
+        self.error: str | None = None
+        self._small = bytearray()
+        self._iov: list[memoryview] = []
+        self._queued = 0  # bytes in _iov (not counting _small)
+        self._limit = 0  # bytes per window; 0 = unlimited
+        self._window_start = 0
+        self._shutdown_lock = threading.Lock()
+
+    # -- putting data ---------------------------------------------------------------------------
+
+    def put(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue bytes by copy (small data: headers, names, device state)."""
+        self._check()
+        if len(data) >= SMALL_BUF:
+            self.put_nocopy(bytes(data))
+            return
+        self._small += data
+        if len(self._small) >= SMALL_BUF:
+            self._seal_small()
+
+    def put_u8(self, v: int) -> None:
+        self.put(bytes((v & 0xFF,)))
+
+    def put_be16(self, v: int) -> None:
+        self.put(_BE16.pack(v))
+
+    def put_be32(self, v: int) -> None:
+        self.put(_BE32.pack(v))
+
+    def put_be64(self, v: int) -> None:
+        self.put(_BE64.pack(v))
+
+    def put_nocopy(self, mv: Any) -> None:
+        """Queue a buffer by reference; it must stay unchanged until the next ``flush``."""
+        self._check()
+        view = memoryview(mv).cast("B") if not isinstance(mv, memoryview) or mv.format != "B" else mv
+        if not len(view):
+            return
+        self._seal_small()
+        self._iov.append(view)
+        self._queued += len(view)
+        if self._queued >= FLUSH_THRESHOLD:
+            self.flush()
+
+    def pending(self) -> int:
+        """Bytes queued and not yet written."""
+        return self._queued + len(self._small)
+
+    def _seal_small(self) -> None:
+        if self._small:
+            block = memoryview(bytes(self._small))
+            self._small.clear()
+            self._iov.append(block)
+            self._queued += len(block)
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write everything queued (blocking). Raises StreamError on failure or shutdown."""
+        self._check()
+        self._seal_small()
+        iov = self._iov
+        self._iov = []
+        self._queued = 0
+        pos = 0
+        try:
+            while pos < len(iov):
+                batch = iov[pos : pos + IOV_MAX]
+                n = self.channel.write_vectored(batch)
+                if n <= 0:
+                    raise OSError("write returned no progress")
+                self.transferred += n
+                for view in batch:  # advance over fully written buffers, trim a partial one
+                    if n >= len(view):
+                        n -= len(view)
+                        pos += 1
+                    else:
+                        iov[pos] = view[n:]
+                        break
+        except StreamError:
+            raise
+        except Exception as exc:  # OSError from the channel, or a transport's own error type
+            self._fail(_describe(exc))
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise StreamError(self.error)
+
+    def _fail(self, desc: str) -> None:
+        if self.error is None:
+            self.error = desc
+        raise StreamError(self.error)
+
+    def shutdown(self) -> None:
+        """Fail every blocked and later write (migrate_cancel). Safe from any thread."""
+        with self._shutdown_lock:
+            if self.error is None:
+                self.error = "Channel was shut down"
+        self.channel.shutdown()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    # -- rate limit -----------------------------------------------------------------------------
+
+    def set_rate_limit(self, bytes_per_second: int) -> None:
+        """``max-bandwidth`` in bytes/s; 0 (or anything under 10 B/s) means unlimited, as in QEMU."""
+        self._limit = max(0, int(bytes_per_second)) // WINDOWS_PER_SECOND
+
+    @property
+    def rate_limit(self) -> int:
+        """Bytes allowed per 100 ms window (0 = unlimited)."""
+        return self._limit
+
+    def rate_limit_exceeded(self) -> bool:
+        if self.error is not None:
+            return True
+        limit = self._limit
+        if limit == 0:
+            return False
+        return self.transferred - self._window_start > limit
+
+    def rate_budget(self) -> int | None:
+        """Bytes still allowed in this window (None = unlimited); lets producers size batches."""
+        limit = self._limit
+        if limit == 0:
+            return None
+        return max(0, limit - (self.transferred + self.pending() - self._window_start))
+
+    def reset_window(self) -> None:
+        """Start a new 100 ms window (the migration thread calls this every >= 100 ms)."""
+        self._window_start = self.transferred
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"Unable to write to channel: {exc.strerror}"
+    return str(exc) or type(exc).__name__
+
+
+class InStream:
+    """Read side: buffered reads from a channel; truncation is a StreamError, never a short read."""
+
+    def __init__(self, channel: Channel, bufsize: int = IN_BUF) -> None:
+        self.channel = channel
+        self._buf = bytearray(bufsize)
+        self._mv = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self.consumed = 0  # bytes handed to the parser so far (offset in the stream)
+        self._eof = False
+
+    @property
+    def available(self) -> int:
+        return self._end - self._start
+
+    def _fill(self, need: int) -> None:
+        """Read until at least ``need`` (<= buffer size) bytes are buffered. Never waits for more."""
+        while self._end - self._start < need:
+            if self._eof:
+                raise StreamError(
+                    f"Migration stream truncated: needed {need} bytes at offset {self.consumed}, "
+                    f"got {self._end - self._start}"
+                )
+            if len(self._buf) - self._end < max(need - self.available, 1 << 16) or self._start == self._end:
+                self._compact()
+            n = self._read(self._mv[self._end :])
+            if n == 0:
+                self._eof = True
+            self._end += n
+
+    def _compact(self) -> None:
+        n = self._end - self._start
+        if self._start:
+            self._buf[:n] = self._mv[self._start : self._end]
+        self._start, self._end = 0, n
+
+    def _read(self, mv: memoryview) -> int:
+        try:
+            return self.channel.read_into(mv)
+        except StreamError:
+            raise
+        except Exception as exc:
+            if isinstance(exc, OSError) and exc.strerror:
+                raise StreamError(f"Unable to read from channel: {exc.strerror}") from exc
+            raise StreamError(str(exc) or type(exc).__name__) from exc
+
+    def peek(self, need: int) -> memoryview:
+        """At least ``need`` buffered bytes (and whatever else is already buffered), not consumed."""
+        if need > len(self._buf):
+            raise StreamError(f"Read of {need} bytes exceeds the stream buffer")
+        self._fill(need)
+        return self._mv[self._start : self._end]
+
+    def skip(self, n: int) -> None:
+        """Consume ``n`` bytes (buffered or not) without keeping them."""
+        while n > 0:
+            if self._start == self._end:
+                self._fill(1)
+            step = min(n, self._end - self._start)
+            self._start += step
+            self.consumed += step
+            n -= step
+
+    def read(self, n: int) -> bytes:
+        """Exactly ``n`` bytes. Memory grows with the data that arrives, never from ``n`` alone."""
+        if n < 0 or n > MAX_READ:
+            raise StreamError(f"Invalid read length {n} in migration stream")
+        if n <= self.available:
+            out = bytes(self._mv[self._start : self._start + n])
+            self._start += n
+            self.consumed += n
+            return out
+        parts = bytearray()
+        while len(parts) < n:
+            self._fill(1)
+            step = min(n - len(parts), self._end - self._start)
+            parts += self._mv[self._start : self._start + step]
+            self._start += step
+            self.consumed += step
+        return bytes(parts)
+
+    def read_into(self, mv: Any) -> None:
+        """Fill ``mv`` completely: buffered bytes first, then straight from the channel."""
+        dst = memoryview(mv).cast("B") if not (isinstance(mv, memoryview) and mv.format == "B") else mv
+        n = len(dst)
+        have = min(n, self.available)
+        if have:
+            dst[:have] = self._mv[self._start : self._start + have]
+            self._start += have
+            self.consumed += have
+        pos = have
+        while pos < n:
+            if n - pos < (64 << 10):  # small remainder: go through the buffer
+                self._fill(1)
+                step = min(n - pos, self.available)
+                dst[pos : pos + step] = self._mv[self._start : self._start + step]
+                self._start += step
+            else:
+                if self._eof:
+                    self._fill(n - pos)  # raises the truncation error
+                step = self._read(dst[pos:])
+                if step == 0:
+                    self._eof = True
+                    continue
+            pos += step
+            self.consumed += step
+
+    def get_u8(self) -> int:
+        self._fill(1)
+        v = self._buf[self._start]
+        self._start += 1
+        self.consumed += 1
+        return v
+
+    def _unpack(self, s: struct.Struct) -> int:
+        self._fill(s.size)
+        (v,) = s.unpack_from(self._buf, self._start)
+        self._start += s.size
+        self.consumed += s.size
+        return int(v)
+
+    def get_be16(self) -> int:
+        return self._unpack(_BE16)
+
+    def get_be32(self) -> int:
+        return self._unpack(_BE32)
+
+    def get_be64(self) -> int:
+        return self._unpack(_BE64)
+
+    def at_eof(self) -> bool:
+        """True when the stream ended cleanly here (blocks until a byte or EOF is known)."""
+        if self.available:
+            return False
+        try:
+            self._fill(1)
+        except StreamError:
+            return True
+        return False
+
+    def shutdown(self) -> None:
+        self.channel.shutdown()
+
+    def close(self) -> None:
+        self.channel.close()
