@@ -1,0 +1,224 @@
+"""MigrationState: CAS transitions, events, migrate refusals and connect failures, query-migrate shapes.
+
+The daemon here is a small harness of real parts (event loop, EventSink, RunStateMachine, Machine);
+connections are real sockets, processes and descriptors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import pytest
+
+from migd.config import MachineConfig
+from migd.events import EventSink
+from migd.machine.machine import Machine
+from migd.machine.runstate import RunState, RunStateMachine
+from migd.migration.state import MigrationError, MigrationState
+from migd.migration.state import MigrationStatus as M
+
+
+class Harness:
+    """What MigrationState needs of a Daemon (INTERNALS.md), built from real parts."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, memory: int = 8 << 20) -> None:
+        self.loop = loop
+        self.events = EventSink(loop)
+        self.runstate = RunStateMachine(RunState.RUNNING)
+        self.machine = Machine(MachineConfig(memory=memory), self.runstate, self.events)
+        self.incoming: Any = None
+        self.migration = MigrationState(self)
+        self.seen: list[dict[str, Any]] = []
+        self.events.subscribe(self.seen.append)
+
+    async def run_blocking(self, fn: Any, *args: Any) -> Any:
+        return await self.loop.run_in_executor(None, fn, *args)
+
+    def statuses(self) -> list[str]:
+        return [e["data"]["status"] for e in self.seen if e["event"] == "MIGRATION"]
+
+    async def wait_status(self, *wanted: M, timeout: float = 10.0) -> None:
+        async def poll() -> None:
+            while self.migration.status not in wanted:
+                await asyncio.sleep(0.005)
+        await asyncio.wait_for(poll(), timeout)
+
+    def close(self) -> None:
+        self.machine.shutdown()
+
+
+@pytest.fixture
+async def harness():
+    h = Harness(asyncio.get_running_loop())
+    h.migration.config.set_capabilities([("events", True)])
+    yield h
+    h.close()
+
+
+def test_cas_transition_only_from_expected_state_and_event_only_on_success() -> None:
+    h = Harness(asyncio.new_event_loop())
+    try:
+        ms = h.migration
+        assert ms.set_state(M.NONE, M.SETUP) is True
+        assert ms.set_state(M.NONE, M.ACTIVE) is False  # lost the race: nothing happens
+        assert ms.status is M.SETUP
+        assert h.seen == []  # the events capability is off by default
+        ms.config.set_capabilities([("events", True)])
+        assert ms.set_state((M.SETUP, M.ACTIVE), M.ACTIVE)
+        assert ms.set_state(M.SETUP, M.FAILED) is False
+        assert h.statuses() == ["active"]
+        assert ms.is_running()
+        assert ms.fail("boom") and ms.status is M.FAILED and ms.error_desc == "boom"
+        assert not ms.is_running()
+    finally:
+        h.close()
+
+
+def test_fail_does_not_override_a_cancel() -> None:
+    h = Harness(asyncio.new_event_loop())
+    try:
+        ms = h.migration
+        ms.set_state(M.NONE, M.CANCELLING)
+        assert ms.fail("write error") is False
+        assert ms.status is M.CANCELLING
+    finally:
+        h.close()
+
+
+def test_migration_pass_event_on_every_sync(harness: Harness) -> None:
+    ms = harness.migration
+    ms._reset("unix:/x")
+    for n in (1, 2):
+        ms.stats.dirty_sync_count = n
+        for hook in ms.stats.on_sync:
+            hook(ms.stats)
+    passes = [e["data"]["pass"] for e in harness.seen if e["event"] == "MIGRATION_PASS"]
+    assert passes == [1, 2]
+    ms.config.set_capabilities([("events", False)])
+    for hook in ms.stats.on_sync:
+        hook(ms.stats)
+    assert len([e for e in harness.seen if e["event"] == "MIGRATION_PASS"]) == 2
+
+
+def test_query_none_is_empty_or_the_incoming_side() -> None:
+    h = Harness(asyncio.new_event_loop())
+    try:
+        assert h.migration.query() == {}
+
+        class Incoming:
+            def query(self) -> dict[str, Any]:
+                return {"status": "active", "socket-address": []}
+
+        h.incoming = Incoming()
+        assert h.migration.query() == {"status": "active", "socket-address": []}
+    finally:
+        h.close()
+
+
+async def test_refusals_in_qemu_order(harness: Harness) -> None:
+    ms = harness.migration
+    cases = [
+        ({"uri": "foo:bar"}, "unknown migration protocol: foo:bar"),
+        ({}, "need either 'uri' or 'channels' argument"),
+        ({"uri": "unix:/x", "channels": []}, "need either 'uri' or 'channels' argument"),
+        ({"channels": [{"channel-type": "main", "addr": {"transport": "socket", "type": "unix",
+                                                          "path": "/x"}}], "resume": True},
+         "Cannot resume if there is no paused migration"),
+    ]
+    for kwargs, text in cases:
+        with pytest.raises(MigrationError) as err:
+            await ms.start(**kwargs)
+        assert str(err.value) == text
+    harness.runstate.set(RunState.PAUSED)
+    harness.runstate.set(RunState.PRELAUNCH)
+    harness.runstate.set(RunState.INMIGRATE)
+    with pytest.raises(MigrationError, match="^Guest is waiting for an incoming migration$"):
+        await ms.start("unix:/nonexistent")
+    harness.runstate.set(RunState.POSTMIGRATE)
+    with pytest.raises(MigrationError,
+                       match="^Can't migrate the vm that was paused due to previous migration$"):
+        await ms.start("unix:/nonexistent")
+    # a bad protocol is reported before the run state (QEMU parses the URI first)
+    with pytest.raises(MigrationError, match="^unknown migration protocol: x:y$"):
+        await ms.start("x:y")
+    assert ms.status is M.NONE and harness.seen == []  # refusals change nothing
+
+
+async def test_connect_failure_goes_setup_then_failed_with_error_desc(harness: Harness, tmp_path) -> None:
+    ms = harness.migration
+    path = tmp_path / "nobody.sock"
+    await ms.start(f"unix:{path}")
+    assert harness.statuses() == ["setup"]  # before the reply, like QEMU
+    assert ms.query() == {"status": "setup"}
+    await harness.wait_status(M.FAILED)
+    await ms.wait_done(5)
+    info = ms.query()
+    assert info["status"] == "failed"
+    assert str(path) in info["error-desc"] and "No such file or directory" in info["error-desc"]
+    assert set(info) == {"status", "error-desc"}
+    assert harness.statuses() == ["setup", "failed"]
+    assert harness.runstate.state is RunState.RUNNING
+    # refused connection over tcp: a real closed port
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    await ms.start(f"tcp:127.0.0.1:{port}")
+    await harness.wait_status(M.FAILED)
+    assert "Connection refused" in ms.query()["error-desc"]
+
+
+async def test_unknown_fd_fails_and_returns_the_error(harness: Harness) -> None:
+    ms = harness.migration
+    with pytest.raises(MigrationError) as err:
+        await ms.start("fd:nosuchfd", fds={})
+    assert str(err.value) == "File descriptor named 'nosuchfd' has not been found"
+    assert harness.statuses() == ["setup", "failed"]
+    assert ms.query() == {"status": "failed",
+                          "error-desc": "File descriptor named 'nosuchfd' has not been found"}
+
+
+async def test_continue_checks_the_current_state(harness: Harness) -> None:
+    ms = harness.migration
+    with pytest.raises(MigrationError, match="^Migration not in expected state: none$"):
+        ms.continue_("pre-switchover")
+    ms.set_state(M.NONE, M.PRE_SWITCHOVER)
+    ms.continue_("pre-switchover")
+    assert ms.continue_event.is_set()
+
+
+async def test_cancel_without_migration_is_a_noop(harness: Harness) -> None:
+    await harness.migration.cancel()
+    assert harness.migration.status is M.NONE and harness.seen == []
+
+
+async def test_cancel_refused_in_postcopy(harness: Harness) -> None:
+    harness.migration.set_state(M.NONE, M.POSTCOPY_ACTIVE)
+    with pytest.raises(MigrationError, match="^Postcopy migration in progress, cannot cancel.$"):
+        await harness.migration.cancel()
+
+
+async def test_parameters_and_capabilities_while_running(harness: Harness) -> None:
+    ms = harness.migration
+    ms.set_state(M.NONE, M.ACTIVE)
+    from migd.migration.params import ParamError
+
+    with pytest.raises(ParamError, match="^There's a migration process in progress$"):
+        ms.set_capabilities([("events", False)])
+    ms.set_parameters({"max-bandwidth": 1 << 20})  # parameters are allowed while running
+    assert ms.config.param("max-bandwidth") == 1 << 20
+
+
+async def test_exec_target_that_exits_fails_the_migration(harness: Harness) -> None:
+    """exec:false: the connect succeeds, the first write fails -> failed, guest running."""
+    pytest.importorskip("migd.migration.savevm")
+    ms = harness.migration
+    harness.machine.start()
+    await ms.start("exec:false")
+    await harness.wait_status(M.FAILED, timeout=20)
+    await ms.wait_done(10)
+    assert ms.query()["error-desc"]
+    assert harness.runstate.state is RunState.RUNNING
+    assert ms.thread is None
