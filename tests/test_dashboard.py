@@ -1,0 +1,196 @@
+"""The dashboard in a real headless Chromium, driven over the DevTools protocol (a few lines of CDP over
+aiohttp's websocket client): the page loads, its charts move while a migration runs, passes are marked,
+the final state shows, and the console stays free of errors. Skips where Chromium is not installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import re
+import shutil
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+
+from migd.events import EventSink
+from migd.http.app import start_http
+from migd.machine.runstate import RunState, RunStateMachine
+
+CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "",
+                             shutil.which("chromium-browser") or "") if p and os.path.exists(p)), None)
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--remote-debugging-port=0"]
+
+
+class CDP:
+    """Just enough of the Chrome DevTools Protocol: commands with ids, and collected events."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.ids = itertools.count(1)
+        self.pending: dict[int, asyncio.Future[Any]] = {}
+        self.events: list[dict[str, Any]] = []
+        self.reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        async for msg in self.ws:
+            data = json.loads(msg.data)
+            if "id" in data and data["id"] in self.pending:
+                self.pending.pop(data["id"]).set_result(data)
+            elif "method" in data:
+                self.events.append(data)
+
+    async def send(self, method: str, **params: Any) -> dict[str, Any]:
+        msg_id = next(self.ids)
+        fut = asyncio.get_running_loop().create_future()
+        self.pending[msg_id] = fut
+        await self.ws.send_json({"id": msg_id, "method": method, "params": params})
+        reply = await asyncio.wait_for(fut, 30)
+        if "error" in reply:
+            raise AssertionError(f"CDP {method}: {reply['error']}")
+        return reply["result"]
+
+    async def evaluate(self, expression: str) -> Any:
+        result = await self.send("Runtime.evaluate", expression=expression, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise AssertionError(f"page script failed: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def errors(self) -> list[str]:
+        out = []
+        for ev in self.events:
+            method, params = ev["method"], ev.get("params", {})
+            if method == "Runtime.exceptionThrown":
+                out.append(json.dumps(params.get("exceptionDetails", {}))[:500])
+            elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
+                out.append(json.dumps(params.get("args", []))[:500])
+            elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
+                out.append(params["entry"].get("text", ""))
+        return out
+
+
+@contextlib.asynccontextmanager
+async def chromium(tmp_path):
+    proc = await asyncio.create_subprocess_exec(
+        CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "about:blank",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        port = None
+        deadline = time.monotonic() + 60
+        while port is None:
+            line = await asyncio.wait_for(proc.stderr.readline(), max(deadline - time.monotonic(), 0.1))
+            if not line:
+                raise AssertionError("chromium exited before opening its DevTools port")
+            m = re.search(rb"DevTools listening on ws://[^:]+:(\d+)/", line)
+            if m:
+                port = int(m.group(1))
+        drain = asyncio.get_running_loop().create_task(proc.stderr.read())  # never let its pipe fill up
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/json/list") as r:
+                targets = await r.json(content_type=None)
+            page = next(t for t in targets if t.get("type") == "page")
+            async with session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+                cdp = CDP(ws)
+                for domain in ("Runtime", "Log", "Page"):
+                    await cdp.send(f"{domain}.enable")
+                yield cdp
+                cdp.reader.cancel()
+        drain.cancel()
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+class ScriptedMigration:
+    def __init__(self) -> None:
+        self.info: dict[str, Any] = {}
+
+    def query(self) -> dict[str, Any]:
+        return dict(self.info)
+
+
+class DaemonParts:
+    def __init__(self) -> None:
+        self.events = EventSink(asyncio.get_running_loop())
+        self.runstate = RunStateMachine(RunState.RUNNING)
+        self.migration = ScriptedMigration()
+        self.machine = None
+
+
+async def until(cdp: CDP, expression: str, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await cdp.evaluate(expression)
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {expression}; errors: {cdp.errors()}")
+        await asyncio.sleep(0.1)
+
+
+TOTAL = 1 << 30
+
+
+def active(remaining: int, sync: int) -> dict[str, Any]:
+    return {"status": "active", "setup-time": 1, "total-time": 100, "expected-downtime": 300 - 20 * sync,
+            "ram": {"transferred": TOTAL - remaining, "remaining": remaining, "total": TOTAL, "duplicate": 0,
+                    "normal": 0, "normal-bytes": 0, "dirty-pages-rate": 1000 * sync, "mbps": 900.0 + sync,
+                    "dirty-sync-count": sync, "page-size": 4096}}
+
+
+async def test_dashboard_charts_a_migration(tmp_path):
+    daemon = DaemonParts()
+    endpoint = await start_http(daemon, "127.0.0.1", 0, sample_interval=0.1)
+    try:
+        async with chromium(tmp_path) as cdp:
+            await cdp.send("Page.navigate", url=endpoint.url + "/")
+            await until(cdp, "document.readyState === 'complete' && document.body.dataset.samples > 0")
+            assert await cdp.evaluate("document.getElementById('status').textContent") == "none"
+            assert await cdp.evaluate("document.getElementById('connection').dataset.state") == "open"
+
+            # a migration runs: remaining falls, a sync finds re-dirtied pages (pass 2), then pass 3
+            daemon.migration.info = {"status": "setup"}
+            daemon.events.emit("MIGRATION", {"status": "setup"})
+            plan = [(900 << 20, 1), (700 << 20, 1), (500 << 20, 1), (600 << 20, 2), (300 << 20, 2), (100 << 20, 3)]
+            points = []
+            for remaining, sync in plan:
+                daemon.migration.info = active(remaining, sync)
+                daemon.events.emit("MIGRATION_PASS", {"pass": sync})
+                # each step shows up in the page: the remaining figure and a longer chart
+                shown = await until(cdp, f"document.getElementById('pass').textContent === '{sync}' && "
+                                    "document.getElementById('chart-remaining').dataset.points")
+                points.append(int(shown))
+            assert points == sorted(points) and points[-1] > points[0]
+            for chart in ("remaining", "bandwidth", "dirty", "downtime"):
+                assert int(await cdp.evaluate(
+                    f"document.getElementById('chart-{chart}').querySelectorAll('path.series').length")) == 1
+            labels = await cdp.evaluate(
+                "[...document.querySelectorAll('#chart-remaining text.passlabel')].map(t => t.textContent)")
+            assert labels == ["pass 1", "pass 2", "pass 3"]
+            percent = await cdp.evaluate("document.getElementById('percent').textContent")
+            assert percent.strip() == f"{100 - 100 / 1024 * 100:.1f} %"  # 100 MiB of 1 GiB left; never back
+            daemon.migration.info = {**active(0, 4), "status": "completed", "downtime": 48,
+                                     "x-migd-downtime-phases": {"pause-vcpus": 1.0, "ram": 30.5}}
+            daemon.events.emit("MIGRATION", {"status": "completed"})
+            await until(cdp, "document.getElementById('status').dataset.status === 'completed'")
+            assert await cdp.evaluate("document.getElementById('percent').textContent") == "100.0 %"
+            result = await cdp.evaluate("document.getElementById('result').textContent")
+            assert "downtime 48 ms" in result and "ram 30.5 ms" in result
+            events = await cdp.evaluate("[...document.querySelectorAll('#events li')].map(li => li.textContent)")
+            assert any("MIGRATION" in e and "completed" in e for e in events)
+            assert cdp.errors() == []
+    finally:
+        await endpoint.close()
