@@ -1,0 +1,209 @@
+"""One migd process: the event loop and everything hung on it.
+
+The daemon wires the parts together and owns their life cycle: the machine (vCPU threads), the
+source-side migration state, the destination side when ``--incoming`` is given, the QMP listeners and
+the optional HTTP endpoint. It starts them in dependency order, tells systemd when every listener is
+up, and on ``quit`` or SIGTERM/SIGINT shuts them down in reverse so the process exits 0 with no socket
+file left behind. Parts written separately (migration, incoming, HTTP) are optional imports: the
+daemon runs, with those features absent, before they exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib
+import inspect
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from migd import sdnotify
+from migd.config import DaemonConfig
+from migd.events import EventSink
+from migd.machine.runstate import RunState, RunStateMachine
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where it is installed (faster sockets and timers), asyncio's loop otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def _optional(module: str, attr: str) -> Any:
+    """A class from a part that may not be written yet; None (with a log line) if it cannot load."""
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        log.warning("%s.%s unavailable: %s", module, attr, exc)
+        return None
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+class Daemon:
+    """See INTERNALS.md: ``loop``, ``events``, ``runstate``, ``machine``, ``migration``, ``incoming``,
+    ``request_shutdown()``, ``run_blocking()``; plus ``autostart`` (QEMU's: whether an incoming
+    migration starts the guest once it lands; cleared by ``-S`` or ``stop`` during inmigrate)."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.events = EventSink()
+        if config.incoming is not None:
+            initial = RunState.INMIGRATE
+        elif config.machine.start_paused:
+            initial = RunState.PRELAUNCH
+        else:
+            initial = RunState.RUNNING
+        self.runstate = RunStateMachine(initial)
+        self.autostart = not config.machine.start_paused
+        self.machine: Any = None
+        self.migration: Any = None
+        self.incoming: Any = None
+        self.qmp: Any = None
+        self.http: Any = None
+        self.shutdown_reason: str | None = None
+        self.exit_code = 0
+        self._stop_requested: asyncio.Event | None = None
+        self._loop_thread: int | None = None
+        self._stopped = False
+
+    # -- running -----------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until quit or a signal; the process exit status."""
+        loop = new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            return loop.run_until_complete(self.main())
+        finally:
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
+
+    async def main(self) -> int:
+        try:
+            await self.start()
+        except Exception as exc:
+            log.error("cannot start: %s", exc, exc_info=not isinstance(exc, OSError | ValueError))
+            print(f"migd: error: {exc}", flush=True)
+            await self.stop()
+            return 1
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_shutdown, "host-signal")
+        await self.wait_stopped()
+        await self.stop()
+        return self.exit_code
+
+    async def start(self) -> None:
+        """Bring every part up; READY=1 once every listener accepts connections."""
+        self.loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._stop_requested = asyncio.Event()
+        self.events.bind(self.loop)
+        self.runstate.add_notifier(self._on_runstate)
+
+        from migd.machine import Machine
+
+        self.machine = Machine(self.config.machine, self.runstate, self.events)
+        self.machine.start()
+
+        state_cls = _optional("migd.migration.state", "MigrationState")
+        if state_cls is not None:
+            self.migration = state_cls(self)
+
+        from migd.qmp.server import QMPServer
+
+        self.qmp = QMPServer(self, self.config.qmp)
+        await self.qmp.start()
+
+        if self.config.incoming is not None:
+            incoming_cls = _optional("migd.migration.incoming", "IncomingMigration")
+            if incoming_cls is not None:
+                self.incoming = incoming_cls(self, self.config.incoming)
+                if hasattr(self.incoming, "start"):
+                    await _maybe_await(self.incoming.start())
+
+        address = self.config.http_address()
+        if address is not None:
+            start_http = _optional("migd.http.app", "start_http")
+            if start_http is not None:
+                self.http = await start_http(self, *address)
+
+        sdnotify.notify("READY=1", f"STATUS={self.runstate.state}")
+        log.info("migd ready: %s, QMP on %s", self.runstate.state, ", ".join(self.qmp_addresses()))
+
+    def qmp_addresses(self) -> list[str]:
+        return [listener.address for listener in self.qmp.listeners] if self.qmp else []
+
+    async def wait_stopped(self) -> None:
+        """Until quit or a signal asked the daemon to stop."""
+        assert self._stop_requested is not None
+        await self._stop_requested.wait()
+
+    def request_shutdown(self, reason: str = "host-qmp-quit") -> None:
+        """Ask for a clean exit (any thread). SHUTDOWN is emitted after the current QMP reply."""
+        if self.loop is None:
+            return
+        if threading.get_ident() != self._loop_thread:
+            self.loop.call_soon_threadsafe(self.request_shutdown, reason)
+            return
+        if self.shutdown_reason is not None:
+            return
+        self.shutdown_reason = reason
+        self.loop.call_soon(self._begin_shutdown)
+
+    def _begin_shutdown(self) -> None:
+        log.info("shutting down: %s", self.shutdown_reason)
+        self.events.emit("SHUTDOWN", {"guest": False, "reason": self.shutdown_reason})
+        if self._stop_requested is not None:
+            self._stop_requested.set()
+
+    async def stop(self) -> None:
+        """Tear down in reverse order; safe to call after a partial start, and twice."""
+        if self._stopped:
+            return
+        self._stopped = True
+        sdnotify.notify("STOPPING=1")
+        for part, method in ((self.migration, "cancel"), (self.incoming, "close")):
+            if part is not None and hasattr(part, method):
+                try:
+                    await _maybe_await(getattr(part, method)())
+                except Exception:
+                    log.exception("%s.%s() failed during shutdown", type(part).__name__, method)
+        if self.http is not None:
+            try:
+                await self.http.close()
+            except Exception:
+                log.exception("closing the HTTP endpoint failed")
+        if self.qmp is not None:
+            await self.qmp.close()
+        if self.machine is not None:
+            await self.run_blocking(self.machine.shutdown)
+        try:
+            self.runstate.remove_notifier(self._on_runstate)
+        except ValueError:
+            pass
+
+    # -- helpers for the parts ----------------------------------------------------------------------
+
+    def run_blocking(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run ``fn(*args)`` on a worker thread; await the result without blocking the loop."""
+        loop = self.loop or asyncio.get_running_loop()
+        return loop.run_in_executor(None, functools.partial(fn, *args))
+
+    def _on_runstate(self, old: RunState, new: RunState) -> None:
+        log.debug("run state %s -> %s", old, new)
+        sdnotify.notify(f"STATUS={new}")

@@ -1,0 +1,37 @@
+"""Shared fixtures: ``migd_factory`` starts real daemons (tests/helpers.py) and cleans them all up."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import Migd  # noqa: E402
+
+
+@pytest.fixture
+def migd_factory(tmp_path: Path) -> Iterator[Callable[..., Migd]]:
+    """``migd_factory(name, *args, env=None, connect=True) -> Migd``; every daemon is killed at the end of the test.
+
+    A daemon still running at teardown is killed; its log is printed when the test failed, so it shows
+    in pytest's report.
+    """
+    started: list[Migd] = []
+
+    def factory(
+        name: str, *args: str, env: dict[str, str] | None = None, timeout: float = 30, connect: bool = True
+    ) -> Migd:
+        vm = Migd(tmp_path, name, *args, env=env, timeout=timeout, connect=connect)
+        started.append(vm)
+        return vm
+
+    yield factory
+    for vm in started:
+        vm.kill()
+        log = vm.log()
+        if log:
+            print(f"----- migd {vm.name} log -----\n{log}")

@@ -1,0 +1,259 @@
+"""End-to-end harness: real ``python -m migd`` processes driven over their unix QMP socket.
+
+Use from *synchronous* tests (the qemu.qmp legacy client runs its own event loop)::
+
+    def test_stop(migd_factory):
+        vm = migd_factory("src", "-m", "64M")
+        vm.cmd("stop")
+        vm.wait_event("STOP")
+        assert vm.cmd("query-status")["status"] == "paused"
+        err = vm.cmd_error("migrate-set-parameters", max_bandwidth="x")   # error dict {class, desc}
+        vm.cmd("migrate-set-parameters", **{"max-bandwidth": 0})          # hyphenated keys as is
+        assert vm.quit() == 0
+
+``cmd`` keyword names are sent with ``_`` turned into ``-``; use ``cmd_raw`` for anything exact.
+Sockets for a migration between two daemons: ``vm.sock_path("mig")`` gives a short unix path.
+Async tests pass ``connect=False`` and use their own ``qemu.qmp.QMPClient`` on ``vm.qmp_path``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from qemu.qmp import ExecuteError
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+REPO = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+_SUN_PATH_MAX = 100  # sockaddr_un holds 108 bytes; keep a margin
+
+
+class MigdError(AssertionError):
+    """The daemon did something a test did not expect (exit, error reply, timeout)."""
+
+
+def wait_for(fn: Callable[[], T], timeout: float = 30, interval: float = 0.02, what: str = "") -> T:
+    """Poll ``fn`` until it returns something truthy; return that (or raise MigdError on timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise MigdError(f"timed out after {timeout}s waiting for {what or getattr(fn, '__name__', fn)}")
+        time.sleep(interval)
+
+
+def _wire_args(arguments: dict[str, Any]) -> dict[str, Any]:
+    return {key.replace("_", "-"): value for key, value in arguments.items()}
+
+
+class Migd:
+    """One migd process with a unix QMP socket in a (short) temp dir, and a negotiated client."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        name: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        timeout: float = 30,
+        connect: bool = True,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.args = args
+        self._sockdir: Path | None = None
+        self.qmp_path = self.sock_path("qmp")
+        self.log_path = self.workdir / f"{name}.log"
+        self.events: list[dict[str, Any]] = []  # received on the harness client, not yet waited for
+        self._clients: list[QEMUMonitorProtocol] = []
+        full_env = dict(os.environ)
+        full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH")]))
+        full_env.pop("NOTIFY_SOCKET", None)
+        full_env.update(env or {})
+        cmdline = [sys.executable, "-m", "migd", "--name", name, "--qmp", f"unix:{self.qmp_path}", *args]
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmdline, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=self.workdir)
+        try:
+            wait_for(self._socket_ready, timeout, what=f"{name}'s QMP socket")
+            # connect=False: no harness client (for async tests, which bring their own QMPClient)
+            self.qmp: QEMUMonitorProtocol = self.client() if connect else None  # type: ignore[assignment]
+        except BaseException:
+            self.kill()
+            raise
+
+    # -- paths and processes --------------------------------------------------------------------
+
+    def sock_path(self, what: str) -> Path:
+        """A unix socket path for ``what`` that fits in sockaddr_un (the workdir may be too deep)."""
+        path = self.workdir / f"{self.name}.{what}.sock"
+        if len(str(path)) <= _SUN_PATH_MAX:
+            return path
+        if self._sockdir is None:
+            self._sockdir = Path(tempfile.mkdtemp(prefix="migd-"))
+        return self._sockdir / f"{self.name}.{what}.sock"
+
+    def _socket_ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise MigdError(f"migd {self.name} exited with {self.proc.returncode} before its socket was up:\n{self.log()}")
+        return self.qmp_path.exists()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll()
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def wait(self, timeout: float = 30) -> int:
+        """Wait for the process to exit; its exit status."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise MigdError(f"migd {self.name} did not exit within {timeout}s:\n{self.log()}") from None
+
+    # -- QMP ------------------------------------------------------------------------------------
+
+    def client(self, negotiate: bool = True) -> QEMUMonitorProtocol:
+        """A new client on the QMP socket (negotiated unless told otherwise); closed by close()."""
+        last: Exception | None = None
+        for _ in range(100):  # the socket file can exist a moment before listen()
+            qmp = QEMUMonitorProtocol(str(self.qmp_path))
+            try:
+                qmp.connect(negotiate=negotiate)
+                break
+            except Exception as exc:  # ConnectError, with the OSError inside
+                last = exc
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+        else:
+            raise MigdError(f"cannot connect to {self.qmp_path}: {last}\n{self.log()}")
+        if self.proc.poll() is not None and last is not None:
+            raise MigdError(f"cannot connect to {self.qmp_path}: {last}\n{self.log()}")
+        qmp.settimeout(60)
+        self._clients.append(qmp)
+        return qmp
+
+    def cmd(self, name: str, **arguments: Any) -> Any:
+        """Run a command; its ``return`` value. An error reply raises qemu.qmp's ExecuteError."""
+        return self.qmp.cmd(name, **_wire_args(arguments))
+
+    def cmd_raw(self, name: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Run a command with exactly these arguments; the whole reply ({"return"} or {"error"})."""
+        msg: dict[str, Any] = {"execute": name}
+        if arguments is not None:
+            msg["arguments"] = arguments
+        return self.qmp.cmd_obj(msg)
+
+    def cmd_error(self, name: str, **arguments: Any) -> dict[str, str]:
+        """Run a command that must fail; its error as {"class": ..., "desc": ...}."""
+        try:
+            value = self.cmd(name, **arguments)
+        except ExecuteError as exc:
+            return {"class": exc.error_class, "desc": exc.error_message}
+        raise MigdError(f"{name} {arguments} succeeded ({value!r}) but an error was expected")
+
+    def _pull(self, timeout: float) -> None:
+        try:
+            event = self.qmp.pull_event(wait=max(timeout, 0.001))
+        except TimeoutError:
+            return
+        if event is not None:
+            self.events.append(event)
+
+    def wait_event(
+        self, name: str, pred: Callable[[dict[str, Any]], bool] | None = None, timeout: float = 30
+    ) -> dict[str, Any]:
+        """The first not-yet-consumed event ``name`` (matching ``pred(event)``) on the harness client.
+
+        Events that do not match stay queued for later calls, in order.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, event in enumerate(self.events):
+                if event.get("event") == name and (pred is None or pred(event)):
+                    return self.events.pop(i)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                seen = [e.get("event") for e in self.events]
+                raise MigdError(f"no {name} event within {timeout}s on {self.name} (queued: {seen})")
+            if self.proc.poll() is not None and self.qmp._qmp.events.empty():  # noqa: SLF001
+                raise MigdError(f"migd {self.name} exited ({self.proc.returncode}) while waiting for {name}")
+            self._pull(min(left, 0.5))
+
+    def clear_events(self) -> None:
+        self.events.clear()
+        self.qmp.clear_events()
+
+    def wait_for(self, fn: Callable[[], T], timeout: float = 30, what: str = "") -> T:
+        """Poll ``fn`` until truthy, failing early if the daemon died."""
+
+        def check() -> T:
+            if self.proc.poll() is not None:
+                raise MigdError(f"migd {self.name} exited ({self.proc.returncode}):\n{self.log()}")
+            return fn()
+
+        return wait_for(check, timeout, what=what)
+
+    def status(self) -> str:
+        return self.cmd("query-status")["status"]
+
+    # -- ending ---------------------------------------------------------------------------------
+
+    def quit(self, timeout: float = 30) -> int:
+        """``quit`` over QMP; the exit status (0 for a clean exit)."""
+        if self.proc.poll() is None:
+            try:
+                if self.qmp is None:
+                    self.qmp = self.client()
+                self.cmd("quit")
+            except Exception:  # the daemon may go before the reply is read
+                pass
+        code = self.wait(timeout)
+        self.close()
+        return code
+
+    def terminate(self, timeout: float = 30) -> int:
+        """SIGTERM; the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.wait(timeout)
+        self.close()
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL (no clean-up by the daemon): for crash tests and for tidying after a failure."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.close()
+
+    def close(self) -> None:
+        """Close the harness's clients and files (the process is left alone)."""
+        for qmp in self._clients:
+            try:
+                qmp.close()
+            except Exception:
+                pass
+        self._clients.clear()
+        if not self._log.closed:
+            self._log.close()
+        if self._sockdir is not None and self.proc.poll() is not None:
+            shutil.rmtree(self._sockdir, ignore_errors=True)
+            self._sockdir = None

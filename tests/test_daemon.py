@@ -1,0 +1,208 @@
+"""The daemon as a process: QMP life cycle through qemu.qmp, signals, sockets, sd_notify, run states."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import stat
+from pathlib import Path
+
+import pytest
+from helpers import Migd, wait_for
+from qemu.qmp import QMPClient
+
+pytestmark = pytest.mark.e2e
+
+
+async def _next_event(client: QMPClient, name: str, timeout: float = 30) -> dict:
+    async with asyncio.timeout(timeout):
+        async for event in client.events:
+            if event["event"] == name:
+                return dict(event)
+    raise AssertionError("event stream ended")
+
+
+async def test_qmpclient_life_cycle(migd_factory) -> None:
+    """The done-when path: negotiate, query-status, stop -> STOP, cont -> RESUME, quit -> SHUTDOWN, exit 0."""
+    vm: Migd = migd_factory("vm", "-m", "32M", connect=False)
+    client = QMPClient("test")
+    await client.connect(str(vm.qmp_path))
+    try:
+        assert client.greeting is not None
+        qemu_version = client.greeting.QMP.version["qemu"]
+        assert set(qemu_version) == {"major", "minor", "micro"}
+        assert client.greeting.QMP.version["package"].startswith("migd ")
+        status = await client.execute("query-status")
+        assert status == {"running": True, "singlestep": False, "status": "running"}
+
+        assert await client.execute("stop") == {}
+        stop = await _next_event(client, "STOP")
+        assert set(stop["timestamp"]) == {"seconds", "microseconds"}
+        assert (await client.execute("query-status"))["status"] == "paused"
+
+        assert await client.execute("cont") == {}
+        await _next_event(client, "RESUME")
+        assert (await client.execute("query-status"))["running"] is True
+
+        assert await client.execute("quit") == {}
+        shutdown = await _next_event(client, "SHUTDOWN")
+        assert shutdown["data"] == {"guest": False, "reason": "host-qmp-quit"}
+    finally:
+        await client.disconnect()
+    assert await asyncio.to_thread(vm.wait, 30) == 0
+    assert not vm.qmp_path.exists()
+
+
+def test_two_clients_both_get_events(migd_factory) -> None:
+    vm = migd_factory("vm", "-m", "32M")
+    other = vm.client()
+    vm.cmd("stop")
+    vm.wait_event("STOP")
+    assert other.pull_event(wait=30.0)["event"] == "STOP"
+    other.cmd("cont")
+    vm.wait_event("RESUME")
+    assert other.pull_event(wait=30.0)["event"] == "RESUME"
+    assert vm.quit() == 0
+
+
+def test_sigterm_is_a_clean_shutdown(migd_factory) -> None:
+    vm = migd_factory("vm", "-m", "32M", "--qmp", "tcp:127.0.0.1:0")
+    watcher = vm.client()
+    vm.proc.send_signal(signal.SIGTERM)
+    event = watcher.pull_event(wait=30.0)
+    assert event["event"] == "SHUTDOWN"
+    assert event["data"] == {"guest": False, "reason": "host-signal"}
+    assert vm.wait() == 0
+    assert not vm.qmp_path.exists()
+    vm.close()
+
+
+def test_sigint_exits_zero(migd_factory) -> None:
+    vm = migd_factory("vm", "-m", "32M")
+    vm.proc.send_signal(signal.SIGINT)
+    assert vm.wait() == 0
+    assert not vm.qmp_path.exists()
+
+
+def test_unix_socket_is_private(migd_factory) -> None:
+    vm = migd_factory("vm", "-m", "32M")
+    mode = vm.qmp_path.stat().st_mode
+    assert stat.S_ISSOCK(mode)
+    assert stat.S_IMODE(mode) == 0o600
+
+
+def test_run_states_from_options(migd_factory) -> None:
+    paused = migd_factory("p", "-m", "32M", "-S")
+    assert paused.cmd("query-status") == {"running": False, "singlestep": False, "status": "prelaunch"}
+    paused.cmd("stop")  # not live: nothing to stop, and no STOP event
+    assert paused.status() == "prelaunch"
+    paused.cmd("cont")
+    paused.wait_event("RESUME")
+    assert paused.status() == "running"
+    assert not [e for e in paused.events if e["event"] == "STOP"]
+
+
+def test_cont_during_inmigrate_sets_autostart(migd_factory) -> None:
+    """QEMU 10.0: cont while waiting for a migration only arranges to run once it lands."""
+    vm = migd_factory("dst", "-m", "32M", "--incoming", "defer", "-S")
+    assert vm.status() == "inmigrate"
+    assert vm.cmd("cont") == {}
+    assert vm.status() == "inmigrate"
+    assert vm.cmd("stop") == {}
+    assert vm.status() == "inmigrate"
+
+
+def test_query_name_version_commands(migd_factory) -> None:
+    vm = migd_factory("guest-one", "-m", "32M")
+    assert vm.cmd("query-name") == {"name": "guest-one"}
+    version = vm.cmd("query-version")
+    assert version["package"].startswith("migd ")
+    assert {"major", "minor", "micro"} == set(version["qemu"])
+    names = {c["name"] for c in vm.cmd("query-commands")}
+    assert {"qmp_capabilities", "query-status", "stop", "cont", "quit", "getfd", "closefd"} <= names
+
+
+def test_several_listeners_and_tcp(migd_factory, tmp_path: Path) -> None:
+    second = tmp_path / "second.sock"
+    if len(str(second)) > 100:
+        pytest.skip("tmp path too long for a unix socket")
+    vm = migd_factory("vm", "-m", "32M", "--qmp", f"unix:{second}")
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    q = QEMUMonitorProtocol(str(second))
+    q.connect()
+    assert q.cmd("query-status")["status"] == "running"
+    q.close()
+    assert vm.quit() == 0
+    assert not second.exists()
+
+
+def test_bad_listener_fails_cleanly(tmp_path: Path) -> None:
+    """A QMP socket that cannot be bound: exit status 1 and a message, not a traceback loop."""
+    import subprocess
+    import sys
+
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    port = blocker.getsockname()[1]
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "migd", "-m", "32M", "--qmp", f"tcp:127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        )
+    finally:
+        blocker.close()
+    assert proc.returncode == 1
+    assert "Address already in use" in proc.stdout + proc.stderr
+
+
+def test_sd_notify(migd_factory, tmp_path: Path) -> None:
+    """READY=1 once listening, STATUS= on run-state changes, STOPPING=1 at the end."""
+    path = Path(os.path.join("/tmp", f"migd-notify-{os.getpid()}-{id(tmp_path)}.sock"))
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(30)
+    try:
+        vm = migd_factory("vm", "-m", "32M", env={"NOTIFY_SOCKET": str(path)})
+        messages: list[str] = []
+
+        def got(line: str) -> bool:
+            sock.settimeout(0.2)
+            try:
+                messages.extend(sock.recv(4096).decode().split("\n"))
+            except TimeoutError:
+                pass
+            return line in messages
+
+        wait_for(lambda: got("READY=1"), 30, what="READY=1")
+        assert "STATUS=running" in messages
+        vm.cmd("stop")
+        wait_for(lambda: got("STATUS=paused"), 30, what="STATUS=paused")
+        assert vm.quit() == 0
+        wait_for(lambda: got("STOPPING=1"), 30, what="STOPPING=1")
+    finally:
+        sock.close()
+        path.unlink(missing_ok=True)
+
+
+def test_abstract_notify_socket(monkeypatch) -> None:
+    from migd import sdnotify
+
+    name = f"migd-test-{os.getpid()}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + name)
+    sock.settimeout(5)
+    try:
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        assert sdnotify.notify("READY=1", "STATUS=hello")
+        assert sock.recv(100) == b"READY=1\nSTATUS=hello"
+        monkeypatch.delenv("NOTIFY_SOCKET")
+        assert not sdnotify.notify("READY=1")
+    finally:
+        sock.close()
