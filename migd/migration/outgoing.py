@@ -1,0 +1,344 @@
+"""The migration thread: one OS thread per outgoing migration (QEMU's ``migration_thread``).
+
+It takes the big lock only where the machine must hold still — stream header and setup, each dirty
+bitmap sync, stopping the guest, saving device state — and never while it writes to the channel, so
+the event loop (QMP, HTTP) keeps answering, through the switch-over included.
+
+The loop is QEMU's control law (reference §1.4–1.6): cheap pending estimate; exact pending (a bitmap
+sync) only when the estimate is below the threshold; switch over when pending <= threshold; otherwise
+iterate while the 100 ms window has budget and sleep to its end. Every >= 100 ms the bandwidth, the
+threshold, ``mbps`` and ``expected-downtime`` are recomputed from bytes really written.
+
+Two deliberate differences from QEMU, both about telling the truth on downtime:
+- the threshold reserves the switch-over's fixed costs (stopping vCPUs, drain, devices, EOF, the
+  destination's acknowledgement: learned from the previous completed migration, 20 ms before any) and,
+  once a final pass was measured, never assumes a higher bandwidth than that final pass really had;
+- ``expected-downtime`` is ``fixed costs + remaining / bandwidth`` from the first window on: the downtime
+  a switch-over started now would cost. QEMU only updates it after a second bitmap sync, so it shows the
+  limit itself during the whole first pass. Ours reaches the limit exactly when the switch-over is decided.
+
+The completion is timed phase by phase (``x-migd-downtime-phases``); consecutive phases share their
+boundaries, so they add up to ``downtime``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from migd.bql import BQL
+from migd.machine.runstate import LIVE_STATES, RunState
+from migd.migration.returnpath import ReturnPathReader, sibling_error
+from migd.migration.state import MigrationStatus as M
+from migd.migration.throttle import AutoConverge
+
+if TYPE_CHECKING:
+    from migd.migration.state import MigrationState
+    from migd.migration.stats import MigrationStats
+
+log = logging.getLogger("migd.migration")
+
+WINDOW = 0.1  # seconds: QEMU's BUFFER_DELAY
+DEFAULT_OVERHEAD_MS = 20.0  # fixed switch-over cost assumed before one was measured
+MIN_FINAL_PASS_BYTES = 8 << 20  # a final pass smaller than this says nothing about bandwidth
+ACK_TIMEOUT = 600.0  # seconds to wait for the destination's SHUT (a cancel ends the wait at once)
+
+
+class MigrationFailed(Exception):
+    """Ends the migration as failed with ``str()`` as error-desc."""
+
+
+class Cancelled(Exception):
+    """The state left the expected one (a cancel won the race): wind down without failing."""
+
+
+class PhaseClock:
+    """Downtime phases measured back to back from one start, so they add up to the total."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self._last = self.start
+        self.phases: dict[str, float] = {}
+
+    def mark(self, name: str) -> float:
+        now = time.monotonic()
+        self.phases[name] = self.phases.get(name, 0.0) + (now - self._last) * 1000
+        self._last = now
+        return now
+
+    def total_ms(self) -> float:
+        return (self._last - self.start) * 1000
+
+
+class MigrationThread(threading.Thread):
+    """Runs one migration from setup to a terminal state; publishes counters into MigrationState."""
+
+    def __init__(self, ms: MigrationState, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        super().__init__(name="mig/src/main", daemon=True)
+        self.ms = ms
+        self.loop = loop
+        self.machine = ms.daemon.machine
+        self.runstate = ms.daemon.runstate
+        assert ms.stream is not None and ms.channel is not None
+        self.stream = ms.stream
+        self.channel = ms.channel
+        self.stats: MigrationStats = ms.stats
+        self.use_return_path = bool(ms.config.cap("return-path") and self.channel.has_return_path)
+        self.rp: ReturnPathReader | None = None
+        self.savevm: Any = None
+        self.throttle = (AutoConverge(self.machine.vcpus, lambda: ms.config.params)
+                         if ms.config.cap("auto-converge") else None)
+        self._rate_lock = threading.Lock()
+        self._unlimited = False
+        # control law
+        self.threshold = 0.0  # bytes
+        self.bandwidth = 0.0  # bytes/ms over the last window
+        self._iter_start = 0.0
+        self._iter_bytes = 0
+        self._iter_pages = 0
+        self._pre_sync_dirty = 0
+        self._completing = False
+        # what completion changed, to undo on failure/cancel
+        self._vm_stopped = False
+        self._vm_was_live = False
+        self._vm_old_state: RunState | None = None
+        self._drives_inactive = False
+
+    # -- called from other threads --------------------------------------------------------------
+
+    def apply_rate_limit(self) -> None:
+        """max-bandwidth -> stream budget, at once; ignored after the switch-over (unlimited)."""
+        with self._rate_lock:
+            if not self._unlimited:
+                self.stream.set_rate_limit(int(self.ms.config.param("max-bandwidth")))
+
+    def _set_unlimited(self) -> None:
+        with self._rate_lock:
+            self._unlimited = True
+            self.stream.set_rate_limit(0)
+
+    def on_sync(self, stats: MigrationStats) -> None:
+        """After each bitmap sync (this thread): feed auto-converge with the newly dirtied pages."""
+        if self.throttle is None or self._completing:
+            return
+        new_pages = max(0, stats.dirty_pages - self._pre_sync_dirty)
+        self.throttle.note_sync(new_pages, self.stream.transferred, stats.page_size, time.monotonic())
+        self.ms.throttle_percentage = self.throttle.percentage
+
+    # -- the thread -----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self._migrate()
+        except Cancelled:
+            pass
+        except MigrationFailed as exc:
+            self.ms.fail(str(exc))
+        except Exception as exc:  # a stream error, or a bug: never leave the state running
+            desc = self.stream.error or str(exc) or type(exc).__name__
+            if self.stream.error is None:
+                log.exception("migration thread failed")
+            self.ms.fail(desc)
+        finally:
+            try:
+                self._finish()
+            finally:
+                self.ms.thread_exited(self)
+
+    def _expect(self, status: M) -> None:
+        if self.ms.status is not status:
+            raise Cancelled()
+        if self.stream.error is not None:
+            raise MigrationFailed(self.stream.error)
+
+    def _migrate(self) -> None:
+        from migd.migration.savevm import SaveVM
+
+        ms, stream = self.ms, self.stream
+        setup_start = time.monotonic()
+        self.savevm = savevm = SaveVM(self.machine, self.stats, self.use_return_path)
+        with BQL:
+            self._expect(M.SETUP)
+            savevm.save_header(stream)
+            savevm.save_setup(stream)
+        stream.flush()
+        if self.use_return_path:
+            self.rp = ReturnPathReader(self.channel)
+            self.rp.start()
+        if not ms.set_state(M.SETUP, M.ACTIVE):
+            raise Cancelled()
+        ms.setup_time = int((time.monotonic() - setup_start) * 1000)
+        self._new_window(time.monotonic())
+        while True:
+            self._expect(M.ACTIVE)
+            if not stream.rate_limit_exceeded():
+                pending = savevm.pending_estimate()
+                if pending <= self.threshold:
+                    self._pre_sync_dirty = self.stats.dirty_pages
+                    with BQL:
+                        pending = savevm.pending_exact()
+                if pending <= self.threshold:
+                    self._complete()
+                    return
+                savevm.save_iterate(stream)
+            self._rate_limit()
+
+    # -- counters (QEMU's migration_update_counters / migration_rate_limit) -----------------------
+
+    def _new_window(self, now: float) -> None:
+        self._iter_start = now
+        self._iter_bytes = self.stream.transferred
+        self._iter_pages = self.stats.normal + self.stats.duplicate
+        self.stream.reset_window()
+
+    def _overhead_ms(self) -> float:
+        hint = self.ms.overhead_ms_hint
+        return hint if hint > 0 else DEFAULT_OVERHEAD_MS
+
+    def _switchover_bandwidth(self) -> float:
+        """Bytes/ms a switch-over could count on."""
+        avail = int(self.ms.config.param("avail-switchover-bandwidth"))
+        bw = avail / 1000 if avail else self.bandwidth
+        final = self.ms.final_bw_hint
+        return min(bw, final) if final > 0 and not avail else bw
+
+    def _rate_limit(self) -> None:
+        now = time.monotonic()
+        if now - self._iter_start >= WINDOW:
+            self._update_counters(now)
+        if self.stream.rate_limit_exceeded() and self.stream.error is None:
+            delay = self._iter_start + WINDOW - time.monotonic()
+            if delay > 0:
+                self.ms.wake_event.wait(delay)
+
+    def _update_counters(self, now: float) -> None:
+        stats = self.stats
+        transferred = self.stream.transferred - self._iter_bytes
+        spent_ms = (now - self._iter_start) * 1000
+        self.bandwidth = transferred / spent_ms
+        bw = self._switchover_bandwidth()
+        limit_ms = int(self.ms.config.param("downtime-limit"))
+        overhead = self._overhead_ms()
+        self.threshold = bw * max(0.0, limit_ms - overhead)
+        stats.mbps = transferred * 8 / (spent_ms / 1000) / 1e6
+        pages = stats.normal + stats.duplicate
+        stats.pages_per_second = int((pages - self._iter_pages) / (spent_ms / 1000))
+        if transferred > 10000 and bw > 0:
+            self.ms.expected_downtime = int(overhead + stats.remaining / bw)
+        self._new_window(now)
+
+    # -- completion (QEMU's migration_completion_precopy, reordered for downtime) -------------------
+
+    def _complete(self) -> None:
+        ms, machine, stream = self.ms, self.machine, self.stream
+        self._completing = True
+        log.info("migration switch-over: pending=%d threshold=%d expected_downtime=%d",
+                 self.stats.remaining, int(self.threshold), ms.expected_downtime)
+        with BQL:  # flush while the guest still runs: the slow part of a flush stays out of downtime
+            machine.flush_drives()
+        with BQL:
+            self._expect(M.ACTIVE)
+            clock = PhaseClock()  # downtime starts
+            self._vm_old_state = self.runstate.state
+            self._vm_stopped = True
+            self._vm_was_live = machine.vm_stop(RunState.FINISH_MIGRATE)
+            if not self._vm_was_live:
+                self.runstate.set(RunState.FINISH_MIGRATE)
+            clock.mark("stop-vcpus")
+            machine.drain_drives()
+            machine.flush_drives()
+            clock.mark("drain-flush")
+        if ms.config.cap("pause-before-switchover"):
+            ms.continue_event.clear()
+            if not ms.set_state(M.ACTIVE, M.PRE_SWITCHOVER):
+                raise Cancelled()
+            ms.continue_event.wait()  # migrate-continue or migrate_cancel; the BQL is not held
+            clock.mark("pre-switchover")
+            if not ms.set_state(M.PRE_SWITCHOVER, M.DEVICE):
+                raise Cancelled()
+        elif not ms.set_state(M.ACTIVE, M.DEVICE):
+            raise Cancelled()
+        with BQL:
+            machine.inactivate_drives()
+            self._drives_inactive = True
+        self._set_unlimited()
+        clock.mark("inactivate-drives")
+        downtime_bytes0 = self.stats.downtime_bytes
+        self._final_pass(clock)
+        ram_final_ms = clock.phases.get("ram-final", 0.0)
+        if self.rp is not None:
+            self._expect(M.DEVICE)
+            try:
+                flag = self.rp.wait_for_shut(ACK_TIMEOUT)
+            except Exception as exc:
+                self._expect(M.DEVICE)
+                raise MigrationFailed(str(exc)) from exc
+            if flag:
+                raise MigrationFailed(sibling_error(flag))
+            clock.mark("wait-ack")
+        with BQL:
+            end = time.monotonic()
+            self._expect(M.DEVICE)
+            ms.downtime = int(round(clock.total_ms()))
+            ms.downtime_phases = {k: round(v, 3) for k, v in clock.phases.items()}
+            ms.total_time = int((end - ms.start_time) * 1000)
+            moving_ms = ms.total_time - ms.setup_time
+            if moving_ms > 0:
+                self.stats.mbps = stream.transferred * 8 / moving_ms / 1000
+            if not ms.set_state(M.DEVICE, M.COMPLETED):
+                raise Cancelled()
+            self.runstate.set(RunState.POSTMIGRATE)
+        # what this switch-over taught us, for the next decision
+        ms.overhead_ms_hint = max(1.0, clock.total_ms() - ram_final_ms - clock.phases.get("pre-switchover", 0.0))
+        final_bytes = self.stats.downtime_bytes - downtime_bytes0
+        if final_bytes >= MIN_FINAL_PASS_BYTES and ram_final_ms > 0:
+            ms.final_bw_hint = final_bytes / ram_final_ms
+        log.info("migration completed: downtime=%d ms phases=%s total=%d ms", ms.downtime,
+                 ms.downtime_phases, ms.total_time)
+
+    def _final_pass(self, clock: PhaseClock) -> None:
+        """Rest of RAM (no rate limit), device state, EOF and description, flushed."""
+        savevm, stream = self.savevm, self.stream
+        savevm.save_complete_ram(stream)
+        stream.flush()
+        clock.mark("ram-final")
+        with BQL:  # devices are read while nothing else may touch them
+            savevm.save_complete_devices(stream)
+        clock.mark("device-state")
+        savevm.save_eof(stream)
+        stream.flush()
+        clock.mark("eof-flush")
+
+    # -- the end, whatever it was (QEMU's migration_iteration_finish) -----------------------------
+
+    def _finish(self) -> None:
+        ms, machine = self.ms, self.machine
+        if self.throttle is not None:
+            self.throttle.stop()
+        ms.throttle_percentage = 0
+        if ms.status is not M.COMPLETED:
+            with BQL:
+                if self._drives_inactive:
+                    try:
+                        machine.activate_drives()
+                    except Exception as exc:
+                        log.error("re-activating drives after a failed migration: %s", exc)
+                    self._drives_inactive = False
+                if self._vm_stopped:
+                    state = self.runstate.state
+                    if self._vm_was_live and state is not RunState.SHUTDOWN:
+                        machine.vm_start()
+                    elif state is RunState.FINISH_MIGRATE and self._vm_old_state is not None \
+                            and self._vm_old_state not in LIVE_STATES:
+                        self.runstate.set(self._vm_old_state)
+        if self.rp is not None:
+            self.rp.close()
+        if self.savevm is not None:
+            try:
+                with BQL:
+                    self.savevm.cleanup()
+            except Exception as exc:
+                log.error("migration cleanup: %s", exc)
