@@ -8,34 +8,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import ConfigDict
-
 from migd.bql import BQL
 from migd.machine.workloads import WorkloadError
 from migd.qmp.commands import CommandContext, QMPError, command
-
-try:  # the daemon engineer's base model converts validation errors into QEMU's texts
-    from migd.qmp.schema import QMPArgs as _Base
-except ImportError:  # pragma: no cover - before it lands
-    from pydantic import BaseModel as _Base
+from migd.qmp.schema import QMPArgs, UInt64
 
 MAX_HOTPLUG = 1 << 40  # a sanity bound on one hot-plugged block
 
 
-class _Args(_Base):  # type: ignore[misc, valid-type]
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class RamAddArgs(_Args):
+class RamAddArgs(QMPArgs):
     name: str
-    size: int
+    size: UInt64
 
 
-class RamRemoveArgs(_Args):
+class RamRemoveArgs(QMPArgs):
     name: str
 
 
-class WorkloadSetArgs(_Args):
+class WorkloadSetArgs(QMPArgs):
     spec: str
 
 
