@@ -57,7 +57,7 @@ class Client:
         try:
             return await self.qmp.execute(command, arguments)
         except ExecuteError as exc:
-            raise CommandFailed(command, exc.error_class, exc.error_message) from None
+            raise CommandFailed(command, exc.error_class, exc.error.error.desc) from None
         except (ExecInterruptedError, ConnectionError, EOFError) as exc:
             raise MigctlError(f"connection to {self.describe()} lost during '{command}': {_reason(exc)}") from None
 

@@ -181,7 +181,7 @@ class Demo:
 def _workload_progress(answer: Any) -> float:
     """A number that grows while the guest runs: the workload's bytes (or slices) done so far."""
     if isinstance(answer, dict):
-        for key in ("bytes-written", "written", "slices", "counter", "iterations", "pages-written"):
+        for key in ("slices", "seq", "bytes-written", "counter"):
             value = answer.get(key)
             if isinstance(value, int | float):
                 return float(value)
