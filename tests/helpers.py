@@ -18,9 +18,11 @@ Async tests pass ``connect=False`` and use their own ``qemu.qmp.QMPClient`` on `
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -257,3 +259,67 @@ class Migd:
         if self._sockdir is not None and self.proc.poll() is not None:
             shutil.rmtree(self._sockdir, ignore_errors=True)
             self._sockdir = None
+
+
+class RawQMP:
+    """A bare socket client for protocol tests: exact bytes out, one parsed line at a time back."""
+
+    def __init__(self, path: Path | str, timeout: float = 30) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self._file = self.sock.makefile("rb")
+        self.greeting = self.recv()
+
+    def send(self, data: bytes | str | dict[str, Any]) -> None:
+        if isinstance(data, dict):
+            data = json.dumps(data)
+        if isinstance(data, str):
+            data = data.encode()
+        self.sock.sendall(data)
+
+    def recv_line(self) -> bytes:
+        line = self._file.readline()
+        if not line:
+            raise MigdError("connection closed by migd")
+        return line
+
+    def recv(self) -> dict[str, Any]:
+        """The next message (events included); every message must be one CRLF-terminated object."""
+        line = self.recv_line()
+        if not line.endswith(b"\r\n"):
+            raise MigdError(f"line without CRLF: {line!r}")
+        msg = json.loads(line)
+        if not isinstance(msg, dict):
+            raise MigdError(f"not a JSON object: {line!r}")
+        return msg
+
+    def reply(self) -> dict[str, Any]:
+        """The next message that is not an event."""
+        while True:
+            msg = self.recv()
+            if "event" not in msg:
+                return msg
+
+    def negotiate(self) -> None:
+        self.send(b'{"execute":"qmp_capabilities"}')
+        reply = self.reply()
+        if reply != {"return": {}}:
+            raise MigdError(f"negotiation failed: {reply}")
+
+    def execute(self, name: str, arguments: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+        msg: dict[str, Any] = {"execute": name, **extra}
+        if arguments is not None:
+            msg["arguments"] = arguments
+        self.send(msg)
+        return self.reply()
+
+    def close(self) -> None:
+        self._file.close()
+        self.sock.close()
+
+    def __enter__(self) -> RawQMP:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

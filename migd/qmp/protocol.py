@@ -343,7 +343,8 @@ class JSONStreamParser:
                 return n
             return _INCOMPLETE
         self._resume = None
-        return self._lex_error(buf, pos, min(end + 1, n), out)
+        bad = end + 2 if buf[end] == 0x5C else end + 1  # a bad escape: the backslash and what follows
+        return self._lex_error(buf, pos, bad, out)
 
     def _lex_error(self, buf: bytearray, start: int, end: int, out: list[Any]) -> int:
         """A character that cannot start or continue a token: report it, reset, skip ahead."""
