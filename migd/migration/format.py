@@ -1,0 +1,144 @@
+"""QEMU's migration stream, version 3: the constants and the framing of sections and commands.
+
+Everything here is a fact of the wire format (see docs/FORMAT.md); the logic that produces and consumes
+sections lives in savevm.py (whole stream) and ram.py (the ``ram`` section).
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum
+
+from migd.migration.stream import InStream, OutStream, StreamError
+
+MAGIC = 0x5145564D  # "QEVM"
+VERSION = 3
+VERSION_COMPAT = 2  # obsolete, rejected with its own message
+
+MACHINE_TYPE = "migd"
+PAGE_SIZE = 4096
+PAGE_BITS = 12
+MAX_IDSTR = 255  # u8 length on the wire (QEMU's analysis script copes with <= 127)
+MAX_MACHINE_NAME = 256
+MAX_VMDESC = 10 << 20  # the analysis script only looks at the last 10 MiB
+
+
+class Section(IntEnum):
+    EOF = 0x00
+    START = 0x01
+    PART = 0x02
+    END = 0x03
+    FULL = 0x04
+    SUBSECTION = 0x05
+    VMDESCRIPTION = 0x06
+    CONFIGURATION = 0x07
+    COMMAND = 0x08
+    FOOTER = 0x7E
+
+
+class Cmd(IntEnum):
+    INVALID = 0
+    OPEN_RETURN_PATH = 1
+    PING = 2
+    POSTCOPY_ADVISE = 3
+    POSTCOPY_LISTEN = 4
+    POSTCOPY_RUN = 5
+    POSTCOPY_RAM_DISCARD = 6
+    PACKAGED = 7
+    ENABLE_COLO = 8
+    POSTCOPY_RESUME = 9
+    RECV_BITMAP = 10
+    SWITCHOVER_START = 11
+
+
+# commands migd understands, with their fixed payload length
+CMD_LENGTHS: dict[int, int] = {Cmd.OPEN_RETURN_PATH: 0, Cmd.PING: 4, Cmd.SWITCHOVER_START: 0}
+CMD_NAMES: dict[int, str] = {c.value: c.name for c in Cmd}
+
+
+# RAM record flags: the low bits (below the page size) of each record's be64 header
+RAM_FULL = 0x01  # obsolete
+RAM_ZERO = 0x02
+RAM_MEM_SIZE = 0x04
+RAM_PAGE = 0x08
+RAM_EOS = 0x10
+RAM_CONTINUE = 0x20
+RAM_XBZRLE = 0x40
+RAM_HOOK = 0x80
+RAM_MULTIFD_FLUSH = 0x200
+RAM_FLAG_MASK = PAGE_SIZE - 1
+
+RAM_IDSTR = "ram"
+RAM_INSTANCE = 0
+RAM_VERSION = 4
+
+PAGE_RECORD = 8 + PAGE_SIZE  # header + data, with CONTINUE
+ZERO_RECORD = 8 + 1  # header + the zero byte, with CONTINUE
+
+_SECTION_FULL = struct.Struct(">BI")
+_BE32 = struct.Struct(">I")
+
+
+def idstr_bytes(name: str) -> bytes:
+    """``u8 len, idstr``: the way block names and section ids are written."""
+    raw = name.encode()
+    if not raw or len(raw) > MAX_IDSTR:
+        raise ValueError(f"idstr '{name}' must be 1..{MAX_IDSTR} bytes")
+    return bytes((len(raw),)) + raw
+
+
+def section_start(kind: int, section_id: int, idstr: str, instance_id: int, version_id: int) -> bytes:
+    """START/FULL header: type, section id, idstr, instance, version."""
+    return (_SECTION_FULL.pack(kind, section_id) + idstr_bytes(idstr)
+            + _BE32.pack(instance_id) + _BE32.pack(version_id))
+
+
+def section_part(kind: int, section_id: int) -> bytes:
+    """PART/END header: type, section id."""
+    return _SECTION_FULL.pack(kind, section_id)
+
+
+def section_footer(section_id: int) -> bytes:
+    return _SECTION_FULL.pack(Section.FOOTER, section_id)
+
+
+def command(cmd: int, payload: bytes = b"") -> bytes:
+    return bytes((Section.COMMAND,)) + struct.pack(">HH", cmd, len(payload)) + payload
+
+
+def put_header(f: OutStream) -> None:
+    f.put_be32(MAGIC)
+    f.put_be32(VERSION)
+
+
+def read_idstr(f: InStream) -> str:
+    """``u8 len, bytes`` as text; invalid UTF-8 is a stream error, not a crash."""
+    n = f.get_u8()
+    raw = f.read(n)
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise StreamError(f"Invalid name in migration stream: {raw!r}") from None
+
+
+def read_footer(f: InStream, section_id: int, idstr: str) -> None:
+    """The footer that follows every section must name the section it closes."""
+    if f.get_u8() != Section.FOOTER:
+        raise StreamError(f"Missing section footer for {idstr}")
+    read_id = f.get_be32()
+    if read_id != section_id:
+        raise StreamError(f"Mismatched section id in footer for {idstr} -- read 0x{read_id:x} "
+                          f"expected 0x{section_id:x}")
+
+
+def vmdesc_bytes(doc: bytes) -> bytes:
+    """VMDESCRIPTION section for a JSON document, padded so no byte of its length is ``{`` (0x7b).
+
+    QEMU's analysis script finds the JSON as the first ``{`` after the last NUL of the file's tail; a
+    0x7b inside the be32 length would be taken for it.
+    """
+    if b"\0" in doc:
+        raise ValueError("the vmdesc JSON must not contain NUL bytes")
+    while 0x7B in _BE32.pack(len(doc)):
+        doc += b" "
+    return bytes((Section.VMDESCRIPTION,)) + _BE32.pack(len(doc)) + doc

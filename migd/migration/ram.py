@@ -1,0 +1,535 @@
+"""The ``ram`` section (QEMU's version 4): every guest page, sent in bulk and loaded in bulk.
+
+Source (``RAMSaver``): a migration bitmap per block, all ones at setup, OR-ed with the guest's dirty
+log at every sync. Pages leave in batches: the batch's PAGE records first (one staging array of 8-byte
+headers and pages filled by numpy slice copies, written with one system call), then its ZERO records
+(one packed array of 9-byte records). Zero detection looks at the first and last word of each page and
+fully checks only the candidates. Pages that were never touched on the source (``untouched_pages``)
+are zero without being read and go out as ZERO records: the destination cannot be assumed fresh, so
+they are never simply skipped (see docs/FORMAT.md).
+
+Destination (``RAMLoader``): runs of consecutive same-kind CONTINUE records are one strided numpy view
+(stride 4104 for PAGE, 9 for ZERO) scattered into RAM with one assignment; anything else (names,
+QEMU's interleaved order) takes a per-record path. ZERO records for pages known to be zero already
+(never touched before ``prefault``) cost nothing.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from migd.bql import BQL
+from migd.machine import dirty
+from migd.migration.format import (
+    PAGE_RECORD,
+    PAGE_SIZE,
+    RAM_CONTINUE,
+    RAM_EOS,
+    RAM_FLAG_MASK,
+    RAM_MEM_SIZE,
+    RAM_MULTIFD_FLUSH,
+    RAM_PAGE,
+    RAM_XBZRLE,
+    RAM_ZERO,
+    ZERO_RECORD,
+    Section,
+    idstr_bytes,
+    read_idstr,
+)
+from migd.migration.stats import MigrationStats
+from migd.migration.stream import InStream, OutStream, StreamError
+
+BATCH_PAGES = 512  # PAGE records per batch: 2 MiB per system call
+SCAN_WINDOW = 1 << 16  # bitmap entries examined per search step (and ZERO records per batch, at most)
+MAX_WAIT = 0.05  # QEMU's MAX_WAIT: one save_iterate runs at most 50 ms
+PERIOD = 1.0  # seconds of a dirty-rate period (QEMU: > 1000 ms)
+MAX_NEW_BLOCK = 64 << 30  # largest block a stream may create on the destination (hot-plug)
+
+_ZREC = np.dtype([("h", ">u8"), ("z", "u1")])  # packed: 9 bytes
+_EOS = RAM_EOS.to_bytes(8, "big")
+_ADDR_MASK = np.uint64(~RAM_FLAG_MASK & 0xFFFFFFFFFFFFFFFF)
+_FLAG_MASK = np.uint64(RAM_FLAG_MASK)
+
+
+class RAMError(RuntimeError):
+    """The guest's RAM layout changed in a way a running migration cannot follow."""
+
+
+def _runs(idx: np.ndarray) -> list[tuple[int, int, int]]:
+    """Split sorted page indices into contiguous runs: (first page, end page, position in idx)."""
+    if idx.size == 0:
+        return []
+    if int(idx[-1]) - int(idx[0]) + 1 == idx.size:
+        return [(int(idx[0]), int(idx[-1]) + 1, 0)]
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [idx.size]))
+    return [(int(idx[s]), int(idx[e - 1]) + 1, int(s)) for s, e in zip(starts, ends, strict=True)]
+
+
+# -- source -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Tracked:
+    """One block as the migration sees it: what is left to send, and what is known zero unread."""
+
+    block: Any  # migd.machine.ram.RAMBlock
+    bmap: np.ndarray  # bool per page: still to send
+    hint: np.ndarray | None  # bool per page: untouched at setup and not sent yet
+
+
+class RAMSaver:
+    """The source side of the ``ram`` section. Used by one thread (the migration thread)."""
+
+    def __init__(self, ramlist: Any, stats: MigrationStats, *, batch_pages: int = BATCH_PAGES) -> None:
+        self.ramlist = ramlist
+        self.stats = stats
+        self.batch_pages = batch_pages
+        self.guest_running = True  # the caller says whether RAM bytes count as precopy or downtime
+        self._tracked: list[_Tracked] = []
+        self._last_version = -1
+        self._pos_block = 0
+        self._pos_page = 0
+        self._last_sent: str | None = None  # block of the last record (CONTINUE after it)
+        self._stage = np.empty((batch_pages, PAGE_RECORD), dtype=np.uint8)
+        self._logging = False
+
+    # -- setup ------------------------------------------------------------------------------
+
+    def save_setup(self, f: OutStream) -> None:
+        """Dirty logging on, every page to send, block list, first sync, EOS."""
+        dirty.log_start(self.ramlist)
+        self._logging = True
+        with self.ramlist.lock:
+            self._last_version = self.ramlist.version
+            blocks = self.ramlist.blocks()
+        self._tracked = [self._track(b) for b in blocks]
+        self.stats.page_size = PAGE_SIZE
+        self.stats.total = sum(b.size for b in blocks)
+        self.stats.dirty_pages = sum(b.npages for b in blocks)
+        self._put_mem_size(f, blocks)
+        self.sync()
+        self._put_ram(f, _EOS)
+
+    def _track(self, block: Any) -> _Tracked:
+        # after log_start: a page written after this mincore snapshot is in the dirty log, so sending
+        # it as zero now is corrected by a later pass
+        hint = block.untouched_pages()
+        if hint is not None and not hint.any():
+            hint = None
+        return _Tracked(block, np.ones(block.npages, dtype=bool), hint)
+
+    def _put_mem_size(self, f: OutStream, blocks: list[Any]) -> None:
+        total = sum(b.size for b in blocks)
+        parts = [(total | RAM_MEM_SIZE).to_bytes(8, "big")]
+        for b in blocks:
+            parts.append(idstr_bytes(b.name) + b.size.to_bytes(8, "big"))
+        self._put_ram(f, b"".join(parts))
+
+    def _put_ram(self, f: OutStream, data: bytes) -> None:
+        f.put(data)
+        self.stats.count_ram_bytes(len(data), self.guest_running)
+
+    # -- dirty bitmap sync --------------------------------------------------------------------
+
+    def sync(self) -> None:
+        """QEMU's migration_bitmap_sync: pull the dirty log into the migration bitmap."""
+        st = self.stats
+        st.dirty_sync_count += 1
+        now = time.monotonic()
+        if not st.period_start:
+            st.period_start = now
+        with BQL:
+            taken = dirty.sync(self.ramlist)
+        added = 0
+        for t in self._tracked:
+            d = taken.get(t.block.name)
+            if d is None or d.shape != t.bmap.shape:
+                continue
+            added += int(np.count_nonzero(d & ~t.bmap))
+            np.logical_or(t.bmap, d, out=t.bmap)
+        st.dirty_pages += added
+        st.period_dirty_pages += added
+        st.dirty_bytes_last_sync = st.dirty_pages * PAGE_SIZE
+        elapsed = now - st.period_start
+        if elapsed > PERIOD:
+            st.dirty_pages_rate = int(st.period_dirty_pages / elapsed)
+            st.period_start = now
+            st.period_dirty_pages = 0
+            st.period_bytes_start = st.transferred
+        for hook in list(st.on_sync):
+            hook(st)
+
+    def pending_estimate(self) -> int:
+        return self.stats.dirty_pages * PAGE_SIZE
+
+    def pending_exact(self) -> int:
+        self.sync()
+        return self.pending_estimate()
+
+    # -- iterate / complete ---------------------------------------------------------------------
+
+    def save_iterate(self, f: OutStream) -> bool:
+        """Send dirty pages until the rate limit or 50 ms; EOS. True when nothing is left to send."""
+        self._follow_ramlist(f)
+        done = self._send(f, deadline=time.monotonic() + MAX_WAIT, limited=True)
+        self._put_ram(f, _EOS)
+        f.flush()
+        return done
+
+    def save_complete(self, f: OutStream) -> None:
+        """Final sync and everything that is left, ignoring the rate limit; EOS."""
+        self._follow_ramlist(f)
+        self.sync()
+        self._send(f, deadline=None, limited=False)
+        self._put_ram(f, _EOS)
+        f.flush()
+
+    def cleanup(self) -> None:
+        if self._logging:
+            dirty.log_stop(self.ramlist)
+            self._logging = False
+        self._tracked = []
+
+    # -- RAM hot-plug -----------------------------------------------------------------------------
+
+    def _follow_ramlist(self, f: OutStream) -> None:
+        """On a new RAMList version: fail on removal/resize, announce new blocks, restart the scan."""
+        if self.ramlist.version == self._last_version:
+            return
+        with self.ramlist.lock:
+            version = self.ramlist.version
+            blocks = {b.name: b for b in self.ramlist.blocks()}
+        for t in self._tracked:
+            now = blocks.get(t.block.name)
+            if now is None:
+                raise RAMError(f"RAM block '{t.block.name}' removed during migration")
+            if now is not t.block:
+                raise RAMError(f"RAM block '{t.block.name}' resized during precopy.")
+        known = {t.block.name for t in self._tracked}
+        new = [b for name, b in blocks.items() if name not in known]
+        if new:
+            self._put_mem_size(f, new)
+            for b in new:
+                t = self._track(b)
+                self._tracked.append(t)
+                self.stats.dirty_pages += b.npages
+                self.stats.total += b.size
+        self._last_version = version
+        self._pos_block = self._pos_page = 0
+        self._last_sent = None
+
+    # -- the page loop ----------------------------------------------------------------------------
+
+    def _send(self, f: OutStream, deadline: float | None, limited: bool) -> bool:
+        """Send batches; True when no dirty page is left, False when stopped by budget or time."""
+        while True:
+            if limited and f.rate_limit_exceeded():
+                return self.stats.dirty_pages == 0
+            limit = self.batch_pages
+            if limited:
+                budget = f.rate_budget()
+                if budget is not None:
+                    limit = max(1, min(limit, budget // PAGE_RECORD + 1))
+            found = self._next_batch(limit)
+            if found is None:
+                return True
+            self._emit(f, *found)
+            if deadline is not None and time.monotonic() >= deadline:
+                return self.stats.dirty_pages == 0
+
+    def _next_batch(self, limit: int) -> tuple[_Tracked, np.ndarray] | None:
+        """The next dirty pages from where the scan stopped (at most ``limit`` to read), cleared."""
+        if self.stats.dirty_pages <= 0 or not self._tracked:
+            return None
+        n = len(self._tracked)
+        for _ in range(n + 1):
+            if self._pos_block >= n:
+                self._pos_block, self._pos_page = 0, 0
+            t = self._tracked[self._pos_block]
+            p = self._pos_page
+            npages = t.bmap.size
+            window = SCAN_WINDOW if t.hint is not None else max(4 * limit, 4096)
+            while p < npages:
+                end = min(npages, p + window)
+                found = np.flatnonzero(t.bmap[p:end])
+                if found.size:
+                    idx = found + p
+                    if t.hint is not None:
+                        unread = np.cumsum(~t.hint[idx])
+                        cut = max(1, int(np.searchsorted(unread, limit, side="right")))
+                    else:
+                        cut = limit
+                    idx = idx[:cut]
+                    t.bmap[idx[0] : idx[-1] + 1] = False  # exactly the set bits in that range
+                    self._pos_page = int(idx[-1]) + 1
+                    return t, idx
+                p = end
+            self._pos_block += 1
+            self._pos_page = 0
+        return None
+
+    def _emit(self, f: OutStream, t: _Tracked, idx: np.ndarray) -> None:
+        """One batch of one block: its PAGE records, then its ZERO records."""
+        block = t.block
+        if t.hint is not None:
+            known = t.hint[idx]
+            zero_known = idx[known]
+            rest = idx[~known]
+            if zero_known.size:
+                t.hint[zero_known] = False
+        else:
+            zero_known = idx[:0]
+            rest = idx
+        is_zero = _zero_pages(block.words, rest)
+        page_idx = rest[~is_zero]
+        zero_idx = np.concatenate((zero_known, rest[is_zero])) if zero_known.size else rest[is_zero]
+
+        nbytes = 0
+        if self._last_sent != block.name:  # the first record names the block
+            if page_idx.size:
+                first, page_idx = int(page_idx[0]), page_idx[1:]
+                f.put(((first * PAGE_SIZE) | RAM_PAGE).to_bytes(8, "big") + idstr_bytes(block.name))
+                f.put(block.pages[first].tobytes())
+                self.stats.normal += 1
+                nbytes += PAGE_SIZE
+            else:
+                first, zero_idx = int(zero_idx[0]), zero_idx[1:]
+                f.put(((first * PAGE_SIZE) | RAM_ZERO).to_bytes(8, "big") + idstr_bytes(block.name) + b"\0")
+                self.stats.duplicate += 1
+                nbytes += 1
+            nbytes += 8 + 1 + len(block.name.encode())
+            self._last_sent = block.name
+            self.stats.dirty_pages -= 1
+
+        n = page_idx.size
+        if n:
+            stage = self._stage[:n]
+            stage[:, :8].view(">u8")[:, 0] = (page_idx.astype(np.uint64) << np.uint64(12)) | np.uint64(
+                RAM_PAGE | RAM_CONTINUE)
+            for a, b, pos in _runs(page_idx):
+                stage[pos : pos + (b - a), 8:] = block.pages[a:b]
+            f.put_nocopy(stage.reshape(-1))
+            nbytes += n * PAGE_RECORD
+            self.stats.normal += n
+        m = zero_idx.size
+        if m:
+            z = np.zeros(m, dtype=_ZREC)
+            z["h"] = (zero_idx.astype(np.uint64) << np.uint64(12)) | np.uint64(RAM_ZERO | RAM_CONTINUE)
+            f.put_nocopy(z.view(np.uint8))
+            nbytes += m * ZERO_RECORD
+            self.stats.duplicate += m
+        self.stats.dirty_pages -= n + m
+        self.stats.count_ram_bytes(nbytes, self.guest_running)
+        f.flush()  # the staging array is reused by the next batch
+
+
+def _zero_pages(words: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Which of these pages are all zero: first/last word as a filter, a full check on candidates."""
+    if idx.size == 0:
+        return np.zeros(0, dtype=bool)
+    runs = _runs(idx)
+    if len(runs) == 1:
+        a, b, _ = runs[0]
+        w = words[a:b]
+        cand = (w[:, 0] == 0) & (w[:, -1] == 0)
+    else:
+        cand = (words[idx, 0] == 0) & (words[idx, -1] == 0)
+    out = np.zeros(idx.size, dtype=bool)
+    pos = np.flatnonzero(cand)
+    if pos.size:
+        ci = idx[pos]
+        for a, b, p in _runs(ci):
+            out[pos[p : p + (b - a)]] = ~words[a:b].any(axis=1)
+    return out
+
+
+# -- destination -----------------------------------------------------------------------------------
+
+_zero_hints: weakref.WeakKeyDictionary[Any, np.ndarray] = weakref.WeakKeyDictionary()
+
+
+def prefault(ramlist: Any) -> None:
+    """Fault the destination's RAM in before the stream (QEMU's -mem-prealloc), keeping in mind
+    which pages were untouched (hence zero), so that ZERO records for them need no write."""
+    for block in ramlist.blocks():
+        hint = block.untouched_pages()
+        try:
+            block.mem.madvise(23)  # MADV_POPULATE_WRITE (Linux 5.14+)
+        except (OSError, ValueError):
+            pass  # EINVAL on older kernels: the pages fault in during the load instead
+        if hint is not None:
+            _zero_hints[block] = hint
+
+
+class RAMLoader:
+    """The destination side of the ``ram`` section; one instance per incoming stream."""
+
+    BULK_MAX = {RAM_PAGE: 1024, RAM_ZERO: 1 << 16}  # records examined per run search, at most
+
+    def __init__(self, ramlist: Any) -> None:
+        self.ramlist = ramlist
+        self._block: Any = None  # block of the previous page record (target of CONTINUE)
+        self._known_zero: dict[str, np.ndarray | None] = {}
+        self._look = {RAM_PAGE: 64, RAM_ZERO: 512}
+        self._slow = 0  # records to take the per-record path before trying bulk again
+        self.pages = 0
+        self.zero_pages = 0
+
+    def _zero_map(self, block: Any) -> np.ndarray | None:
+        if block.name not in self._known_zero:
+            hint = _zero_hints.pop(block, None)
+            if hint is None:
+                hint = block.untouched_pages()
+            self._known_zero[block.name] = None if hint is None else hint.copy()
+        return self._known_zero[block.name]
+
+    def load(self, f: InStream, section_type: int, version_id: int = 4) -> None:
+        """Read records of one START/PART/END section up to and including its EOS."""
+        if version_id != 4:
+            raise StreamError(f"ram_load: version {version_id} not supported")
+        while True:
+            mv = f.peek(8)
+            hdr = int.from_bytes(mv[:8], "big")
+            flags = hdr & RAM_FLAG_MASK
+            addr = hdr & ~RAM_FLAG_MASK
+            kind = flags & ~RAM_CONTINUE
+            if kind == RAM_PAGE or kind == RAM_ZERO:
+                if flags & RAM_CONTINUE:
+                    block = self._block
+                    if block is None:
+                        raise StreamError("Ack, bad migration stream!")
+                    rec = PAGE_RECORD if kind == RAM_PAGE else ZERO_RECORD
+                    if self._slow:
+                        self._slow -= 1
+                    elif len(mv) >= 2 * rec:
+                        self._bulk(f, mv, block, kind)
+                        continue
+                    f.skip(8)
+                else:
+                    f.skip(8)
+                    block = self._read_block(f)
+                self._one(f, block, kind, addr)
+            elif kind == RAM_EOS:
+                f.skip(8)
+                return
+            elif kind == RAM_MEM_SIZE:
+                f.skip(8)
+                self._mem_size(f, addr, section_type)
+            elif kind == RAM_MULTIFD_FLUSH:
+                f.skip(8)  # a sync marker between multifd channels: nothing to do with one channel
+            elif kind & RAM_XBZRLE:
+                raise StreamError(f"XBZRLE pages are not supported by migd (flags 0x{flags:x})")
+            else:
+                raise StreamError(f"Unknown combination of migration flags: 0x{flags:x}")
+
+    def _read_block(self, f: InStream) -> Any:
+        name = read_idstr(f)
+        block = self.ramlist.get(name)
+        if block is None:
+            raise StreamError(f"Can't find block {name}")
+        self._block = block
+        return block
+
+    def _one(self, f: InStream, block: Any, kind: int, addr: int) -> None:
+        if addr >= block.size:
+            raise StreamError(f"Illegal RAM offset {addr:x}")
+        i = addr // PAGE_SIZE
+        kz = self._zero_map(block)
+        if kind == RAM_PAGE:
+            f.read_into(block.pages[i])
+            if kz is not None:
+                kz[i] = False
+            self.pages += 1
+        else:
+            value = f.get_u8()
+            if value:
+                raise StreamError(f"Found a zero page with value {value}")
+            if kz is None or not kz[i]:
+                block.pages[i] = 0
+                if kz is not None:
+                    kz[i] = True
+            self.zero_pages += 1
+
+    def _bulk(self, f: InStream, mv: memoryview, block: Any, kind: int) -> None:
+        """A run of same-kind CONTINUE records in the buffer: validate and scatter it at once."""
+        rec = PAGE_RECORD if kind == RAM_PAGE else ZERO_RECORD
+        avail = len(mv) // rec
+        look = min(avail, self._look[kind])
+        arr = np.frombuffer(mv, dtype=np.uint8, count=look * rec).reshape(look, rec)
+        hdr = arr[:, :8].view(">u8")[:, 0]
+        off = np.flatnonzero((hdr & _FLAG_MASK) != np.uint64(kind | RAM_CONTINUE))
+        n = int(off[0]) if off.size else look
+        # adapt how far to look: grow while runs fill the window, shrink when they are short
+        if n == look and look < avail:
+            self._look[kind] = min(self.BULK_MAX[kind], look * 2)
+        elif n < look // 4:
+            self._look[kind] = max(4, look // 2)
+        if n < 4:
+            self._slow = 32  # short runs (QEMU's interleaved order): walk records one by one a while
+        addrs = hdr[:n] & _ADDR_MASK
+        bad = np.flatnonzero(addrs >= np.uint64(block.size))
+        if bad.size:
+            raise StreamError(f"Illegal RAM offset {int(addrs[bad[0]]):x}")
+        idx = (addrs >> np.uint64(12)).astype(np.intp)
+        contiguous = n == 1 or (int(idx[-1]) - int(idx[0]) == n - 1 and bool(np.all(np.diff(idx) == 1)))
+        kz = self._zero_map(block)
+        if kind == RAM_PAGE:
+            if contiguous:
+                i0 = int(idx[0])
+                block.pages[i0 : i0 + n] = arr[:n, 8:]
+                if kz is not None:
+                    kz[i0 : i0 + n] = False
+            else:
+                block.pages[idx] = arr[:n, 8:]
+                if kz is not None:
+                    kz[idx] = False
+            self.pages += n
+        else:
+            zb = arr[:n, 8]
+            nz = np.flatnonzero(zb)
+            if nz.size:
+                raise StreamError(f"Found a zero page with value {int(zb[nz[0]])}")
+            if kz is None:
+                block.pages[idx] = 0
+            else:
+                need = idx[~kz[idx]]
+                if need.size:
+                    block.pages[need] = 0
+                    kz[need] = True
+            self.zero_pages += n
+        del arr, hdr
+        f.skip(n * rec)
+
+    def _mem_size(self, f: InStream, total: int, section_type: int) -> None:
+        """The block list: check it against ours (START), or create hot-plugged blocks (PART/END)."""
+        remaining = total
+        while remaining > 0:
+            name = read_idstr(f)
+            length = f.get_be64()
+            if length == 0 or length % PAGE_SIZE or length > remaining:
+                raise StreamError(f"Invalid length 0x{length:x} of RAM block \"{name}\" in the block list")
+            block = self.ramlist.get(name)
+            if block is None:
+                if section_type == Section.START:
+                    raise StreamError(f'Unknown ramblock "{name}", cannot accept migration')
+                self._create(name, length)
+            elif block.size != length:
+                raise StreamError(f"Length mismatch: {name}: 0x{length:x} in != 0x{block.size:x}")
+            remaining -= length
+
+    def _create(self, name: str, length: int) -> None:
+        """migd extension: a block hot-plugged on the source during the migration appears here too."""
+        if length > MAX_NEW_BLOCK:
+            raise StreamError(f"RAM block \"{name}\" of 0x{length:x} bytes is too large to create")
+        try:
+            block = self.ramlist.add(name, length)
+        except (ValueError, OSError) as exc:
+            raise StreamError(f'Cannot create RAM block "{name}": {exc}') from None
+        self._known_zero[name] = block.untouched_pages()

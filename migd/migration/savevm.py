@@ -1,0 +1,245 @@
+"""The whole stream: which sections go out in which order (source), and the loader (destination).
+
+Source, as QEMU: header and configuration, [OPEN_RETURN_PATH + PING(1)], START of the live sections
+(only ``ram``), one PART per iteration, [SWITCHOVER_START], END, the devices as FULL sections, EOF,
+then the JSON description. Every section carries a footer.
+
+Destination: ``load_stream`` checks everything it reads against this machine and raises
+``StreamError`` with QEMU's words for anything wrong. It never allocates from a length it has not
+bounded. It may leave RAM half written on failure; the caller only runs the machine on success.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from migd.migration.format import (
+    CMD_LENGTHS,
+    CMD_NAMES,
+    MACHINE_TYPE,
+    MAGIC,
+    MAX_MACHINE_NAME,
+    PAGE_SIZE,
+    RAM_IDSTR,
+    RAM_INSTANCE,
+    RAM_VERSION,
+    VERSION,
+    VERSION_COMPAT,
+    Cmd,
+    Section,
+    command,
+    read_footer,
+    read_idstr,
+    section_footer,
+    section_part,
+    section_start,
+    vmdesc_bytes,
+)
+from migd.migration.ram import RAMLoader, RAMSaver
+from migd.migration.stats import MigrationStats
+from migd.migration.stream import InStream, OutStream, StreamError
+
+__all__ = ["SaveVM", "StreamError", "load_stream", "CommandHandler"]
+
+RAM_SECTION_ID = 0  # devices follow with 1, 2, ...
+MAX_VMDESC_SKIP = 64 << 20
+
+CommandHandler = Callable[[int, bytes], None]
+
+
+def _configuration() -> bytes:
+    name = MACHINE_TYPE.encode()
+    return bytes((Section.CONFIGURATION,)) + struct.pack(">I", len(name)) + name
+
+
+def _configuration_desc() -> dict[str, Any]:
+    return {"vmsd_name": "configuration", "version": 1,
+            "fields": [{"name": "len", "type": "uint32", "size": 4},
+                       {"name": "name", "type": "buffer", "size": len(MACHINE_TYPE.encode())}]}
+
+
+class SaveVM:
+    """The source's view of the stream. Methods take the OutStream; the caller flushes between phases."""
+
+    def __init__(self, machine: Any, stats: MigrationStats, return_path: bool) -> None:
+        self.machine = machine
+        self.stats = stats
+        self.return_path = return_path
+        self.ram = RAMSaver(machine.ram, stats)
+
+    @property
+    def guest_running(self) -> bool:
+        return self.ram.guest_running
+
+    @guest_running.setter
+    def guest_running(self, value: bool) -> None:
+        self.ram.guest_running = value
+
+    def save_header(self, f: OutStream) -> None:
+        f.put(MAGIC.to_bytes(4, "big") + VERSION.to_bytes(4, "big") + _configuration())
+        if self.return_path:
+            f.put(command(Cmd.OPEN_RETURN_PATH))
+            f.put(command(Cmd.PING, (1).to_bytes(4, "big")))
+
+    def save_setup(self, f: OutStream) -> None:
+        f.put(section_start(Section.START, RAM_SECTION_ID, RAM_IDSTR, RAM_INSTANCE, RAM_VERSION))
+        self.ram.save_setup(f)
+        f.put(section_footer(RAM_SECTION_ID))
+
+    def pending_estimate(self) -> int:
+        return self.ram.pending_estimate()
+
+    def pending_exact(self) -> int:
+        """Bitmap sync (takes the BQL) and the exact remaining bytes."""
+        return self.ram.pending_exact()
+
+    def save_iterate(self, f: OutStream) -> bool:
+        """One PART of every live section (if the window has budget). True when all are done."""
+        if f.rate_limit_exceeded():
+            return False
+        f.put(section_part(Section.PART, RAM_SECTION_ID))
+        done = self.ram.save_iterate(f)
+        f.put(section_footer(RAM_SECTION_ID))
+        f.flush()
+        return done
+
+    def save_complete_ram(self, f: OutStream, switchover_start: bool = True) -> None:
+        """[SWITCHOVER_START], then the END of every live section: final sync, all the rest."""
+        self.ram.guest_running = False
+        if switchover_start:
+            f.put(command(Cmd.SWITCHOVER_START))
+        f.put(section_part(Section.END, RAM_SECTION_ID))
+        self.ram.save_complete(f)
+        f.put(section_footer(RAM_SECTION_ID))
+
+    def save_complete_devices(self, f: OutStream) -> None:
+        """Every device as a FULL section. Call with the BQL held and the vCPUs stopped."""
+        for i, dev in enumerate(self.machine.devices(), start=1):
+            f.put(section_start(Section.FULL, RAM_SECTION_ID + i, dev.idstr, dev.instance_id, dev.version_id))
+            f.put(dev.save())
+            f.put(section_footer(RAM_SECTION_ID + i))
+
+    def save_eof(self, f: OutStream) -> None:
+        """EOF, then the VMDESCRIPTION (for analysis tools; the destination skips it)."""
+        f.put(bytes((Section.EOF,)))
+        f.put(vmdesc_bytes(self.vmdesc()))
+
+    def save_complete_precopy(self, f: OutStream) -> None:
+        self.save_complete_ram(f)
+        self.save_complete_devices(f)
+        self.save_eof(f)
+        f.flush()
+
+    def vmdesc(self) -> bytes:
+        doc = {"configuration": _configuration_desc(), "page_size": PAGE_SIZE,
+               "devices": [dev.describe() for dev in self.machine.devices()]}
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    def cleanup(self) -> None:
+        self.ram.cleanup()
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+
+def load_stream(f: InStream, machine: Any, on_command: CommandHandler | None = None) -> None:
+    """Load a whole stream into ``machine``; ``on_command(cmd, payload)`` sees the COMMANDs."""
+    _load_header(f)
+    ram = RAMLoader(machine.ram)
+    devices = {(d.idstr, d.instance_id): d for d in machine.devices()}
+    live: dict[int, str] = {}  # section id -> idstr of START-ed live sections
+    while True:
+        kind = f.get_u8()
+        if kind in (Section.START, Section.FULL):
+            section_id = f.get_be32()
+            idstr = read_idstr(f)
+            instance_id = f.get_be32()
+            version_id = f.get_be32()
+            if (idstr, instance_id) == (RAM_IDSTR, RAM_INSTANCE):
+                if kind != Section.START:
+                    raise StreamError(f"Section '{idstr}' is iterative but arrived as a FULL section")
+                if version_id > RAM_VERSION:
+                    raise StreamError(f"savevm: unsupported version {version_id} for '{idstr}' v{RAM_VERSION}")
+                ram.load(f, Section.START, version_id)
+                live[section_id] = idstr
+            elif (idstr, instance_id) in devices:
+                dev = devices[(idstr, instance_id)]
+                if kind != Section.FULL:
+                    raise StreamError(f"Section '{idstr}' is not iterative but arrived as a START section")
+                if version_id > dev.version_id:
+                    raise StreamError(f"savevm: unsupported version {version_id} for '{idstr}' v{dev.version_id}")
+                _load_device(f, dev, idstr, instance_id, version_id)
+            else:
+                raise StreamError(f"Unknown savevm section or instance '{idstr}' {instance_id}")
+            read_footer(f, section_id, idstr)
+        elif kind in (Section.PART, Section.END):
+            section_id = f.get_be32()
+            idstr = live.get(section_id)
+            if idstr is None:
+                raise StreamError(f"Unknown savevm section {section_id}")
+            ram.load(f, kind)
+            read_footer(f, section_id, idstr)
+        elif kind == Section.COMMAND:
+            _load_command(f, on_command)
+        elif kind == Section.EOF:
+            break
+        else:
+            raise StreamError(f"Unknown savevm section type {kind}")
+    _skip_vmdesc(f)
+
+
+def _load_header(f: InStream) -> None:
+    if f.get_be32() != MAGIC:
+        raise StreamError("Not a migration stream")
+    version = f.get_be32()
+    if version == VERSION_COMPAT:
+        raise StreamError("SaveVM v2 format is obsolete and don't work anymore")
+    if version != VERSION:
+        raise StreamError("Unsupported migration stream version")
+    if f.get_u8() != Section.CONFIGURATION:
+        raise StreamError("Configuration section missing")
+    n = f.get_be32()
+    if n > MAX_MACHINE_NAME:
+        raise StreamError(f"Machine type name of {n} bytes is too long")
+    name = f.read(n).decode(errors="replace")
+    if name != MACHINE_TYPE:
+        raise StreamError(f"Machine type received is '{name}' and local is '{MACHINE_TYPE}'")
+
+
+def _load_device(f: InStream, dev: Any, idstr: str, instance_id: int, version_id: int) -> None:
+    try:
+        dev.load(f, version_id)
+    except StreamError:
+        raise
+    except Exception as exc:  # a device refusing the state it was given
+        raise StreamError(f"error while loading state for instance 0x{instance_id:x} of device "
+                          f"'{idstr}': {exc}") from None
+
+
+def _load_command(f: InStream, on_command: CommandHandler | None) -> None:
+    cmd = f.get_be16()
+    length = f.get_be16()
+    expected = CMD_LENGTHS.get(cmd)
+    name = CMD_NAMES.get(cmd, f"0x{cmd:x}")
+    if expected is None:
+        raise StreamError(f"VM_COMMAND {name} is not supported by migd")
+    if length != expected:
+        raise StreamError(f"{name} received with bad length - expecting {expected}, received {length}")
+    payload = f.read(length)
+    if on_command is not None:
+        on_command(cmd, payload)
+
+
+def _skip_vmdesc(f: InStream) -> None:
+    """QEMU reads and discards the description; its absence is only worth a warning."""
+    try:
+        if f.at_eof() or f.get_u8() != Section.VMDESCRIPTION:
+            return
+        n = f.get_be32()
+        if n <= MAX_VMDESC_SKIP:
+            f.skip(n)
+    except StreamError:
+        return  # a truncated description changes nothing that was loaded
