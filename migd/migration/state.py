@@ -132,11 +132,15 @@ class MigrationState:
 
     def fail(self, desc: str, old: MigrationStatus | Collection[MigrationStatus] | None = None) -> bool:
         """Record ``desc`` (first error wins) and move to failed unless the migration was cancelled."""
-        if self.error_desc is None:
-            self.error_desc = desc
         if old is None:
             old = RUNNING_STATES - {M.CANCELLING}
-        return self.set_state(old, M.FAILED)
+        first = self.error_desc is None
+        if first:
+            self.error_desc = desc  # set before the transition, so the event's readers see it
+        won = self.set_state(old, M.FAILED)
+        if not won and first:
+            self.error_desc = None  # a cancel won: a cancelled migration shows no error
+        return won
 
     # -- parameters and capabilities ----------------------------------------------------------------
 
