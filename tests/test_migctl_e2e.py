@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +162,45 @@ def test_shell_lines_events_and_errors(vm, tmp_path):
     assert len(replies) == 6
     assert any(line.startswith("error: invalid JSON arguments") for line in lines)
     assert vm.cmd("query-status")["status"] == "paused"
+
+
+def test_shell_on_a_terminal_completes_and_keeps_history(vm, tmp_path):
+    """Through a real pseudo-terminal: Tab completes a command name from query-commands, the reply
+    comes back, and the line lands in the history file."""
+    history = tmp_path / "history"
+    master, slave = pty.openpty()
+    env = dict(os.environ, PYTHONPATH=str(REPO), MIGCTL_HISTORY=str(history), TERM="dumb")
+    proc = subprocess.Popen([sys.executable, "-m", "migd.migctl", "-s", str(vm.qmp_path), "shell"],
+                            stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    seen = b""
+
+    def read_until(token: bytes, timeout: float = 30) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while token not in seen:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {token!r} in {seen[-500:]!r}"
+            ready, _, _ = select.select([master], [], [], left)
+            if ready:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:
+                    break
+
+    try:
+        read_until(b"(migd) ")
+        os.write(master, b"query-sta\t")  # unique prefix: readline completes it to query-status
+        read_until(b"query-status")
+        os.write(master, b"\n")
+        read_until(b'"singlestep"')
+        read_until(b"(migd) ")
+        os.write(master, b"exit\n")
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    assert '"status": "running"' in seen.decode(errors="replace")
+    assert "query-status" in history.read_text().splitlines()

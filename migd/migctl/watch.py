@@ -104,5 +104,7 @@ async def wait_for_migration(client: Client, out: Output, interval: float = POLL
                 except TimeoutError:
                     pass
     finally:
+        if live is not None and not out.console.is_terminal:
+            out.console.line()  # rich ends a non-terminal Live without a newline
         if installed:
             loop.remove_signal_handler(signal.SIGINT)
