@@ -42,6 +42,7 @@ _BODY = {
 }
 _PARTIAL_ESCAPE = re.compile(rb"\\(?:u[0-9a-fA-F]{0,3})?")
 _NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+_NUMBER_EXTENT = re.compile(rb"-?[0-9]*(?:\.[0-9]*)?(?:[eE][+-]?[0-9]*)?")  # what may still become one
 _KEYWORD = re.compile(rb"[a-z]+")
 _UNESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|.)", re.S)
 _SIMPLE_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", '"': '"', "'": "'", "\\": "\\", "/": "/"}
@@ -290,13 +291,12 @@ class JSONStreamParser:
                     return pos
                 pos = end  # type: ignore[assignment]
             elif c == 0x2D or 0x30 <= c <= 0x39:  # - or digit
+                extent = _NUMBER_EXTENT.match(buf, pos)
+                if extent is not None and extent.end() == n and not eof:
+                    return self._wait(pos, n, out)  # e.g. "-2." at the end: more may follow
                 m = _NUMBER.match(buf, pos)
-                if m is None and pos + 1 == n and not eof:
-                    return self._wait(pos, n, out)
                 if m is None:
                     pos = self._lex_error(buf, pos, pos + 2, out)
-                elif m.end() == n and not eof:
-                    return self._wait(pos, n, out)
                 else:
                     self._token(_VALUE, _number(bytes(m.group())), m.end() - pos, out)
                     pos = m.end()
@@ -379,6 +379,9 @@ class JSONStreamParser:
         if error is not None:
             out.append(ParseError(error))
             self._reset()
+            # Unlike QEMU, skip the rest of an oversized message instead of parsing its tail as
+            # new messages: same first error, no flood of follow-up errors.
+            self._recovering = error != "JSON nesting depth limit exceeded"
             return
         self._size += size
         self._count += 1
