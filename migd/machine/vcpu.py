@@ -36,11 +36,14 @@ class VCPUStats:
 
     def achieved(self) -> tuple[float, float]:
         """(RAM bytes/s, disk bytes/s) over the last RATE_WINDOW seconds of samples."""
-        if len(self.samples) < 2:
+        samples = list(self.samples)  # one C-level copy: the vCPU thread appends concurrently
+        if len(samples) < 2:
             return 0.0, 0.0
-        t1, b1, d1 = self.samples[-1]
-        t0, b0, d0 = self.samples[0]
-        for t, b, d in self.samples:
+        t1, b1, d1 = samples[-1]
+        if time.monotonic() - t1 > RATE_WINDOW:  # not running lately: nothing is being written
+            return 0.0, 0.0
+        t0, b0, d0 = samples[0]
+        for t, b, d in samples:
             if t1 - t <= RATE_WINDOW:
                 t0, b0, d0 = t, b, d
                 break
