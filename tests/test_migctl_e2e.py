@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import pty
@@ -14,14 +16,25 @@ from typing import Any
 
 import pytest
 
+from migd.migctl import main
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 def migctl(sock: Path | str, *args: str, input: str | None = None, timeout: float = 60,
            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """migctl as the operator runs it: its own process."""
     full_env = dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="120", **(env or {}))
     return subprocess.run([sys.executable, "-m", "migd.migctl", "-s", str(sock), *args], input=input,
                           capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def migctl_here(sock: Path | str, *args: str) -> subprocess.CompletedProcess[str]:
+    """The same ``main()`` run in this process (saves an interpreter start per call)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["-s", str(sock), *args])
+    return subprocess.CompletedProcess(["migctl", *args], code, out.getvalue(), err.getvalue())
 
 
 def json_lines(out: str) -> list[Any]:
@@ -34,61 +47,61 @@ def vm(migd_factory):
 
 
 def test_status_human_and_json(vm):
-    r = migctl(vm.qmp_path, "status")
+    r = migctl_here(vm.qmp_path, "status")
     assert r.returncode == 0, r.stderr
     assert "running" in r.stdout and "migration" in r.stdout
-    r = migctl(vm.qmp_path, "status", "--json")
+    r = migctl_here(vm.qmp_path, "status", "--json")
     assert r.returncode == 0
     (doc,) = json_lines(r.stdout)
     assert doc == {"status": vm.cmd("query-status"), "migration": {}}
     vm.cmd("stop")
-    (doc,) = json_lines(migctl(vm.qmp_path, "status", "--json").stdout)
+    (doc,) = json_lines(migctl_here(vm.qmp_path, "status", "--json").stdout)
     assert doc["status"]["status"] == "paused" and doc["status"]["running"] is False
 
 
 def test_tcp_address_form_is_accepted_but_unreachable_is_a_clear_error(vm, tmp_path):
-    r = migctl(f"unix:{vm.qmp_path}", "status", "--json")
+    r = migctl_here(f"unix:{vm.qmp_path}", "status", "--json")
     assert r.returncode == 0
-    r = migctl("tcp:127.0.0.1:1", "status")
+    r = migctl_here("tcp:127.0.0.1:1", "status")
     assert r.returncode == 1 and r.stderr.startswith("migctl: cannot connect to QMP socket tcp:127.0.0.1:1")
 
 
 def test_set_parameters(vm):
-    r = migctl(vm.qmp_path, "set", "max-bandwidth=64M", "downtime-limit=50", "--json")
+    r = migctl_here(vm.qmp_path, "set", "max-bandwidth=64M", "downtime-limit=50", "--json")
     assert r.returncode == 0, r.stderr
     assert json_lines(r.stdout) == [{"max-bandwidth": 64 << 20, "downtime-limit": 50}]
     params = vm.cmd("query-migrate-parameters")
     assert params["max-bandwidth"] == 64 << 20 and params["downtime-limit"] == 50
-    r = migctl(vm.qmp_path, "set", "downtime-limit=2000001")
+    r = migctl_here(vm.qmp_path, "set", "downtime-limit=2000001")
     assert r.returncode == 1
     assert "Parameter 'downtime_limit' expects" in r.stderr  # QEMU's text, passed through
     assert vm.cmd("query-migrate-parameters")["downtime-limit"] == 50  # refused: nothing changed
-    r = migctl(vm.qmp_path, "set", "downtime-limit")
+    r = migctl_here(vm.qmp_path, "set", "downtime-limit")
     assert r.returncode == 1 and "expected NAME=VALUE" in r.stderr
 
 
 def test_caps_show_and_set(vm):
-    r = migctl(vm.qmp_path, "caps", "--json")
+    r = migctl_here(vm.qmp_path, "caps", "--json")
     (caps,) = json_lines(r.stdout)
     assert {"capability": "events", "state": False} in caps
-    r = migctl(vm.qmp_path, "caps", "events=on", "auto-converge=on")
+    r = migctl_here(vm.qmp_path, "caps", "events=on", "auto-converge=on")
     assert r.returncode == 0, r.stderr
     lines = dict(line.split() for line in r.stdout.splitlines())
     assert lines["events"] == "on" and lines["auto-converge"] == "on" and lines["xbzrle"] == "off"
     state = {c["capability"]: c["state"] for c in vm.cmd("query-migrate-capabilities")}
     assert state["events"] and state["auto-converge"]
-    r = migctl(vm.qmp_path, "caps", "no-such-cap=on", "--json")
+    r = migctl_here(vm.qmp_path, "caps", "no-such-cap=on", "--json")
     assert r.returncode == 1
     assert json_lines(r.stdout)[0]["error"]["class"] == "GenericError"
 
 
 def test_cancel_without_migration_succeeds_like_qemu(vm):
-    r = migctl(vm.qmp_path, "cancel", "--json")
+    r = migctl_here(vm.qmp_path, "cancel", "--json")
     assert r.returncode == 0 and json_lines(r.stdout) == [{}]
 
 
 def test_migrate_bad_uri_reports_qemu_error(vm):
-    r = migctl(vm.qmp_path, "migrate", "bogus:thing", "--json")
+    r = migctl_here(vm.qmp_path, "migrate", "bogus:thing", "--json")
     assert r.returncode == 1
     assert json_lines(r.stdout) == [{"error": {"class": "GenericError",
                                                "desc": "unknown migration protocol: bogus:thing"}}]
@@ -123,14 +136,14 @@ def test_events_timeout_without_events(vm):
 
 
 def test_raw(vm):
-    r = migctl(vm.qmp_path, "raw", '{"execute": "query-status"}')
+    r = migctl_here(vm.qmp_path, "raw", '{"execute": "query-status"}')
     assert r.returncode == 0
     assert json.loads(r.stdout)["return"]["status"] == "running"
-    r = migctl(vm.qmp_path, "raw", '{"execute": "no-such-command"}', "--json")
+    r = migctl_here(vm.qmp_path, "raw", '{"execute": "no-such-command"}', "--json")
     assert r.returncode == 1
     assert json_lines(r.stdout) == [{"error": {"class": "CommandNotFound",
                                                "desc": "The command no-such-command has not been found"}}]
-    r = migctl(vm.qmp_path, "raw", "{not json")
+    r = migctl_here(vm.qmp_path, "raw", "{not json")
     assert r.returncode == 1 and "invalid JSON" in r.stderr
 
 
