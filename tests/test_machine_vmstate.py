@@ -191,3 +191,22 @@ def test_vcpu_device_describe_is_stable():
     assert [f["name"] for f in desc["fields"]][:3] == ["index", "spec_len", "spec"]
     assert desc["fields"][2] == {"name": "spec", "type": "buffer", "size": 128}
     m.shutdown()
+
+
+def test_incoming_guest_left_paused_feels_only_the_migration_as_stall():
+    src = make("counter,rate=1M", smp=1)
+    src.start()
+    wait_for(lambda: getattr(src.vcpus[0].wstate, "counter", 0) > 5)
+    src.vm_stop(RunState.FINISH_MIGRATE)
+    dst = make("idle", smp=1, initial=RunState.INMIGRATE)
+    dst.start()
+    transfer(src, dst)
+    dst.runstate.set(RunState.PAUSED)  # -S: loaded, not started; the stall ends here
+    stall = dst.vcpus[0].stats.largest_stall
+    assert stall > 0
+    time.sleep(0.3)  # the user waits before cont: not a stall
+    dst.vm_start()
+    wait_for(lambda: dst.vcpus[0].stats.slices > 3)
+    assert dst.vcpus[0].stats.largest_stall < stall + 0.3
+    src.shutdown()
+    dst.shutdown()

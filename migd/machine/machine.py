@@ -112,7 +112,12 @@ class Machine:
 
     def _on_runstate(self, old: RunState, new: RunState) -> None:
         """Keep the vCPUs in step with the run state, whoever changes it."""
-        if not self._started or self._closed:
+        if self._closed:
+            return
+        if old is RunState.INMIGRATE and new not in LIVE_STATES:
+            for v in self.vcpus:
+                v.settle_wall_ref()
+        if not self._started:
             return
         if new in LIVE_STATES:
             self.vcpus.resume_all()

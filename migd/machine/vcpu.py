@@ -8,7 +8,9 @@ knows no vCPU writes RAM any more.
 Largest stall (the guest-felt probe: "ask for a 10 ms sleep, see how long it takes") is the longest
 gap between the starts of two consecutive slices. Throttle sleeps and pauses for migration count,
 because the guest feels them (a switch-over shows up as its downtime); a pause the user asked for
-(``stop`` -> paused) does not, its gap is forgotten on resume.
+(``stop`` -> paused) does not, its gap is forgotten on resume. Across a migration the gap runs from
+the source's last slice (wall clock, carried in the vCPU's device state) to the destination's first
+slice, or to the end of the load when the destination stays paused (-S).
 """
 
 from __future__ import annotations
@@ -82,6 +84,12 @@ class VCPU:
         """After an incoming migration: the next slice measures its gap from this wall time."""
         self._wall_ref = wall if wall > 0 else None
         self._last_start = None
+
+    def settle_wall_ref(self) -> None:
+        """An incoming guest that stays paused (-S): its stall ends now, the user's wait is not one."""
+        if self._wall_ref is not None:
+            self.stats.largest_stall = max(self.stats.largest_stall, max(0.0, time.time() - self._wall_ref))
+            self._wall_ref = None
 
     def forget_gap(self) -> None:
         self._last_start = None
