@@ -133,11 +133,16 @@ class DaemonParts:
 async def until(cdp: CDP, expression: str, timeout: float = 30.0) -> Any:
     deadline = time.monotonic() + timeout
     while True:
-        value = await cdp.evaluate(expression)
+        try:
+            value = await cdp.evaluate(expression)
+        except AssertionError as exc:  # e.g. the page has not replaced about:blank yet
+            value, last = None, exc
+        else:
+            last = None
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {expression}; errors: {cdp.errors()}")
+            raise AssertionError(f"timed out waiting for {expression} ({last}); errors: {cdp.errors()}")
         await asyncio.sleep(0.1)
 
 
@@ -194,3 +199,36 @@ async def test_dashboard_charts_a_migration(tmp_path):
             assert cdp.errors() == []
     finally:
         await endpoint.close()
+
+
+def test_dashboard_of_a_real_migration(tmp_path, migd_factory):
+    """The same page served by a running migd (``--http``) while it really migrates. Synchronous
+    test: the harness's legacy QMP client runs its own loop, so the browser part gets asyncio.run and
+    calls the harness from a worker thread."""
+    from test_http_e2e import http_port
+
+    dst = migd_factory("dst", "-m", "64M", "--incoming", "defer")
+    sock = dst.sock_path("mig")
+    dst.cmd("migrate-incoming", uri=f"unix:{sock}")
+    src = migd_factory("src", "-m", "64M", "--workload", "random,rate=4M", "--http", "127.0.0.1:0")
+    port = http_port(src)
+    src.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 24 << 20})  # ~3 s: several samples
+
+    async def browse() -> None:
+        async with chromium(tmp_path) as cdp:
+            await cdp.send("Page.navigate", url=f"http://127.0.0.1:{port}/")
+            await until(cdp, "document.getElementById('connection').dataset.state === 'open'")
+            await asyncio.to_thread(src.cmd, "migrate", uri=f"unix:{sock}")
+            await until(cdp, "document.getElementById('status').dataset.status === 'active'")
+            first = int(await cdp.evaluate("document.getElementById('chart-remaining').dataset.points"))
+            await until(cdp, f"document.getElementById('chart-remaining').dataset.points > {first}")
+            await until(cdp, "document.getElementById('status').dataset.status === 'completed'", timeout=60)
+            assert await cdp.evaluate("document.getElementById('percent').textContent") == "100.0 %"
+            assert "downtime" in await cdp.evaluate("document.getElementById('result').textContent")
+            assert await cdp.evaluate("document.querySelectorAll('#chart-remaining text.passlabel').length") >= 1
+            events = await cdp.evaluate("[...document.querySelectorAll('#events li')].map(li => li.textContent)")
+            assert any("MIGRATION" in e and "completed" in e for e in events)
+            assert cdp.errors() == []
+
+    asyncio.run(browse())
