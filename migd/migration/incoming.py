@@ -282,7 +282,7 @@ class IncomingMigration:
     def _request_exit(self) -> None:
         daemon: Any = self.daemon
         daemon.exit_code = 1
-        daemon.request_shutdown("incoming-migration-failed")
+        daemon.request_shutdown("host-error")
 
     # -- shutting down -------------------------------------------------------------------------
 
