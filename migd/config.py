@@ -124,6 +124,14 @@ class MachineConfig(BaseModel):
     def _workload(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("the workload spec is empty")
+        try:
+            from migd.machine.workloads import parse_workload
+        except ImportError:  # the machine part decides at start-up instead
+            return value
+        try:
+            parse_workload(value)
+        except ValueError as exc:
+            raise ValueError(str(exc).removeprefix("workload: ")) from None
         return value
 
 
@@ -201,11 +209,11 @@ def build(values: dict[str, Any]) -> DaemonConfig:
     try:
         mc = MachineConfig.model_validate(machine)
     except ValidationError as exc:
-        raise _config_error(exc, machine_level=True) from None
+        raise _config_error(exc) from None
     try:
         return DaemonConfig.model_validate({**daemon, "machine": mc})
     except ValidationError as exc:
-        raise _config_error(exc, machine_level=False) from None
+        raise _config_error(exc) from None
 
 
 def load_toml(path: Path) -> dict[str, Any]:
@@ -232,7 +240,7 @@ def _first_message(exc: Exception) -> str:
     return str(exc)
 
 
-def _config_error(exc: ValidationError, machine_level: bool) -> ConfigError:
+def _config_error(exc: ValidationError) -> ConfigError:
     err = exc.errors()[0]
     field = str(err["loc"][0]) if err["loc"] else "config"
     if field == "drives":

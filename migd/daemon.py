@@ -16,6 +16,7 @@ import importlib
 import inspect
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -96,8 +97,9 @@ class Daemon:
         try:
             await self.start()
         except Exception as exc:
-            log.error("cannot start: %s", exc, exc_info=not isinstance(exc, OSError | ValueError))
-            print(f"migd: error: {exc}", flush=True)
+            if not isinstance(exc, OSError | ValueError):  # a bug rather than a bad setting: keep the trace
+                log.exception("cannot start")
+            print(f"migd: error: {exc}", file=sys.stderr, flush=True)
             await self.stop()
             return 1
         loop = asyncio.get_running_loop()

@@ -26,13 +26,13 @@ def test_defaults() -> None:
 
 def test_every_option() -> None:
     cfg = parse_config([
-        "--name", "vm1", "-m", "1G", "--smp", "4", "--workload", "random:rate=10M",
+        "--name", "vm1", "-m", "1G", "--smp", "4", "--workload", "random,rate=10M",
         "--drive", "file=/tmp/a.img", "--drive", "file=/tmp/b,,c.img,cache=none",
         "--mem-path", "/dev/shm/vm1", "--qmp", "unix:/tmp/q.sock", "--qmp", "tcp:127.0.0.1:4444",
         "--incoming", "defer", "-S", "--http", "127.0.0.1:8080", "--log-level", "debug",
     ])
     m = cfg.machine
-    assert m.name == "vm1" and m.memory == 1 << 30 and m.smp == 4 and m.workload == "random:rate=10M"
+    assert m.name == "vm1" and m.memory == 1 << 30 and m.smp == 4 and m.workload == "random,rate=10M"
     assert m.drives == [DriveConfig(file=Path("/tmp/a.img")), DriveConfig(file=Path("/tmp/b,c.img"), cache="none")]
     assert m.mem_path == Path("/dev/shm/vm1") and m.start_paused
     assert cfg.qmp == ["unix:/tmp/q.sock", "tcp:127.0.0.1:4444"]
@@ -66,6 +66,8 @@ def test_sizes(text: str, size: int) -> None:
         (["--incoming", "nowhere"], "--incoming"),
         (["--http", "8080"], "--http"),
         (["--workload", " "], "--workload"),
+        (["--workload", "bogus"], "--workload"),
+        (["--workload", "random,rate=-1"], "--workload"),
         (["--log-level", "loud"], "--log-level"),
         (["--frobnicate"], "--frobnicate"),
         (["--config", "/nonexistent/migd.toml"], "--config"),
