@@ -167,6 +167,22 @@ class Daemon:
         self.shutdown_reason = reason
         self.loop.call_soon(self._begin_shutdown)
 
+    def request_exit(self, code: int) -> None:
+        """Exit with ``code`` without a SHUTDOWN event (any thread): QEMU's ``exit(1)`` after a
+        failed incoming migration is not a shutdown a client is told about."""
+        if self.loop is None:
+            return
+        if threading.get_ident() != self._loop_thread:
+            self.loop.call_soon_threadsafe(self.request_exit, code)
+            return
+        if self.shutdown_reason is not None:
+            return
+        self.exit_code = code
+        self.shutdown_reason = f"exit {code}"
+        log.info("exiting with status %d", code)
+        if self._stop_requested is not None:
+            self._stop_requested.set()
+
     def _begin_shutdown(self) -> None:
         log.info("shutting down: %s", self.shutdown_reason)
         self.events.emit("SHUTDOWN", {"guest": False, "reason": self.shutdown_reason})

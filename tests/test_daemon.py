@@ -214,3 +214,25 @@ def test_abstract_notify_socket(monkeypatch) -> None:
         assert not sdnotify.notify("READY=1")
     finally:
         sock.close()
+
+
+async def test_in_process_request_exit_without_shutdown_event(tmp_path: Path) -> None:
+    """request_exit(1) from another thread: the daemon stops with status 1 and says no SHUTDOWN."""
+    import threading
+
+    from migd.config import build
+    from migd.daemon import Daemon
+
+    daemon = Daemon(build({"memory": "16M", "qmp": []}))
+    await daemon.start()
+    seen: list[dict] = []
+    daemon.events.subscribe(seen.append)
+    try:
+        thread = threading.Thread(target=daemon.request_exit, args=(1,))
+        thread.start()
+        thread.join()
+        await asyncio.wait_for(daemon.wait_stopped(), 30)
+    finally:
+        await daemon.stop()
+    assert daemon.exit_code == 1
+    assert not [e for e in seen if e["event"] == "SHUTDOWN"]
