@@ -59,8 +59,9 @@ class Session:
         self._out: deque[bytes] = deque()
         self._out_bytes = 0
         self._out_wake = asyncio.Event()
-        self._drained = asyncio.Event()
+        self._drained = asyncio.Event()  # set while the queue is short enough to run more commands
         self._drained.set()
+        self._sent = asyncio.Event()  # pulses whenever a batch went out (for flush)
         self._writer: asyncio.Task[None] | None = None
         self.task: asyncio.Task[None] | None = None
 
@@ -106,21 +107,24 @@ class Session:
                 for _ in range(count):
                     self._out.popleft()
                 self._out_bytes -= len(data)
+                self._sent.set()
                 if self._out_bytes <= self.server.max_pending // 2:
                     self._drained.set()
         except (OSError, asyncio.CancelledError):
             self._out.clear()
             self._out_bytes = 0
             self._drained.set()
+            self._sent.set()
             if not self.closed:
                 self.close()
 
     async def flush(self, timeout: float) -> None:
         """Give queued output (the last replies, SHUTDOWN) a chance to reach the client."""
-        with contextlib.suppress(asyncio.TimeoutError):
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 while self._out and not self.closed:
-                    await asyncio.sleep(0.005)
+                    self._sent.clear()
+                    await self._sent.wait()
 
     # -- input -------------------------------------------------------------------------------------
 
