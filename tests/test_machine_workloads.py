@@ -67,9 +67,9 @@ def test_parse_errors(text, message):
         parse_workload(text)
 
 
-def make(workload="idle", memory=16 * MiB, smp=1, drives=(), initial=RunState.RUNNING):
+def make(workload="idle", memory=16 * MiB, smp=1, drives=(), initial=RunState.RUNNING, mem_path=None):
     rs = RunStateMachine(initial)
-    cfg = MachineConfig(memory=memory, smp=smp, workload=workload,
+    cfg = MachineConfig(memory=memory, smp=smp, workload=workload, mem_path=mem_path,
                         drives=[DriveConfig(file=d) for d in drives])
     return Machine(cfg, rs, EventSink())
 
@@ -159,3 +159,20 @@ def test_workload_switch_at_run_time(tmp_path):
     m.flush_drives()
     assert img.read_bytes() != bytes(MiB)
     m.shutdown()
+
+
+def test_counter_after_random_starts_clean_and_a_kept_counter_continues(tmp_path):
+    m = make("random,rate=64M,wss=1M", mem_path=str(tmp_path / "ram"))
+    m.start()
+    wait_for(lambda: m.vcpus[0].stats.bytes_written > 2 * MiB)
+    m.set_workload("counter,rate=1M")  # its area is full of random bytes: start from zero
+    wait_for(lambda: getattr(m.vcpus[0].wstate, "counter", 0) > 20)
+    assert m.vcpus[0].error is None
+    m.vm_stop()
+    kept = m.vcpus[0].wstate.counter
+    m.shutdown()
+    again = make("counter,rate=1M", mem_path=str(tmp_path / "ram"))  # the same RAM file
+    again.start()
+    wait_for(lambda: getattr(again.vcpus[0].wstate, "counter", 0) > kept + 5)
+    assert again.vcpus[0].error is None
+    again.shutdown()

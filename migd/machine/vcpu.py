@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 SLICE = 0.010  # seconds of guest run time per slice
@@ -167,7 +167,7 @@ class VCPUSet:
     def __len__(self) -> int:
         return len(self._vcpus)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[VCPU]:
         return iter(self._vcpus)
 
     def __getitem__(self, i: int) -> VCPU:

@@ -179,10 +179,23 @@ class Workload:
     def attach(self, vcpu: VCPU, work: VCPUWork | None = None) -> None:
         """Start this workload on ``vcpu``, keeping ``work`` (incoming migration) or fresh state."""
         w = work or VCPUWork()
+        if work is None and self.spec.kind == "counter":
+            w.counter = self._adopt_counter_area(vcpu.index)
         w.run_start = vcpu.stats.run_time
         w.ram_done = w.disk_done = 0
         w.owner = self
         vcpu.wstate = w
+
+    def _adopt_counter_area(self, index: int) -> int:
+        """A counter guest starting fresh continues a valid counter found in RAM (e.g. a kept
+        --mem-path file) and otherwise clears its area (e.g. after the random workload)."""
+        try:
+            return check_counter(self.ram0, index)
+        except CounterCorrupt:
+            base = index * COUNTER_AREA
+            self.ram0.pages[base:base + COUNTER_AREA] = 0
+            self.ram0.mark_dirty(slice(base, base + COUNTER_AREA))
+            return 0
 
     # -- one slice ---------------------------------------------------------------------------------
 
