@@ -78,10 +78,15 @@ class Drive:
         """Flush everything and release the image lock; writes are refused until ``activate``."""
         if not self.active:
             return
-        self.drain()
-        self.flush()
-        with self._lock:
+        with self._lock:  # refuse new writes first, so nothing lands after the final flush
             self.active = False
+        self.drain()
+        try:
+            self.flush()
+        except DriveError:
+            with self._lock:
+                self.active = True
+            raise
         fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     # -- I/O -----------------------------------------------------------------------------------
