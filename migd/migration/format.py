@@ -139,6 +139,9 @@ def vmdesc_bytes(doc: bytes) -> bytes:
     """
     if b"\0" in doc:
         raise ValueError("the vmdesc JSON must not contain NUL bytes")
-    while 0x7B in _BE32.pack(len(doc)):
-        doc += b" "
+    n = len(doc)
+    while 0x7B in (raw := _BE32.pack(n)):
+        shift = 8 * (3 - raw.index(0x7B))  # bump the highest 0x7b byte, clear the ones below it
+        n = ((n >> shift) + 1) << shift
+    doc += b" " * (n - len(doc))
     return bytes((Section.VMDESCRIPTION,)) + _BE32.pack(len(doc)) + doc
