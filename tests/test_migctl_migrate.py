@@ -123,3 +123,33 @@ def test_demo_bad_option_is_a_clear_error():
     r = subprocess.run([sys.executable, "-m", "migd.migctl", "demo", "--memory", "lots"], capture_output=True,
                        text=True, timeout=60, env=env)
     assert r.returncode == 2 and "invalid size 'lots'" in r.stderr
+
+
+def test_demo_interrupted_cleans_up_everything():
+    """Ctrl-C in the middle of the demo's migration: it is cancelled, the demo fails clearly, and no
+    process or file of it remains."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "migd.migctl", "demo", "--memory", "64M", "--bandwidth", "2M"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "[demo] migrating to" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = "".join(lines) + out
+    # the signal lands either while the migration is followed (cancelled: exit 1) or just before
+    # (the demo stops: exit 130); both must end cleanly
+    if proc.returncode == 1:
+        assert "demo failed: the migration ended 'cancelled'" in text
+    else:
+        assert proc.returncode == 130 and "demo interrupted; cleaned up" in text, text
+    workdir = re.search(r"destination in (\S+)", text).group(1)
+    assert not Path(workdir).exists()
+    assert subprocess.run(["pgrep", "-f", workdir], capture_output=True, text=True).stdout == ""

@@ -67,6 +67,7 @@ class Demo:
         return f"unix:{self.workdir}/migration.sock"
 
     async def run(self) -> int:
+        asyncio.get_running_loop().set_exception_handler(_quiet_disconnects)
         try:
             code = await self._demo()
         except MigctlError as exc:
@@ -176,6 +177,14 @@ class Demo:
             self.out.data({"migration": info, "expected-downtime": expected, "wall-seconds": wall})
         else:
             self.out.show(table)
+
+
+def _quiet_disconnects(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """A daemon that exits (quit, or a destination after a cancel) ends its QMP session with EOF;
+    qemu.qmp leaves that in a future nobody reads. That is expected here, anything else is reported."""
+    if isinstance(context.get("exception"), EOFError | ConnectionResetError | BrokenPipeError):
+        return
+    loop.default_exception_handler(context)
 
 
 def _workload_progress(answer: Any) -> float:

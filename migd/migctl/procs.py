@@ -66,21 +66,29 @@ class DaemonProcess:
 
     async def stop(self, timeout: float = 10.0) -> None:
         """quit over QMP, then SIGTERM, then SIGKILL: the process is gone when this returns."""
+        asked = False
         if self.client is not None:
             try:
                 await asyncio.wait_for(self.client.execute("quit"), 2.0)
+                asked = True
             except (TimeoutError, MigctlError):
                 pass
             await self.client.close()
             self.client = None
         if self.proc is None:
             return
-        for step in (self.proc.terminate, self.proc.kill):
-            if self.proc.poll() is not None:
-                break
-            deadline = time.monotonic() + timeout
-            while self.proc.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            if self.proc.poll() is None:
-                step()
+        if asked:
+            await self._exited(timeout)
+        if self.proc.poll() is None:
+            self.proc.terminate()  # never connected (interrupted early) or did not honour quit
+            await self._exited(timeout)
+        if self.proc.poll() is None:
+            self.proc.kill()
         await asyncio.to_thread(self.proc.wait)
+
+    async def _exited(self, timeout: float) -> bool:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.proc.poll() is not None
