@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -140,4 +141,17 @@ def test_drain_waits_for_in_flight_writes(image):
         d._inflight -= 1
         d._idle.notify_all()
     assert done.wait(5)
+    d.close()
+
+
+def test_cache_is_bounded_by_background_writeback(image, monkeypatch):
+    monkeypatch.setattr(Drive, "WRITEBACK_LIMIT", 64 * 4096)
+    d = Drive(image)
+    for i in range(200):
+        d.write(i * 4096, bytes([i % 255 + 1]) * 4096)
+    deadline = time.monotonic() + 10
+    while d.flushes == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert d.flushes >= 1
+    assert file_bytes(image, 0, 4096) == b"\x01" * 4096  # written back without an explicit flush
     d.close()

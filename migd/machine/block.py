@@ -33,6 +33,7 @@ class Drive:
     """
 
     SECTOR = 4096
+    WRITEBACK_LIMIT = 64 << 20  # dirty cache bytes that start a background flush
 
     def __init__(self, file: str, cache: str = "writeback", *, active: bool = True) -> None:
         if cache not in CACHE_MODES:
@@ -50,6 +51,7 @@ class Drive:
         self._dirty: dict[int, bytes] = {}  # sector index -> contents not yet written
         self._flushing: dict[int, bytes] = {}  # taken by a running flush, not yet on disk
         self._inflight = 0
+        self._writeback: Future[float] | None = None
         self.active = False
         self.bytes_written = 0
         self.flushes = 0
@@ -103,6 +105,7 @@ class Drive:
         try:
             if self.cache in _CACHED:
                 self._cache_write(offset, mv)
+                self._maybe_writeback()
             else:
                 os.pwrite(self._fd, mv, offset)
                 if self.cache in _SYNC_EACH:
@@ -127,6 +130,16 @@ class Drive:
                 buf = bytearray(cur if cur is not None else self._read_file(s * sec, sec))
                 buf[lo - s * sec:hi - s * sec] = mv[lo - offset:hi - offset]
                 self._dirty[s] = bytes(buf)
+
+    def _maybe_writeback(self) -> None:
+        """Keep the cache bounded: past WRITEBACK_LIMIT, flush in the background (one at a time)."""
+        with self._lock:
+            if len(self._dirty) * self.SECTOR < self.WRITEBACK_LIMIT:
+                return
+            if self._writeback is not None and not self._writeback.done():
+                return
+            self._writeback = Future()  # claimed; replaced by the real one below
+        self._writeback = self.flush_async()
 
     def _cached(self, s: int) -> bytes | None:
         """A sector's newest contents not yet known to be on disk (caller holds the lock)."""
