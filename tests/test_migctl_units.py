@@ -197,3 +197,13 @@ def test_connection_refused_is_one_clear_line(tmp_path, capsys):
     assert main(["-s", str(tmp_path / "absent.sock"), "--connect-timeout", "2", "status"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("migctl: cannot connect to QMP socket") and err.count("\n") == 1
+
+
+def test_digest_texts():
+    from migd.migctl.demo import _digest_diff, _digest_text
+
+    a = {"blocks": [{"name": "ram0", "size": 4096, "digest": "aa" * 16}, {"name": "hot0", "digest": "11"}]}
+    b = {"blocks": [{"name": "ram0", "size": 4096, "digest": "bb" * 16}]}
+    assert _digest_text(a) == "ram0 aaaaaaaaaaaaaaaa, hot0 11"
+    assert _digest_diff(a, b) == f"block hot0: source 11 destination absent; block ram0: source {'aa' * 16} destination {'bb' * 16}"
+    assert _digest_diff(a, a) == ""

@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bandwidth", help="max-bandwidth in bytes/s (K/M/G suffixes; 0 = unlimited)")
     p.add_argument("--downtime", type=int, metavar="MS", help="downtime-limit in milliseconds")
     p.add_argument("--auto-converge", action="store_true", help="enable the auto-converge capability")
-    p.add_argument("--wait", action="store_true", help="follow the migration with a live display")
+    p.add_argument("--wait", action="store_true",
+                   help="follow the migration with a live display and a final summary; exit 1 if it fails or is "
+                        "cancelled, Ctrl-C cancels it (with --json: progress lines, then query-migrate)")
     p.add_argument("--interval", type=float, default=0.2, help=argparse.SUPPRESS)
     add("cancel", commands.cancel, "cancel the running migration (migrate_cancel)")
     p = add("set", commands.set_parameters, "set migration parameters")

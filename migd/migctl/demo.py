@@ -143,7 +143,7 @@ class Demo:
         a = await src.execute("x-migd-ram-digest")
         b = await dst.execute("x-migd-ram-digest")
         if a != b:
-            raise DemoFailed(f"RAM differs after the migration: source {a} destination {b}")
+            raise DemoFailed(f"RAM differs after the migration: {_digest_diff(a, b)}")
         self.step(f"RAM digest equal on both sides: {_digest_text(a)}")
 
     async def _wait_workload_progress(self, client: Client, where: str, timeout: float = 30.0) -> None:
@@ -204,6 +204,22 @@ def _workload_progress(answer: Any) -> float:
     return 0.0
 
 
-def _digest_text(digest: Any) -> str:
-    text = str(digest)
-    return text if len(text) < 80 else text[:77] + "..."
+def _blocks(answer: Any) -> dict[str, Any]:
+    blocks = answer.get("blocks") if isinstance(answer, dict) else None
+    if not isinstance(blocks, list):
+        return {"?": answer}
+    return {str(b.get("name")): b.get("digest") for b in blocks if isinstance(b, dict)}
+
+
+def _digest_text(answer: Any) -> str:
+    return ", ".join(f"{name} {str(digest)[:16]}" for name, digest in _blocks(answer).items())
+
+
+def _digest_diff(src: Any, dst: Any) -> str:
+    """Which blocks differ (or exist on one side only), in one line."""
+    a, b = _blocks(src), _blocks(dst)
+    parts = []
+    for name in sorted(set(a) | set(b)):
+        if a.get(name) != b.get(name):
+            parts.append(f"block {name}: source {a.get(name, 'absent')} destination {b.get(name, 'absent')}")
+    return "; ".join(parts)
