@@ -8,6 +8,7 @@ import json
 import os
 import pty
 import select
+import socket
 import subprocess
 import sys
 import time
@@ -64,6 +65,18 @@ def test_tcp_address_form_is_accepted_but_unreachable_is_a_clear_error(vm, tmp_p
     assert r.returncode == 0
     r = migctl_here("tcp:127.0.0.1:1", "status")
     assert r.returncode == 1 and r.stderr.startswith("migctl: cannot connect to QMP socket tcp:127.0.0.1:1")
+
+
+def test_tcp_qmp_socket(migd_factory):
+    with socket.socket() as probe:  # a free port for the daemon's second QMP listener
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    vm = migd_factory("tcpvm", "-m", "32M", "--qmp", f"tcp:127.0.0.1:{port}")
+    for address in (f"tcp:127.0.0.1:{port}", f"127.0.0.1:{port}"):
+        r = migctl_here(address, "status", "--json")
+        assert r.returncode == 0, r.stderr
+        assert json_lines(r.stdout)[0]["status"]["status"] == "running"
+    assert vm.cmd("query-status")["status"] == "running"
 
 
 def test_set_parameters(vm):
