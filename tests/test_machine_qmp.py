@@ -102,14 +102,14 @@ def test_workload_set_and_query(migd_factory):
     assert w["consistent"] is True and w["ram-counter"] == w["counter"]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--workload", "busy"], "unknown kind 'busy'"),
-    (["--mem-path", "{tmp}/small"], "but the machine has"),
+@pytest.mark.parametrize("args,status,message", [
+    (["--workload", "busy"], 2, "--workload: unknown kind 'busy'"),  # refused by the option parser
+    (["--mem-path", "{tmp}/small"], 1, "but the machine has"),  # refused when the RAM is mapped
 ])
-def test_bad_machine_options_fail_clearly(migd_factory, tmp_path, args, message):
+def test_bad_machine_options_fail_clearly(migd_factory, tmp_path, args, status, message):
     (tmp_path / "small").write_bytes(b"x" * 4096)
     args = [a.format(tmp=tmp_path) for a in args]
     from helpers import MigdError
 
-    with pytest.raises(MigdError, match=f"(?s)exited with 1 .*{message}"):
+    with pytest.raises(MigdError, match=f"(?s)exited with {status} .*{message}"):
         migd_factory("bad", "-m", "16M", *args)
