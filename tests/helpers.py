@@ -168,7 +168,7 @@ class Migd:
         try:
             value = self.cmd(name, **arguments)
         except ExecuteError as exc:
-            return {"class": exc.error_class, "desc": exc.error_message}
+            return {"class": exc.error_class, "desc": exc.error.error.desc}
         raise MigdError(f"{name} {arguments} succeeded ({value!r}) but an error was expected")
 
     def _pull(self, timeout: float) -> None:

@@ -236,3 +236,77 @@ async def test_in_process_request_exit_without_shutdown_event(tmp_path: Path) ->
         await daemon.stop()
     assert daemon.exit_code == 1
     assert not [e for e in seen if e["event"] == "SHUTDOWN"]
+
+
+class _AsyncRaw:
+    """A minimal asyncio QMP client for in-process daemons."""
+
+    async def open(self, path: Path) -> _AsyncRaw:
+        self.reader, self.writer = await asyncio.open_unix_connection(str(path))
+        await self.reader.readline()
+        assert await self.execute("qmp_capabilities") == {"return": {}}
+        return self
+
+    async def execute(self, name: str, **args) -> dict:
+        import json
+
+        self.writer.write(json.dumps({"execute": name, "arguments": args}).encode())
+        while True:
+            msg = json.loads(await asyncio.wait_for(self.reader.readline(), 30))
+            if "event" not in msg:
+                return msg
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def test_cont_refusals_follow_qemu(tmp_path: Path) -> None:
+    from migd.bql import BQL
+    from migd.config import build
+    from migd.daemon import Daemon
+    from migd.machine.runstate import RunState
+
+    sock = Path(f"/tmp/migd-cont-{os.getpid()}.sock")
+    daemon = Daemon(build({"memory": "16M", "qmp": [f"unix:{sock}"]}))
+    await daemon.start()
+    try:
+        client = await _AsyncRaw().open(sock)
+        with BQL:
+            daemon.machine.vm_stop(RunState.FINISH_MIGRATE)
+        reply = await client.execute("cont")
+        assert reply == {"error": {"class": "GenericError", "desc": "Migration is not finalized yet"}}
+        assert daemon.runstate.state is RunState.FINISH_MIGRATE
+        daemon.runstate.set(RunState.POSTMIGRATE)
+        assert await client.execute("cont") == {"return": {}}  # QEMU lets cont resume a migrated-away source
+        assert daemon.runstate.state is RunState.RUNNING
+        daemon.runstate.set(RunState.INTERNAL_ERROR)
+        reply = await client.execute("cont")
+        assert reply == {"error": {"class": "GenericError", "desc": "Resetting the Virtual Machine is required"}}
+        assert daemon.runstate.state is RunState.INTERNAL_ERROR
+        client.close()
+    finally:
+        await daemon.stop()
+
+
+def test_quit_replies_then_announces_shutdown(migd_factory) -> None:
+    from helpers import RawQMP
+
+    vm = migd_factory("vm", "-m", "32M")
+    with RawQMP(vm.qmp_path) as raw:
+        raw.negotiate()
+        raw.send({"execute": "quit", "id": "q"})
+        assert raw.recv() == {"return": {}, "id": "q"}  # QEMU: the reply, then SHUTDOWN
+        event = raw.recv()
+        assert event["event"] == "SHUTDOWN" and event["data"] == {"guest": False, "reason": "host-qmp-quit"}
+        assert raw.sock.recv(1) == b""  # then the daemon hangs up
+    assert vm.wait() == 0
+
+
+def test_harness_maps_underscores_to_hyphens(migd_factory) -> None:
+    vm = migd_factory("vm", "-m", "32M")
+    vm.cmd("migrate-set-parameters", downtime_limit=123)
+    vm.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
+    params = vm.cmd("query-migrate-parameters")
+    assert params["downtime-limit"] == 123 and params["max-bandwidth"] == 0
+    err = vm.cmd_error("migrate-set-parameters", downtime_limit="soon")
+    assert err == {"class": "GenericError", "desc": "Invalid parameter type for 'downtime-limit', expected: integer"}
