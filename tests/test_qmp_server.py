@@ -260,8 +260,24 @@ def test_event_lines(shared_vm: Migd, raw: RawQMP) -> None:
     assert 0 <= event["timestamp"]["microseconds"] < 1_000_000
 
 
-async def test_slow_client_is_dropped_not_waited_for(tmp_path: Path) -> None:
-    """A client that stops reading is cut off once its queue is full; the others are not delayed."""
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_slow_client_is_dropped_not_waited_for(loop_kind: str) -> None:
+    """A client that stops reading is cut off once its queue is full; the others are not delayed.
+
+    Run on both loops: the daemon uses uvloop, whose add_reader/add_writer the session relies on.
+    """
+    if loop_kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(_slow_client_scenario())
+    finally:
+        loop.close()
+
+
+async def _slow_client_scenario() -> None:
     from migd.config import build
     from migd.daemon import Daemon
 
