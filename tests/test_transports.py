@@ -266,6 +266,51 @@ def test_exec_destination_reads_command_stdout(tmp_path: Path) -> None:
     assert channel.proc.returncode == 0
 
 
+def _accept_in_thread(listener) -> tuple[threading.Thread, list]:
+    out: list = []
+
+    def run() -> None:
+        try:
+            out.append(listener.accept())
+        except TransportError as exc:
+            out.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
+
+
+def test_exec_accept_waits_for_data_like_qemu(tmp_path: Path) -> None:
+    """QEMU starts the incoming side only when the command's output is readable (status stays setup)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    listener = listen(f"exec:cat {fifo}")
+    thread, out = _accept_in_thread(listener)
+    thread.join(0.3)
+    assert thread.is_alive() and not out  # nothing written yet
+    with open(fifo, "wb") as w:
+        w.write(b"data")
+    thread.join(10)
+    (channel,) = out
+    listener.close()
+    assert _read_all(channel) == b"data"
+    channel.close()
+
+
+def test_exec_and_fd_accept_interrupted_by_close(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    r, w = os.pipe()
+    for listener in (listen(f"exec:cat {fifo}"), listen("fd:p", {"p": r})):
+        thread, out = _accept_in_thread(listener)
+        thread.join(0.2)
+        assert thread.is_alive()
+        listener.close()
+        thread.join(10)
+        assert not thread.is_alive() and isinstance(out[0], TransportError)
+    os.close(w)
+
+
 def test_exec_listener_closed_before_accept_kills_command() -> None:
     listener = listen("exec:sleep 30")
     proc = listener._proc
@@ -291,10 +336,10 @@ def test_fd_socket_by_name_is_taken_once() -> None:
 def test_fd_pipe_listen() -> None:
     r, w = os.pipe()
     listener = listen("fd:in", {"in": r})
-    channel = listener.accept()
-    assert isinstance(channel, FdChannel) and not channel.has_return_path
     os.write(w, b"stream")
     os.close(w)
+    channel = listener.accept()
+    assert isinstance(channel, FdChannel) and not channel.has_return_path
     assert _read_all(channel) == b"stream"
     channel.close()
     with pytest.raises(TransportError, match="File descriptor named 'nosuchfd' has not been found"):

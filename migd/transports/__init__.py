@@ -127,6 +127,42 @@ class SocketListener(Listener):
                 pass
 
 
+class Waker:
+    """A pipe that lets ``close()`` wake a thread waiting in poll(2) for a descriptor to be readable."""
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.closed = False
+
+    def wait_readable(self, fd: int) -> None:
+        """Return once ``fd`` has data (or EOF/hang-up); raise if ``wake()`` was called."""
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.register(self._r, select.POLLIN)
+        while not self.closed:
+            try:
+                ready = dict(poller.poll())
+            except InterruptedError:
+                continue
+            if self._r in ready or self.closed:
+                break
+            if ready:
+                return
+        raise TransportError("Listener closed before a connection arrived")
+
+    def wake(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.write(self._w, b"x")
+
+    def __del__(self) -> None:
+        for fd in (self._r, self._w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 def tune_socket(sock: socket.socket) -> None:
     """Small return-path messages (PONG, SHUT) must not wait for Nagle."""
     if sock.family in (socket.AF_INET, socket.AF_INET6):

@@ -12,7 +12,7 @@ import subprocess
 from collections.abc import Sequence
 from typing import IO, Any
 
-from migd.transports import Listener, TransportError
+from migd.transports import Listener, TransportError, Waker
 from migd.transports.channel import FdChannel
 from migd.transports.uri import ExecURI
 
@@ -87,25 +87,29 @@ def connect(uri: ExecURI) -> CommandChannel:
 
 
 class ExecListener(Listener):
-    """The command starts at once (like QEMU); ``accept`` hands out its stdout, once."""
+    """The command starts at once; like QEMU, ``accept`` returns its stdout once data (or EOF) is
+    there, so the status stays ``setup`` until the source really begins."""
 
     def __init__(self, uri: ExecURI) -> None:
         self.uri = uri
         self.socket_address = []
         self._proc = _spawn(uri, stdout=subprocess.PIPE)
         self._taken = False
+        self._waker = Waker()
 
     def accept(self) -> CommandChannel:
         if self._taken:
             raise TransportError("exec: the command's output was already taken")
-        self._taken = True
         assert self._proc.stdout is not None
+        self._waker.wait_readable(self._proc.stdout.fileno())
+        self._taken = True
         fd = _detach(self._proc.stdout)
         self._proc.stdout = None
         return CommandChannel(fd, self._proc, "read")
 
     def close(self) -> None:
         """Before accept the command is ours to stop; after it the channel reaps it."""
+        self._waker.wake()
         if not self._taken:
             self._taken = True
             _kill(self._proc)

@@ -13,7 +13,7 @@ import stat
 from collections.abc import MutableMapping
 from typing import TYPE_CHECKING
 
-from migd.transports import Listener, TransportError
+from migd.transports import Listener, TransportError, Waker
 from migd.transports.uri import FdURI
 
 if TYPE_CHECKING:
@@ -50,19 +50,23 @@ def connect(uri: FdURI, fds: MutableMapping[str, int] | None) -> Channel:
 
 
 class FdListener(Listener):
-    """The descriptor is already connected: ``accept`` returns it (once)."""
+    """The descriptor is already connected: like QEMU, ``accept`` returns it (once) when the source
+    starts sending, so the status stays ``setup`` until then."""
 
     def __init__(self, fd: int) -> None:
         self._fd: int | None = fd
         self.socket_address = []
+        self._waker = Waker()
 
     def accept(self) -> Channel:
         if self._fd is None:
             raise TransportError("fd: the descriptor was already taken or closed")
+        self._waker.wait_readable(self._fd)
         fd, self._fd = self._fd, None
         return _channel(fd)
 
     def close(self) -> None:
+        self._waker.wake()
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
