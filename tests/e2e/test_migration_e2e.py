@@ -1,0 +1,159 @@
+"""End to end: two real migd processes migrate a running machine over each transport.
+
+The destination runs with ``-S`` where its RAM must be compared: it stays paused after the load, so
+its ``x-migd-ram-digest`` can be compared with the source's (frozen in ``postmigrate``) before either
+changes; ``cont`` then shows it really runs the source's guest.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from e2e_util import TRANSPORTS, digests, migrate, poll, query, ram_add, run_status, wait_status
+
+pytestmark = pytest.mark.e2e
+
+MB = 1 << 20
+
+
+def counters(m) -> list[int]:
+    """Each vCPU's counter-guest value, from x-migd-query-workload."""
+    info = m.cmd("x-migd-query-workload")
+    return [int(v["counter"]) for v in info["vcpus"]]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_random_workload_migrates_with_equal_ram(migd_factory, make_plan, transport: str) -> None:
+    src = migd_factory("src", "-m", "256M", "--workload", "random,rate=16M")
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
+    plan = make_plan(transport)
+    dst = migrate(migd_factory, plan, src, ["-m", "256M", "-S"])
+    assert run_status(src) == "postmigrate"
+    assert run_status(dst) == "paused"  # -S: loaded, not started
+    info = query(src)
+    assert info["ram"]["remaining"] == 0 and info["ram"]["transferred"] >= 0
+    assert digests(dst) == digests(src)
+    dst.cmd("cont")
+    assert run_status(dst) == "running"
+    assert query(dst) == {"status": "completed"}
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_counter_guest_continues_exactly(migd_factory, make_plan, transport: str) -> None:
+    src = migd_factory("src", "-m", "64M", "--smp", "2", "--workload", "counter")
+    poll(lambda: min(counters(src)) > 0, 30, "the counter guest to start counting")
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
+    plan = make_plan(transport)
+    dst = migrate(migd_factory, plan, src, ["-m", "64M", "--smp", "2", "-S"])
+    at_stop = counters(src)
+    assert counters(dst) == at_stop  # exactly where the source stopped
+    for vcpu in dst.cmd("x-migd-query-workload")["vcpus"]:  # RAM agrees with the device state
+        assert vcpu["consistent"] is True and vcpu["ram-counter"] == vcpu["counter"], vcpu
+    assert digests(dst) == digests(src)
+    dst.cmd("cont")
+    poll(lambda: all(now > then for now, then in zip(counters(dst), at_stop, strict=True)), 30,
+         "the migrated counter guest to continue")
+    # the guest checks its own RAM every step: a lost or stale page would have stopped it
+    assert run_status(dst) == "running"
+
+
+def test_ram_block_hot_added_during_migration(migd_factory, make_plan) -> None:
+    src = migd_factory("src", "-m", "256M", "--workload", "random,rate=16M")
+    # below the dirty rate: the migration cannot converge until the bandwidth is raised below
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 8 * MB})
+    plan = make_plan("unix")
+    dst = migd_factory("dst", "-m", "256M", "-S", *plan.destination_args())
+    wait_status(dst, "setup", 30)
+    # the management layer adds the block on the destination while it waits, like for QEMU
+    ram_add(dst, "hot0", 16 * MB)
+    plan.start(src, dst)
+    poll(lambda: query(src).get("ram", {}).get("transferred", 0) > 4 * MB, 60, "the first pass to be under way")
+    ram_add(src, "hot0", 16 * MB)
+    # a block the destination was not told about: the source's announcement must create it there
+    ram_add(src, "hot1", 8 * MB)
+    assert query(src)["status"] == "active"  # both really arrived during the migration
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
+    wait_status(src, "completed", 90)
+    wait_status(dst, "completed", 90)
+    got, want = digests(dst), digests(src)
+    assert set(want) == {"ram0", "hot0", "hot1"}
+    assert got == want
+    sizes = {b["name"]: b["size"] for b in dst.cmd("x-migd-query-machine")["ram"]["blocks"]}
+    assert sizes == {"ram0": 256 * MB, "hot0": 16 * MB, "hot1": 8 * MB}
+
+
+def test_destination_killed_leaves_source_failed_and_running(migd_factory, make_plan) -> None:
+    src = migd_factory("src", "-m", "256M", "--workload", "random,rate=16M")
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 16 * MB})
+    plan = make_plan("unix")
+    dst = migd_factory("dst", "-m", "256M", *plan.destination_args())
+    wait_status(dst, "setup", 30)
+    plan.start(src, dst)
+    wait_status(dst, "active", 30)
+    poll(lambda: query(src).get("ram", {}).get("transferred", 0) > 4 * MB, 60, "data to flow")
+    dst.kill()
+    info = wait_status(src, "failed", 60)
+    assert info.get("error-desc")
+    assert run_status(src) == "running"
+    # the guest really runs again: the workload keeps writing
+    before = digests(src)
+    poll(lambda: digests(src) != before, 30, "the source guest to keep running")
+
+
+def test_source_killed_leaves_destination_failed_not_running(migd_factory, tmp_path: Path) -> None:
+    src = migd_factory("src", "-m", "256M", "--workload", "random,rate=16M")
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 16 * MB})
+    dst = migd_factory("dst", "-m", "256M", "--incoming", "defer")
+    dst.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
+    sock = dst.sock_path("mig")
+    dst.cmd("migrate-incoming", uri=f"unix:{sock}", **{"exit-on-error": False})
+    assert query(dst)["status"] == "setup"
+    src.cmd("migrate", uri=f"unix:{sock}")
+    wait_status(dst, "active", 30)
+    poll(lambda: query(src).get("ram", {}).get("transferred", 0) > 4 * MB, 60, "data to flow")
+    src.kill()
+    info = wait_status(dst, "failed", 60)
+    assert info["error-desc"].startswith("load of migration failed: Migration stream truncated")
+    assert "socket-address" not in info
+    status = dst.cmd("query-status")
+    assert status["status"] == "inmigrate" and status["running"] is False
+    # exit-on-error false: the daemon stays up; a second migrate-incoming is refused like QEMU
+    with pytest.raises(Exception, match="The incoming migration has already been started"):
+        dst.cmd("migrate-incoming", uri=f"unix:{dst.sock_path('mig2')}")
+
+
+def test_truncated_file_stream_fails_clearly(migd_factory, tmp_path: Path) -> None:
+    src = migd_factory("src", "-m", "64M", "--workload", "random,rate=16M")
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
+    state = tmp_path / "state"
+    src.cmd("migrate", uri=f"file:{state}")
+    wait_status(src, "completed", 60)
+    size = state.stat().st_size
+    assert size > 1 * MB  # the pages the workload wrote (untouched ones are 9-byte ZERO records)
+    os.truncate(state, size // 2)
+    # exit-on-error false: stays up and reports
+    dst = migd_factory("dst", "-m", "64M", "--incoming", "defer")
+    dst.cmd("migrate-incoming", uri=f"file:{state}", **{"exit-on-error": False})
+    info = wait_status(dst, "failed", 60)
+    assert "truncated" in info["error-desc"]
+    assert run_status(dst) == "inmigrate"
+    # default exit-on-error (true): the process exits with status 1, like QEMU
+    dst2 = migd_factory("dst2", "-m", "64M", "--incoming", f"file:{state}")
+    assert dst2.proc.wait(timeout=60) == 1
+
+
+def test_one_gib_unix_unlimited_downtime_within_limit(migd_factory, make_plan) -> None:
+    """Issue 4: 1 GiB under random,rate=32M, max-bandwidth 0, over unix."""
+    src = migd_factory("src", "-m", "1G", "--workload", "random,rate=32M")
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
+    limit = src.cmd("query-migrate-parameters")["downtime-limit"]
+    plan = make_plan("unix")
+    dst = migrate(migd_factory, plan, src, ["-m", "1G", "-S"], timeout=180)
+    info = query(src)
+    assert digests(dst) == digests(src)
+    downtime = info["downtime"]
+    assert 0 < downtime <= limit
+    phases = info["x-migd-downtime-phases"]
+    assert phases and abs(sum(phases.values()) - downtime) <= 5, (phases, downtime)
