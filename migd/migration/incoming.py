@@ -272,17 +272,17 @@ class IncomingMigration:
                 pass
 
     def _exit_failure(self, desc: str) -> None:
-        """QEMU prints the error and exits with EXIT_FAILURE; the daemon does the clean-up."""
+        """QEMU prints the error and exits with EXIT_FAILURE (no SHUTDOWN event); the daemon cleans up."""
         print(f"migd: {desc}", file=sys.stderr, flush=True)
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        loop.call_soon_threadsafe(self._request_exit)
-
-    def _request_exit(self) -> None:
         daemon: Any = self.daemon
-        daemon.exit_code = 1
-        daemon.request_shutdown("host-error")
+        request_exit = getattr(daemon, "request_exit", None)
+        if request_exit is not None:
+            request_exit(1)  # callable from any thread
+            return
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            daemon.exit_code = 1
+            daemon.request_shutdown("host-error")
 
     # -- shutting down -------------------------------------------------------------------------
 
