@@ -299,3 +299,54 @@ def test_loader_rejects_bad_zero_byte_in_bulk_run():
     with pytest.raises(StreamError, match="Found a zero page with value 5"):
         RAMLoader(dst).load(InStream(SocketChannel(b)), 2)
     b.close()
+
+
+class Writer:
+    """A vCPU-like writer: random pages anywhere (untouched ones included), data first, then the mark."""
+
+    def __init__(self, block, seed: int) -> None:
+        self.block = block
+        self.rng = np.random.default_rng(seed)
+        self.stop = threading.Event()
+        self.writes = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            start = int(self.rng.integers(0, self.block.npages - 8))
+            n = int(self.rng.integers(1, 8))
+            self.block.pages[start : start + n] = self.rng.integers(1, 256, (n, PAGE_SIZE), dtype=np.uint8)
+            self.block.mark_dirty(slice(start, start + n))
+            self.writes += 1
+            if self.writes % 64 == 0:
+                self.stop.wait(0.001)  # let the migration run, like a rate-limited workload
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
+def test_concurrent_writer_into_untouched_memory(seed):
+    """Pages written after the untouched snapshot, whether before or after they were sent, arrive."""
+    src_ram = ramlist(ram0=16 * MiB)
+    dst_ram = ramlist(ram0=16 * MiB)
+    block = src_ram.get("ram0")
+    block.pages[:64] = 1  # mostly untouched
+    prefault(dst_ram)
+    m = Migration(Box(src_ram), Box(dst_ram))
+    m.sv.ram.batch_pages = 32  # many small batches: many chances for a write to race with the scan
+    m.sv.ram._stage = np.empty((32, PAGE_SIZE + 8), dtype=np.uint8)
+    writer = Writer(block, seed)
+    m.sv.save_header(m.f)
+    writer.thread.start()
+    deadline = threading.Event()
+    m.sv.save_setup(m.f)
+    for i in range(200):
+        if m.sv.save_iterate(m.f) and i > 20:
+            break
+        if i % 5 == 0:
+            m.sv.pending_exact()
+        deadline.wait(0.001)
+    writer.stop.set()
+    writer.thread.join(WAIT)
+    assert writer.writes > 100
+    m.finish()
+    assert m.error is None
+    assert np.array_equal(block.buf, dst_ram.get("ram0").buf)

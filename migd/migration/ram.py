@@ -154,6 +154,8 @@ class RAMSaver:
                 continue
             added += int(np.count_nonzero(d & ~t.bmap))
             np.logical_or(t.bmap, d, out=t.bmap)
+            if t.hint is not None:  # written since the untouched snapshot: no longer known zero
+                np.logical_and(t.hint, ~d, out=t.hint)
         st.dirty_pages += added
         st.period_dirty_pages += added
         st.dirty_bytes_last_sync = st.dirty_pages * PAGE_SIZE
