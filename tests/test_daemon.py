@@ -310,3 +310,43 @@ def test_harness_maps_underscores_to_hyphens(migd_factory) -> None:
     assert params["downtime-limit"] == 123 and params["max-bandwidth"] == 0
     err = vm.cmd_error("migrate-set-parameters", downtime_limit="soon")
     assert err == {"class": "GenericError", "desc": "Invalid parameter type for 'downtime-limit', expected: integer"}
+
+
+async def test_stop_waiting_for_the_big_lock_does_not_freeze_qmp(tmp_path: Path) -> None:
+    """While another thread holds the BQL (a switch-over), `stop` waits, and other clients are served."""
+    import threading
+
+    from migd.bql import BQL
+    from migd.config import build
+    from migd.daemon import Daemon
+
+    sock = Path(f"/tmp/migd-bql-{os.getpid()}.sock")
+    daemon = Daemon(build({"memory": "16M", "qmp": [f"unix:{sock}"]}))
+    await daemon.start()
+    held, release = threading.Event(), threading.Event()
+
+    def switch_over() -> None:
+        with BQL:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=switch_over)
+    holder.start()
+    try:
+        assert await asyncio.to_thread(held.wait, 30)
+        a = await _AsyncRaw().open(sock)
+        b = await _AsyncRaw().open(sock)
+        stopping = asyncio.create_task(a.execute("stop"))
+        for _ in range(5):
+            reply = await b.execute("query-status")  # answered although `stop` is blocked
+            assert reply["return"]["status"] == "running"
+        assert not stopping.done()
+        release.set()
+        assert await asyncio.wait_for(stopping, 30) == {"return": {}}
+        assert (await b.execute("query-status"))["return"]["status"] == "paused"
+        a.close()
+        b.close()
+    finally:
+        release.set()
+        await asyncio.to_thread(holder.join, 30)
+        await daemon.stop()

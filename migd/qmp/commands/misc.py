@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from migd import QEMU_COMPAT_VERSION, __version__
 from migd.bql import BQL
 from migd.machine.runstate import RunState
 from migd.qmp.commands import REGISTRY, CommandContext, QMPError, command
 from migd.qmp.schema import QMPArgs
+
+if TYPE_CHECKING:
+    from migd.daemon import Daemon
 
 # Run states from which only a reset helps (QEMU's runstate_needs_reset); migd has no reset.
 _NEEDS_RESET = frozenset({RunState.INTERNAL_ERROR, RunState.SHUTDOWN, RunState.GUEST_PANICKED})
@@ -50,9 +53,16 @@ def query_status(ctx: CommandContext, args: None) -> dict:
 
 
 @command("stop")
-def stop(ctx: CommandContext, args: None) -> dict:
-    """QEMU's qmp_stop: while an incoming migration is awaited, only cancel the automatic start."""
-    daemon = ctx.daemon
+async def stop(ctx: CommandContext, args: None) -> dict:
+    """QEMU's qmp_stop: while an incoming migration is awaited, only cancel the automatic start.
+
+    Runs on a worker thread: waiting for the big lock (held through a migration's switch-over) or
+    for every vCPU to acknowledge must not freeze the event loop and the other QMP clients.
+    """
+    return await ctx.daemon.run_blocking(_stop, ctx.daemon)
+
+
+def _stop(daemon: Daemon) -> dict:
     with BQL:
         if daemon.runstate.state is RunState.INMIGRATE:
             daemon.autostart = False
@@ -62,9 +72,12 @@ def stop(ctx: CommandContext, args: None) -> dict:
 
 
 @command("cont")
-def cont(ctx: CommandContext, args: None) -> dict:
+async def cont(ctx: CommandContext, args: None) -> dict:
     """QEMU's qmp_cont: resume the guest; during inmigrate, start it once the migration lands."""
-    daemon = ctx.daemon
+    return await ctx.daemon.run_blocking(_cont, ctx.daemon)
+
+
+def _cont(daemon: Daemon) -> dict:
     with BQL:
         state = daemon.runstate.state
         if state in _NEEDS_RESET:
