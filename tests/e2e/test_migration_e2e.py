@@ -157,3 +157,47 @@ def test_one_gib_unix_unlimited_downtime_within_limit(migd_factory, make_plan) -
     assert 0 < downtime <= limit
     phases = info["x-migd-downtime-phases"]
     assert phases and abs(sum(phases.values()) - downtime) <= 5, (phases, downtime)
+
+
+def drive_active(m) -> bool:
+    (drive,) = m.cmd("x-migd-query-machine")["drives"]
+    return bool(drive["active"])
+
+
+def test_drive_image_lock_moves_at_switchover(migd_factory, make_plan, tmp_path: Path) -> None:
+    """Late activation: the destination takes the image lock only after the load succeeded."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"\0" * (8 * MB))
+    src = migd_factory("src", "-m", "64M", "--drive", f"file={image}", "--workload", "random,rate=4M,disk-rate=1M")
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
+    plan = make_plan("unix")
+    dst = migd_factory("dst", "-m", "64M", "--drive", f"file={image}", *plan.destination_args())
+    wait_status(dst, "setup", 30)
+    assert drive_active(src) and not drive_active(dst)  # the source holds the lock while it runs
+    plan.start(src, dst)
+    wait_status(src, "completed", 60)
+    wait_status(dst, "completed", 60)
+    assert run_status(dst) == "running"
+    assert drive_active(dst) and not drive_active(src)
+
+
+def test_load_failing_at_the_end_gives_the_source_back_its_guest_and_drive(
+        migd_factory, make_plan, tmp_path: Path) -> None:
+    """The destination rejects the device state (other vCPU count) after all RAM arrived: it sends
+    SHUT(1); the source, already switched over, fails, re-takes the image lock and runs again."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"\0" * (8 * MB))
+    src = migd_factory("src", "-m", "64M", "--smp", "1", "--drive", f"file={image}",
+                       "--workload", "random,rate=4M")
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
+    plan = make_plan("unix")
+    dst = migd_factory("dst", "-m", "64M", "--smp", "2", "--drive", f"file={image}", "--incoming", "defer")
+    sock = plan.source_uri(None)
+    dst.cmd("migrate-incoming", uri=sock, exit_on_error=False)
+    src.cmd("migrate", uri=sock)
+    dinfo = wait_status(dst, "failed", 60)
+    assert dinfo["error-desc"].startswith("load of migration failed: error while loading state"), dinfo
+    sinfo = wait_status(src, "failed", 60)
+    assert sinfo["error-desc"] == "Sibling indicated error 1"
+    assert run_status(src) == "running" and drive_active(src)
+    assert run_status(dst) == "inmigrate" and not drive_active(dst)
