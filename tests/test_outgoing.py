@@ -174,6 +174,28 @@ async def test_counters_follow_qemu_formulas(h: Harness) -> None:
         peer.close()
 
 
+async def test_switchover_counts_on_the_slowest_recent_window(h: Harness) -> None:
+    thread, peer = _idle_thread(h)
+    try:
+        t = 0.0
+        for nbytes in (30_000_000, 10_000_000, 30_000_000):  # 300, 100, 300 bytes/ms
+            thread._iter_start, thread._iter_bytes = t, thread.stream.transferred
+            thread.stream.transferred += nbytes
+            t += 0.1
+            thread._update_counters(t)
+        assert thread.bandwidth == pytest.approx(300_000)
+        assert thread.threshold == pytest.approx(100_000 * (300 - DEFAULT_OVERHEAD_MS))
+        for _ in range(5):  # the slow window ages out of the history
+            thread._iter_start, thread._iter_bytes = t, thread.stream.transferred
+            thread.stream.transferred += 30_000_000
+            t += 0.1
+            thread._update_counters(t)
+        assert thread.threshold == pytest.approx(300_000 * (300 - DEFAULT_OVERHEAD_MS))
+    finally:
+        thread.stream.close()
+        peer.close()
+
+
 async def test_max_bandwidth_applies_at_once_until_switchover(h: Harness) -> None:
     thread, peer = _idle_thread(h)
     try:
@@ -217,6 +239,7 @@ class Destination:
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.error: str | None = None
         self.loaded = threading.Event()
+        self.pings: list[int] = []
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def listen(self, path: str) -> str:
@@ -234,7 +257,12 @@ class Destination:
         try:
             from migd.migration.savevm import load_stream
 
-            load_stream(InStream(channel), self.machine)
+            def on_command(cmd: int, payload: bytes = b"") -> None:  # as the real incoming side
+                if cmd == 2 and len(payload) == 4:  # PING -> PONG on the return path
+                    self.pings.append(int.from_bytes(payload, "big"))
+                    returnpath.send_pong(channel, int.from_bytes(payload, "big"))
+
+            load_stream(InStream(channel), self.machine, on_command=on_command)
         except Exception as exc:
             self.error = str(exc)
         self.loaded.set()
@@ -320,6 +348,7 @@ async def test_complete_migration_with_acknowledged_load(h: Harness, tmp_path, s
         info = ms.query()
         assert info["status"] == "completed", info
         assert dest.loaded.wait(10) and dest.error is None
+        assert dest.pings[0] == 1 and len(dest.pings) >= 2  # header PING, then the catch-up before the stop
         assert ram_digest(dest.machine) == ram_digest(h.machine)
         assert h.runstate.state is RunState.POSTMIGRATE
         assert set(info) == {"status", "ram", "total-time", "downtime", "setup-time", "x-migd-downtime-phases"}
@@ -434,7 +463,10 @@ async def test_cancel_in_active_with_a_blocked_write(h: Harness, tmp_path, savev
         peer.close()
 
 
-async def test_cancel_in_pre_switchover_resumes_the_guest(h: Harness, tmp_path, savevm: Any) -> None:
+async def test_cancel_in_pre_switchover_resumes_the_guest(h: Harness, tmp_path, savevm: Any, monkeypatch) -> None:
+    from migd.migration import outgoing
+
+    monkeypatch.setattr(outgoing, "PONG_TIMEOUT", 0.3)  # this peer never answers the catch-up PING
     ms = h.migration
     ms.config.set_capabilities([("pause-before-switchover", True)])
     ms.config.set_parameters({"max-bandwidth": 0})
@@ -472,7 +504,10 @@ async def test_pre_switchover_continue_completes(h: Harness, tmp_path, savevm: A
         dest.close()
 
 
-async def test_cancel_in_device_while_waiting_for_the_ack(h: Harness, tmp_path, savevm: Any) -> None:
+async def test_cancel_in_device_while_waiting_for_the_ack(h: Harness, tmp_path, savevm: Any, monkeypatch) -> None:
+    from migd.migration import outgoing
+
+    monkeypatch.setattr(outgoing, "PONG_TIMEOUT", 0.3)  # this peer never answers the catch-up PING
     """The peer reads everything but never acknowledges: the source waits in `device`."""
     ms = h.migration
     ms.config.set_parameters({"max-bandwidth": 0})

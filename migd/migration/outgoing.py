@@ -9,10 +9,13 @@ sync) only when the estimate is below the threshold; switch over when pending <=
 iterate while the 100 ms window has budget and sleep to its end. Every >= 100 ms the bandwidth, the
 threshold, ``mbps`` and ``expected-downtime`` are recomputed from bytes really written.
 
-Two deliberate differences from QEMU, both about telling the truth on downtime:
+Deliberate differences from QEMU, all about telling the truth on downtime:
 - the threshold reserves the switch-over's fixed costs (stopping vCPUs, drain, devices, EOF, the
-  destination's acknowledgement: learned from the previous completed migration, 20 ms before any) and,
-  once a final pass was measured, never assumes a higher bandwidth than that final pass really had;
+  destination's acknowledgement: learned from the previous completed migration, 20 ms before any),
+  counts on the slowest of the last five windows rather than the last one, and, once a final pass was
+  measured, never on more bandwidth than that final pass really had;
+- with a return path, the switch-over waits (guest still running) until the destination answered a
+  PING, so data sitting in socket buffers is loaded before the downtime starts, not during it;
 - ``expected-downtime`` is ``fixed costs + remaining / bandwidth`` from the first window on: the downtime
   a switch-over started now would cost. QEMU only updates it after a second bitmap sync, so it shows the
   limit itself during the whole first pass. Ours reaches the limit exactly when the switch-over is decided.
@@ -27,10 +30,12 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from migd.bql import BQL
 from migd.machine.runstate import LIVE_STATES, RunState
+from migd.migration.format import Cmd, command
 from migd.migration.returnpath import ReturnPathReader, sibling_error
 from migd.migration.state import MigrationStatus as M
 from migd.migration.throttle import AutoConverge
@@ -45,6 +50,8 @@ WINDOW = 0.1  # seconds: QEMU's BUFFER_DELAY
 DEFAULT_OVERHEAD_MS = 20.0  # fixed switch-over cost assumed before one was measured
 MIN_FINAL_PASS_BYTES = 8 << 20  # a final pass smaller than this says nothing about bandwidth
 ACK_TIMEOUT = 600.0  # seconds to wait for the destination's SHUT (a cancel ends the wait at once)
+PONG_TIMEOUT = 30.0  # seconds a catch-up PING may take before the switch-over goes ahead anyway
+BW_HISTORY = 5  # windows: the switch-over counts on the slowest of the last 0.5 s
 
 
 class MigrationFailed(Exception):
@@ -101,6 +108,9 @@ class MigrationThread(threading.Thread):
         self._iter_pages = 0
         self._pre_sync_dirty = 0
         self._completing = False
+        self._bw_history: deque[float] = deque(maxlen=BW_HISTORY)
+        self._ping = 1  # PING 1 goes out with the header
+        self._dest_synced = False
         # what completion changed, to undo on failure/cancel
         self._vm_stopped = False
         self._vm_was_live = False
@@ -181,10 +191,35 @@ class MigrationThread(threading.Thread):
                     with BQL:
                         pending = savevm.pending_exact()
                 if pending <= self.threshold:
+                    if self.rp is not None and not self._dest_synced:
+                        self._catch_up()
+                        continue  # re-evaluate with a fresh sync: the guest ran meanwhile
                     self._complete()
                     return
                 savevm.save_iterate(stream)
+                self._dest_synced = False
             self._rate_limit()
+
+    def _catch_up(self) -> None:
+        """PING the destination and wait for its PONG while the guest still runs.
+
+        Bytes count as transferred once the kernel took them, but socket buffers hold megabytes —
+        millions of ZERO records — that the destination has not loaded yet. Without this, that backlog
+        would be loaded during the downtime (as wait-ack). Not QEMU's behaviour: a migd addition.
+        """
+        assert self.rp is not None
+        self._ping += 1
+        t0 = time.monotonic()
+        self.stream.put(command(Cmd.PING, self._ping.to_bytes(4, "big")))
+        self.stream.flush()
+        ok = self.rp.wait_for_pong(self._ping, PONG_TIMEOUT)
+        self._expect(M.ACTIVE)
+        if not ok and (self.rp.error is not None or self.rp.shut is not None):
+            raise MigrationFailed(self.rp.error or sibling_error(self.rp.shut or 1))
+        log.info("migration catch-up: destination answered PING %d after %.1f ms%s", self._ping,
+                 (time.monotonic() - t0) * 1000, "" if ok else " (timed out)")
+        self._dest_synced = True
+        self._new_window(time.monotonic())  # the wait says nothing about the channel's bandwidth
 
     # -- counters (QEMU's migration_update_counters / migration_rate_limit) -----------------------
 
@@ -199,11 +234,15 @@ class MigrationThread(threading.Thread):
         return hint if hint > 0 else DEFAULT_OVERHEAD_MS
 
     def _switchover_bandwidth(self) -> float:
-        """Bytes/ms a switch-over could count on."""
+        """Bytes/ms a switch-over could count on: avail-switchover-bandwidth if set, else the slowest
+        recent window (single windows swing 2-3x with socket buffering and CPU contention), capped by
+        the final-pass bandwidth measured last time."""
         avail = int(self.ms.config.param("avail-switchover-bandwidth"))
-        bw = avail / 1000 if avail else self.bandwidth
+        if avail:
+            return avail / 1000
+        bw = min(self._bw_history) if self._bw_history else self.bandwidth
         final = self.ms.final_bw_hint
-        return min(bw, final) if final > 0 and not avail else bw
+        return min(bw, final) if final > 0 else bw
 
     def _rate_limit(self) -> None:
         now = time.monotonic()
@@ -219,6 +258,8 @@ class MigrationThread(threading.Thread):
         transferred = self.stream.transferred - self._iter_bytes
         spent_ms = (now - self._iter_start) * 1000
         self.bandwidth = transferred / spent_ms
+        if transferred > 10000:
+            self._bw_history.append(self.bandwidth)
         bw = self._switchover_bandwidth()
         limit_ms = int(self.ms.config.param("downtime-limit"))
         overhead = self._overhead_ms()
