@@ -18,7 +18,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from migd import sdnotify
@@ -51,6 +51,40 @@ def _optional(module: str, attr: str) -> Any:
 
 async def _maybe_await(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
+
+
+STOP_STEP_TIMEOUT = 15.0
+
+
+async def _bounded(step: Callable[[], Awaitable[Any]], what: str) -> None:
+    """Run one shutdown step, logging (not raising) if it fails or takes too long."""
+    try:
+        await asyncio.wait_for(step(), STOP_STEP_TIMEOUT)
+    except TimeoutError:
+        log.error("shutdown: %s did not finish within %.0f s; going on", what, STOP_STEP_TIMEOUT)
+    except Exception:
+        log.exception("shutdown: %s failed", what)
+
+
+async def _in_daemon_thread(fn: Callable[[], Any]) -> None:
+    """Like run_in_executor, but a thread that never returns cannot hold up interpreter exit."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if not done.done():
+            done.set_result(None) if error is None else done.set_exception(error)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            fn()
+        except BaseException as exc:  # handed to the awaiting task
+            error = exc
+        loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=run, name="shutdown", daemon=True).start()
+    await done
 
 
 class Daemon:
@@ -195,21 +229,16 @@ class Daemon:
             return
         self._stopped = True
         sdnotify.notify("STOPPING=1")
+        # Each step is bounded: a part that hangs must not keep the process from exiting.
         for part, method in ((self.migration, "cancel"), (self.incoming, "close")):
             if part is not None and hasattr(part, method):
-                try:
-                    await _maybe_await(getattr(part, method)())
-                except Exception:
-                    log.exception("%s.%s() failed during shutdown", type(part).__name__, method)
+                await _bounded(lambda p=part, m=method: _maybe_await(getattr(p, m)()), f"{method}()")
         if self.http is not None:
-            try:
-                await self.http.close()
-            except Exception:
-                log.exception("closing the HTTP endpoint failed")
+            await _bounded(self.http.close, "closing HTTP")
         if self.qmp is not None:
-            await self.qmp.close()
+            await _bounded(self.qmp.close, "closing QMP")
         if self.machine is not None:
-            await self.run_blocking(self.machine.shutdown)
+            await _bounded(lambda: _in_daemon_thread(self.machine.shutdown), "machine shutdown")
         try:
             self.runstate.remove_notifier(self._on_runstate)
         except ValueError:

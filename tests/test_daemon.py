@@ -350,3 +350,24 @@ async def test_stop_waiting_for_the_big_lock_does_not_freeze_qmp(tmp_path: Path)
         release.set()
         await asyncio.to_thread(holder.join, 30)
         await daemon.stop()
+
+
+async def test_a_hanging_part_does_not_block_shutdown(monkeypatch) -> None:
+    """machine.shutdown() that never returns: stop() gives up after the step timeout and goes on."""
+    import threading
+
+    from migd import daemon as daemon_mod
+    from migd.config import build
+    from migd.daemon import Daemon
+
+    monkeypatch.setattr(daemon_mod, "STOP_STEP_TIMEOUT", 0.5)
+    daemon = Daemon(build({"memory": "16M", "qmp": []}))
+    await daemon.start()
+    never = threading.Event()
+    real_shutdown = daemon.machine.shutdown
+    monkeypatch.setattr(daemon.machine, "shutdown", lambda: never.wait(60))
+    try:
+        await asyncio.wait_for(daemon.stop(), 30)
+    finally:
+        never.set()
+        real_shutdown()
