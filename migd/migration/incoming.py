@@ -34,6 +34,7 @@ CMD_OPEN_RETURN_PATH = 1
 CMD_PING = 2
 
 DEFER = "defer"
+CLOSE_JOIN = 5.0  # seconds close() waits for the woken incoming thread
 
 
 class IncomingError(Exception):
@@ -295,6 +296,10 @@ class IncomingMigration:
         channel = self._channel
         if channel is not None:
             channel.shutdown()
+        # the loader writes into guest RAM: let it stop before the daemon unmaps that RAM
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(CLOSE_JOIN)
 
     def join(self, timeout: float | None = None) -> None:
         if self._thread is not None:
