@@ -22,7 +22,7 @@ from migd.events import EventSink
 from migd.machine.machine import Machine
 from migd.machine.runstate import RunState, RunStateMachine
 from migd.machine.vcpu import VCPUSet
-from migd.migration.outgoing import DEFAULT_OVERHEAD_MS, MigrationThread, PhaseClock
+from migd.migration.outgoing import DEFAULT_OVERHEAD_MS, SWITCHOVER_SAFETY, MigrationThread, PhaseClock
 from migd.migration.state import MigrationState
 from migd.migration.state import MigrationStatus as M
 from migd.migration.stream import OutStream
@@ -155,7 +155,7 @@ async def test_counters_follow_qemu_formulas(h: Harness) -> None:
         assert thread.bandwidth == pytest.approx(250_000)  # bytes/ms
         assert stats.mbps == pytest.approx(50_000_000 * 8 / 0.2 / 1e6)
         assert stats.pages_per_second == 60_000
-        assert thread.threshold == pytest.approx(250_000 * (300 - DEFAULT_OVERHEAD_MS))
+        assert thread.threshold == pytest.approx(250_000 * SWITCHOVER_SAFETY * (300 - DEFAULT_OVERHEAD_MS))
         assert ms.expected_downtime == int(DEFAULT_OVERHEAD_MS + 5_000 * 4096 / 250_000)
         assert thread.stream._window_start == 50_000_000 and thread._iter_start == 10.2
         # avail-switchover-bandwidth replaces the measured bandwidth (bytes/s -> bytes/ms)
@@ -168,7 +168,7 @@ async def test_counters_follow_qemu_formulas(h: Harness) -> None:
         ms.final_bw_hint = 1_000.0
         thread.stream.transferred += 1_000_000
         thread._update_counters(10.4)
-        assert thread.threshold == pytest.approx(1_000 * (300 - DEFAULT_OVERHEAD_MS))
+        assert thread.threshold == pytest.approx(1_000 * SWITCHOVER_SAFETY * (300 - DEFAULT_OVERHEAD_MS))
     finally:
         thread.stream.close()
         peer.close()
@@ -184,13 +184,13 @@ async def test_switchover_counts_on_the_slowest_recent_window(h: Harness) -> Non
             t += 0.1
             thread._update_counters(t)
         assert thread.bandwidth == pytest.approx(300_000)
-        assert thread.threshold == pytest.approx(100_000 * (300 - DEFAULT_OVERHEAD_MS))
+        assert thread.threshold == pytest.approx(100_000 * SWITCHOVER_SAFETY * (300 - DEFAULT_OVERHEAD_MS))
         for _ in range(5):  # the slow window ages out of the history
             thread._iter_start, thread._iter_bytes = t, thread.stream.transferred
             thread.stream.transferred += 30_000_000
             t += 0.1
             thread._update_counters(t)
-        assert thread.threshold == pytest.approx(300_000 * (300 - DEFAULT_OVERHEAD_MS))
+        assert thread.threshold == pytest.approx(300_000 * SWITCHOVER_SAFETY * (300 - DEFAULT_OVERHEAD_MS))
     finally:
         thread.stream.close()
         peer.close()
