@@ -315,3 +315,58 @@ async def _slow_client_scenario() -> None:
     finally:
         await daemon.stop()
     assert not sock_path.exists()
+
+
+
+async def test_a_flooding_client_does_not_starve_others(monkeypatch) -> None:
+    """5000 commands arrive at once from one client; another client's command is run in between.
+
+    In-process so the order is deterministic: the server must yield to the loop between commands.
+    """
+    from migd.config import build
+    from migd.daemon import Daemon
+    from migd.qmp.commands import REGISTRY, Command, load_all
+
+    load_all()
+    ran = {"status": 0, "name_at": -1}
+    status_cmd, name_cmd = REGISTRY["query-status"], REGISTRY["query-name"]
+
+    def counting_status(ctx, args):
+        ran["status"] += 1
+        return status_cmd.handler(ctx, args)
+
+    def recording_name(ctx, args):
+        ran["name_at"] = ran["status"]
+        return name_cmd.handler(ctx, args)
+
+    monkeypatch.setitem(REGISTRY, "query-status", Command("query-status", counting_status, None))
+    monkeypatch.setitem(REGISTRY, "query-name", Command("query-name", recording_name, None))
+
+    sock_path = Path(f"/tmp/migd-flood-{os.getpid()}.sock")
+    daemon = Daemon(build({"memory": "16M", "qmp": [f"unix:{sock_path}"]}))
+    await daemon.start()
+    try:
+        async def connect():
+            r, w = await asyncio.open_unix_connection(str(sock_path), limit=1 << 20)
+            await r.readline()
+            w.write(b'{"execute":"qmp_capabilities"}')
+            assert json.loads(await r.readline()) == {"return": {}}
+            return r, w
+
+        (flood_r, flood_w), (other_r, other_w) = await connect(), await connect()
+        total = 5000
+        flood_w.write(b'{"execute":"query-status"}' * total)
+        async with asyncio.timeout(30):
+            while ran["status"] == 0:
+                await asyncio.sleep(0)
+        other_w.write(b'{"execute":"query-name","id":"me"}')
+        reply = json.loads(await asyncio.wait_for(other_r.readline(), 30))
+        assert reply == {"return": {}, "id": "me"}  # no --name
+        assert 0 < ran["name_at"] < total, ran
+        for _ in range(total):
+            await asyncio.wait_for(flood_r.readline(), 30)
+        assert ran["status"] == total
+        flood_w.close()
+        other_w.close()
+    finally:
+        await daemon.stop()

@@ -140,6 +140,7 @@ class Session:
                         break
                     await self._drained.wait()  # do not run more commands for a client not reading
                     await self._handle(item)
+                    await asyncio.sleep(0)  # let other clients in: a flood must not own the loop
                 if not data:
                     break
         except (OSError, asyncio.CancelledError):
