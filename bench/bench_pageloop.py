@@ -125,6 +125,30 @@ def run_once(case: str, size: int) -> dict[str, float]:
             "recv_cpu": float(cpu_s) / gib, "ok": float(ok_s), "bytes": float(f.transferred)}
 
 
+def raw_ceiling(size: int) -> float:
+    """GB/s of plain 1 MiB sendall -> recv_into between two processes: the machine's ceiling now."""
+    a, b = socket.socketpair()
+    for s_, opt, val in ((a, socket.SO_SNDBUF, 4 << 20), (b, socket.SO_RCVBUF, 8 << 20)):
+        s_.setsockopt(socket.SOL_SOCKET, opt, val)
+    pid = os.fork()
+    if pid == 0:
+        a.close()
+        mv = memoryview(bytearray(4 << 20))
+        while b.recv_into(mv):
+            pass
+        os._exit(0)
+    b.close()
+    chunk = bytes(1 << 20)
+    start = time.monotonic()
+    for _ in range(size >> 20):
+        a.sendall(chunk)
+    a.shutdown(socket.SHUT_WR)
+    os.waitpid(pid, 0)
+    elapsed = time.monotonic() - start
+    a.close()
+    return size / elapsed / 1e9
+
+
 _zero_digest: dict[int, bytes] = {}
 
 
@@ -147,6 +171,7 @@ def main() -> None:
     size = args.size << 20
     cases = ["random", "zero"] if args.case == "both" else [args.case]
     print(f"page loop: {args.size} MiB, save -> unix socketpair -> load, 2 processes, max-bandwidth 0")
+    print(f"raw socketpair ceiling right now (1 MiB sendall -> recv_into): {raw_ceiling(size):.2f} GB/s")
     for case in cases:
         results = [run_once(case, size) for _ in range(args.runs)]
         for r in results:
@@ -159,6 +184,7 @@ def main() -> None:
               f"recv {statistics.median(r['recv_cpu'] for r in results):.3f}")
         if not all(r["ok"] for r in results):
             sys.exit("destination RAM differs from the source")
+    print(f"raw socketpair ceiling after the runs: {raw_ceiling(size):.2f} GB/s")
 
 
 if __name__ == "__main__":
