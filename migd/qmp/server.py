@@ -143,6 +143,8 @@ class Session:
                     await asyncio.sleep(0)  # let other clients in: a flood must not own the loop
                 if not data:
                     break
+                if not items:
+                    await asyncio.sleep(0)  # likewise while a long message streams in
         except (OSError, asyncio.CancelledError):
             pass
         except Exception:
