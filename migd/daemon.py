@@ -137,7 +137,7 @@ class Daemon:
             await self.stop()
             return 1
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # QEMU: all three are "host-signal"
             loop.add_signal_handler(sig, self.request_shutdown, "host-signal")
         await self.wait_stopped()
         await self.stop()

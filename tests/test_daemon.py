@@ -82,9 +82,10 @@ def test_sigterm_is_a_clean_shutdown(migd_factory) -> None:
     vm.close()
 
 
-def test_sigint_exits_zero(migd_factory) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
+def test_sigint_and_sighup_exit_zero(migd_factory, sig: signal.Signals) -> None:
     vm = migd_factory("vm", "-m", "32M")
-    vm.proc.send_signal(signal.SIGINT)
+    vm.proc.send_signal(sig)
     assert vm.wait() == 0
     assert not vm.qmp_path.exists()
 
