@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_query_latency import parse_size, random_file, start_pair  # noqa: E402
+from bench_query_latency import SETTLE, parse_size, random_file, start_pair  # noqa: E402
 
 CASES = {
     "random": ("idle", True),
@@ -42,6 +42,7 @@ async def one_run(tmp: Path, memory: int, workload: str, mem_path: Path | None) 
         control, probe = await src.client(), await src.client()
         dclient = await dst.client()
         await control.execute("migrate-set-parameters", {"max-bandwidth": 0})
+        await asyncio.sleep(SETTLE)
         last_expected: int | None = None
 
         async def poll() -> dict[str, Any]:

@@ -89,9 +89,13 @@ def source_args(memory: int, workload: str, mem_path: Path | None) -> list[str]:
     return args
 
 
+SETTLE = 2.0  # seconds: a destination prefaults its RAM right after it starts; migrations start later
+
+
 async def start_pair(tmp: Path, memory: int, workload: str, mem_path: Path | None) -> tuple[Migd, Migd]:
+    """Source and destination; the destination stays paused (-S) so its RAM can be compared."""
     src = Migd("src", tmp, source_args(memory, workload, mem_path))
-    dst = Migd("dst", tmp, ["-m", f"{memory >> 20}M", "--incoming", f"unix:{tmp}/mig.sock"])
+    dst = Migd("dst", tmp, ["-m", f"{memory >> 20}M", "-S", "--incoming", f"unix:{tmp}/mig.sock"])
     return src, dst
 
 
@@ -106,6 +110,7 @@ async def one_run(tmp: Path, memory: int, workload: str, mem_path: Path | None) 
         control, probe = await src.client(), await src.client()
         dclient = await dst.client()
         await control.execute("migrate-set-parameters", {"max-bandwidth": 0})
+        await asyncio.sleep(SETTLE)
         samples: list[tuple[float, str]] = []
 
         async def poll() -> dict[str, Any]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -51,6 +52,9 @@ WINDOW = 0.1  # seconds: QEMU's BUFFER_DELAY
 DEFAULT_OVERHEAD_MS = 20.0  # fixed switch-over cost assumed before one was measured
 MIN_FINAL_PASS_BYTES = 8 << 20  # a final pass smaller than this says nothing about bandwidth
 ACK_TIMEOUT = 600.0  # seconds to wait for the destination's SHUT (a cancel ends the wait at once)
+# While a migration runs, the GIL changes hands every 1 ms instead of 5: the event loop needs it a few
+# times per QMP answer, and the page loop would otherwise make each of those waits up to 5 ms long.
+SWITCH_INTERVAL = 0.001
 PONG_TIMEOUT = 30.0  # seconds a catch-up PING may take before the switch-over goes ahead anyway
 BW_HISTORY = 5  # windows: the switch-over counts on the slowest of the last 0.5 s
 # The final pass may run at half the speed measured just before it (measured on this noisy 2-core
@@ -146,6 +150,8 @@ class MigrationThread(threading.Thread):
     # -- the thread -----------------------------------------------------------------------------
 
     def run(self) -> None:
+        old_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(old_interval, SWITCH_INTERVAL))
         try:
             self._migrate()
         except Cancelled:
@@ -161,6 +167,7 @@ class MigrationThread(threading.Thread):
             try:
                 self._finish()
             finally:
+                sys.setswitchinterval(old_interval)
                 self.ms.thread_exited(self)
 
     def _expect(self, status: M) -> None:
