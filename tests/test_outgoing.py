@@ -533,3 +533,28 @@ async def test_no_return_path_completes_without_ack(h: Harness, tmp_path, savevm
         assert "wait-ack" not in ms.query()["x-migd-downtime-phases"]
     finally:
         peer.close()
+
+
+async def test_auto_converge_throttles_a_hot_guest_and_stops_at_the_end(tmp_path, savevm: Any) -> None:
+    """A guest dirtying 64 MB/s against a 4 MB/s migration: throttled, shown, removed on cancel."""
+    h = Harness(asyncio.get_running_loop(), workload="random,rate=64M")
+    try:
+        h.machine.start()
+        ms = h.migration
+        ms.config.set_capabilities([("auto-converge", True)])
+        ms.config.set_parameters({"max-bandwidth": 4 << 20})
+        peer = Peer(read=True)
+        try:
+            await ms.start(peer.listen(str(tmp_path / "mig.sock")))
+            await h.wait_for(lambda: "cpu-throttle-percentage" in ms.query(), timeout=30)
+            info = ms.query()
+            assert info["status"] == "active" and info["cpu-throttle-percentage"] >= 20
+            assert h.machine.vcpus.throttle_percentage >= 20
+            await ms.cancel()
+            assert ms.status is M.CANCELLED
+            assert h.machine.vcpus.throttle_percentage == 0
+            assert "cpu-throttle-percentage" not in ms.query()
+        finally:
+            peer.close()
+    finally:
+        h.close()
