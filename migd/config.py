@@ -169,7 +169,7 @@ class DaemonConfig(BaseModel):
         return split_host_port(self.http) if self.http else None
 
 
-# Option name (as on the command line) -> (where it goes, how to convert a raw value).
+# The long option names (also the TOML keys), by the model they configure.
 _MACHINE_KEYS = {"name", "memory", "smp", "workload", "drive", "mem-path", "S", "start-paused"}
 _DAEMON_KEYS = {"qmp", "incoming", "http", "log-level"}
 
