@@ -200,6 +200,15 @@ BAD_STREAMS = {
         header() + GOOD_START + ram_part(page(0, bytes(PAGE_SIZE)) + page(PAGE_SIZE, bytes(PAGE_SIZE), None)
                                          + page(64 * MiB, bytes(PAGE_SIZE), None)),
         "Illegal RAM offset 4000000"),
+    "run crossing the end of the block": (
+        header() + GOOD_START + ram_part(page(MiB - PAGE_SIZE, bytes(PAGE_SIZE)) + page(MiB, bytes(PAGE_SIZE), None)
+                                         + page(MiB + PAGE_SIZE, bytes(PAGE_SIZE), None)),
+        "Illegal RAM offset 100000"),
+    "zero run crossing the end of the block": (
+        header() + GOOD_START + ram_part((MiB - PAGE_SIZE | fmt.RAM_ZERO).to_bytes(8, "big") + b"\x04ram0\x00"
+                                         + b"".join(((MiB + i * PAGE_SIZE) | 0x22).to_bytes(8, "big") + b"\0"
+                                                    for i in range(3))),
+        "Illegal RAM offset 100000"),
     "page of unknown block": (header() + GOOD_START + ram_part(page(0, bytes(PAGE_SIZE), "nosuch")),
                               "Can't find block nosuch"),
     "continue without block": (header() + GOOD_START + ram_part(page(0, bytes(PAGE_SIZE), None)),

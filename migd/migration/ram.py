@@ -54,6 +54,7 @@ _ZREC = np.dtype([("h", ">u8"), ("z", "u1")])  # packed: 9 bytes
 _EOS = RAM_EOS.to_bytes(8, "big")
 _ADDR_MASK = np.uint64(~RAM_FLAG_MASK & 0xFFFFFFFFFFFFFFFF)
 _FLAG_MASK = np.uint64(RAM_FLAG_MASK)
+_STEPS = np.arange(1 << 16, dtype=np.uint64) * np.uint64(PAGE_SIZE)  # headers of consecutive pages
 
 
 class RAMError(RuntimeError):
@@ -460,14 +461,33 @@ class RAMLoader:
             self.zero_pages += 1
 
     def _bulk(self, f: InStream, mv: memoryview, block: Any, kind: int) -> None:
-        """A run of same-kind CONTINUE records in the buffer: validate and scatter it at once."""
+        """A run of same-kind CONTINUE records in the buffer: validate and scatter it at once.
+
+        The common case, consecutive pages, is found with one comparison against the headers such a
+        run must have; otherwise the run of same-kind records is scattered with fancy indexing.
+        """
         rec = PAGE_RECORD if kind == RAM_PAGE else ZERO_RECORD
         avail = len(mv) // rec
         look = min(avail, self._look[kind])
         arr = np.frombuffer(mv, dtype=np.uint8, count=look * rec).reshape(look, rec)
         hdr = arr[:, :8].view(">u8")[:, 0]
-        off = np.flatnonzero((hdr & _FLAG_MASK) != np.uint64(kind | RAM_CONTINUE))
-        n = int(off[0]) if off.size else look
+        first = int(hdr[0])
+        mismatch = np.flatnonzero(hdr != _STEPS[:look] + np.uint64(first))
+        n = int(mismatch[0]) if mismatch.size else look
+        if n >= 2:
+            start = (first & ~RAM_FLAG_MASK) // PAGE_SIZE
+            if (start + n) * PAGE_SIZE > block.size:
+                bad = max(start, block.size // PAGE_SIZE)
+                raise StreamError(f"Illegal RAM offset {bad * PAGE_SIZE:x}")
+            idx: np.ndarray | slice = slice(start, start + n)
+        else:
+            same = np.flatnonzero((hdr & _FLAG_MASK) != np.uint64(kind | RAM_CONTINUE))
+            n = int(same[0]) if same.size else look
+            addrs = hdr[:n] & _ADDR_MASK
+            over = np.flatnonzero(addrs >= np.uint64(block.size))
+            if over.size:
+                raise StreamError(f"Illegal RAM offset {int(addrs[over[0]]):x}")
+            idx = (addrs >> np.uint64(12)).astype(np.intp)
         # adapt how far to look: grow while runs fill the window, shrink when they are short
         if n == look and look < avail:
             self._look[kind] = min(self.BULK_MAX[kind], look * 2)
@@ -475,23 +495,11 @@ class RAMLoader:
             self._look[kind] = max(4, look // 2)
         if n < 4:
             self._slow = 32  # short runs (QEMU's interleaved order): walk records one by one a while
-        addrs = hdr[:n] & _ADDR_MASK
-        bad = np.flatnonzero(addrs >= np.uint64(block.size))
-        if bad.size:
-            raise StreamError(f"Illegal RAM offset {int(addrs[bad[0]]):x}")
-        idx = (addrs >> np.uint64(12)).astype(np.intp)
-        contiguous = n == 1 or (int(idx[-1]) - int(idx[0]) == n - 1 and bool(np.all(np.diff(idx) == 1)))
         kz = self._zero_map(block)
         if kind == RAM_PAGE:
-            if contiguous:
-                i0 = int(idx[0])
-                block.pages[i0 : i0 + n] = arr[:n, 8:]
-                if kz is not None:
-                    kz[i0 : i0 + n] = False
-            else:
-                block.pages[idx] = arr[:n, 8:]
-                if kz is not None:
-                    kz[idx] = False
+            block.pages[idx] = arr[:n, 8:]
+            if kz is not None:
+                kz[idx] = False
             self.pages += n
         else:
             zb = arr[:n, 8]
@@ -501,7 +509,10 @@ class RAMLoader:
             if kz is None:
                 block.pages[idx] = 0
             else:
-                need = idx[~kz[idx]]
+                if isinstance(idx, slice):
+                    need = np.flatnonzero(~kz[idx]) + idx.start
+                else:
+                    need = idx[~kz[idx]]
                 if need.size:
                     block.pages[need] = 0
                     kz[need] = True
