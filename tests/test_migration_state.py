@@ -222,3 +222,66 @@ async def test_exec_target_that_exits_fails_the_migration(harness: Harness) -> N
     assert ms.query()["error-desc"]
     assert harness.runstate.state is RunState.RUNNING
     assert ms.thread is None
+
+
+# -- over QMP, with real daemons --------------------------------------------------------------------
+
+def test_qmp_migration_commands_end_to_end(migd_factory) -> None:
+    """The QMP surface on real daemons: event before the reply, refusals, cancel, then a completion."""
+    from helpers import RawQMP
+
+    src = migd_factory("src", "-m", "64M", "--workload", "random,rate=8M")
+    dst = migd_factory("dst", "-m", "64M", "-S", "--incoming", f"unix:{src.sock_path('mig')}")
+    assert src.cmd("query-migrate") == {}
+    caps = src.cmd("query-migrate-capabilities")
+    assert caps[0] == {"capability": "xbzrle", "state": False}
+    assert {"capability": "return-path", "state": True} in caps
+    assert src.cmd_error("migrate-set-capabilities",
+                         capabilities=[{"capability": "xbzrle", "state": True}])["desc"] == \
+        "Capability 'xbzrle' is not supported by migd"
+    assert src.cmd("query-migrate-parameters")["max-bandwidth"] == 134217728
+    assert src.cmd_error("migrate-start-postcopy")["desc"] == \
+        "Enable postcopy with migrate_set_capability before the start of migration"
+    assert src.cmd_error("migrate-pause")["desc"] == \
+        "migrate-pause is currently only supported during postcopy-active or postcopy-recover state"
+    assert src.cmd_error("migrate", uri="nope:x")["desc"] == "unknown migration protocol: nope:x"
+    src.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 20})  # slow: stays active
+
+    # a first migration to a peer that only swallows bytes, cancelled while active
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    peer_path = src.sock_path("peer")
+    peer.bind(str(peer_path))
+    peer.listen(1)
+    with RawQMP(src.qmp_path) as raw:
+        raw.negotiate()
+        raw.send({"execute": "migrate", "arguments": {"uri": f"unix:{peer_path}"}, "id": 1})
+        first = raw.recv()
+        assert first["event"] == "MIGRATION" and first["data"] == {"status": "setup"}  # before the reply
+        assert raw.reply() == {"return": {}, "id": 1}
+    conn, _ = peer.accept()
+    src.wait_for(lambda: src.cmd("query-migrate")["status"] == "active", what="active")
+    info = src.cmd("query-migrate")
+    assert {"status", "ram", "total-time", "expected-downtime", "setup-time"} == set(info)
+    assert src.cmd_error("migrate", uri="unix:/x")["desc"] == "There's a migration process in progress"
+    assert src.cmd_error("migrate-set-capabilities",
+                         capabilities=[{"capability": "events", "state": False}])["desc"] == \
+        "There's a migration process in progress"
+    assert src.cmd("migrate_cancel") == {}
+    assert src.cmd("query-migrate") == {"status": "cancelled"}
+    assert src.status() == "running"
+    conn.close()
+    peer.close()
+
+    # then a real one: completes, guest stopped for good, phases add up to the downtime
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
+    src.cmd("migrate", uri=f"unix:{src.sock_path('mig')}")
+    src.wait_for(lambda: src.cmd("query-migrate")["status"] in ("completed", "failed"), 60, "completion")
+    info = src.cmd("query-migrate")
+    assert info["status"] == "completed", info
+    assert abs(sum(info["x-migd-downtime-phases"].values()) - info["downtime"]) <= 2
+    assert src.status() == "postmigrate"
+    dst.wait_for(lambda: dst.cmd("query-migrate").get("status") == "completed", 30, "destination")
+    assert src.cmd("x-migd-ram-digest") == dst.cmd("x-migd-ram-digest")
+    assert src.cmd_error("migrate", uri="unix:/x")["desc"] == \
+        "Can't migrate the vm that was paused due to previous migration"
