@@ -38,8 +38,10 @@ from typing import TYPE_CHECKING, Any
 from migd.bql import BQL
 from migd.machine.runstate import LIVE_STATES, RunState
 from migd.migration.format import Cmd, command
+from migd.migration.ram import RAMError
 from migd.migration.returnpath import ReturnPathReader, sibling_error
 from migd.migration.state import MigrationStatus as M
+from migd.migration.stream import StreamError
 from migd.migration.throttle import AutoConverge
 
 if TYPE_CHECKING:
@@ -158,11 +160,11 @@ class MigrationThread(threading.Thread):
             pass
         except MigrationFailed as exc:
             self.ms.fail(str(exc))
-        except Exception as exc:  # a stream error, or a bug: never leave the state running
-            desc = self.stream.error or str(exc) or type(exc).__name__
-            if self.stream.error is None:
-                log.exception("migration thread failed")
-            self.ms.fail(desc)
+        except (StreamError, RAMError, OSError) as exc:  # channel gone, RAM block removed, I/O error
+            self.ms.fail(self.stream.error or str(exc) or type(exc).__name__)
+        except Exception as exc:  # a bug: report it, and never leave the state running
+            log.exception("migration thread failed")
+            self.ms.fail(self.stream.error or f"Migration thread error: {exc or type(exc).__name__}")
         finally:
             try:
                 self._finish()
