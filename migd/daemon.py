@@ -178,6 +178,7 @@ class Daemon:
             if start_http is not None:
                 self.http = await start_http(self, *address)
 
+        self.qmp.serve()
         sdnotify.notify("READY=1", f"STATUS={self.runstate.state}")
         log.info("migd ready: %s, QMP on %s", self.runstate.state, ", ".join(self.qmp_addresses()))
 

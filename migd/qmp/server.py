@@ -346,16 +346,21 @@ class QMPServer:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
+        """Bind and listen on every socket (connections wait in the backlog until ``serve``)."""
         self._loop = asyncio.get_running_loop()
         try:
             for uri in self.uris:
-                listener = Listener(uri)
-                self.listeners.append(listener)
-                self._loop.add_reader(listener.sock.fileno(), self._accept, listener)
+                self.listeners.append(Listener(uri))
         except OSError:
             self._close_listeners()
             raise
+
+    def serve(self) -> None:
+        """Start accepting: called once the whole daemon is up, so a greeting means "ready"."""
+        assert self._loop is not None
         self.daemon.events.subscribe(self._broadcast)
+        for listener in self.listeners:
+            self._loop.add_reader(listener.sock.fileno(), self._accept, listener)
 
     def _accept(self, listener: Listener) -> None:
         while True:
