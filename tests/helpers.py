@@ -11,7 +11,9 @@ Use from *synchronous* tests (the qemu.qmp legacy client runs its own event loop
         vm.cmd("migrate-set-parameters", **{"max-bandwidth": 0})          # hyphenated keys as is
         assert vm.quit() == 0
 
-``cmd`` keyword names are sent with ``_`` turned into ``-``; use ``cmd_raw`` for anything exact.
+``Migd(...)`` returns once the daemon is fully up: QMP greets only after every listener (an
+``--incoming`` one included) is open. ``cmd`` keyword names are sent with ``_`` turned into ``-``;
+use ``cmd_raw`` for anything exact.
 Sockets for a migration between two daemons: ``vm.sock_path("mig")`` gives a short unix path.
 Async tests pass ``connect=False`` and use their own ``qemu.qmp.QMPClient`` on ``vm.qmp_path``.
 """
