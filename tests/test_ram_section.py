@@ -353,3 +353,19 @@ def test_concurrent_writer_into_untouched_memory(seed):
     m.finish()
     assert m.error is None
     assert np.array_equal(block.buf, dst_ram.get("ram0").buf)
+
+
+def test_rate_limit_also_bounds_untouched_zero_records():
+    src_ram = ramlist(ram0=64 * MiB)  # untouched: 16384 ZERO records, 147 KB
+    dst_ram = ramlist(ram0=64 * MiB)
+    m = Migration(Box(src_ram), Box(dst_ram))
+    m.start()
+    m.f.set_rate_limit(200_000)  # 20 kB per window
+    m.f.reset_window()
+    before = m.f.transferred
+    assert m.sv.save_iterate(m.f) is False
+    assert m.f.transferred - before <= 20_000 + 4104 + 64
+    m.f.set_rate_limit(0)
+    m.finish()
+    assert m.error is None
+    assert not dst_ram.get("ram0").buf.any()

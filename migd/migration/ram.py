@@ -236,18 +236,20 @@ class RAMSaver:
             if limited and f.rate_limit_exceeded():
                 return self.stats.dirty_pages == 0
             limit = self.batch_pages
+            max_bytes = None
             if limited:
                 budget = f.rate_budget()
                 if budget is not None:
                     limit = max(1, min(limit, budget // PAGE_RECORD + 1))
-            found = self._next_batch(limit)
+                    max_bytes = budget + 1  # one record over the budget ends the window
+            found = self._next_batch(limit, max_bytes)
             if found is None:
                 return True
             self._emit(f, *found)
             if deadline is not None and time.monotonic() >= deadline:
                 return self.stats.dirty_pages == 0
 
-    def _next_batch(self, limit: int) -> tuple[_Tracked, np.ndarray] | None:
+    def _next_batch(self, limit: int, max_bytes: int | None = None) -> tuple[_Tracked, np.ndarray] | None:
         """The next dirty pages from where the scan stopped (at most ``limit`` to read), cleared."""
         if self.stats.dirty_pages <= 0 or not self._tracked:
             return None
@@ -265,8 +267,12 @@ class RAMSaver:
                 if found.size:
                     idx = found + p
                     if t.hint is not None:
-                        unread = np.cumsum(~t.hint[idx])
-                        cut = max(1, int(np.searchsorted(unread, limit, side="right")))
+                        known = t.hint[idx]
+                        cut = int(np.searchsorted(np.cumsum(~known), limit, side="right"))
+                        if max_bytes is not None:  # untouched pages cost a 9-byte record each
+                            cost = np.cumsum(np.where(known, ZERO_RECORD, PAGE_RECORD))
+                            cut = min(cut, int(np.searchsorted(cost, max_bytes, side="right")))
+                        cut = max(1, cut)
                     else:
                         cut = limit
                     idx = idx[:cut]
