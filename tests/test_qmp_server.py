@@ -370,3 +370,48 @@ async def test_a_flooding_client_does_not_starve_others(monkeypatch) -> None:
         other_w.close()
     finally:
         await daemon.stop()
+
+
+async def test_a_command_finishes_when_its_client_goes_away(monkeypatch) -> None:
+    """A client sends a slow command and hangs up: the command is not cancelled half-way."""
+    from migd.config import build
+    from migd.daemon import Daemon
+    from migd.qmp.commands import REGISTRY, Command, load_all
+
+    load_all()
+    proceed = asyncio.Event()
+    outcome: list[str] = []
+
+    async def slow(ctx, args):
+        try:
+            await proceed.wait()
+            outcome.append("finished")
+        except asyncio.CancelledError:
+            outcome.append("cancelled")
+            raise
+        return {}
+
+    monkeypatch.setitem(REGISTRY, "x-migd-test-slow", Command("x-migd-test-slow", slow, None))
+    sock_path = Path(f"/tmp/migd-gone-{os.getpid()}.sock")
+    daemon = Daemon(build({"memory": "16M", "qmp": [f"unix:{sock_path}"]}))
+    await daemon.start()
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(sock_path))
+        await reader.readline()
+        writer.write(b'{"execute":"qmp_capabilities"}{"execute":"x-migd-test-slow"}')
+        assert json.loads(await reader.readline()) == {"return": {}}
+        async with asyncio.timeout(30):
+            while not any(s._busy for s in daemon.qmp.sessions):
+                await asyncio.sleep(0.01)
+        writer.close()
+        for _ in range(50):  # events to a closed peer: the write fails and the session closes
+            daemon.events.emit("X_MIGD_TEST")
+            await asyncio.sleep(0.01)
+        assert outcome == []
+        proceed.set()
+        async with asyncio.timeout(30):
+            while not outcome or daemon.qmp.sessions:
+                await asyncio.sleep(0.01)
+        assert outcome == ["finished"]
+    finally:
+        await daemon.stop()

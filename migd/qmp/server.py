@@ -64,6 +64,7 @@ class Session:
         self._sent = asyncio.Event()  # pulses whenever a batch went out (for flush)
         self._writer: asyncio.Task[None] | None = None
         self.task: asyncio.Task[None] | None = None
+        self._busy = False
 
     # -- output ------------------------------------------------------------------------------------
 
@@ -139,7 +140,11 @@ class Session:
                     if self.closed:
                         break
                     await self._drained.wait()  # do not run more commands for a client not reading
-                    await self._handle(item)
+                    self._busy = True  # a command, once started, finishes even if the client goes
+                    try:
+                        await self._handle(item)
+                    finally:
+                        self._busy = False
                     await asyncio.sleep(0)  # let other clients in: a flood must not own the loop
                 if not data:
                     break
@@ -242,8 +247,8 @@ class Session:
             self._loop.remove_writer(self.sock.fileno())
         if self._writer is not None and self._writer is not asyncio.current_task():
             self._writer.cancel()
-        if self.task is not None and self.task is not asyncio.current_task():
-            self.task.cancel()
+        if self.task is not None and self.task is not asyncio.current_task() and not self._busy:
+            self.task.cancel()  # idle in recv; a running command is left to finish (QEMU does too)
         with contextlib.suppress(OSError):
             self.sock.close()
         self._close_fds(self.received_fds)
