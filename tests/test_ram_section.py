@@ -369,3 +369,34 @@ def test_rate_limit_also_bounds_untouched_zero_records():
     m.finish()
     assert m.error is None
     assert not dst_ram.get("ram0").buf.any()
+
+
+def test_rate_limited_iterations_spend_the_window_budget():
+    """The migration thread's loop over real RAM: iterate while the window has budget, sleep, reset."""
+    src_ram = ramlist(ram0=48 * MiB)
+    dst_ram = ramlist(ram0=48 * MiB)
+    block = src_ram.get("ram0")
+    block.buf[:] = np.random.default_rng(9).integers(1, 256, block.size, dtype=np.uint8)
+    m = Migration(Box(src_ram), Box(dst_ram))
+    m.start()
+    bps = 30_000_000
+    m.f.set_rate_limit(bps)
+    limit = bps // 10
+    pause = threading.Event()
+    per_window: list[int] = []
+    m.f.reset_window()
+    window_start, window_bytes = time.monotonic(), m.f.transferred
+    while len(per_window) < 12:  # ~1.2 s, 36 MB of the 48 MiB
+        if not m.f.rate_limit_exceeded():
+            m.sv.save_iterate(m.f)
+            continue
+        pause.wait(max(0.0, window_start + 0.1 - time.monotonic()))
+        per_window.append(m.f.transferred - window_bytes)
+        m.f.reset_window()
+        window_start, window_bytes = time.monotonic(), m.f.transferred
+    m.f.set_rate_limit(0)
+    m.finish()
+    assert m.error is None
+    assert np.array_equal(block.buf, dst_ram.get("ram0").buf)
+    for sent in per_window:
+        assert abs(sent - limit) / limit < 0.05, per_window
