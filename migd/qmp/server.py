@@ -404,4 +404,8 @@ class QMPServer:
             session.close()
         tasks = [s.task for s in sessions if s.task is not None]
         if tasks:
-            await asyncio.wait(tasks, timeout=flush_timeout)
+            _done, pending = await asyncio.wait(tasks, timeout=flush_timeout)
+            for task in pending:  # a command still running at exit: the daemon is going away
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=flush_timeout)
