@@ -7,6 +7,7 @@ block, so the migration and incoming threads call them off the event loop. Every
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import socket
@@ -161,6 +162,18 @@ class Waker:
                 os.close(fd)
             except OSError:
                 pass
+
+
+PIPE_SIZE = 1 << 20  # a 64 KiB pipe costs a system call and a context switch per 64 KiB of stream
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+def grow_pipe(fd: int) -> None:
+    """Enlarge a pipe's buffer (up to the system's pipe-max-size); not possible is not an error."""
+    try:
+        fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass
 
 
 def tune_socket(sock: socket.socket) -> None:

@@ -12,7 +12,7 @@ import subprocess
 from collections.abc import Sequence
 from typing import IO, Any
 
-from migd.transports import Listener, TransportError, Waker
+from migd.transports import Listener, TransportError, Waker, grow_pipe
 from migd.transports.channel import FdChannel
 from migd.transports.uri import ExecURI
 
@@ -67,7 +67,9 @@ def _detach(pipe: IO[bytes]) -> int:
     """Move a Popen pipe's descriptor into our hands (the file object would close it when collected)."""
     fd = os.dup(pipe.fileno())
     pipe.close()
+    grow_pipe(fd)
     return fd
+
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:

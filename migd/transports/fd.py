@@ -13,7 +13,7 @@ import stat
 from collections.abc import MutableMapping
 from typing import TYPE_CHECKING
 
-from migd.transports import Listener, TransportError, Waker
+from migd.transports import Listener, TransportError, Waker, grow_pipe
 from migd.transports.uri import FdURI
 
 if TYPE_CHECKING:
@@ -41,7 +41,8 @@ def _channel(fd: int) -> Channel:
         sock = socket.socket(fileno=fd)
         sock.setblocking(True)
         return SocketChannel(sock)
-    os.set_blocking(fd, True)
+    if stat.S_ISFIFO(os.fstat(fd).st_mode):
+        grow_pipe(fd)
     return FdChannel(fd)
 
 
