@@ -282,6 +282,7 @@ class RAMSaver:
                 p = end
             self._pos_block += 1
             self._pos_page = 0
+        self.stats.dirty_pages = 0  # a full circle found nothing: the count agrees with the bitmaps
         return None
 
     def _emit(self, f: OutStream, t: _Tracked, idx: np.ndarray) -> None:
