@@ -81,7 +81,10 @@ async def _in_daemon_thread(fn: Callable[[], Any]) -> None:
             fn()
         except BaseException as exc:  # handed to the awaiting task
             error = exc
-        loop.call_soon_threadsafe(settle, error)
+        try:
+            loop.call_soon_threadsafe(settle, error)
+        except RuntimeError:  # gave up on it and the loop is closed: nobody is waiting any more
+            pass
 
     threading.Thread(target=run, name="shutdown", daemon=True).start()
     await done
