@@ -95,7 +95,10 @@ SETTLE = 2.0  # seconds: a destination prefaults its RAM right after it starts; 
 async def start_pair(tmp: Path, memory: int, workload: str, mem_path: Path | None) -> tuple[Migd, Migd]:
     """Source and destination; the destination stays paused (-S) so its RAM can be compared."""
     src = Migd("src", tmp, source_args(memory, workload, mem_path))
-    dst = Migd("dst", tmp, ["-m", f"{memory >> 20}M", "-S", "--incoming", f"unix:{tmp}/mig.sock"])
+    # configured like the source, as a QEMU destination is (a different workload spec would be built
+    # at device-load time, inside the downtime)
+    dst = Migd("dst", tmp, ["-m", f"{memory >> 20}M", "--workload", workload, "-S",
+                            "--incoming", f"unix:{tmp}/mig.sock"])
     return src, dst
 
 
