@@ -372,3 +372,19 @@ async def test_a_hanging_part_does_not_block_shutdown(monkeypatch) -> None:
     finally:
         never.set()
         real_shutdown()
+
+
+def test_cont_while_running_is_a_no_op_without_resume(migd_factory) -> None:
+    from helpers import RawQMP
+
+    vm = migd_factory("vm", "-m", "32M")
+    with RawQMP(vm.qmp_path) as raw:
+        raw.negotiate()
+        assert raw.execute("cont", id=1) == {"return": {}, "id": 1}
+        assert raw.execute("query-status", id=2)["id"] == 2  # no RESUME came in between
+        raw.send({"execute": "stop", "id": 3})
+        assert raw.recv()["event"] == "STOP"  # QEMU order: the event, then the reply
+        assert raw.recv() == {"return": {}, "id": 3}
+        raw.send({"execute": "cont", "id": 4})
+        assert raw.recv()["event"] == "RESUME"
+        assert raw.recv() == {"return": {}, "id": 4}

@@ -82,8 +82,8 @@ def _cont(daemon: Daemon) -> dict:
         state = daemon.runstate.state
         if state in _NEEDS_RESET:
             raise QMPError("Resetting the Virtual Machine is required")
-        if state is RunState.SUSPENDED:
-            return {}
+        if state in (RunState.SUSPENDED, RunState.RUNNING):
+            return {}  # QEMU's vm_prepare_start: already running, nothing to do and no RESUME
         if state is RunState.FINISH_MIGRATE:
             raise QMPError("Migration is not finalized yet")
         if state is RunState.INMIGRATE:
