@@ -14,6 +14,7 @@ its RAM digest is checked against the source's after every run. GB/s = guest RAM
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import shutil
@@ -83,10 +84,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+_RANDOM_FILES: dict[int, Path] = {}
+
+
 def random_file(size: int) -> Path:
-    """A /dev/shm file of random bytes (made once and reused across runs)."""
-    path = Path(f"/dev/shm/migd-bench-random-{size}")
-    if not path.exists() or path.stat().st_size != size:
+    """A /dev/shm file of random bytes, private to this run (other benchmarks map theirs shared and
+    may write into them), made once per size and removed at exit."""
+    path = _RANDOM_FILES.get(size)
+    if path is None:
+        path = _RANDOM_FILES[size] = Path(f"/dev/shm/migd-throughput-{os.getpid()}-{size}")
+        atexit.register(path.unlink, missing_ok=True)
         rng = np.random.default_rng(1234)
         chunk = 64 << 20
         with open(path, "wb") as f:
