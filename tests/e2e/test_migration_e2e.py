@@ -201,3 +201,26 @@ def test_load_failing_at_the_end_gives_the_source_back_its_guest_and_drive(
     assert sinfo["error-desc"] == "Sibling indicated error 1"
     assert run_status(src) == "running" and drive_active(src)
     assert run_status(dst) == "inmigrate" and not drive_active(dst)
+
+
+def test_channels_form_both_sides_over_ipv6_or_ipv4(migd_factory) -> None:
+    """QEMU's ``channels`` argument on migrate-incoming and migrate, over IPv6 where available."""
+    import socket
+
+    host = "::1"
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind((host, 0))
+    except OSError:
+        host = "127.0.0.1"
+    src = migd_factory("src", "-m", "64M", "--workload", "random,rate=4M")
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
+    dst = migd_factory("dst", "-m", "64M", "-S", "--incoming", "defer")
+    addr = {"transport": "socket", "type": "inet", "host": host, "port": "0"}
+    dst.cmd("migrate-incoming", channels=[{"channel-type": "main", "addr": addr}])
+    (listening,) = query(dst)["socket-address"]
+    assert listening["host"] == host and listening["port"] != "0"
+    src.cmd("migrate", channels=[{"channel-type": "main", "addr": {**addr, "port": listening["port"]}}])
+    wait_status(src, "completed", 60)
+    wait_status(dst, "completed", 60)
+    assert digests(dst) == digests(src)
