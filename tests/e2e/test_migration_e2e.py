@@ -8,6 +8,7 @@ changes; ``cont`` then shows it really runs the source's guest.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -205,8 +206,6 @@ def test_load_failing_at_the_end_gives_the_source_back_its_guest_and_drive(
 
 def test_channels_form_both_sides_over_ipv6_or_ipv4(migd_factory) -> None:
     """QEMU's ``channels`` argument on migrate-incoming and migrate, over IPv6 where available."""
-    import socket
-
     host = "::1"
     try:
         with socket.socket(socket.AF_INET6) as probe:
