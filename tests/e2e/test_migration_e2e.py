@@ -223,3 +223,20 @@ def test_channels_form_both_sides_over_ipv6_or_ipv4(migd_factory) -> None:
     wait_status(src, "completed", 60)
     wait_status(dst, "completed", 60)
     assert digests(dst) == digests(src)
+
+
+@pytest.mark.parametrize(
+    ("uri", "desc"),
+    [  # the texts of reference/qemu-7.2-transcripts/migrate-unreachable.txt
+        ("exec:false", "Unable to write to command: Broken pipe"),
+        ("unix:/nonexistent/x.sock", "Failed to connect to '/nonexistent/x.sock': No such file or directory"),
+        ("tcp:127.0.0.1:1", "Failed to connect to '127.0.0.1:1': Connection refused"),
+        ("file:/nonexistent/f", "Unable to open /nonexistent/f: No such file or directory"),
+    ],
+)
+def test_unreachable_destination_texts(migd_factory, uri: str, desc: str) -> None:
+    src = migd_factory("src", "-m", "16M")
+    src.cmd("migrate", uri=uri)
+    info = wait_status(src, "failed", 30)
+    assert info["error-desc"] == desc
+    assert run_status(src) == "running"
