@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -366,3 +367,20 @@ def test_file_errors(tmp_path: Path) -> None:
     assert str(info.value) == f"Unable to open {tmp_path}/missing: No such file or directory"
     with pytest.raises(TransportError, match="Unable to open"):
         connect(f"file:{tmp_path}/no/such/dir/f")
+
+
+def test_exec_cancelled_or_failed_command_is_killed_at_once() -> None:
+    """A cancel (shutdown) or a reader giving up before EOF must not wait for the command."""
+    writer = connect("exec:sleep 30")
+    writer.shutdown()
+    start = time.monotonic()
+    writer.close()
+    assert time.monotonic() - start < 5 and writer.proc.returncode is not None
+    listener = listen("exec:cat /dev/zero")
+    reader = listener.accept()
+    listener.close()
+    buf = bytearray(4096)
+    assert reader.read_into(memoryview(buf)) > 0  # mid-stream, no EOF
+    start = time.monotonic()
+    reader.close()
+    assert time.monotonic() - start < 5 and reader.proc.returncode is not None

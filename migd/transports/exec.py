@@ -1,7 +1,9 @@
 """``exec:CMD``: the source writes the stream to ``sh -c CMD``'s stdin, the destination reads its stdout.
 
-The child is reaped when the channel closes: the source waits for the command to finish consuming the
-stream (e.g. ``cat > file`` must have written everything), killing it only if it hangs.
+The child is reaped when the channel closes. After a whole stream (the source wrote everything, or the
+destination read to EOF) the command gets time to finish, e.g. ``cat > file`` must have written it
+all; after a cancel or a failure it is killed at once, so neither side waits on a command that has
+become pointless.
 """
 
 from __future__ import annotations
@@ -27,29 +29,41 @@ class CommandChannel(FdChannel):
         self.proc = proc
         self._direction = direction  # "write" (source) or "read" (destination)
         self._reaped = False
+        self._failed = False  # an I/O error or a shutdown: the stream did not end normally
+        self._eof = False
 
     def write_vectored(self, bufs: Sequence[Any]) -> int:
         try:
             return super().write_vectored(bufs)
         except OSError as exc:
+            self._failed = True
             raise TransportError(f"Unable to write to command: {exc.strerror or exc}") from exc
 
     def read_into(self, mv: Any) -> int:
         try:
-            return super().read_into(mv)
+            n = super().read_into(mv)
         except OSError as exc:
+            self._failed = True
             raise TransportError(f"Unable to read from command: {exc.strerror or exc}") from exc
+        if n == 0:
+            self._eof = True
+        return n
+
+    def shutdown(self) -> None:
+        self._failed = True
+        super().shutdown()
 
     def close(self) -> None:
         super().close()
-        self.reap()
+        complete = not self._failed and (self._direction == "write" or self._eof)
+        self.reap(REAP_TIMEOUT if complete else 0.0)
 
-    def reap(self) -> int | None:
-        """Wait for the command (bounded), kill it if it hangs; returns its exit status."""
+    def reap(self, timeout: float = REAP_TIMEOUT) -> int | None:
+        """Wait for the command (bounded), kill it if it does not exit; returns its exit status."""
         if self._reaped:
             return self.proc.returncode
         try:
-            self.proc.wait(timeout=REAP_TIMEOUT)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             _kill(self.proc)
         self._reaped = True
