@@ -39,7 +39,7 @@ class Harness:
     def statuses(self) -> list[str]:
         return [e["data"]["status"] for e in self.seen if e["event"] == "MIGRATION"]
 
-    async def wait_status(self, *wanted: M, timeout: float = 10.0) -> None:
+    async def wait_status(self, *wanted: M, timeout: float = 60.0) -> None:
         async def poll() -> None:
             while self.migration.status not in wanted:
                 await asyncio.sleep(0.005)
