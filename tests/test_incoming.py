@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -193,3 +194,19 @@ def test_exec_empty_stream_fails(migd_factory, exec_uri: str) -> None:
     vm.cmd("migrate-incoming", uri=exec_uri, exit_on_error=False)
     info = wait_status(vm, "failed", 30)
     assert "truncated" in info["error-desc"]
+
+
+def test_migrate_incoming_after_command_line_uri_is_refused(migd_factory) -> None:
+    """``--incoming URI`` already started the incoming side (QEMU runs migrate-incoming for it)."""
+    vm = migd_factory("dst", "-m", "16M", "--incoming", "tcp:127.0.0.1:0")
+    poll(lambda: query(vm).get("status") == "setup", 30, "the destination to listen")
+    err = qmp_error(vm, "migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+    assert err == {"class": "GenericError", "desc": "The incoming migration has already been started"}
+
+
+def test_bad_incoming_uri_on_the_command_line_exits_1(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "migd", "--qmp", f"unix:{tmp_path}/q.sock", "-m", "16M", "--incoming", "bogus:x"],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 1
+    assert "unknown migration protocol: bogus:x" in proc.stdout + proc.stderr
