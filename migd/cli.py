@@ -6,13 +6,13 @@ A bad value exits with status 2 and one line naming the option, before anything 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
 from migd import __version__
 from migd.config import ConfigError, DaemonConfig, build, load_toml
+from migd.logsetup import setup_logging
 
 
 class _Parser(argparse.ArgumentParser):
@@ -69,10 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"migd: error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s migd[%(process)d] %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(config.log_level)
     from migd.daemon import Daemon
 
     return Daemon(config).run()

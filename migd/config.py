@@ -82,7 +82,7 @@ def split_host_port(text: str) -> tuple[str, int]:
         raise ValueError(f"'{text}' is not HOST:PORT")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    return host or "0.0.0.0", int(port)
+    return host or "127.0.0.1", int(port)  # loopback unless a host is named
 
 
 class DriveConfig(BaseModel):

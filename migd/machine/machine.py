@@ -105,7 +105,9 @@ class Machine:
             self.runstate.set(state)
 
     def vm_start(self) -> None:
-        """Run state running, vCPUs resumed, RESUME emitted."""
+        """Run state running, vCPUs resumed, RESUME emitted (nothing if it already runs, like QEMU)."""
+        if self.runstate.state is RunState.RUNNING:
+            return
         self.runstate.set(RunState.RUNNING)
         self.vcpus.resume_all()
         self.events.emit("RESUME")

@@ -64,6 +64,22 @@ def command(name: str, args: type[BaseModel] | None = None, *, allow_oob: bool =
     return register
 
 
+async def under_bql(ctx: CommandContext, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn(*args)`` holding the big lock, on a worker thread.
+
+    The migration thread holds the lock through its switch-over: waiting for it on the event loop
+    would freeze every QMP client for the whole downtime (QEMU's monitor does exactly that).
+    """
+
+    def call() -> Any:
+        from migd.bql import BQL
+
+        with BQL:
+            return fn(*args)
+
+    return await ctx.daemon.run_blocking(call)
+
+
 def load_all() -> dict[str, Command]:
     for family in FAMILIES:
         try:

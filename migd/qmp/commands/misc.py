@@ -7,9 +7,8 @@ import os
 from typing import TYPE_CHECKING, Literal
 
 from migd import QEMU_COMPAT_VERSION, __version__
-from migd.bql import BQL
 from migd.machine.runstate import RunState
-from migd.qmp.commands import REGISTRY, CommandContext, QMPError, command
+from migd.qmp.commands import REGISTRY, CommandContext, QMPError, command, under_bql
 from migd.qmp.schema import QMPArgs
 
 if TYPE_CHECKING:
@@ -59,39 +58,37 @@ async def stop(ctx: CommandContext, args: None) -> dict:
     Runs on a worker thread: waiting for the big lock (held through a migration's switch-over) or
     for every vCPU to acknowledge must not freeze the event loop and the other QMP clients.
     """
-    return await ctx.daemon.run_blocking(_stop, ctx.daemon)
+    return await under_bql(ctx, _stop, ctx.daemon)
 
 
 def _stop(daemon: Daemon) -> dict:
-    with BQL:
-        if daemon.runstate.state is RunState.INMIGRATE:
-            daemon.autostart = False
-        else:
-            daemon.machine.vm_stop(RunState.PAUSED)
+    if daemon.runstate.state is RunState.INMIGRATE:
+        daemon.autostart = False
+    else:
+        daemon.machine.vm_stop(RunState.PAUSED)
     return {}
 
 
 @command("cont")
 async def cont(ctx: CommandContext, args: None) -> dict:
     """QEMU's qmp_cont: resume the guest; during inmigrate, start it once the migration lands."""
-    return await ctx.daemon.run_blocking(_cont, ctx.daemon)
+    return await under_bql(ctx, _cont, ctx.daemon)
 
 
 def _cont(daemon: Daemon) -> dict:
-    with BQL:
-        state = daemon.runstate.state
-        if state in _NEEDS_RESET:
-            raise QMPError("Resetting the Virtual Machine is required")
-        if state in (RunState.SUSPENDED, RunState.RUNNING):
-            return {}  # QEMU's vm_prepare_start: already running, nothing to do and no RESUME
-        if state is RunState.FINISH_MIGRATE:
-            raise QMPError("Migration is not finalized yet")
-        if state is RunState.INMIGRATE:
-            daemon.autostart = True
-            return {}
-        if state is RunState.POSTMIGRATE:
-            daemon.machine.activate_drives()  # the destination may have them; take them back
-        daemon.machine.vm_start()
+    state = daemon.runstate.state
+    if state in _NEEDS_RESET:
+        raise QMPError("Resetting the Virtual Machine is required")
+    if state in (RunState.SUSPENDED, RunState.RUNNING):
+        return {}  # QEMU's vm_prepare_start: already running, nothing to do and no RESUME
+    if state is RunState.FINISH_MIGRATE:
+        raise QMPError("Migration is not finalized yet")
+    if state is RunState.INMIGRATE:
+        daemon.autostart = True
+        return {}
+    if state is RunState.POSTMIGRATE:
+        daemon.machine.activate_drives()  # the destination may have them; take them back
+    daemon.machine.vm_start()
     return {}
 
 
