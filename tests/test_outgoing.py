@@ -556,3 +556,36 @@ async def test_auto_converge_throttles_a_hot_guest_and_stops_at_the_end(tmp_path
             peer.close()
     finally:
         h.close()
+
+
+async def test_rate_limit_holds_over_seconds_and_changes_at_once(tmp_path, savevm: Any) -> None:
+    """max-bandwidth caps the real byte rate (within 5 % over ~3 s); a new value applies at once."""
+    big = Harness(asyncio.get_running_loop(), memory=256 << 20)
+    try:
+        big.machine.start()
+        ms = big.migration
+        block = big.machine.ram.blocks()[0]
+        block.buf[:] = 0x5A  # every page is data (non-zero), so bytes ~ pages
+        limit = 20_000_000
+        ms.config.set_parameters({"max-bandwidth": limit})
+        peer = Peer(read=True)
+        try:
+            await ms.start(peer.listen(str(tmp_path / "mig.sock")))
+
+            async def rate_between(lo: int, hi: int) -> float:
+                await big.wait_for(lambda: ms.stream is not None and ms.stream.transferred >= lo)
+                b0, t0 = ms.stream.transferred, time.monotonic()
+                await big.wait_for(lambda: ms.stream.transferred >= hi)
+                return (ms.stream.transferred - b0) / (time.monotonic() - t0)
+
+            rate = await rate_between(4_000_000, 64_000_000)
+            assert 0.5 * limit <= rate <= 1.05 * limit, rate
+            ms.set_parameters({"max-bandwidth": 2 * limit})
+            sent = ms.stream.transferred
+            rate2 = await rate_between(sent + 4_000_000, sent + 84_000_000)
+            assert 1.05 * limit < rate2 <= 1.05 * 2 * limit, rate2
+            await ms.cancel()
+        finally:
+            peer.close()
+    finally:
+        big.close()
