@@ -168,7 +168,7 @@ class MigrationThread(threading.Thread):
         except MigrationFailed as exc:
             self.ms.fail(str(exc))
         except (StreamError, RAMError, OSError) as exc:  # channel gone, RAM block removed, I/O error
-            self.ms.fail(self.stream.error or str(exc) or type(exc).__name__)
+            self.ms.fail(self._peer_error() or self.stream.error or str(exc) or type(exc).__name__)
         except Exception as exc:  # a bug: report it, and never leave the state running
             log.exception("migration thread failed")
             self.ms.fail(self.stream.error or f"Migration thread error: {exc or type(exc).__name__}")
@@ -179,9 +179,19 @@ class MigrationThread(threading.Thread):
                 sys.setswitchinterval(old_interval)
                 self.ms.thread_exited(self)
 
+    def _peer_error(self) -> str | None:
+        """The destination's own verdict, when it sent SHUT(error) before we finished."""
+        rp = self.rp
+        if rp is not None and rp.shut:
+            return sibling_error(rp.shut)
+        return None
+
     def _expect(self, status: M) -> None:
         if self.ms.status is not status:
             raise Cancelled()
+        peer = self._peer_error()
+        if peer is not None:
+            raise MigrationFailed(peer)
         if self.stream.error is not None:
             raise MigrationFailed(self.stream.error)
 
