@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from migd.transports import (
     TransportError,
@@ -384,3 +386,37 @@ def test_exec_cancelled_or_failed_command_is_killed_at_once() -> None:
     start = time.monotonic()
     reader.close()
     assert time.monotonic() - start < 5 and reader.proc.returncode is not None
+
+
+# -- fuzz: bad addresses are a URIError, never another exception ------------------------------------
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=12,
+)
+_addr = st.fixed_dictionaries(
+    {"transport": st.sampled_from(["socket", "exec", "file", "rdma", "x"])},
+    optional={"type": st.sampled_from(["inet", "unix", "fd", "vsock"]), "host": _json, "port": _json,
+              "path": _json, "str": _json, "args": _json, "filename": _json, "offset": _json},
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=40) | st.sampled_from(["tcp:", "unix:", "exec:", "fd:", "file:"]).flatmap(
+    lambda p: st.text(max_size=30).map(lambda t: p + t)))
+def test_parse_uri_fuzz(text: str) -> None:
+    try:
+        parse_uri(text)
+    except URIError as exc:
+        assert str(exc)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.fixed_dictionaries({"channel-type": st.sampled_from(["main", "cpr", "x"]), "addr": _addr}),
+                max_size=3) | _json, st.booleans())
+def test_parse_channels_fuzz(channels: object, incoming: bool) -> None:
+    try:
+        parse_channels(channels, incoming=incoming)  # type: ignore[arg-type]
+    except URIError as exc:
+        assert str(exc)
