@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Migration throughput and downtime honesty: 1 GiB of random pages and of zero pages.
 
-Real source and destination migd processes over a unix socket, ``max-bandwidth 0``. Cases:
+Real source and destination migd processes over a unix socket, ``max-bandwidth 0`` (``--max-bandwidth`` for another value). Cases:
 
 - ``random``: the source's RAM is a /dev/shm file of random bytes (every page is sent as data);
 - ``random-running``: the same with the guest running ``random,rate=32M`` during the migration;
@@ -36,12 +36,13 @@ CASES = {
 }
 
 
-async def one_run(tmp: Path, memory: int, workload: str, mem_path: Path | None) -> dict[str, Any]:
+async def one_run(tmp: Path, memory: int, workload: str, mem_path: Path | None,
+                  max_bandwidth: int = 0) -> dict[str, Any]:
     src, dst = await start_pair(tmp, memory, workload, mem_path)
     try:
         control, probe = await src.client(), await src.client()
         dclient = await dst.client()
-        await control.execute("migrate-set-parameters", {"max-bandwidth": 0})
+        await control.execute("migrate-set-parameters", {"max-bandwidth": max_bandwidth})
         await asyncio.sleep(SETTLE)
         last_expected: int | None = None
 
@@ -96,6 +97,7 @@ async def main() -> int:
     ap.add_argument("--memory", default="1G")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--cases", default="random,zero,random-running")
+    ap.add_argument("--max-bandwidth", default="0", help="bytes/s, K/M/G suffixes (default 0 = unlimited)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     memory = parse_size(args.memory)
@@ -111,7 +113,7 @@ async def main() -> int:
             for i in range(args.runs):
                 run_dir = tmp / f"{case}-{i}"
                 run_dir.mkdir()
-                r = await one_run(run_dir, memory, workload, mem_path)
+                r = await one_run(run_dir, memory, workload, mem_path, parse_size(args.max_bandwidth))
                 out[case].append(r)
                 ok &= r["status"] == "completed"
                 if not args.json:
