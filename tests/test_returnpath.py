@@ -6,6 +6,8 @@ import socket
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from migd.migration.returnpath import (
     MSG_PONG,
@@ -100,3 +102,27 @@ def test_timeout_then_close_wakes_the_reader(pair) -> None:
 
 def test_sibling_error_text() -> None:
     assert sibling_error(1) == "Sibling indicated error 1"
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=64))
+def test_reader_fuzz_never_hangs_or_crashes(data: bytes) -> None:
+    """Any bytes followed by EOF: a SHUT value or a ReturnPathError, within the timeout."""
+    a, b = socket.socketpair()
+    src, dst = SocketChannel(a), SocketChannel(b)
+    try:
+        reader = ReturnPathReader(src)
+        reader.start()
+        dst.write_all([data])
+        dst.shutdown()
+        try:
+            flag = reader.wait_for_shut(timeout=10)
+        except ReturnPathError as exc:
+            assert "Timed out" not in str(exc)
+        else:
+            assert data[:4] == b"\x00\x01\x00\x04" or b"\x00\x01\x00\x04" in data
+            assert 0 <= flag <= 0xFFFFFFFF
+        reader.close()
+    finally:
+        src.close()
+        dst.close()
