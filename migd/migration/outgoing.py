@@ -65,6 +65,10 @@ BW_HISTORY = 5  # windows: the switch-over counts on the slowest of the last 0.5
 # kind of machine: other processes take the CPU at any moment), so a measured bandwidth is only half
 # trusted for the decision. A user-given avail-switchover-bandwidth is trusted as given.
 SWITCHOVER_SAFETY = 0.5
+# With auto-converge, a bitmap sync at least this often once past the first pass (QEMU's
+# CPU_THROTTLE_DIRTY_SYNC_TIMESLICE_MS): throttling is decided at syncs, which are otherwise rare
+# while a big dirty set is still far above the threshold.
+THROTTLE_SYNC_INTERVAL = 5.0
 # The downtime-limit is a ceiling, not a target: while each live round still halves what is left,
 # another round costs the guest nothing, so the switch-over waits until the rest is this small a
 # fraction of what the limit allows, or until rounds stop converging.
@@ -124,6 +128,7 @@ class MigrationThread(threading.Thread):
         self._iter_bytes = 0
         self._iter_pages = 0
         self._pre_sync_dirty = 0
+        self._last_sync = time.monotonic()
         self._completing = False
         self._bw_history: deque[float] = deque(maxlen=BW_HISTORY)
         self._ping = 1  # PING 1 goes out with the header
@@ -150,6 +155,7 @@ class MigrationThread(threading.Thread):
 
     def on_sync(self, stats: MigrationStats) -> None:
         """After each bitmap sync (this thread): feed auto-converge with the newly dirtied pages."""
+        self._last_sync = time.monotonic()
         if self.throttle is None or self._completing:
             return
         new_pages = max(0, stats.dirty_pages - self._pre_sync_dirty)
@@ -217,7 +223,7 @@ class MigrationThread(threading.Thread):
             self._expect(M.ACTIVE)
             if not stream.rate_limit_exceeded():
                 pending = savevm.pending_estimate()
-                if pending <= self.threshold:
+                if pending <= self.threshold or self._throttle_sync_due():
                     self._pre_sync_dirty = self.stats.dirty_pages
                     with BQL:
                         pending = savevm.pending_exact()
@@ -232,6 +238,10 @@ class MigrationThread(threading.Thread):
                 savevm.save_iterate(stream)
                 self._dest_synced = False
             self._rate_limit()
+
+    def _throttle_sync_due(self) -> bool:
+        return (self.throttle is not None and self.stats.dirty_sync_count > 1
+                and time.monotonic() - self._last_sync >= THROTTLE_SYNC_INTERVAL)
 
     def _converged(self, pending: int) -> bool:
         """Below the threshold: switch over now, or first send one more round with the guest running?
