@@ -592,3 +592,45 @@ async def test_rate_limit_holds_over_seconds_and_changes_at_once(tmp_path, savev
             peer.close()
     finally:
         big.close()
+
+
+async def test_cancel_while_connecting_then_a_new_migration(h: Harness, tmp_path, savevm: Any) -> None:
+    """A connect blocked on a full backlog: cancel ends at once; the late connection is dropped."""
+    ms = h.migration
+    path = str(tmp_path / "busy.sock")
+    busy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    busy.bind(path)
+    busy.listen(0)
+    fillers = []
+    for _ in range(4):  # fill the backlog: the next connect(2) blocks until an accept
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect(path)
+        except BlockingIOError:
+            s.close()
+            break
+        fillers.append(s)
+    dest = Destination()
+    try:
+        await ms.start(f"unix:{path}")
+        assert ms.status is M.SETUP and ms.thread is None
+        await ms.cancel()
+        assert ms.status is M.CANCELLED and h.names()[-2:] == ["cancelling", "cancelled"]
+        ms.config.set_parameters({"max-bandwidth": 0})
+        await ms.start(dest.listen(str(tmp_path / "mig.sock")))
+        for _ in fillers:  # now the old connect goes through, late
+            busy.accept()[0].close()
+        busy.settimeout(30)
+        late, _ = await h.loop.run_in_executor(None, busy.accept)
+        late.settimeout(30)
+        assert await h.loop.run_in_executor(None, late.recv, 1) == b""  # closed unused by the source
+        late.close()
+        await h.wait_status(M.COMPLETED, M.FAILED)
+        assert ms.status is M.COMPLETED, ms.query()
+        assert ram_digest(dest.machine) == ram_digest(h.machine)
+    finally:
+        for s in fillers:
+            s.close()
+        busy.close()
+        dest.close()

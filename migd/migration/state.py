@@ -102,6 +102,7 @@ class MigrationState:
         self.continue_event = threading.Event()  # QEMU's pause_sem: migrate-continue / cancel
         self.wake_event = threading.Event()  # breaks the thread's rate-limit sleep
         self._connect_task: asyncio.Task[None] | None = None
+        self._generation = 0  # which migrate a late connect callback belongs to
         self._done: asyncio.Future[None] | None = None
         # learned from the last completed migration, so the next switch-over decision is honest
         self.overhead_ms_hint = 0.0  # non-RAM downtime (stop, drain, devices, EOF, ack)
@@ -196,6 +197,7 @@ class MigrationState:
         self.downtime_phases = {}
         self.throttle_percentage = 0
         self.uri = uri
+        self._generation += 1
         self.channel = None
         self.stream = None
         self.thread = None
@@ -234,33 +236,37 @@ class MigrationState:
                 self.fail(desc, M.SETUP)
                 self._finish_done()
                 raise MigrationError(desc) from exc
-            self._connected(channel)
+            self._connected(channel, self._generation)
             return
-        self._connect_task = loop.create_task(self._connect(address, fds))
+        self._connect_task = loop.create_task(self._connect(address, fds, self._generation))
 
-    async def _connect(self, address: Any, fds: Any) -> None:
+    async def _connect(self, address: Any, fds: Any, generation: int) -> None:
         from migd import transports
 
         try:
             channel = await self.daemon.run_blocking(transports.connect, address, fds)
         except Exception as exc:
+            if generation != self._generation:
+                return  # cancelled long ago; a newer migration owns the state now
             desc = str(exc) or type(exc).__name__
             log.info("migration connect failed: %s", desc)
             self.fail(desc, M.SETUP)
             self._finish_done()
             return
         finally:
-            self._connect_task = None
-        self._connected(channel)
+            if generation == self._generation:
+                self._connect_task = None
+        self._connected(channel, generation)
 
-    def _connected(self, channel: Channel) -> None:
+    def _connected(self, channel: Channel, generation: int) -> None:
         """QEMU's migration_connect (on the loop): stream, rate limit, then the thread."""
         from migd.migration.outgoing import MigrationThread
         from migd.migration.stream import OutStream
 
-        if self._status is not M.SETUP:  # cancelled while connecting
+        if generation != self._generation or self._status is not M.SETUP:  # cancelled while connecting
             channel.close()
-            self._finish_done()
+            if generation == self._generation:
+                self._finish_done()
             return
         self.channel = channel
         self.stream = OutStream(channel)
