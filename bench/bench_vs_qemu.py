@@ -13,7 +13,6 @@ Prints total-time, downtime and GB/s per run and the medians; the ratio is migd 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import subprocess

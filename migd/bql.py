@@ -9,8 +9,8 @@ I/O on a migration channel and never across an ``await``.
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class BigLock:

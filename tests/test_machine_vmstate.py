@@ -55,7 +55,7 @@ def test_devices_in_order_and_descriptions_match_bytes(tmp_path):
     m = make(drives=[str(img)])
     devs = m.devices()
     assert [(d.idstr, d.instance_id) for d in devs] == [
-        ("migd-machine", 0), ("vcpu", 0), ("vcpu", 1), ("migd-drive", 0)]
+        ("migd-machine", 0), ("vcpu", 0), ("vcpu", 1), ("migd-drive", 0), ("globalstate", 0)]
     for d in devs:
         data = d.save()
         desc = d.describe()
@@ -210,3 +210,19 @@ def test_incoming_guest_left_paused_feels_only_the_migration_as_stall():
     assert dst.vcpus[0].stats.largest_stall < stall + 0.3
     src.shutdown()
     dst.shutdown()
+
+
+def test_global_state_carries_the_run_state_before_the_migration_stopped_the_guest():
+    src, dst = make(), make(initial=RunState.INMIGRATE)
+    src.runstate.set(RunState.PAUSED)
+    src.runstate.set(RunState.FINISH_MIGRATE)  # what the migration's vm_stop does
+    dst.devices()[-1].load(Reader(src.devices()[-1].save()), 1)
+    assert dst.incoming_runstate is RunState.PAUSED
+    bogus = struct.pack(">I", 6) + b"dancing".ljust(100, b"\0")
+    with pytest.raises(ValueError, match="unknown run state"):
+        dst.devices()[-1].load(Reader(bogus), 1)
+    with pytest.raises(ValueError, match="run state name of 0 bytes"):
+        dst.devices()[-1].load(Reader(bytes(104)), 1)
+    assert dst.incoming_runstate is RunState.PAUSED  # a refused state changed nothing
+    for m in (src, dst):
+        m.shutdown()

@@ -11,7 +11,14 @@ from migd.machine.block import Drive
 from migd.machine.ram import RAMList
 from migd.machine.runstate import LIVE_STATES, RunState, RunStateMachine
 from migd.machine.vcpu import VCPU, VCPUSet
-from migd.machine.vmstate import DriveDevice, MachineDevice, Value, VCPUDevice, VMStateDevice
+from migd.machine.vmstate import (
+    DriveDevice,
+    GlobalStateDevice,
+    MachineDevice,
+    Value,
+    VCPUDevice,
+    VMStateDevice,
+)
 from migd.machine.workloads import (
     CounterCorrupt,
     VCPUWork,
@@ -58,6 +65,10 @@ class Machine:
             raise
         self._started = False
         self._closed = False
+        # QEMU's global state: the run state the guest had when a migration stopped it (sent to the
+        # destination, which resumes the guest only if it was live), and the one a stream brought in.
+        self.state_before_migration: RunState | None = None
+        self.incoming_runstate: RunState | None = None
         runstate.add_notifier(self._on_runstate)
 
     # -- life cycle ----------------------------------------------------------------------------
@@ -116,6 +127,8 @@ class Machine:
         """Keep the vCPUs in step with the run state, whoever changes it."""
         if self._closed:
             return
+        if new is RunState.FINISH_MIGRATE:
+            self.state_before_migration = old
         if old is RunState.INMIGRATE and new not in LIVE_STATES:
             for v in self.vcpus:
                 v.settle_wall_ref()
@@ -200,10 +213,11 @@ class Machine:
             d.activate()
 
     def devices(self) -> list[VMStateDevice]:
-        """The non-iterative device sections, in save order: machine shape, vCPUs, drives."""
+        """The non-iterative device sections, in save order: machine shape, vCPUs, drives, run state."""
         devs: list[VMStateDevice] = [MachineDevice(self)]
         devs += [VCPUDevice(self, i) for i in range(len(self.vcpus))]
         devs += [DriveDevice(self, i) for i in range(len(self.drives))]
+        devs.append(GlobalStateDevice(self))
         return devs
 
     # -- introspection (QMP) -------------------------------------------------------------------

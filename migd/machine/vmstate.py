@@ -12,6 +12,9 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from migd.bql import BQL
+from migd.machine.runstate import RunState
+
 if TYPE_CHECKING:
     from migd.machine.machine import Machine
 
@@ -95,7 +98,8 @@ class VMStateDevice:
             if len(data) != f.size:
                 raise ValueError(f"{self.idstr}: short read of field '{f.name}'")
             vals[f.name] = f.unpack(data)
-        self.apply(vals)
+        with BQL:  # read outside the lock (stream I/O), change the machine under it
+            self.apply(vals)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.idstr, "instance_id": self.instance_id, "vmsd_name": self.vmsd_name,
@@ -108,6 +112,37 @@ class VMStateDevice:
 
 def _mismatch(what: str, src: Value, dst: Value) -> ValueError:
     return ValueError(f"migd-machine: the source has {what} {src}, this machine has {dst}")
+
+
+class GlobalStateDevice(VMStateDevice):
+    """QEMU's ``globalstate``: the run state the source guest was in when the migration stopped it.
+
+    The destination starts the guest after loading only if it was live there (a paused source stays
+    paused on the destination); QEMU's layout: a uint32 length and a 100-byte NUL-padded name.
+    """
+
+    idstr = vmsd_name = "globalstate"
+    NAME = 100
+    fields = (u32("size"), buffer("runstate", NAME))
+
+    def __init__(self, machine: Machine) -> None:
+        super().__init__(0)
+        self.machine = machine
+
+    def values(self) -> dict[str, Value]:
+        state = self.machine.state_before_migration or self.machine.runstate.state
+        name = str(state).encode()
+        return {"size": len(name) + 1, "runstate": name}
+
+    def apply(self, values: dict[str, Value]) -> None:
+        size = int(values["size"])
+        if not 1 <= size <= self.NAME:
+            raise ValueError(f"globalstate: run state name of {size} bytes")
+        raw = bytes(values["runstate"])[:size].rstrip(b"\0")  # type: ignore[arg-type]
+        try:
+            self.machine.incoming_runstate = RunState(raw.decode())
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ValueError(f"globalstate: unknown run state {raw!r}") from exc
 
 
 class MachineDevice(VMStateDevice):

@@ -19,7 +19,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from migd.bql import BQL
-from migd.machine.runstate import RunState
+from migd.machine.runstate import LIVE_STATES, InvalidTransition, RunState
 from migd.migration import returnpath
 from migd.transports import Listener, TransportError, URIError, listen, parse_uri
 from migd.transports.uri import MigrationURI
@@ -226,10 +226,17 @@ class IncomingMigration:
             except Exception as exc:  # noqa: BLE001 - QEMU: report, and do not start the guest
                 log.error("incoming migration: could not activate drives: %s", exc)
                 autostart = False
-            if autostart:
-                machine.vm_start()
-            else:
-                self.daemon.runstate.set(RunState.PAUSED)
+            source_state = getattr(machine, "incoming_runstate", None)
+            if source_state is None or source_state in LIVE_STATES:
+                if autostart:
+                    machine.vm_start()
+                else:
+                    self.daemon.runstate.set(RunState.PAUSED)
+            else:  # QEMU: a source that was paused (say) stays so on the destination
+                try:
+                    self.daemon.runstate.set(source_state)
+                except InvalidTransition:
+                    self.daemon.runstate.set(RunState.PAUSED)
             self.socket_address = None
             self._set_status("completed")
         self._send_shut(0)

@@ -41,6 +41,17 @@ def test_random_workload_migrates_with_equal_ram(migd_factory, make_plan, transp
     assert query(dst) == {"status": "completed"}
 
 
+def test_paused_source_stays_paused_on_the_destination(migd_factory, make_plan) -> None:
+    """QEMU's global state: the run state travels, so a guest stopped before migrating is not started."""
+    src = migd_factory("src", "-m", "32M", "--workload", "random,rate=8M")
+    src.cmd("stop")
+    dst = migrate(migd_factory, make_plan("unix"), src, ["-m", "32M"])  # no -S: it would autostart
+    assert run_status(dst) == "paused"
+    assert digests(dst) == digests(src)
+    dst.cmd("cont")
+    assert run_status(dst) == "running"
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_counter_guest_continues_exactly(migd_factory, make_plan, transport: str) -> None:
     src = migd_factory("src", "-m", "64M", "--smp", "2", "--workload", "counter")
