@@ -227,6 +227,7 @@ class MigrationThread(threading.Thread):
                     self._pre_sync_dirty = self.stats.dirty_pages
                     with BQL:
                         pending = savevm.pending_exact()
+                    self._publish_expected_downtime(pending)
                 if pending > self.threshold:
                     self._round = None
                 elif self._converged(pending):
@@ -332,9 +333,15 @@ class MigrationThread(threading.Thread):
         stats.mbps = transferred * 8 / (spent_ms / 1000) / 1e6
         pages = stats.normal + stats.duplicate
         stats.pages_per_second = int((pages - self._iter_pages) / (spent_ms / 1000))
-        if transferred > 10000 and bw > 0:
-            self.ms.expected_downtime = int(overhead + stats.remaining / bw)
+        if transferred > 10000:
+            self._publish_expected_downtime(stats.remaining)
         self._new_window(now)
+
+    def _publish_expected_downtime(self, pending: int) -> None:
+        """Fixed switch-over costs + pending / bandwidth: the downtime of a switch-over started now."""
+        bw = self._switchover_bandwidth()
+        if bw > 0:
+            self.ms.expected_downtime = int(self._overhead_ms() + pending / bw)
 
     # -- completion (QEMU's migration_completion_precopy, reordered for downtime) -------------------
 
