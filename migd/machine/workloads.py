@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -165,16 +166,15 @@ class Workload:
                 f"workload: counter needs {COUNTER_AREA * smp * ram0.page_size} bytes of ram0 for {smp} vCPUs")
         if spec.disk_rate and not drives:
             raise WorkloadError("workload: disk-rate needs at least one drive")
-        self.pool = self._make_pool(spec.seed) if spec.kind == "random" or spec.disk_rate else None
+        self._pool_seed = spec.seed if spec.kind == "random" or spec.disk_rate else None
         self.rate_per_vcpu = spec.rate / smp
         self.disk_rate_per_vcpu = spec.disk_rate / smp
 
-    @staticmethod
-    def _make_pool(seed: int) -> np.ndarray:
-        """Non-zero random bytes, twice over so any POOL_PAGES-long window is one contiguous slice."""
-        rng = np.random.Generator(np.random.PCG64([seed, 0xB00F]))
-        pool = rng.integers(1, 256, size=(POOL_PAGES, 4096), dtype=np.uint8)
-        return np.concatenate([pool, pool])
+    @property
+    def pool(self) -> np.ndarray | None:
+        """The random source pages, built by the first slice that needs them: a destination adopting
+        the source's workload does so inside the downtime, where building them would cost 10-100 ms."""
+        return None if self._pool_seed is None else _make_pool(self._pool_seed)
 
     def attach(self, vcpu: VCPU, work: VCPUWork | None = None) -> None:
         """Start this workload on ``vcpu``, keeping ``work`` (incoming migration) or fresh state."""
@@ -323,3 +323,13 @@ def check_counter(block: RAMBlock, index: int, expect: int | None = None) -> int
         if not np.array_equal(block.words[pages], vals[:, None] ^ _PATTERN[None, :]):
             raise CounterCorrupt(f"counter guest {index}: trail pages do not match counter {c}")
     return c
+
+
+@lru_cache(maxsize=4)
+def _make_pool(seed: int) -> np.ndarray:
+    """Non-zero random bytes, twice over so any POOL_PAGES-long window is one contiguous slice."""
+    rng = np.random.Generator(np.random.PCG64([seed, 0xB00F]))
+    pool = rng.integers(1, 256, size=(POOL_PAGES, 4096), dtype=np.uint8)
+    pool = np.concatenate([pool, pool])
+    pool.flags.writeable = False  # shared by every workload of that seed
+    return pool
