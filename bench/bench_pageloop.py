@@ -53,7 +53,7 @@ def fill_random(ram: RAMList, seed: int = 1) -> None:
 def destination(sock: socket.socket, size: int, ready_w: int, result_w: int, expect_digest: bytes) -> None:
     ram = RAMList()
     ram.add("ram0", size)
-    prefault(ram)
+    prefault(ram).join()
     os.write(ready_w, b"r")
     cpu0 = time.process_time()
     load_stream(InStream(SocketChannel(sock)), Box(ram))

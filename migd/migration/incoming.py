@@ -189,20 +189,10 @@ class IncomingMigration:
 
     def _prefault(self, machine: Any) -> None:
         """Fault the destination RAM in while waiting: faulting during the stream halves throughput."""
-        try:
-            from migd.migration import ram as ram_section
+        from migd.migration.ram import prefault
 
-            prefault = getattr(ram_section, "prefault", None)
-        except ImportError:
-            prefault = None
         try:
-            if prefault is not None:
-                prefault(machine.ram)
-            else:
-                for block in machine.ram.blocks():
-                    populate = getattr(block, "populate", None)
-                    if populate is not None:
-                        populate()
+            prefault(machine.ram)
         except Exception:  # noqa: BLE001 - an optimisation only
             log.warning("incoming migration: prefaulting RAM failed", exc_info=True)
 

@@ -16,6 +16,7 @@ QEMU's interleaved order) takes a per-record path. ZERO records for pages known 
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -365,17 +366,29 @@ def _zero_pages(words: np.ndarray, idx: np.ndarray) -> np.ndarray:
 _zero_hints: weakref.WeakKeyDictionary[Any, np.ndarray] = weakref.WeakKeyDictionary()
 
 
-def prefault(ramlist: Any) -> None:
-    """Fault the destination's RAM in before the stream (QEMU's -mem-prealloc), keeping in mind
-    which pages were untouched (hence zero), so that ZERO records for them need no write."""
-    for block in ramlist.blocks():
+def prefault(ramlist: Any) -> threading.Thread:
+    """Fault the destination's RAM in (QEMU's -mem-prealloc) on a background thread, having first
+    noted which pages were untouched (hence zero), so that ZERO records for them need no write.
+
+    The noting is done here, before any stream byte is loaded; the faulting runs alongside the
+    accept and the load (it never changes contents), so a migration arriving at once does not wait.
+    """
+    blocks = ramlist.blocks()
+    for block in blocks:
         hint = block.untouched_pages()
-        try:
-            block.mem.madvise(23)  # MADV_POPULATE_WRITE (Linux 5.14+)
-        except (OSError, ValueError):
-            pass  # EINVAL on older kernels: the pages fault in during the load instead
         if hint is not None:
             _zero_hints[block] = hint
+
+    def populate_all() -> None:
+        for block in blocks:
+            try:
+                block.populate()
+            except (OSError, ValueError):  # unmapped meanwhile (shutdown): nothing left to do
+                return
+
+    thread = threading.Thread(target=populate_all, name="mig/dst/prefault", daemon=True)
+    thread.start()
+    return thread
 
 
 class RAMLoader:
