@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import mmap
 import os
 import threading
@@ -19,6 +20,7 @@ import numpy as np
 
 PAGE_SIZE = 4096
 MAX_NAME_LEN = 127  # QEMU's stream analysis reads the idstr length as a signed byte
+MADV_POPULATE_READ = 22
 MADV_POPULATE_WRITE = 23
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -58,6 +60,9 @@ class RAMBlock:
         self._dirty = np.zeros(self.npages, dtype=bool)
         self._dirty_lock = threading.Lock()
         self._logging = False
+        if mem_path:  # map the file's pages in now, off every hot path, not during a migration pass
+            threading.Thread(target=self.populate, args=(False,), name=f"populate/{name}",
+                             daemon=True).start()
 
     # -- dirty logging -------------------------------------------------------------------------
 
@@ -125,22 +130,27 @@ class RAMBlock:
         present_or_swapped = np.uint64(0b11 << 62)
         return (entries & present_or_swapped) == 0
 
-    def populate(self, stop: threading.Event | None = None) -> None:
-        """Fault every page in ahead of a bulk write (the destination's -mem-prealloc).
+    def populate(self, write: bool = True) -> None:
+        """Fault every page in ahead of bulk access: for writing (the destination's -mem-prealloc)
+        or, for a file the guest's RAM was prepared in, for reading (its first migration pass).
 
         Through libc in chunks rather than ``mmap.madvise``, which holds the GIL for the whole
         call (~0.3 s per GiB): every other thread, the event loop included, would stall meanwhile.
         Contents are never changed, so it may run while the pages are being written.
         """
+        advice = MADV_POPULATE_WRITE if write else MADV_POPULATE_READ
         addr = self.buf.ctypes.data
         for off in range(0, self.size, POPULATE_CHUNK):
-            if stop is not None and stop.is_set():
-                return
             n = min(POPULATE_CHUNK, self.size - off)
-            if _libc.madvise(ctypes.c_void_p(addr + off), ctypes.c_size_t(n), MADV_POPULATE_WRITE) != 0:
-                # kernel older than 5.14: read-modify-write one byte per page instead
+            if _libc.madvise(ctypes.c_void_p(addr + off), ctypes.c_size_t(n), advice) != 0:
+                if ctypes.get_errno() != errno.EINVAL:
+                    return  # ENOMEM: unmapped meanwhile (shutdown)
+                # kernel older than 5.14: touch one byte per page instead
                 pages = self.pages[off // self.page_size:(off + n) // self.page_size]
-                pages[:, 0] |= 0
+                if write:
+                    pages[:, 0] |= 0
+                else:
+                    int(pages[:, 0].sum())
 
     def close(self) -> None:
         """Unmap if no view is still exported; otherwise the mapping goes with its last view."""

@@ -272,15 +272,7 @@ class IncomingMigration:
     def _exit_failure(self, desc: str) -> None:
         """QEMU prints the error and exits with EXIT_FAILURE (no SHUTDOWN event); the daemon cleans up."""
         print(f"migd: {desc}", file=sys.stderr, flush=True)
-        daemon: Any = self.daemon
-        request_exit = getattr(daemon, "request_exit", None)
-        if request_exit is not None:
-            request_exit(1)  # callable from any thread
-            return
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            daemon.exit_code = 1
-            daemon.request_shutdown("host-error")
+        self.daemon.request_exit(1)  # callable from any thread
 
     # -- shutting down -------------------------------------------------------------------------
 
