@@ -8,6 +8,7 @@ block, so the migration and incoming threads call them off the event loop. Every
 from __future__ import annotations
 
 import fcntl
+import importlib
 import os
 import select
 import socket
@@ -196,53 +197,26 @@ def _as_uri(uri: str | MigrationURI) -> MigrationURI:
     return parse_uri(uri) if isinstance(uri, str) else uri
 
 
+# the module implementing each kind of address (imported on first use: they import this package)
+_MODULES: dict[type, str] = {TcpURI: "tcp", UnixURI: "unix", ExecURI: "exec", FdURI: "fd", FileURI: "file"}
+
+
+def _transport(parsed: MigrationURI, uri: str | MigrationURI) -> Any:
+    name = _MODULES.get(type(parsed))
+    if name is None:
+        raise URIError(f"unknown migration protocol: {uri}")
+    return importlib.import_module(f"{__name__}.{name}")
+
+
 def connect(uri: str | MigrationURI, fds: Fds | None = None) -> Channel:
     """Open the source end of a migration (blocking). ``fds`` are the QMP session's getfd names."""
     parsed = _as_uri(uri)
-    if isinstance(parsed, TcpURI):
-        from migd.transports import tcp
-
-        return tcp.connect(parsed)
-    if isinstance(parsed, UnixURI):
-        from migd.transports import unix
-
-        return unix.connect(parsed)
-    if isinstance(parsed, ExecURI):
-        from migd.transports import exec as exec_
-
-        return exec_.connect(parsed)
-    if isinstance(parsed, FdURI):
-        from migd.transports import fd
-
-        return fd.connect(parsed, fds)
-    if isinstance(parsed, FileURI):
-        from migd.transports import file
-
-        return file.connect(parsed)
-    raise URIError(f"unknown migration protocol: {uri}")
+    module = _transport(parsed, uri)
+    return module.connect(parsed, fds) if isinstance(parsed, FdURI) else module.connect(parsed)
 
 
 def listen(uri: str | MigrationURI, fds: Fds | None = None) -> Listener:
     """Open the destination end of a migration: listening already, accepting later."""
     parsed = _as_uri(uri)
-    if isinstance(parsed, TcpURI):
-        from migd.transports import tcp
-
-        return tcp.listen(parsed)
-    if isinstance(parsed, UnixURI):
-        from migd.transports import unix
-
-        return unix.listen(parsed)
-    if isinstance(parsed, ExecURI):
-        from migd.transports import exec as exec_
-
-        return exec_.listen(parsed)
-    if isinstance(parsed, FdURI):
-        from migd.transports import fd
-
-        return fd.listen(parsed, fds)
-    if isinstance(parsed, FileURI):
-        from migd.transports import file
-
-        return file.listen(parsed)
-    raise URIError(f"unknown migration protocol: {uri}")
+    module = _transport(parsed, uri)
+    return module.listen(parsed, fds) if isinstance(parsed, FdURI) else module.listen(parsed)
