@@ -19,13 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from streams import write_migration
 
 from migd.machine.ram import PAGE_SIZE, RAMList
 from migd.machine.vmstate import VMStateDevice, buffer, u32, u64
-from migd.migration.savevm import SaveVM
-from migd.migration.stats import MigrationStats
-from migd.migration.stream import OutStream
-from migd.transports.channel import FdChannel
 
 MiB = 1 << 20
 
@@ -68,15 +65,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Box]:
     box.ram.get("pc.rom").pages[::2] = 0x90
     path = tmp_path_factory.mktemp("analyze") / "stream.bin"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    f = OutStream(FdChannel(fd))
-    sv = SaveVM(box, MigrationStats(), return_path=False)
-    sv.save_header(f)
-    sv.save_setup(f)
-    while not sv.save_iterate(f):
-        pass
-    sv.save_complete_precopy(f)
-    sv.cleanup()
-    f.close()
+    write_migration(box, fd)
     return path, box
 
 

@@ -8,13 +8,13 @@ import tempfile
 
 import numpy as np
 import pytest
+from streams import migration_bytes
 
 from migd.machine.ram import PAGE_SIZE, RAMList
 from migd.machine.vmstate import VMStateDevice, u64
 from migd.migration import format as fmt
-from migd.migration.savevm import SaveVM, load_stream
-from migd.migration.stats import MigrationStats
-from migd.migration.stream import InStream, OutStream, StreamError
+from migd.migration.savevm import load_stream
+from migd.migration.stream import InStream, StreamError
 from migd.transports.channel import FdChannel
 
 MiB = 1 << 20
@@ -57,18 +57,7 @@ def machine(size: int = MiB, **extra: int) -> Box:
 
 def save_bytes(src: Box, *, return_path: bool = False) -> bytes:
     """A whole migration written through a real FdChannel into a file, as the file: transport does."""
-    with tempfile.TemporaryFile() as tmp:
-        f = OutStream(FdChannel(os.dup(tmp.fileno())))
-        sv = SaveVM(src, MigrationStats(), return_path)
-        sv.save_header(f)
-        sv.save_setup(f)
-        while not sv.save_iterate(f):
-            pass
-        sv.save_complete_precopy(f)
-        sv.cleanup()
-        f.close()
-        tmp.seek(0)
-        return tmp.read()
+    return migration_bytes(src, return_path=return_path)
 
 
 def load_bytes(data: bytes, dst: Box) -> None:

@@ -10,12 +10,12 @@ import time
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from streams import migration_bytes
 
 from migd.machine.ram import PAGE_SIZE, RAMList
 from migd.machine.vmstate import VMStateDevice, buffer, u32, u64
-from migd.migration.savevm import SaveVM, load_stream
-from migd.migration.stats import MigrationStats
-from migd.migration.stream import InStream, OutStream, StreamError
+from migd.migration.savevm import load_stream
+from migd.migration.stream import InStream, StreamError
 from migd.transports.channel import FdChannel
 
 RAM = 64 * PAGE_SIZE
@@ -60,18 +60,7 @@ def _valid_stream() -> bytes:
         ram0.pages[i] = rng.integers(0, 256, PAGE_SIZE, dtype=np.uint8)
     ram0.pages[50, 8:16] = 1  # data inside, zero first and last word: the full zero check decides
     src.ram.get("vga").pages[2] = 0xCC
-    with tempfile.TemporaryFile() as tmp:
-        f = OutStream(FdChannel(os.dup(tmp.fileno())))
-        sv = SaveVM(src, MigrationStats(), return_path=True)
-        sv.save_header(f)
-        sv.save_setup(f)
-        while not sv.save_iterate(f):
-            pass
-        sv.save_complete_precopy(f)
-        sv.cleanup()
-        f.close()
-        tmp.seek(0)
-        return tmp.read()
+    return migration_bytes(src, return_path=True)
 
 
 VALID = _valid_stream()
