@@ -11,42 +11,11 @@ import socket
 from typing import Any
 
 import pytest
+from migration_harness import Harness
 
-from migd.config import MachineConfig
-from migd.events import EventSink
-from migd.machine.machine import Machine
-from migd.machine.runstate import RunState, RunStateMachine
-from migd.migration.state import MigrationError, MigrationState
+from migd.machine.runstate import RunState
+from migd.migration.state import MigrationError
 from migd.migration.state import MigrationStatus as M
-
-
-class Harness:
-    """What MigrationState needs of a Daemon (INTERNALS.md), built from real parts."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, memory: int = 8 << 20) -> None:
-        self.loop = loop
-        self.events = EventSink(loop)
-        self.runstate = RunStateMachine(RunState.RUNNING)
-        self.machine = Machine(MachineConfig(memory=memory), self.runstate, self.events)
-        self.incoming: Any = None
-        self.migration = MigrationState(self)
-        self.seen: list[dict[str, Any]] = []
-        self.events.subscribe(self.seen.append)
-
-    async def run_blocking(self, fn: Any, *args: Any) -> Any:
-        return await self.loop.run_in_executor(None, fn, *args)
-
-    def statuses(self) -> list[str]:
-        return [e["data"]["status"] for e in self.seen if e["event"] == "MIGRATION"]
-
-    async def wait_status(self, *wanted: M, timeout: float = 60.0) -> None:
-        async def poll() -> None:
-            while self.migration.status not in wanted:
-                await asyncio.sleep(0.005)
-        await asyncio.wait_for(poll(), timeout)
-
-    def close(self) -> None:
-        self.machine.shutdown()
 
 
 @pytest.fixture

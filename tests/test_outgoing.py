@@ -11,10 +11,10 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
+from migration_harness import Harness
 
 from migd.bql import BQL
 from migd.config import MachineConfig
@@ -23,7 +23,6 @@ from migd.machine.machine import Machine
 from migd.machine.runstate import RunState, RunStateMachine
 from migd.machine.vcpu import VCPUSet
 from migd.migration.outgoing import DEFAULT_OVERHEAD_MS, SWITCHOVER_SAFETY, MigrationThread, PhaseClock
-from migd.migration.state import MigrationState
 from migd.migration.state import MigrationStatus as M
 from migd.migration.stream import OutStream
 from migd.migration.throttle import AutoConverge
@@ -32,41 +31,9 @@ from migd.transports.channel import SocketChannel
 MEM = 16 << 20
 
 
-class Harness:
-    """What MigrationState needs of a Daemon (INTERNALS.md), built from real parts."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, memory: int = MEM, workload: str = "idle") -> None:
-        self.loop = loop
-        self.events = EventSink(loop)
-        self.runstate = RunStateMachine(RunState.RUNNING)
-        self.machine = Machine(MachineConfig(memory=memory, workload=workload), self.runstate, self.events)
-        self.incoming: Any = None
-        self.migration = MigrationState(self)
-        self.seen: list[dict[str, Any]] = []
-        self.events.subscribe(self.seen.append)
-
-    async def run_blocking(self, fn: Any, *args: Any) -> Any:
-        return await self.loop.run_in_executor(None, fn, *args)
-
-    def names(self) -> list[str]:
-        return [e["event"] if e["event"] != "MIGRATION" else e["data"]["status"] for e in self.seen]
-
-    async def wait_for(self, cond: Callable[[], bool], timeout: float = 60.0) -> None:
-        async def poll() -> None:
-            while not cond():
-                await asyncio.sleep(0.005)
-        await asyncio.wait_for(poll(), timeout)
-
-    async def wait_status(self, *wanted: M, timeout: float = 60.0) -> None:
-        await self.wait_for(lambda: self.migration.status in wanted, timeout)
-
-    def close(self) -> None:
-        self.machine.shutdown()
-
-
 @pytest.fixture
 async def h():
-    harness = Harness(asyncio.get_running_loop())
+    harness = Harness(asyncio.get_running_loop(), memory=MEM)
     harness.migration.config.set_capabilities([("events", True)])
     harness.machine.start()
     yield harness
