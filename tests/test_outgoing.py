@@ -505,7 +505,7 @@ async def test_no_return_path_completes_without_ack(h: Harness, tmp_path, savevm
 
 async def test_auto_converge_throttles_a_hot_guest_and_stops_at_the_end(tmp_path, savevm: Any) -> None:
     """A guest dirtying 64 MB/s against a 4 MB/s migration: throttled, shown, removed on cancel."""
-    h = Harness(asyncio.get_running_loop(), workload="random,rate=64M")
+    h = Harness(asyncio.get_running_loop(), memory=MEM, workload="random,rate=64M")
     try:
         h.machine.start()
         ms = h.migration
