@@ -7,6 +7,8 @@ alternate QEMU and migd so the machine's noise hits both alike. Needs `qemu-syst
 
     python3 bench/bench_vs_qemu.py [--size 1G] [--runs 3] [--running]
 
+Both destinations get --settle seconds (default 1) between listening and the migrate command, as a
+destination started ahead of the migration has (migd prefaults its RAM meanwhile; QEMU does not).
 Prints total-time, downtime and GB/s per run and the medians; the ratio is migd / QEMU throughput.
 """
 
@@ -54,8 +56,12 @@ def connect(path: Path) -> QEMUMonitorProtocol:
     return qmp
 
 
+SETTLE = 1.0  # seconds both destinations get between listening and the migrate command
+
+
 def migrate_and_wait(src: QEMUMonitorProtocol, uri: str) -> dict:
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
+    time.sleep(SETTLE)  # a destination is started before the migrate command, as in real use
     src.cmd("migrate", uri=uri)
     while True:
         info = src.cmd("query-migrate")
@@ -124,7 +130,10 @@ def main() -> int:
     ap.add_argument("--size", default="1G")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--running", action="store_true", help="sources run instead of starting paused (-S)")
+    ap.add_argument("--settle", type=float, default=SETTLE,
+                    help="seconds between the destination listening and migrate (default 1)")
     args = ap.parse_args()
+    globals()["SETTLE"] = args.settle
     if QEMU is None:
         print("qemu-system-x86_64 not found: apt-get install qemu-system-x86", file=sys.stderr)
         return 2
