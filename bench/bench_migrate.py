@@ -101,14 +101,14 @@ async def main() -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     memory = parse_size(args.memory)
-    tmp = Path(tempfile.mkdtemp(prefix="migd-bench-"))
+    # in /dev/shm and private to this invocation: two benches must never share a RAM file
+    tmp = Path(tempfile.mkdtemp(prefix="migd-bench-", dir="/dev/shm"))
     out: dict[str, list[dict[str, Any]]] = {}
     ok = True
     try:
         for case in args.cases.split(","):
             workload, random_ram = CASES[case]
-            mem_path = (random_file(Path("/dev/shm") / f"migd-bench-random-{memory}", memory)
-                        if random_ram else None)
+            mem_path = random_file(tmp / "random.ram", memory) if random_ram else None
             out[case] = []
             for i in range(args.runs):
                 run_dir = tmp / f"{case}-{i}"

@@ -159,8 +159,9 @@ async def main() -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     memory = parse_size(args.memory)
-    tmp = Path(tempfile.mkdtemp(prefix="migd-bench-"))
-    mem_path = random_file(Path("/dev/shm") / f"migd-bench-random-{memory}", memory) if args.random_ram else None
+    # in /dev/shm and private to this invocation: two benches must never share a RAM file
+    tmp = Path(tempfile.mkdtemp(prefix="migd-bench-", dir="/dev/shm"))
+    mem_path = random_file(tmp / "random.ram", memory) if args.random_ram else None
     results = []
     try:
         for i in range(args.runs):
