@@ -138,6 +138,8 @@ def test_source_killed_leaves_destination_failed_not_running(migd_factory, tmp_p
 
 def test_truncated_file_stream_fails_clearly(migd_factory, tmp_path: Path) -> None:
     src = migd_factory("src", "-m", "64M", "--workload", "random,rate=16M")
+    poll(lambda: sum(v["bytes-written"] for v in src.cmd("x-migd-query-workload")["vcpus"]) > 2 * MB, 30,
+         "the guest to write 2 MB")
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
     state = tmp_path / "state"
     src.cmd("migrate", uri=f"file:{state}")
