@@ -154,7 +154,7 @@ def test_no_return_path_without_open_command(migd_factory) -> None:
 def test_exit_on_error_default_exits_with_status_1(migd_factory, tmp_path: Path) -> None:
     bad = tmp_path / "bad.state"
     bad.write_bytes(header() + b"\x01\x00\x00")  # a section cut short
-    vm = migd_factory("dst", "-m", "16M", "--incoming", f"file:{bad}")
+    vm = migd_factory("dst", "-m", "16M", "--incoming", f"file:{bad}", connect=False)
     assert vm.wait(30) == 1
     assert "truncated" in vm.log()
 

@@ -154,7 +154,7 @@ def test_truncated_file_stream_fails_clearly(migd_factory, tmp_path: Path) -> No
     assert "truncated" in info["error-desc"]
     assert run_status(dst) == "inmigrate"
     # default exit-on-error (true): the process exits with status 1, like QEMU
-    dst2 = migd_factory("dst2", "-m", "64M", "--incoming", f"file:{state}")
+    dst2 = migd_factory("dst2", "-m", "64M", "--incoming", f"file:{state}", connect=False)
     assert dst2.proc.wait(timeout=60) == 1
 
 
