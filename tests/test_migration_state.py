@@ -249,6 +249,8 @@ def test_qmp_migration_commands_end_to_end(migd_factory) -> None:
     info = src.cmd("query-migrate")
     assert info["status"] == "completed", info
     assert abs(sum(info["x-migd-downtime-phases"].values()) - info["downtime"]) <= 2
+    assert isinstance(info["x-migd-expected-downtime"], int) and info["x-migd-expected-downtime"] > 0
+    assert "expected-downtime" not in info  # QEMU's member is gone once completed
     assert src.status() == "postmigrate"
     dst.wait_for(lambda: dst.cmd("query-migrate").get("status") == "completed", 30, "destination")
     assert src.cmd("x-migd-ram-digest") == dst.cmd("x-migd-ram-digest")

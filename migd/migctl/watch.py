@@ -86,6 +86,9 @@ async def wait_for_migration(client: Client, out: Output, interval: float = POLL
                 status = info.get("status", "none")
                 if status in ("active", "device", "pre-switchover") and "expected-downtime" in info:
                     expected = info["expected-downtime"]
+                # migd keeps its estimate at the switch-over: better than the last poll, which a
+                # short migration may not even have had
+                expected = info.get("x-migd-expected-downtime", expected)
                 if live is not None:
                     live.update(progress_view(info, percent), refresh=True)
                 elif status in TERMINAL or status != last_status or time.monotonic() - last_json >= 1.0:

@@ -398,6 +398,9 @@ class MigrationState:
             info["setup-time"] = self.setup_time
         if self.error_desc is not None and status is not M.COMPLETED:
             info["error-desc"] = self.error_desc
-        if status is M.COMPLETED and self.downtime_phases:
-            info["x-migd-downtime-phases"] = dict(self.downtime_phases)
+        if status is M.COMPLETED:
+            # the estimate as it stood at the switch-over, to hold against the measured downtime
+            info["x-migd-expected-downtime"] = self.expected_downtime
+            if self.downtime_phases:
+                info["x-migd-downtime-phases"] = dict(self.downtime_phases)
         return info
