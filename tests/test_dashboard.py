@@ -17,10 +17,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+from scripted_daemon import DaemonParts
 
-from migd.events import EventSink
 from migd.http.app import start_http
-from migd.machine.runstate import RunState, RunStateMachine
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "",
                              shutil.which("chromium-browser") or "") if p and os.path.exists(p)), None)
@@ -112,22 +111,6 @@ async def chromium(tmp_path):
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
-
-
-class ScriptedMigration:
-    def __init__(self) -> None:
-        self.info: dict[str, Any] = {}
-
-    def query(self) -> dict[str, Any]:
-        return dict(self.info)
-
-
-class DaemonParts:
-    def __init__(self) -> None:
-        self.events = EventSink(asyncio.get_running_loop())
-        self.runstate = RunStateMachine(RunState.RUNNING)
-        self.migration = ScriptedMigration()
-        self.machine = None
 
 
 async def until(cdp: CDP, expression: str, timeout: float = 30.0) -> Any:

@@ -13,11 +13,11 @@ from typing import Any
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from scripted_daemon import DaemonParts
 
-from migd.events import EventSink
 from migd.http.app import start_http
 from migd.http.live import LiveFeed, make_sample
-from migd.machine.runstate import RunState, RunStateMachine
+from migd.machine.runstate import RunState
 
 ACTIVE = {
     "status": "active", "setup-time": 2, "total-time": 1500, "expected-downtime": 42,
@@ -31,24 +31,6 @@ COMPLETED = {
     "ram": dict(ACTIVE["ram"], remaining=0, **{"dirty-pages-rate": 0, "dirty-sync-count": 5}),
     "x-migd-downtime-phases": {"pause-vcpus": 1.5, "ram": 40.25},
 }
-
-
-class ScriptedMigration:
-    """Answers query() with whatever the test sets, like MigrationState answers from its counters."""
-
-    def __init__(self) -> None:
-        self.info: dict[str, Any] = {}
-
-    def query(self) -> dict[str, Any]:
-        return dict(self.info)
-
-
-class DaemonParts:
-    def __init__(self) -> None:
-        self.events = EventSink(asyncio.get_running_loop())
-        self.runstate = RunStateMachine(RunState.RUNNING)
-        self.migration = ScriptedMigration()
-        self.machine = None
 
 
 @pytest.fixture
