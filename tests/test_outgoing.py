@@ -318,7 +318,8 @@ async def test_complete_migration_with_acknowledged_load(h: Harness, tmp_path, s
         assert dest.pings[0] == 1 and len(dest.pings) >= 2  # header PING, then the catch-up before the stop
         assert ram_digest(dest.machine) == ram_digest(h.machine)
         assert h.runstate.state is RunState.POSTMIGRATE
-        assert set(info) == {"status", "ram", "total-time", "downtime", "setup-time", "x-migd-downtime-phases"}
+        assert set(info) == {"status", "ram", "total-time", "downtime", "setup-time", "x-migd-downtime-phases",
+                             "x-migd-expected-downtime"}
         phases = info["x-migd-downtime-phases"]
         assert {"stop-vcpus", "drain-flush", "ram-final", "device-state", "eof-flush", "wait-ack"} <= set(phases)
         assert abs(sum(phases.values()) - info["downtime"]) <= 2
