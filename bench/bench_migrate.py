@@ -75,6 +75,8 @@ async def one_run(tmp: Path, memory: int, workload: str, mem_path: Path | None,
         src.stop()
         dst.stop()
     total_ms = info.get("total-time") or int(wall * 1000)
+    # the daemon's own estimate at the switch-over beats the last poll (a short migration has none)
+    last_expected = info.get("x-migd-expected-downtime", last_expected)
     return {
         "status": info["status"],
         "dest_status": dinfo.get("status"),
