@@ -5,19 +5,9 @@ from __future__ import annotations
 import time
 
 import pytest
+from helpers import wait_for as poll
 
 MiB = 1 << 20
-
-
-def poll(fn, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
 
 
 def ok(vm, command: str, **args):

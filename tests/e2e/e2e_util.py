@@ -10,25 +10,18 @@ import os
 import shutil
 import socket
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from helpers import wait_for
 
 TRANSPORTS = ("tcp", "unix", "exec", "fd", "file")
 
 
 def poll(fn: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
     """Call ``fn`` until it returns something truthy; fail with ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        last = fn()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-        time.sleep(interval)
+    return wait_for(fn, timeout, interval, what)
 
 
 def query(m: Any) -> dict[str, Any]:
