@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,6 +12,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import Migd  # noqa: E402
+
+from migd.transports.channel import SocketChannel  # noqa: E402
 
 
 @pytest.fixture
@@ -35,3 +38,13 @@ def migd_factory(tmp_path: Path) -> Iterator[Callable[..., Migd]]:
         log = vm.log()
         if log:
             print(f"----- migd {vm.name} log -----\n{log}")
+
+
+@pytest.fixture
+def channel_pair() -> Iterator[tuple[SocketChannel, SocketChannel]]:
+    """Two connected SocketChannels over a real socketpair, closed after the test."""
+    a, b = socket.socketpair()
+    ca, cb = SocketChannel(a), SocketChannel(b)
+    yield ca, cb
+    ca.close()
+    cb.close()

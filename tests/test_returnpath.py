@@ -22,17 +22,8 @@ from migd.migration.returnpath import (
 from migd.transports.channel import SocketChannel
 
 
-@pytest.fixture
-def pair():
-    a, b = socket.socketpair()
-    src, dst = SocketChannel(a), SocketChannel(b)
-    yield src, dst
-    src.close()
-    dst.close()
-
-
-def test_wire_bytes(pair) -> None:
-    src, dst = pair
+def test_wire_bytes(channel_pair) -> None:
+    src, dst = channel_pair
     send_shut(dst, 0)
     send_shut(dst, 1)
     send_pong(dst, 0xDEADBEEF)
@@ -41,8 +32,8 @@ def test_wire_bytes(pair) -> None:
 
 
 @pytest.mark.parametrize("flag", [0, 1])
-def test_shut_reaches_reader(pair, flag: int) -> None:
-    src, dst = pair
+def test_shut_reaches_reader(channel_pair, flag: int) -> None:
+    src, dst = channel_pair
     reader = ReturnPathReader(src)
     reader.start()
     send_pong(dst, 7)
@@ -52,8 +43,8 @@ def test_shut_reaches_reader(pair, flag: int) -> None:
     reader.close()
 
 
-def test_closed_without_shut_is_an_error(pair) -> None:
-    src, dst = pair
+def test_closed_without_shut_is_an_error(channel_pair) -> None:
+    src, dst = channel_pair
     reader = ReturnPathReader(src)
     reader.start()
     dst.shutdown()
@@ -70,8 +61,8 @@ def test_closed_without_shut_is_an_error(pair) -> None:
         (struct.pack(">HHQI", MSG_REQ_PAGES, 12, 0, 1), "Received invalid message 0x0004 length 0x000c"),
     ],
 )
-def test_reader_rejects_unknown_and_bad_lengths(pair, message: bytes, error: str) -> None:
-    src, dst = pair
+def test_reader_rejects_unknown_and_bad_lengths(channel_pair, message: bytes, error: str) -> None:
+    src, dst = channel_pair
     reader = ReturnPathReader(src)
     reader.start()
     dst.write_all([message])
@@ -80,8 +71,8 @@ def test_reader_rejects_unknown_and_bad_lengths(pair, message: bytes, error: str
     assert str(info.value) == error
 
 
-def test_truncated_message(pair) -> None:
-    src, dst = pair
+def test_truncated_message(channel_pair) -> None:
+    src, dst = channel_pair
     reader = ReturnPathReader(src)
     reader.start()
     dst.write_all([struct.pack(">HH", MSG_SHUT, 4) + b"\0\0"])
@@ -90,8 +81,8 @@ def test_truncated_message(pair) -> None:
         reader.wait_for_shut(timeout=10)
 
 
-def test_timeout_then_close_wakes_the_reader(pair) -> None:
-    src, _dst = pair
+def test_timeout_then_close_wakes_the_reader(channel_pair) -> None:
+    src, _dst = channel_pair
     reader = ReturnPathReader(src)
     reader.start()
     with pytest.raises(ReturnPathError, match="Timed out"):

@@ -11,18 +11,9 @@ import numpy as np
 import pytest
 
 from migd.migration.stream import InStream, OutStream, StreamError
-from migd.transports.channel import FdChannel, SocketChannel
+from migd.transports.channel import FdChannel
 
 WAIT = 10.0  # generous bound for anything that must happen "at once" on a loaded machine
-
-
-@pytest.fixture
-def sockpair():
-    a, b = socket.socketpair()
-    ca, cb = SocketChannel(a), SocketChannel(b)
-    yield ca, cb
-    ca.close()
-    cb.close()
 
 
 def _drain(channel, sink: bytearray | None = None) -> threading.Thread:
@@ -46,8 +37,8 @@ def _drain(channel, sink: bytearray | None = None) -> threading.Thread:
     return t
 
 
-def test_round_trip_mixed_puts(sockpair):
-    src, dst = sockpair
+def test_round_trip_mixed_puts(channel_pair):
+    src, dst = channel_pair
     out = OutStream(src)
     big = np.random.default_rng(1).integers(0, 256, 3 << 20, dtype=np.uint8)
     got = bytearray()
@@ -67,8 +58,8 @@ def test_round_trip_mixed_puts(sockpair):
     assert bytes(got) == expect
 
 
-def test_instream_reads_and_truncation(sockpair):
-    src, dst = sockpair
+def test_instream_reads_and_truncation(channel_pair):
+    src, dst = channel_pair
     payload = bytes(range(256)) * 40000  # ~10 MiB, larger than the read buffer
     header = bytes.fromhex("07") + (0x11223344).to_bytes(4, "big") + (5).to_bytes(8, "big")
 
@@ -94,15 +85,15 @@ def test_instream_reads_and_truncation(sockpair):
     t.join(WAIT)
 
 
-def test_read_refuses_absurd_length(sockpair):
-    _, dst = sockpair
+def test_read_refuses_absurd_length(channel_pair):
+    _, dst = channel_pair
     f = InStream(dst)
     with pytest.raises(StreamError, match="Invalid read length"):
         f.read(1 << 40)
 
 
-def test_socket_shutdown_wakes_blocked_read(sockpair):
-    _, dst = sockpair
+def test_socket_shutdown_wakes_blocked_read(channel_pair):
+    _, dst = channel_pair
     err: list[BaseException] = []
     started = threading.Event()
 
@@ -124,8 +115,8 @@ def test_socket_shutdown_wakes_blocked_read(sockpair):
         dst.read_into(bytearray(1))
 
 
-def test_outstream_shutdown_fails_blocked_and_later_writes(sockpair):
-    src, _ = sockpair  # nobody reads: the writer fills the socket buffers and blocks
+def test_outstream_shutdown_fails_blocked_and_later_writes(channel_pair):
+    src, _ = channel_pair  # nobody reads: the writer fills the socket buffers and blocks
     out = OutStream(src)
     result: list[BaseException] = []
     chunk = bytes(1 << 20)
@@ -153,8 +144,8 @@ def test_outstream_shutdown_fails_blocked_and_later_writes(sockpair):
         out.flush()
 
 
-def test_write_error_when_peer_gone(sockpair):
-    src, dst = sockpair
+def test_write_error_when_peer_gone(channel_pair):
+    src, dst = channel_pair
     dst.close()
     out = OutStream(src)
     with pytest.raises(StreamError, match="Unable to write"):
@@ -224,9 +215,9 @@ def test_fd_channel_shutdown_wakes_blocked_write():
     os.close(r)
 
 
-def test_rate_limit_bytes_per_window(sockpair):
+def test_rate_limit_bytes_per_window(channel_pair):
     """The migration thread's loop: write while the window has budget, sleep to its end, reset."""
-    src, dst = sockpair
+    src, dst = channel_pair
     reader = _drain(dst)
     out = OutStream(src)
     bps = 40_000_000
@@ -265,8 +256,8 @@ def test_rate_limit_bytes_per_window(sockpair):
     assert out.transferred / elapsed <= bps * 1.05
 
 
-def test_rate_limit_zero_is_unlimited_and_changes_apply_at_once(sockpair):
-    src, _ = sockpair
+def test_rate_limit_zero_is_unlimited_and_changes_apply_at_once(channel_pair):
+    src, _ = channel_pair
     out = OutStream(src)
     out.set_rate_limit(0)
     assert out.rate_budget() is None and not out.rate_limit_exceeded()
