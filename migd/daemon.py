@@ -18,10 +18,19 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import uvloop
+
 from migd import sdnotify
 from migd.config import DaemonConfig
 from migd.events import EventSink
+from migd.http.app import HttpEndpoint, start_http
+from migd.machine.machine import Machine
 from migd.machine.runstate import RunState, RunStateMachine
+from migd.migration.incoming import IncomingMigration
+from migd.migration.params import MigrationConfig
+from migd.migration.state import MigrationState
+from migd.qmp.server import QMPServer
+from migd.threads import LoopHandle, any_thread, loop_only
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +38,7 @@ T = TypeVar("T")
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop where it is installed (faster sockets and timers), asyncio's loop otherwise."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
+    """uvloop: faster sockets and timers than asyncio's own loop."""
     return uvloop.new_event_loop()
 
 
@@ -75,13 +80,15 @@ async def _in_daemon_thread(fn: Callable[[], Any]) -> None:
 
 
 class Daemon:
-    """See INTERNALS.md: ``loop``, ``events``, ``runstate``, ``machine``, ``migration``, ``incoming``,
-    ``request_shutdown()``, ``run_blocking()``; plus ``autostart`` (QEMU's: whether an incoming
-    migration starts the guest once it lands; cleared by ``-S`` or ``stop`` during inmigrate)."""
+    """One process: builds the parts in ``start()``, tears them down in ``stop()``.
+
+    It is the ``MigrationHost`` of the migration code (machine, run state, events, ``call_soon``,
+    ``run_blocking``, ``request_exit``, ``autostart``) and the host of the QMP commands (plus
+    ``config``, ``migration``, ``incoming``, ``request_shutdown``); neither reaches further in.
+    """
 
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
-        self.loop: asyncio.AbstractEventLoop | None = None
         self.events = EventSink()
         if config.incoming is not None:
             initial = RunState.INMIGRATE
@@ -91,16 +98,30 @@ class Daemon:
             initial = RunState.RUNNING
         self.runstate = RunStateMachine(initial)
         self.autostart = not config.machine.start_paused
-        self.machine: Any = None
-        self.migration: Any = None
-        self.incoming: Any = None
-        self.qmp: Any = None
-        self.http: Any = None
+        # one configuration for both sides: the events capability governs the destination's events too
+        self.migration_config = MigrationConfig()
+        self.incoming: IncomingMigration | None = None
+        self.qmp: QMPServer | None = None
+        self.http: HttpEndpoint | None = None
         self.shutdown_reason: str | None = None
         self.exit_code = 0
+        self._loop: LoopHandle | None = None
+        self._machine: Machine | None = None
+        self._migration: MigrationState | None = None
         self._stop_requested: asyncio.Event | None = None
-        self._loop_thread: int | None = None
         self._stopped = False
+
+    @property
+    def machine(self) -> Machine:
+        if self._machine is None:
+            raise RuntimeError("the daemon has no machine yet")
+        return self._machine
+
+    @property
+    def migration(self) -> MigrationState:
+        if self._migration is None:
+            raise RuntimeError("the daemon has not started")
+        return self._migration
 
     # -- running -----------------------------------------------------------------------------------
 
@@ -114,6 +135,7 @@ class Daemon:
             loop.run_until_complete(loop.shutdown_default_executor())
             loop.close()
 
+    @loop_only
     async def main(self) -> int:
         try:
             await self.start()
@@ -130,41 +152,28 @@ class Daemon:
         await self.stop()
         return self.exit_code
 
+    @loop_only
     async def start(self) -> None:
         """Bring every part up; READY=1 once every listener accepts connections."""
-        self.loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
+        loop = asyncio.get_running_loop()
+        self._loop = LoopHandle(loop)
         self._stop_requested = asyncio.Event()
-        self.events.bind(self.loop)
+        self.events.bind(loop)
         self.runstate.add_notifier(self._on_runstate)
 
-        from migd.machine import Machine
-
-        self.machine = Machine(self.config.machine, self.runstate, self.events)
-        self.machine.start()
-
-        # the whole migration path is imported now: importing it lazily cost the first `migrate`
-        # ~50 ms of setup time
-        from migd.migration import outgoing  # noqa: F401
-        from migd.migration.state import MigrationState
-
-        self.migration = MigrationState(self)
-
-        from migd.qmp.server import QMPServer
+        self._machine = Machine(self.config.machine, self.runstate, self.events)
+        self._machine.start()
+        self._migration = MigrationState(self, self.migration_config)
 
         self.qmp = QMPServer(self, self.config.qmp)
         await self.qmp.start()
 
         if self.config.incoming is not None:
-            from migd.migration.incoming import IncomingMigration
-
-            self.incoming = IncomingMigration(self, self.config.incoming)
+            self.incoming = IncomingMigration(self, self.config.incoming, self.migration_config)
             await self.incoming.start()
 
         address = self.config.http_address()
         if address is not None:
-            from migd.http.app import start_http
-
             self.http = await start_http(self, *address)
 
         self.qmp.serve()
@@ -174,31 +183,40 @@ class Daemon:
     def qmp_addresses(self) -> list[str]:
         return [listener.address for listener in self.qmp.listeners] if self.qmp else []
 
+    @loop_only
     async def wait_stopped(self) -> None:
         """Until quit or a signal asked the daemon to stop."""
         assert self._stop_requested is not None
         await self._stop_requested.wait()
 
+    @any_thread
     def request_shutdown(self, reason: str = "host-qmp-quit") -> None:
-        """Ask for a clean exit (any thread). SHUTDOWN is emitted after the current QMP reply."""
-        if self.loop is None:
-            return
-        if threading.get_ident() != self._loop_thread:
-            self.loop.call_soon_threadsafe(self.request_shutdown, reason)
-            return
+        """Ask for a clean exit. SHUTDOWN is emitted after the current QMP reply."""
+        self.call_soon(self._begin_shutdown, reason)
+
+    @any_thread
+    def request_exit(self, code: int) -> None:
+        """Exit with ``code`` without a SHUTDOWN event: QEMU's ``exit(1)`` after a failed incoming
+        migration is not a shutdown a client is told about."""
+        self.call_soon(self._begin_exit, code)
+
+    @any_thread
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> bool:
+        """Hand ``fn(*args)`` to the event loop (the one hand-off helper); False once it is closed."""
+        return self._loop.call_soon(fn, *args) if self._loop is not None else False
+
+    @loop_only
+    def _begin_shutdown(self, reason: str) -> None:
         if self.shutdown_reason is not None:
             return
         self.shutdown_reason = reason
-        self.loop.call_soon(self._begin_shutdown)
+        log.info("shutting down: %s", reason)
+        self.events.emit("SHUTDOWN", {"guest": False, "reason": reason})
+        if self._stop_requested is not None:
+            self._stop_requested.set()
 
-    def request_exit(self, code: int) -> None:
-        """Exit with ``code`` without a SHUTDOWN event (any thread): QEMU's ``exit(1)`` after a
-        failed incoming migration is not a shutdown a client is told about."""
-        if self.loop is None:
-            return
-        if threading.get_ident() != self._loop_thread:
-            self.loop.call_soon_threadsafe(self.request_exit, code)
-            return
+    @loop_only
+    def _begin_exit(self, code: int) -> None:
         if self.shutdown_reason is not None:
             return
         self.exit_code = code
@@ -207,12 +225,7 @@ class Daemon:
         if self._stop_requested is not None:
             self._stop_requested.set()
 
-    def _begin_shutdown(self) -> None:
-        log.info("shutting down: %s", self.shutdown_reason)
-        self.events.emit("SHUTDOWN", {"guest": False, "reason": self.shutdown_reason})
-        if self._stop_requested is not None:
-            self._stop_requested.set()
-
+    @loop_only
     async def stop(self) -> None:
         """Tear down in reverse order; safe to call after a partial start, and twice."""
         if self._stopped:
@@ -220,8 +233,8 @@ class Daemon:
         self._stopped = True
         sdnotify.notify("STOPPING=1")
         # Each step is bounded: a part that hangs must not keep the process from exiting.
-        if self.migration is not None:
-            await _bounded(self.migration.cancel, "cancelling the migration")
+        if self._migration is not None:
+            await _bounded(self._migration.cancel, "cancelling the migration")
         if self.incoming is not None:
             incoming = self.incoming
             await _bounded(lambda: self.run_blocking(incoming.close), "closing the incoming migration")
@@ -229,8 +242,9 @@ class Daemon:
             await _bounded(self.http.close, "closing HTTP")
         if self.qmp is not None:
             await _bounded(self.qmp.close, "closing QMP")
-        if self.machine is not None:
-            await _bounded(lambda: _in_daemon_thread(self.machine.shutdown), "machine shutdown")
+        machine = self._machine
+        if machine is not None:
+            await _bounded(lambda: _in_daemon_thread(machine.shutdown), "machine shutdown")
         try:
             self.runstate.remove_notifier(self._on_runstate)
         except ValueError:
@@ -238,10 +252,10 @@ class Daemon:
 
     # -- helpers for the parts ----------------------------------------------------------------------
 
+    @loop_only
     def run_blocking(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Run ``fn(*args)`` on a worker thread; await the result without blocking the loop."""
-        loop = self.loop or asyncio.get_running_loop()
-        return loop.run_in_executor(None, functools.partial(fn, *args))
+        return asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
 
     def _on_runstate(self, old: RunState, new: RunState) -> None:
         log.debug("run state %s -> %s", old, new)

@@ -1,5 +1,5 @@
-"""What MigrationState needs of a Daemon (INTERNALS.md), built from real parts: an event loop, an
-EventSink, a RunStateMachine and a Machine. Shared by the migration state and thread tests."""
+"""A MigrationHost (migd/migration/host.py) built from real parts: an event loop, an EventSink, a
+RunStateMachine and a Machine. Shared by the migration state and thread tests."""
 
 from __future__ import annotations
 
@@ -11,23 +11,36 @@ from migd.config import MachineConfig
 from migd.events import EventSink
 from migd.machine.machine import Machine
 from migd.machine.runstate import RunState, RunStateMachine
+from migd.migration.host import MigrationHost
+from migd.migration.params import MigrationConfig
 from migd.migration.state import MigrationState
-from migd.migration.state import MigrationStatus as M
+from migd.migration.status import MigrationStatus as M
+from migd.threads import LoopHandle
 
 
 class Harness:
     def __init__(self, loop: asyncio.AbstractEventLoop, memory: int = 8 << 20, workload: str = "idle") -> None:
         self.loop = loop
+        self._handle = LoopHandle(loop)
         self.events = EventSink(loop)
         self.runstate = RunStateMachine(RunState.RUNNING)
         self.machine = Machine(MachineConfig(memory=memory, workload=workload), self.runstate, self.events)
-        self.incoming: Any = None
-        self.migration = MigrationState(self)
+        self.autostart = True
+        self.exit_codes: list[int] = []
+        self.config = MigrationConfig()
+        host: MigrationHost = self  # checked by mypy: the harness is a complete host
+        self.migration = MigrationState(host, self.config)
         self.seen: list[dict[str, Any]] = []
         self.events.subscribe(self.seen.append)
 
     async def run_blocking(self, fn: Any, *args: Any) -> Any:
         return await self.loop.run_in_executor(None, fn, *args)
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> bool:
+        return self._handle.call_soon(fn, *args)
+
+    def request_exit(self, code: int) -> None:
+        self.exit_codes.append(code)
 
     def statuses(self) -> list[str]:
         """The MIGRATION event statuses, in order."""

@@ -29,3 +29,4 @@ class DaemonParts:
         self.runstate = RunStateMachine(RunState.RUNNING)
         self.migration = ScriptedMigration()
         self.machine = None
+        self.incoming = None

@@ -10,8 +10,8 @@ from migd.migration.params import (
     MigrationConfig,
     ParamError,
 )
-from migd.qmp.commands import QMPError
 from migd.qmp.commands.migration import MigrateSetCapabilitiesArgs, MigrateSetParametersArgs
+from migd.qmp.registry import QMPError
 from migd.qmp.schema import validate
 
 QEMU_10_PARAMETER_ORDER = [

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Any
 
 import pytest
 from migration_harness import Harness
 
 from migd.machine.runstate import RunState
+from migd.migration.incoming import IncomingMigration
+from migd.migration.info import query_migrate
 from migd.migration.state import MigrationError
-from migd.migration.state import MigrationStatus as M
+from migd.migration.status import MigrationStatus as M
 
 
 @pytest.fixture
@@ -72,16 +73,21 @@ def test_migration_pass_event_on_every_sync(harness: Harness) -> None:
 
 
 def test_query_none_is_empty_or_the_incoming_side() -> None:
+    """query-migrate (migration/info.py) picks the side: the destination's while the source never ran."""
     h = Harness(asyncio.new_event_loop())
     try:
         assert h.migration.query() == {}
-
-        class Incoming:
-            def query(self) -> dict[str, Any]:
-                return {"status": "active", "socket-address": []}
-
-        h.incoming = Incoming()
-        assert h.migration.query() == {"status": "active", "socket-address": []}
+        assert query_migrate(h.migration, None) == {}
+        incoming = IncomingMigration(h, "defer", h.config)
+        assert query_migrate(h.migration, incoming) == {}  # nothing happened on either side
+        incoming.status = M.ACTIVE
+        incoming.socket_address = []
+        assert query_migrate(h.migration, incoming) == {"status": "active"}
+        incoming.socket_address = [{"type": "unix", "path": "/x"}]
+        assert query_migrate(h.migration, incoming) == {
+            "status": "active", "socket-address": [{"type": "unix", "path": "/x"}]}
+        assert h.migration.set_state(M.NONE, M.SETUP)
+        assert query_migrate(h.migration, incoming) == {"status": "setup"}  # the source wins
     finally:
         h.close()
 

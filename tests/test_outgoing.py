@@ -23,7 +23,7 @@ from migd.machine.machine import Machine
 from migd.machine.runstate import RunState, RunStateMachine
 from migd.machine.vcpu import VCPUSet
 from migd.migration.outgoing import DEFAULT_OVERHEAD_MS, SWITCHOVER_SAFETY, MigrationThread, PhaseClock
-from migd.migration.state import MigrationStatus as M
+from migd.migration.status import MigrationStatus as M
 from migd.migration.stream import OutStream
 from migd.migration.throttle import AutoConverge
 from migd.transports.channel import SocketChannel
@@ -104,7 +104,7 @@ def _idle_thread(h: Harness) -> tuple[MigrationThread, socket.socket]:
     ms._reset("unix:test")
     ms.channel = SocketChannel(a)
     ms.stream = OutStream(ms.channel)
-    thread = MigrationThread(ms, h.loop)
+    thread = MigrationThread(ms)
     ms.thread = thread
     return thread, b
 

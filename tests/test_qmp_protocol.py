@@ -8,8 +8,8 @@ from typing import Literal
 import pytest
 
 from migd.qmp import protocol
-from migd.qmp.commands import QMPError
 from migd.qmp.protocol import JSONStreamParser, ParseError, RequestError, check_request
+from migd.qmp.registry import QMPError
 from migd.qmp.schema import QMPArgs, QMPModel, UInt8, UInt64, dump, validate
 
 

@@ -325,7 +325,8 @@ async def test_a_flooding_client_does_not_starve_others(monkeypatch) -> None:
     """
     from migd.config import build
     from migd.daemon import Daemon
-    from migd.qmp.commands import REGISTRY, Command, load_all
+    from migd.qmp.commands import load_all
+    from migd.qmp.registry import REGISTRY, Command
 
     load_all()
     ran = {"status": 0, "name_at": -1}
@@ -376,7 +377,8 @@ async def test_a_command_finishes_when_its_client_goes_away(monkeypatch) -> None
     """A client sends a slow command and hangs up: the command is not cancelled half-way."""
     from migd.config import build
     from migd.daemon import Daemon
-    from migd.qmp.commands import REGISTRY, Command, load_all
+    from migd.qmp.commands import load_all
+    from migd.qmp.registry import REGISTRY, Command
 
     load_all()
     proceed = asyncio.Event()

@@ -17,20 +17,18 @@ from prometheus_client.registry import Collector
 
 from migd import __version__
 from migd.machine.runstate import RunState
+from migd.migration.info import query_migrate
+from migd.migration.status import MigrationStatus
 
 # QEMU's MigrationStatus values (qapi enum order): every one is exported so a status panel needs no guessing.
-MIGRATION_STATUSES = (
-    "none", "setup", "cancelling", "cancelled", "active", "postcopy-active", "postcopy-paused",
-    "postcopy-recover-setup", "postcopy-recover", "completed", "failed", "colo", "pre-switchover",
-    "device", "wait-unplug",
-)
+MIGRATION_STATUSES = tuple(str(status) for status in MigrationStatus)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def migration_info(daemon: Any) -> dict[str, Any]:
     """query-migrate as the daemon answers it (the source's view, or the destination's when idle)."""
-    return daemon.migration.query()
+    return query_migrate(daemon.migration, daemon.incoming)
 
 
 def _gauge(name: str, doc: str, value: float | int | None) -> Iterator[Metric]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import xxhash
@@ -65,6 +66,7 @@ class Machine:
             raise
         self._started = False
         self._closed = False
+        self._stop_abort: Callable[[], bool] | None = None  # while vm_stop waits for the vCPUs
         # QEMU's global state: the run state the guest had when a migration stopped it (sent to the
         # destination, which resumes the guest only if it was live), and the one a stream brought in.
         self.state_before_migration: RunState | None = None
@@ -101,18 +103,27 @@ class Machine:
 
     # -- run state -----------------------------------------------------------------------------
 
-    def vm_stop(self, state: RunState = RunState.PAUSED) -> bool:
-        """QEMU's vm_stop: if live, set ``state``, pause every vCPU (acknowledged), emit STOP."""
+    def vm_stop(self, state: RunState = RunState.PAUSED, *, abort: Callable[[], bool] | None = None) -> bool:
+        """QEMU's vm_stop: if live, set ``state``, pause every vCPU (acknowledged), emit STOP.
+
+        ``abort`` ends the wait for the acknowledgements early once it turns true (checked when
+        ``vcpus.wake_pausers()`` is called): the run state has changed either way, and the caller
+        that aborted resumes the guest.
+        """
         if not self.runstate.is_live():
             return False
-        self.runstate.set(state)  # the notifier pauses the vCPUs before this returns
-        self.vcpus.pause_all(count_stall=state not in _UNCOUNTED_STOPS)
+        self._stop_abort = abort
+        try:
+            self.runstate.set(state)  # the notifier pauses the vCPUs before this returns
+            self.vcpus.pause_all(count_stall=state not in _UNCOUNTED_STOPS, abort=abort)
+        finally:
+            self._stop_abort = None
         self.events.emit("STOP")
         return True
 
-    def vm_stop_force_state(self, state: RunState) -> None:
+    def vm_stop_force_state(self, state: RunState, *, abort: Callable[[], bool] | None = None) -> None:
         """QEMU's vm_stop_force_state: stop if live, otherwise just move to ``state``."""
-        if not self.vm_stop(state):
+        if not self.vm_stop(state, abort=abort):
             self.runstate.set(state)
 
     def vm_start(self) -> None:
@@ -137,7 +148,7 @@ class Machine:
         if new in LIVE_STATES:
             self.vcpus.resume_all()
         elif old in LIVE_STATES:
-            self.vcpus.pause_all(count_stall=new not in _UNCOUNTED_STOPS)
+            self.vcpus.pause_all(count_stall=new not in _UNCOUNTED_STOPS, abort=self._stop_abort)
 
     # -- workload ------------------------------------------------------------------------------
 

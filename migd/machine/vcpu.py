@@ -184,11 +184,13 @@ class VCPUSet:
     def running(self) -> bool:
         return self.run_requested and not self.exiting
 
-    def pause_all(self, *, count_stall: bool = True, timeout: float | None = None) -> bool:
-        """Ask every vCPU to stop and wait until each acknowledged; returns False on timeout.
+    def pause_all(self, *, count_stall: bool = True, timeout: float | None = None,
+                  abort: Callable[[], bool] | None = None) -> bool:
+        """Ask every vCPU to stop and wait until each acknowledged; False on timeout or abort.
 
         ``count_stall`` says whether the guest should feel this pause as a stall (migration: yes,
-        a user's ``stop``: no).
+        a user's ``stop``: no). ``abort`` is re-checked whenever ``wake_pausers`` is called: a
+        cancelled migration must not wait for a vCPU that never acknowledges.
         """
         if threading.current_thread() in {v.thread for v in self._vcpus}:
             raise RuntimeError("pause_all called from a vCPU thread")
@@ -196,7 +198,15 @@ class VCPUSet:
             self.run_requested = False
             self.count_pause = count_stall
             self.cond.notify_all()
-            return self.cond.wait_for(self._all_paused, timeout)
+            if abort is None:
+                return self.cond.wait_for(self._all_paused, timeout)
+            self.cond.wait_for(lambda: self._all_paused() or abort(), timeout)
+            return self._all_paused()
+
+    def wake_pausers(self) -> None:
+        """(any thread) Make every ``pause_all`` waiting now re-check its ``abort``."""
+        with self.cond:
+            self.cond.notify_all()
 
     def _all_paused(self) -> bool:
         return all(v.paused or not v.thread.is_alive() for v in self._vcpus)

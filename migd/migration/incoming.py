@@ -11,27 +11,31 @@ through SHUT on the return path. A failed load never runs the half-loaded guest;
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import struct
 import sys
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from migd.bql import BQL
+from migd.machine.machine import Machine
 from migd.machine.runstate import LIVE_STATES, InvalidTransition, RunState
 from migd.migration import returnpath
+from migd.migration.format import Cmd
+from migd.migration.host import MigrationHost
+from migd.migration.params import MigrationConfig
+from migd.migration.ram import prefault
+from migd.migration.savevm import load_stream
+from migd.migration.status import MigrationStatus
+from migd.migration.stream import InStream
+from migd.threads import any_thread, loop_only, off_loop, on_thread
 from migd.transports import Listener, TransportError, URIError, listen, parse_uri
+from migd.transports.channel import Channel
 from migd.transports.uri import MigrationURI
-
-if TYPE_CHECKING:
-    from migd.daemon import Daemon
-    from migd.transports.channel import Channel
 
 log = logging.getLogger("migd.migration")
 
-CMD_OPEN_RETURN_PATH = 1
-CMD_PING = 2
+M = MigrationStatus
 
 DEFER = "defer"
 CLOSE_JOIN = 5.0  # seconds close() waits for the woken incoming thread
@@ -41,32 +45,15 @@ class IncomingError(Exception):
     """A refused ``migrate-incoming``; ``str()`` is QEMU's text."""
 
 
-def _events_enabled(daemon: Any) -> bool:
-    """The source engineer's ``events`` capability, read defensively (absent -> off, like QEMU)."""
-    migration = getattr(daemon, "migration", None)
-    if migration is None:
-        return False
-    for holder in (getattr(migration, "config", None), getattr(migration, "capabilities", None), migration):
-        if holder is None:
-            continue
-        cap = getattr(holder, "cap", None)
-        if callable(cap):
-            try:
-                return bool(cap("events"))
-            except Exception:  # noqa: BLE001 - an unknown shape is "off", never a crash
-                return False
-        if isinstance(holder, dict) and "events" in holder:
-            return bool(holder["events"])
-    return False
-
-
 class IncomingMigration:
-    """One process's destination state (QEMU's MigrationIncomingState)."""
+    """One process's destination state (QEMU's MigrationIncomingState). ``config`` is the same
+    MigrationConfig the source side uses (the ``events`` capability, parameters)."""
 
-    def __init__(self, daemon: Daemon, uri: str | None) -> None:
-        self.daemon = daemon
+    def __init__(self, host: MigrationHost, uri: str | None, config: MigrationConfig) -> None:
+        self.host = host
+        self.config = config
         self.uri = uri  # the --incoming value: a URI or "defer"
-        self.status = "none"
+        self.status = M.NONE
         self.error_desc: str | None = None
         self.socket_address: list[dict[str, str]] | None = None
         self.exit_on_error = True
@@ -76,19 +63,20 @@ class IncomingMigration:
         self._listener: Listener | None = None
         self._channel: Channel | None = None
         self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self.finished = threading.Event()  # set once the status is completed or failed
 
     # -- starting ------------------------------------------------------------------------------
 
+    @loop_only
     async def start(self) -> None:
         """``--incoming URI`` at daemon start (``defer`` waits for migrate-incoming)."""
         if self.uri is None or self.uri == DEFER:
             return
         await self._begin(parse_uri(self.uri), None, True)
 
+    @loop_only
     async def start_deferred(
-        self, uri: str | MigrationURI, exit_on_error: bool = True, fds: Any = None
+        self, uri: str | MigrationURI, exit_on_error: bool = True, fds: dict[str, int] | None = None
     ) -> None:
         """``migrate-incoming``: only once, and only on a daemon started with ``--incoming``."""
         self.check_can_start()
@@ -99,50 +87,52 @@ class IncomingMigration:
         """QEMU's refusals, checked before the address is even parsed."""
         if self._started:
             raise IncomingError("The incoming migration has already been started")
-        if self.daemon.runstate.state is not RunState.INMIGRATE:
+        if self.host.runstate.state is not RunState.INMIGRATE:
             raise IncomingError("'-incoming' was not specified on the command line")
 
-    async def _begin(self, uri: MigrationURI, fds: Any, exit_on_error: bool) -> None:
+    async def _begin(self, uri: MigrationURI, fds: dict[str, int] | None, exit_on_error: bool) -> None:
         if self._started:
             raise IncomingError("The incoming migration has already been started")
         self._started = True  # claimed before the await: a concurrent call is refused
-        self._loop = asyncio.get_running_loop()
         try:
             # listening may spawn a command or resolve a name: keep it off the loop
-            listener = await self._loop.run_in_executor(None, listen, uri, fds)
+            listener = await self.host.run_blocking(listen, uri, fds)
         except (TransportError, URIError):
             self._started = False  # nothing changed: a corrected migrate-incoming may follow
             raise
         self._listener = listener
         self.exit_on_error = exit_on_error
         self.socket_address = list(listener.socket_address) or None
-        self._set_status("setup")
+        self._set_status(M.SETUP)
         log.info("incoming migration: listening on %s", uri.display())
         self._thread = threading.Thread(target=self._run, name="mig/dst/main", daemon=True)
         self._thread.start()
 
     # -- status --------------------------------------------------------------------------------
 
-    def _set_status(self, status: str) -> None:
+    @any_thread
+    def _set_status(self, status: MigrationStatus) -> None:
         self.status = status
         log.info("incoming migration status=%s%s", status,
-                 f" error={self.error_desc!r}" if status == "failed" and self.error_desc else "")
-        if _events_enabled(self.daemon):
-            self.daemon.events.emit("MIGRATION", {"status": status})
+                 f" error={self.error_desc!r}" if status is M.FAILED and self.error_desc else "")
+        if self.config.cap("events"):
+            self.host.events.emit("MIGRATION", {"status": str(status)})
 
+    @any_thread
     def query(self) -> dict[str, Any]:
         """The destination's MigrationInfo; ``{}`` before anything happened."""
-        if self.status == "none":
+        if self.status is M.NONE:
             return {}
-        info: dict[str, Any] = {"status": self.status}
-        if self.socket_address and self.status in ("setup", "active"):
+        info: dict[str, Any] = {"status": str(self.status)}
+        if self.socket_address and self.status in (M.SETUP, M.ACTIVE):
             info["socket-address"] = [dict(a) for a in self.socket_address]
-        if self.status == "failed" and self.error_desc:
+        if self.status is M.FAILED and self.error_desc:
             info["error-desc"] = self.error_desc
         return info
 
     # -- the incoming thread -------------------------------------------------------------------
 
+    @on_thread("mig/dst/main")
     def _run(self) -> None:
         try:
             self._accept_and_load()
@@ -151,10 +141,7 @@ class IncomingMigration:
             self._fail(f"Incoming migration failed: {exc}")
 
     def _accept_and_load(self) -> None:
-        from migd.migration.savevm import load_stream
-        from migd.migration.stream import InStream
-
-        machine = self.daemon.machine
+        machine = self.host.machine
         self._prefault(machine)
         listener = self._listener
         assert listener is not None
@@ -171,7 +158,7 @@ class IncomingMigration:
         if self._closing:
             self._fail("Incoming migration was shut down")
             return
-        self._set_status("active")
+        self._set_status(M.ACTIVE)
         try:
             load_stream(InStream(channel), machine, on_command=self._on_command)
         except Exception as exc:  # noqa: BLE001 - StreamError or anything a bad stream provokes
@@ -187,10 +174,8 @@ class IncomingMigration:
             text = exc.strerror or type(exc).__name__
         return f"load of migration failed: {text}"
 
-    def _prefault(self, machine: Any) -> None:
+    def _prefault(self, machine: Machine) -> None:
         """Fault the destination RAM in while waiting: faulting during the stream halves throughput."""
-        from migd.migration.ram import prefault
-
         try:
             prefault(machine.ram)
         except Exception:  # noqa: BLE001 - an optimisation only
@@ -199,53 +184,45 @@ class IncomingMigration:
     def _on_command(self, cmd: int, payload: bytes = b"") -> None:
         """Stream COMMANDs the loader hands up: the return path opens, PINGs get their PONG."""
         channel = self._channel
-        if cmd == CMD_OPEN_RETURN_PATH:
+        if cmd == Cmd.OPEN_RETURN_PATH:
             if channel is not None and channel.has_return_path:
                 self.return_path_open = True
-        elif cmd == CMD_PING and len(payload) == 4 and channel is not None and self.return_path_open:
+        elif cmd == Cmd.PING and len(payload) == 4 and channel is not None and self.return_path_open:
             (value,) = struct.unpack(">I", payload)
             returnpath.send_pong(channel, value)
 
     def _finish(self) -> None:
         """Success: late drive activation, run (or stay paused with -S), completed, SHUT(0)."""
-        machine = self.daemon.machine
+        machine = self.host.machine
         with BQL:
-            autostart = self._autostart()
+            autostart = self.host.autostart
             try:
                 machine.activate_drives()
             except Exception as exc:  # noqa: BLE001 - QEMU: report, and do not start the guest
                 log.error("incoming migration: could not activate drives: %s", exc)
                 autostart = False
-            source_state = getattr(machine, "incoming_runstate", None)
+            source_state = machine.incoming_runstate
             if source_state is None or source_state in LIVE_STATES:
                 if autostart:
                     machine.vm_start()
                 else:
-                    self.daemon.runstate.set(RunState.PAUSED)
+                    self.host.runstate.set(RunState.PAUSED)
             else:  # QEMU: a source that was paused (say) stays so on the destination
                 try:
-                    self.daemon.runstate.set(source_state)
+                    self.host.runstate.set(source_state)
                 except InvalidTransition:
-                    self.daemon.runstate.set(RunState.PAUSED)
+                    self.host.runstate.set(RunState.PAUSED)
             self.socket_address = None
-            self._set_status("completed")
+            self._set_status(M.COMPLETED)
         self._send_shut(0)
         self._close_channel()
         self.finished.set()
-
-    def _autostart(self) -> bool:
-        explicit = getattr(self.daemon, "autostart", None)
-        if isinstance(explicit, bool):
-            return explicit
-        config = getattr(self.daemon, "config", None)
-        machine_config = getattr(config, "machine", None)
-        return not bool(getattr(machine_config, "start_paused", False))
 
     def _fail(self, desc: str) -> None:
         """The guest stays stopped (inmigrate); the source hears SHUT(1); maybe exit(1)."""
         self.error_desc = desc
         self.socket_address = None
-        self._set_status("failed")
+        self._set_status(M.FAILED)
         self._send_shut(1)
         self._close_channel()
         self.finished.set()
@@ -272,10 +249,11 @@ class IncomingMigration:
     def _exit_failure(self, desc: str) -> None:
         """QEMU prints the error and exits with EXIT_FAILURE (no SHUTDOWN event); the daemon cleans up."""
         print(f"migd: {desc}", file=sys.stderr, flush=True)
-        self.daemon.request_exit(1)  # callable from any thread
+        self.host.request_exit(1)  # callable from any thread
 
     # -- shutting down -------------------------------------------------------------------------
 
+    @off_loop
     def close(self) -> None:
         """Daemon shutdown: stop listening and wake a blocked load (it ends failed, no exit)."""
         self._closing = True

@@ -29,26 +29,28 @@ boundaries, so they add up to ``downtime``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Collection
+from typing import Protocol
 
 from migd.bql import BQL
 from migd.machine.runstate import LIVE_STATES, RunState
 from migd.migration.format import Cmd, command
+from migd.migration.host import MigrationHost
+from migd.migration.params import MigrationConfig
 from migd.migration.ram import RAMError
 from migd.migration.returnpath import ReturnPathReader, sibling_error
-from migd.migration.state import MigrationStatus as M
-from migd.migration.stream import StreamError
+from migd.migration.savevm import SaveVM
+from migd.migration.stats import MigrationStats
+from migd.migration.status import MigrationStatus as M
+from migd.migration.stream import OutStream, StreamError
 from migd.migration.throttle import AutoConverge
-
-if TYPE_CHECKING:
-    from migd.migration.state import MigrationState
-    from migd.migration.stats import MigrationStats
+from migd.threads import any_thread, on_thread
+from migd.transports.channel import Channel
 
 log = logging.getLogger("migd.migration")
 
@@ -73,6 +75,36 @@ THROTTLE_SYNC_INTERVAL = 5.0
 # another round costs the guest nothing, so the switch-over waits until the rest is this small a
 # fraction of what the limit allows, or until rounds stop converging.
 TINY_FRACTION = 0.05
+
+
+class SourceSide(Protocol):
+    """What the thread reads from and publishes into (``state.MigrationState`` on the loop side)."""
+
+    host: MigrationHost
+    config: MigrationConfig
+    stats: MigrationStats
+    stream: OutStream | None
+    channel: Channel | None
+    continue_event: threading.Event  # QEMU's pause_sem: migrate-continue or a cancel
+    wake_event: threading.Event  # breaks the rate-limit sleep
+    start_time: float
+    setup_time: int
+    total_time: int
+    downtime: int
+    expected_downtime: int
+    downtime_phases: dict[str, float]
+    throttle_percentage: int
+    overhead_ms_hint: float
+    final_bw_hint: float
+
+    @property
+    def status(self) -> M: ...
+
+    def set_state(self, old: M | Collection[M], new: M) -> bool: ...
+
+    def fail(self, desc: str, old: M | Collection[M] | None = None) -> bool: ...
+
+    def thread_exited(self, thread: MigrationThread) -> None: ...
 
 
 class MigrationFailed(Exception):
@@ -104,19 +136,18 @@ class PhaseClock:
 class MigrationThread(threading.Thread):
     """Runs one migration from setup to a terminal state; publishes counters into MigrationState."""
 
-    def __init__(self, ms: MigrationState, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(self, ms: SourceSide) -> None:
         super().__init__(name="mig/src/main", daemon=True)
         self.ms = ms
-        self.loop = loop
-        self.machine = ms.daemon.machine
-        self.runstate = ms.daemon.runstate
+        self.machine = ms.host.machine
+        self.runstate = ms.host.runstate
         assert ms.stream is not None and ms.channel is not None
         self.stream = ms.stream
         self.channel = ms.channel
         self.stats: MigrationStats = ms.stats
         self.use_return_path = bool(ms.config.cap("return-path") and self.channel.has_return_path)
         self.rp: ReturnPathReader | None = None
-        self.savevm: Any = None
+        self.savevm: SaveVM | None = None
         self.throttle = (AutoConverge(self.machine.vcpus, lambda: ms.config.params)
                          if ms.config.cap("auto-converge") else None)
         self._rate_lock = threading.Lock()
@@ -142,6 +173,7 @@ class MigrationThread(threading.Thread):
 
     # -- called from other threads --------------------------------------------------------------
 
+    @any_thread
     def apply_rate_limit(self) -> None:
         """max-bandwidth -> stream budget, at once; ignored after the switch-over (unlimited)."""
         with self._rate_lock:
@@ -153,8 +185,9 @@ class MigrationThread(threading.Thread):
             self._unlimited = True
             self.stream.set_rate_limit(0)
 
+    @on_thread("mig/src/main")
     def on_sync(self, stats: MigrationStats) -> None:
-        """After each bitmap sync (this thread): feed auto-converge with the newly dirtied pages."""
+        """After each bitmap sync: feed auto-converge with the newly dirtied pages."""
         self._last_sync = time.monotonic()
         if self.throttle is None or self._completing:
             return
@@ -164,6 +197,7 @@ class MigrationThread(threading.Thread):
 
     # -- the thread -----------------------------------------------------------------------------
 
+    @on_thread("mig/src/main")
     def run(self) -> None:
         old_interval = sys.getswitchinterval()
         sys.setswitchinterval(min(old_interval, SWITCH_INTERVAL))
@@ -202,8 +236,6 @@ class MigrationThread(threading.Thread):
             raise MigrationFailed(self.stream.error)
 
     def _migrate(self) -> None:
-        from migd.migration.savevm import SaveVM
-
         ms, stream = self.ms, self.stream
         setup_start = time.monotonic()
         self.savevm = savevm = SaveVM(self.machine, self.stats, self.use_return_path)
@@ -367,9 +399,10 @@ class MigrationThread(threading.Thread):
             clock = PhaseClock()  # downtime starts
             self._vm_old_state = self.runstate.state
             self._vm_stopped = True
-            self._vm_was_live = machine.vm_stop(RunState.FINISH_MIGRATE)
-            if not self._vm_was_live:
-                self.runstate.set(RunState.FINISH_MIGRATE)
+            self._vm_was_live = self.runstate.is_live()
+            # a cancel wakes this wait (a vCPU that never acknowledges must not wedge the cancel)
+            machine.vm_stop_force_state(RunState.FINISH_MIGRATE, abort=lambda: ms.status is not M.ACTIVE)
+            self._expect(M.ACTIVE)
             clock.mark("stop-vcpus")
             machine.drain_drives()
             machine.flush_drives()

@@ -19,50 +19,27 @@ import logging
 import threading
 import time
 from collections.abc import Collection, Mapping
-from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from migd import transports
 from migd.machine.runstate import RunState
+from migd.migration.host import MigrationHost
+from migd.migration.outgoing import MigrationThread
 from migd.migration.params import MigrationConfig, ParamError
 from migd.migration.stats import MigrationStats
-
-if TYPE_CHECKING:
-    from migd.daemon import Daemon
-    from migd.migration.outgoing import MigrationThread
-    from migd.migration.stream import OutStream
-    from migd.transports.channel import Channel
+from migd.migration.status import (
+    POSTCOPY_STATES,
+    PROGRESS_STATES,
+    RUNNING_STATES,
+    MigrationStatus,
+)
+from migd.migration.stream import OutStream
+from migd.threads import any_thread, loop_only, on_thread
+from migd.transports.channel import Channel
 
 log = logging.getLogger("migd.migration")
 
-
-class MigrationStatus(StrEnum):
-    NONE = "none"
-    SETUP = "setup"
-    CANCELLING = "cancelling"
-    CANCELLED = "cancelled"
-    ACTIVE = "active"
-    POSTCOPY_ACTIVE = "postcopy-active"
-    POSTCOPY_PAUSED = "postcopy-paused"
-    POSTCOPY_RECOVER_SETUP = "postcopy-recover-setup"
-    POSTCOPY_RECOVER = "postcopy-recover"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    COLO = "colo"
-    PRE_SWITCHOVER = "pre-switchover"
-    DEVICE = "device"
-    WAIT_UNPLUG = "wait-unplug"
-
-
 M = MigrationStatus
-# QEMU's migration_is_running(): most configuration commands are refused in these.
-RUNNING_STATES = frozenset({
-    M.SETUP, M.ACTIVE, M.POSTCOPY_ACTIVE, M.POSTCOPY_PAUSED, M.POSTCOPY_RECOVER_SETUP,
-    M.POSTCOPY_RECOVER, M.PRE_SWITCHOVER, M.DEVICE, M.WAIT_UNPLUG, M.CANCELLING, M.COLO,
-})
-POSTCOPY_STATES = frozenset({M.POSTCOPY_ACTIVE, M.POSTCOPY_PAUSED, M.POSTCOPY_RECOVER_SETUP,
-                             M.POSTCOPY_RECOVER})
-# states in which query-migrate shows times, expected-downtime and ram
-_PROGRESS_STATES = frozenset({M.ACTIVE, M.CANCELLING, M.PRE_SWITCHOVER, M.DEVICE})
 
 IN_PROGRESS = "There's a migration process in progress"
 CANCEL_WAIT = 10.0  # seconds migrate_cancel waits for the thread to wind down before replying anyway
@@ -79,9 +56,9 @@ def _ms(seconds: float) -> int:
 class MigrationState:
     """The source side of migrations for one daemon (one at a time, like QEMU)."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.config = MigrationConfig()
+    def __init__(self, host: MigrationHost, config: MigrationConfig | None = None) -> None:
+        self.host = host
+        self.config = config if config is not None else MigrationConfig()
         self._status = M.NONE
         self._cas = threading.Lock()
         self.stats = MigrationStats()
@@ -104,6 +81,7 @@ class MigrationState:
         self._connect_task: asyncio.Task[None] | None = None
         self._generation = 0  # which migrate a late connect callback belongs to
         self._done: asyncio.Future[None] | None = None
+        self._cleanups: set[asyncio.Task[None]] = set()  # strong references while they run
         # learned from the last completed migration, so the next switch-over decision is honest
         self.overhead_ms_hint = 0.0  # non-RAM downtime (stop, drain, devices, EOF, ack)
         self.final_bw_hint = 0.0  # bytes/ms the last sizeable final RAM pass really reached
@@ -117,34 +95,38 @@ class MigrationState:
     def is_running(self) -> bool:
         return self._status in RUNNING_STATES
 
+    @any_thread
     def set_state(self, old: MigrationStatus | Collection[MigrationStatus], new: MigrationStatus) -> bool:
         """CAS ``old`` -> ``new``; emits ``MIGRATION`` (with the events capability) only if it won."""
+        return self._transition(old, new, None)
+
+    @any_thread
+    def fail(self, desc: str, old: MigrationStatus | Collection[MigrationStatus] | None = None) -> bool:
+        """Record ``desc`` (first error wins) and move to failed unless the migration was cancelled."""
+        return self._transition(RUNNING_STATES - {M.CANCELLING} if old is None else old, M.FAILED, desc)
+
+    def _transition(self, old: MigrationStatus | Collection[MigrationStatus], new: MigrationStatus,
+                    error: str | None) -> bool:
+        """The CAS itself: the check, the error and the event are queued under one lock, so
+        concurrent transitions are seen by every client in the order they won."""
         expected = (old,) if isinstance(old, MigrationStatus) else old
         with self._cas:
             if self._status not in expected:
                 return False
             self._status = new
+            if error is not None and self.error_desc is None:
+                self.error_desc = error  # before the event, so its readers see it
+            if self.config.cap("events"):
+                self.host.events.post("MIGRATION", {"status": str(new)})
         log.info("migration status=%s remaining=%d mbps=%.1f expected_downtime=%d%s", new,
                  self.stats.remaining, self.stats.mbps, self.expected_downtime,
                  f" error={self.error_desc!r}" if new is M.FAILED and self.error_desc else "")
-        if self.config.cap("events"):
-            self.daemon.events.emit("MIGRATION", {"status": str(new)})
+        self.host.events.emit_queued()
         return True
-
-    def fail(self, desc: str, old: MigrationStatus | Collection[MigrationStatus] | None = None) -> bool:
-        """Record ``desc`` (first error wins) and move to failed unless the migration was cancelled."""
-        if old is None:
-            old = RUNNING_STATES - {M.CANCELLING}
-        first = self.error_desc is None
-        if first:
-            self.error_desc = desc  # set before the transition, so the event's readers see it
-        won = self.set_state(old, M.FAILED)
-        if not won and first:
-            self.error_desc = None  # a cancel won: a cancelled migration shows no error
-        return won
 
     # -- parameters and capabilities ----------------------------------------------------------------
 
+    @loop_only
     def set_parameters(self, changes: Mapping[str, Any]) -> None:
         """Validate and commit; a running migration picks them up at once (max-bandwidth here)."""
         changed = self.config.set_parameters(changes)
@@ -152,6 +134,7 @@ class MigrationState:
         if thread is not None and "max-bandwidth" in changed:
             thread.apply_rate_limit()
 
+    @loop_only
     def set_capabilities(self, changes: list[tuple[str, bool]]) -> None:
         if self.is_running():
             raise ParamError(IN_PROGRESS)
@@ -159,13 +142,14 @@ class MigrationState:
 
     # -- events from the RAM section ------------------------------------------------------------
 
+    @on_thread("mig/src/main")
     def _on_sync(self, stats: MigrationStats) -> None:
-        """After every bitmap sync (any thread): MIGRATION_PASS, a log line, auto-converge."""
+        """After every bitmap sync: MIGRATION_PASS, a log line, auto-converge."""
         log.info("migration pass=%d remaining=%d mbps=%.1f expected_downtime=%d dirty_pages_rate=%d",
                  stats.dirty_sync_count, stats.remaining, stats.mbps, self.expected_downtime,
                  stats.dirty_pages_rate)
         if self.config.cap("events"):
-            self.daemon.events.emit("MIGRATION_PASS", {"pass": stats.dirty_sync_count})
+            self.host.events.emit("MIGRATION_PASS", {"pass": stats.dirty_sync_count})
         thread = self.thread
         if thread is not None:
             thread.on_sync(stats)
@@ -178,7 +162,7 @@ class MigrationState:
             raise MigrationError("Cannot resume if there is no paused migration")
         if self.is_running():
             raise MigrationError(IN_PROGRESS)
-        runstate = self.daemon.runstate.state
+        runstate = self.host.runstate.state
         if runstate is RunState.INMIGRATE:
             raise MigrationError("Guest is waiting for an incoming migration")
         if runstate is RunState.POSTMIGRATE:
@@ -204,11 +188,10 @@ class MigrationState:
         self.continue_event.clear()
         self.wake_event.clear()
 
+    @loop_only
     async def start(self, uri: str | None = None, channels: list[Any] | None = None,
-                    fds: Any = None, resume: bool = False) -> None:
+                    fds: dict[str, int] | None = None, resume: bool = False) -> None:
         """``migrate``: validate, go to setup (event before the reply), connect off the loop."""
-        from migd import transports
-
         try:
             address = transports.resolve(uri, channels)
         except (transports.URIError, ValueError) as exc:
@@ -240,11 +223,10 @@ class MigrationState:
             return
         self._connect_task = loop.create_task(self._connect(address, fds, self._generation))
 
-    async def _connect(self, address: Any, fds: Any, generation: int) -> None:
-        from migd import transports
-
+    async def _connect(self, address: transports.MigrationURI, fds: dict[str, int] | None,
+                       generation: int) -> None:
         try:
-            channel = await self.daemon.run_blocking(transports.connect, address, fds)
+            channel = await self.host.run_blocking(transports.connect, address, fds)
         except Exception as exc:
             if generation != self._generation:
                 return  # cancelled long ago; a newer migration owns the state now
@@ -258,11 +240,9 @@ class MigrationState:
                 self._connect_task = None
         self._connected(channel, generation)
 
+    @loop_only
     def _connected(self, channel: Channel, generation: int) -> None:
-        """QEMU's migration_connect (on the loop): stream, rate limit, then the thread."""
-        from migd.migration.outgoing import MigrationThread
-        from migd.migration.stream import OutStream
-
+        """QEMU's migration_connect: stream, rate limit, then the thread."""
         if generation != self._generation or self._status is not M.SETUP:  # cancelled while connecting
             channel.close()
             if generation == self._generation:
@@ -271,26 +251,29 @@ class MigrationState:
         self.channel = channel
         self.stream = OutStream(channel)
         self.expected_downtime = int(self.config.param("downtime-limit"))
-        thread = MigrationThread(self, self.daemon.loop)
+        thread = MigrationThread(self)
         self.thread = thread
         thread.apply_rate_limit()
         thread.start()
 
     # -- end of a migration ---------------------------------------------------------------------
 
+    @on_thread("mig/src/main")
     def thread_exited(self, thread: MigrationThread) -> None:
-        """Called by the migration thread as its last act; hands cleanup to the loop (QEMU's BH)."""
-        try:
-            self.daemon.loop.call_soon_threadsafe(self._schedule_cleanup, thread)
-        except RuntimeError:  # loop closed: the daemon is exiting, nothing left to clean up for
-            pass
+        """The migration thread's last act: hand cleanup to the loop (QEMU's BH). A closed loop
+        means the daemon is exiting, with nothing left to clean up for."""
+        self.host.call_soon(self._schedule_cleanup, thread)
 
+    @loop_only
     def _schedule_cleanup(self, thread: MigrationThread) -> None:
-        self.daemon.loop.create_task(self._cleanup(thread))
+        task = asyncio.get_running_loop().create_task(self._cleanup(thread))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
 
+    @loop_only
     async def _cleanup(self, thread: MigrationThread) -> None:
         """QEMU's migration_cleanup: join the thread off the loop, close, cancelling -> cancelled."""
-        await self.daemon.run_blocking(thread.join)
+        await self.host.run_blocking(thread.join)
         try:
             thread.stream.close()
         except OSError:
@@ -307,6 +290,7 @@ class MigrationState:
 
     # -- cancel / continue ----------------------------------------------------------------------
 
+    @loop_only
     async def cancel(self) -> None:
         """``migrate_cancel``: works in every state; returns once the migration wound down."""
         if self._status in POSTCOPY_STATES:
@@ -321,6 +305,7 @@ class MigrationState:
             return
         self.continue_event.set()
         self.wake_event.set()
+        self.host.machine.vcpus.wake_pausers()  # a vCPU stop waiting inside the big lock gives up
         stream, channel = self.stream, self.channel
         if stream is not None:
             stream.shutdown()
@@ -338,6 +323,7 @@ class MigrationState:
             except TimeoutError:
                 log.warning("migrate_cancel: the migration thread is still winding down")
 
+    @loop_only
     def continue_(self, state: str) -> None:
         """``migrate-continue``: leave pre-switchover (or whatever state the caller names)."""
         if self._status != state:
@@ -355,7 +341,7 @@ class MigrationState:
     def _ram_info(self, status: MigrationStatus) -> dict[str, Any]:
         s = self.stats
         stream = self.stream
-        transferred = stream.transferred if stream is not None else s.transferred
+        transferred = stream.transferred if stream is not None else 0
         completed = status is M.COMPLETED
         return {
             "transferred": transferred,
@@ -377,14 +363,15 @@ class MigrationState:
             "dirty-sync-missed-zero-copy": 0,
         }
 
+    @any_thread
     def query(self) -> dict[str, Any]:
-        """MigrationInfo with exactly QEMU's members for the state; reads published values only."""
+        """MigrationInfo with exactly QEMU's members for the state; reads published values only.
+        ``{}`` before any migration (``query-migrate`` then shows the destination side, if any)."""
         status = self._status
         if status is M.NONE:
-            incoming = getattr(self.daemon, "incoming", None)
-            return dict(incoming.query()) if incoming is not None else {}
+            return {}
         info: dict[str, Any] = {"status": str(status)}
-        if status in _PROGRESS_STATES:
+        if status in PROGRESS_STATES:
             info["ram"] = self._ram_info(status)
             info["total-time"] = _ms(time.monotonic() - self.start_time)
             info["expected-downtime"] = self.expected_downtime

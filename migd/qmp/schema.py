@@ -31,7 +31,7 @@ from typing import Annotated, Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import ErrorDetails
 
-from migd.qmp.commands import QMPError
+from migd.qmp.registry import QMPError
 
 
 def _wire_name(name: str) -> str:

@@ -21,16 +21,14 @@ import socket
 import stat
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from migd.config import split_host_port
 from migd.events import Event
 from migd.qmp import protocol
-from migd.qmp.commands import REGISTRY, CommandContext, QMPError, load_all
+from migd.qmp.commands import load_all
+from migd.qmp.registry import REGISTRY, CommandContext, CommandHost, QMPError
 from migd.qmp.schema import dump, validate
-
-if TYPE_CHECKING:
-    from migd.daemon import Daemon
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +339,7 @@ class Listener:
 class QMPServer:
     """Every QMP listener of one daemon, their sessions, and the event broadcast to them."""
 
-    def __init__(self, daemon: Daemon, uris: list[str], max_pending: int = MAX_PENDING_OUTPUT) -> None:
+    def __init__(self, daemon: CommandHost, uris: list[str], max_pending: int = MAX_PENDING_OUTPUT) -> None:
         load_all()
         self.daemon = daemon
         self.uris = list(uris)

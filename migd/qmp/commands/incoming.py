@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from migd.qmp.commands import CommandContext, QMPError, command
+from migd.migration.incoming import IncomingError
+from migd.qmp.registry import CommandContext, QMPError, command
 from migd.qmp.schema import QMPArgs
 from migd.transports import TransportError, URIError, resolve
 
@@ -18,15 +19,13 @@ class MigrateIncomingArgs(QMPArgs):
 @command("migrate-incoming", MigrateIncomingArgs)
 async def migrate_incoming(ctx: CommandContext, args: MigrateIncomingArgs) -> dict[str, Any]:
     """QEMU's order: refusals first (once only, -incoming needed), then the address, then listen."""
-    from migd.migration.incoming import IncomingError
-
-    incoming = getattr(ctx.daemon, "incoming", None)
+    incoming = ctx.daemon.incoming
     if incoming is None:
         raise QMPError("'-incoming' was not specified on the command line")
     try:
         incoming.check_can_start()
         uri = resolve(args.uri, args.channels, incoming=True)
-        await incoming.start_deferred(uri, args.exit_on_error, getattr(ctx.session, "fds", None))
+        await incoming.start_deferred(uri, args.exit_on_error, ctx.session.fds)
     except (IncomingError, URIError, TransportError) as exc:
         raise QMPError(str(exc)) from exc
     return {}

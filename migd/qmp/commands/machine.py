@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from migd.machine.workloads import WorkloadError
-from migd.qmp.commands import CommandContext, QMPError, command, under_bql
+from migd.qmp.registry import CommandContext, QMPError, command, under_bql
 from migd.qmp.schema import QMPArgs, UInt64
 
 MAX_HOTPLUG = 1 << 40  # a sanity bound on one hot-plugged block

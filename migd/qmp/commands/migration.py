@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from migd.migration.params import CAPABILITIES, ParamError
-from migd.migration.state import MigrationError, MigrationStatus
-from migd.qmp.commands import CommandContext, QMPError, command
+from pydantic import create_model
+
+from migd.migration.info import query_migrate
+from migd.migration.params import CAPABILITIES, PARAMS, ParamError, ParamSpec
+from migd.migration.state import MigrationError, MigrationState
+from migd.migration.status import MigrationStatus
+from migd.qmp.registry import CommandContext, QMPError, command
 from migd.qmp.schema import QMPArgs, Size, UInt8, UInt32, UInt64
 
-CapabilityName = Literal[CAPABILITIES]  # type: ignore[valid-type]
+CapabilityName = Literal[CAPABILITIES]  # type: ignore[valid-type]  # built from the one list
 StatusName = Literal[tuple(str(s) for s in MigrationStatus)]  # type: ignore[valid-type]
 
 
@@ -25,38 +29,23 @@ class MigrateArgs(QMPArgs):
     resume: bool = False
 
 
-class MigrateSetParametersArgs(QMPArgs):
-    """MigrateSetParameters (boxed): every member optional; tls-* are StrOrNull (null means "")."""
+_KIND_TYPES: dict[str, Any] = {"size": Size, "uint64": UInt64, "uint32": UInt32, "uint8": UInt8,
+                               "bool": bool, "str": str, "list": list[dict[str, Any]]}
 
-    announce_initial: Size | None = None
-    announce_max: Size | None = None
-    announce_rounds: Size | None = None
-    announce_step: Size | None = None
-    throttle_trigger_threshold: UInt8 | None = None
-    cpu_throttle_initial: UInt8 | None = None
-    cpu_throttle_increment: UInt8 | None = None
-    cpu_throttle_tailslow: bool | None = None
-    tls_creds: str | None = None
-    tls_hostname: str | None = None
-    tls_authz: str | None = None
-    max_bandwidth: Size | None = None
-    avail_switchover_bandwidth: Size | None = None
-    downtime_limit: UInt64 | None = None
-    x_checkpoint_delay: UInt32 | None = None
-    multifd_channels: UInt8 | None = None
-    xbzrle_cache_size: Size | None = None
-    max_postcopy_bandwidth: Size | None = None
-    max_cpu_throttle: UInt8 | None = None
-    multifd_compression: Literal["none", "zlib", "zstd", "qatzip", "qpl", "uadk"] | None = None
-    multifd_zlib_level: UInt8 | None = None
-    multifd_qatzip_level: UInt8 | None = None
-    multifd_zstd_level: UInt8 | None = None
-    block_bitmap_mapping: list[dict[str, Any]] | None = None
-    x_vcpu_dirty_limit_period: UInt64 | None = None
-    vcpu_dirty_limit: UInt64 | None = None
-    mode: Literal["normal", "cpr-reboot", "cpr-transfer"] | None = None
-    zero_page_detection: Literal["none", "legacy", "multifd"] | None = None
-    direct_io: bool | None = None
+
+def _field_type(spec: ParamSpec) -> Any:
+    if spec.kind == "enum":
+        return Literal[spec.choices]  # type: ignore[valid-type]
+    return _KIND_TYPES[spec.kind]
+
+
+# MigrateSetParameters (boxed): every member of ``params.PARAMS`` optional; the str ones are
+# StrOrNull (null means ""). Built from that one list, so a parameter is declared once.
+MigrateSetParametersArgs: type[QMPArgs] = create_model(
+    "MigrateSetParametersArgs",
+    __base__=QMPArgs,
+    **{spec.name.replace("-", "_"): (_field_type(spec) | None, None) for spec in PARAMS},
+)
 
 
 class CapabilityStatus(QMPArgs):
@@ -72,15 +61,14 @@ class MigrateContinueArgs(QMPArgs):
     state: StatusName
 
 
-def _migration(ctx: CommandContext) -> Any:
+def _migration(ctx: CommandContext) -> MigrationState:
     return ctx.daemon.migration
 
 
 @command("migrate", MigrateArgs)
 async def qmp_migrate(ctx: CommandContext, args: MigrateArgs) -> dict[str, Any]:
     try:
-        await _migration(ctx).start(args.uri, args.channels, getattr(ctx.session, "fds", None),
-                                    args.resume)
+        await _migration(ctx).start(args.uri, args.channels, ctx.session.fds, args.resume)
     except MigrationError as exc:
         raise QMPError(str(exc)) from None
     return {}
@@ -106,15 +94,13 @@ def qmp_migrate_continue(ctx: CommandContext, args: MigrateContinueArgs) -> dict
 
 @command("query-migrate")
 def qmp_query_migrate(ctx: CommandContext, args: None) -> dict[str, Any]:
-    return _migration(ctx).query()
+    return query_migrate(_migration(ctx), ctx.daemon.incoming)
 
 
 @command("migrate-set-parameters", MigrateSetParametersArgs)
-def qmp_migrate_set_parameters(ctx: CommandContext, args: MigrateSetParametersArgs) -> dict[str, Any]:
-    changes = {
-        MigrateSetParametersArgs.model_fields[name].alias or name: getattr(args, name)
-        for name in args.model_fields_set
-    }
+def qmp_migrate_set_parameters(ctx: CommandContext, args: QMPArgs) -> dict[str, Any]:
+    fields = type(args).model_fields
+    changes = {fields[name].alias or name: getattr(args, name) for name in args.model_fields_set}
     try:
         _migration(ctx).set_parameters(changes)
     except ParamError as exc:

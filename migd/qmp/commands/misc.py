@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from migd import QEMU_COMPAT_VERSION, __version__
 from migd.machine.runstate import RunState
-from migd.qmp.commands import REGISTRY, CommandContext, QMPError, command, under_bql
+from migd.qmp.registry import REGISTRY, CommandContext, CommandHost, QMPError, command, under_bql
 from migd.qmp.schema import QMPArgs
-
-if TYPE_CHECKING:
-    from migd.daemon import Daemon
 
 # Run states from which only a reset helps (QEMU's runstate_needs_reset); migd has no reset.
 _NEEDS_RESET = frozenset({RunState.INTERNAL_ERROR, RunState.SHUTDOWN, RunState.GUEST_PANICKED})
@@ -61,7 +58,7 @@ async def stop(ctx: CommandContext, args: None) -> dict:
     return await under_bql(ctx, _stop, ctx.daemon)
 
 
-def _stop(daemon: Daemon) -> dict:
+def _stop(daemon: CommandHost) -> dict:
     if daemon.runstate.state is RunState.INMIGRATE:
         daemon.autostart = False
     else:
@@ -75,7 +72,7 @@ async def cont(ctx: CommandContext, args: None) -> dict:
     return await under_bql(ctx, _cont, ctx.daemon)
 
 
-def _cont(daemon: Daemon) -> dict:
+def _cont(daemon: CommandHost) -> dict:
     state = daemon.runstate.state
     if state in _NEEDS_RESET:
         raise QMPError("Resetting the Virtual Machine is required")
