@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Every marked thread boundary is checked in the tests (and in the daemons they spawn, which inherit
+# the environment): a call on the wrong thread raises instead of racing.
+os.environ.setdefault("MIGD_CHECK_THREADS", "1")
+
 import socket
 import sys
 from collections.abc import Callable, Iterator

@@ -16,6 +16,7 @@ import struct
 import threading
 from typing import Any
 
+from migd.threads import any_thread
 from migd.transports.channel import IOV_MAX, Channel
 
 WINDOWS_PER_SECOND = 10  # QEMU's BUFFER_DELAY of 100 ms
@@ -49,7 +50,7 @@ class OutStream:
         self._queued = 0  # bytes in _iov (not counting _small)
         self._limit = 0  # bytes per window; 0 = unlimited
         self._window_start = 0
-        self._shutdown_lock = threading.Lock()
+        self._error_lock = threading.Lock()  # error is set by the writer and by shutdown()
 
     # -- putting data ---------------------------------------------------------------------------
 
@@ -131,16 +132,21 @@ class OutStream:
         if self.error is not None:
             raise StreamError(self.error)
 
-    def _fail(self, desc: str) -> None:
-        if self.error is None:
-            self.error = desc
-        raise StreamError(self.error)
-
-    def shutdown(self) -> None:
-        """Fail every blocked and later write (migrate_cancel). Safe from any thread."""
-        with self._shutdown_lock:
+    def _set_error(self, desc: str) -> str:
+        """Record the first error (any thread): a write failing because of a concurrent
+        ``shutdown`` must not overwrite why the stream was shut down, nor the other way round."""
+        with self._error_lock:
             if self.error is None:
-                self.error = "Channel was shut down"
+                self.error = desc
+            return self.error
+
+    def _fail(self, desc: str) -> None:
+        raise StreamError(self._set_error(desc))
+
+    @any_thread
+    def shutdown(self) -> None:
+        """Fail every blocked and later write (migrate_cancel)."""
+        self._set_error("Channel was shut down")
         self.channel.shutdown()
 
     def close(self) -> None:
