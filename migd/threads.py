@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import os
 import threading
 from collections.abc import Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -47,11 +48,23 @@ def _marked(where: str, ok: Callable[[], bool]) -> Callable[[Callable[P, R]], Ca
         if not CHECK:
             return fn
 
-        @functools.wraps(fn)
-        def checked(*args: P.args, **kwargs: P.kwargs) -> R:
+        def check() -> None:
             if not ok():
                 raise ThreadViolation(f"{fn.__qualname__} must run {where}, "
                                       f"not on thread {threading.current_thread().name!r}")
+
+        if inspect.iscoroutinefunction(fn):  # checked where the coroutine runs, not where it is made
+            @functools.wraps(fn)
+            async def checked_async(*args: Any, **kwargs: Any) -> Any:
+                check()
+                return await fn(*args, **kwargs)
+
+            setattr(checked_async, MARK, where)
+            return cast(Callable[P, R], checked_async)
+
+        @functools.wraps(fn)
+        def checked(*args: P.args, **kwargs: P.kwargs) -> R:
+            check()
             return fn(*args, **kwargs)
 
         setattr(checked, MARK, where)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
+from collections.abc import Callable
 
 import pytest
 from migration_harness import Harness
@@ -57,18 +59,30 @@ def test_fail_does_not_override_a_cancel() -> None:
         h.close()
 
 
+def _on_migration_thread(fn: Callable[[], None]) -> None:
+    """Sync hooks run on the migration thread (their marker checks it): run ``fn`` on one."""
+    thread = threading.Thread(target=fn, name="mig/src/main")
+    thread.start()
+    thread.join(10)
+
+
 def test_migration_pass_event_on_every_sync(harness: Harness) -> None:
     ms = harness.migration
     ms._reset("unix:/x")
-    for n in (1, 2):
-        ms.stats.dirty_sync_count = n
-        for hook in ms.stats.on_sync:
-            hook(ms.stats)
+
+    def syncs() -> None:
+        for n in (1, 2):
+            ms.stats.dirty_sync_count = n
+            for hook in ms.stats.on_sync:
+                hook(ms.stats)
+
+    _on_migration_thread(syncs)
+    harness.events.deliver()  # the loop is not running in this test: deliver what was queued
     passes = [e["data"]["pass"] for e in harness.seen if e["event"] == "MIGRATION_PASS"]
     assert passes == [1, 2]
     ms.config.set_capabilities([("events", False)])
-    for hook in ms.stats.on_sync:
-        hook(ms.stats)
+    _on_migration_thread(lambda: [hook(ms.stats) for hook in ms.stats.on_sync] and None)
+    harness.events.deliver()
     assert len([e for e in harness.seen if e["event"] == "MIGRATION_PASS"]) == 2
 
 
