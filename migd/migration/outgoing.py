@@ -458,6 +458,7 @@ class MigrationThread(threading.Thread):
     def _final_pass(self, clock: PhaseClock) -> None:
         """Rest of RAM (no rate limit), device state, EOF and description, flushed."""
         savevm, stream = self.savevm, self.stream
+        assert savevm is not None  # made in setup, before any switch-over
         savevm.save_complete_ram(stream)
         stream.flush()
         clock.mark("ram-final")

@@ -36,6 +36,7 @@ from migd.migration.status import (
 from migd.migration.stream import OutStream
 from migd.threads import any_thread, loop_only, on_thread
 from migd.transports.channel import Channel
+from migd.transports.uri import FdURI, MigrationURI
 
 log = logging.getLogger("migd.migration")
 
@@ -210,7 +211,7 @@ class MigrationState:
             raise MigrationError(IN_PROGRESS)
         loop = asyncio.get_running_loop()
         self._done = loop.create_future()
-        if isinstance(address, transports.FdURI):
+        if isinstance(address, FdURI):
             # no blocking involved; QEMU also returns this error to the migrate command itself
             try:
                 channel = transports.connect(address, fds)
@@ -223,7 +224,7 @@ class MigrationState:
             return
         self._connect_task = loop.create_task(self._connect(address, fds, self._generation))
 
-    async def _connect(self, address: transports.MigrationURI, fds: dict[str, int] | None,
+    async def _connect(self, address: MigrationURI, fds: dict[str, int] | None,
                        generation: int) -> None:
         try:
             channel = await self.host.run_blocking(transports.connect, address, fds)

@@ -7,9 +7,9 @@ semantic checks and QEMU's refusals live in ``migd.migration`` so they hold whoe
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import create_model
+from pydantic import Strict, create_model
 
 from migd.migration.info import query_migrate
 from migd.migration.params import CAPABILITIES, PARAMS, ParamError, ParamSpec
@@ -19,7 +19,6 @@ from migd.qmp.registry import CommandContext, QMPError, command
 from migd.qmp.schema import QMPArgs, Size, UInt8, UInt32, UInt64
 
 CapabilityName = Literal[CAPABILITIES]  # type: ignore[valid-type]  # built from the one list
-StatusName = Literal[tuple(str(s) for s in MigrationStatus)]  # type: ignore[valid-type]
 
 
 class MigrateArgs(QMPArgs):
@@ -35,17 +34,15 @@ _KIND_TYPES: dict[str, Any] = {"size": Size, "uint64": UInt64, "uint32": UInt32,
 
 def _field_type(spec: ParamSpec) -> Any:
     if spec.kind == "enum":
-        return Literal[spec.choices]  # type: ignore[valid-type]
+        return Literal[spec.choices]
     return _KIND_TYPES[spec.kind]
 
 
 # MigrateSetParameters (boxed): every member of ``params.PARAMS`` optional; the str ones are
 # StrOrNull (null means ""). Built from that one list, so a parameter is declared once.
-MigrateSetParametersArgs: type[QMPArgs] = create_model(
-    "MigrateSetParametersArgs",
-    __base__=QMPArgs,
-    **{spec.name.replace("-", "_"): (_field_type(spec) | None, None) for spec in PARAMS},
-)
+_SET_FIELDS: dict[str, Any] = {spec.name.replace("-", "_"): (_field_type(spec) | None, None) for spec in PARAMS}
+MigrateSetParametersArgs: type[QMPArgs] = create_model("MigrateSetParametersArgs", __base__=QMPArgs,
+                                                       **_SET_FIELDS)
 
 
 class CapabilityStatus(QMPArgs):
@@ -58,7 +55,7 @@ class MigrateSetCapabilitiesArgs(QMPArgs):
 
 
 class MigrateContinueArgs(QMPArgs):
-    state: StatusName
+    state: Annotated[MigrationStatus, Strict(False)]
 
 
 def _migration(ctx: CommandContext) -> MigrationState:

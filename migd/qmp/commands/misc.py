@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Literal
+from typing import Any, Literal
 
 from migd import QEMU_COMPAT_VERSION, __version__
 from migd.machine.runstate import RunState
@@ -26,30 +26,30 @@ def qmp_capabilities(ctx: CommandContext, args: CapabilitiesArgs) -> None:
 
 
 @command("query-version")
-def query_version(ctx: CommandContext, args: None) -> dict:
+def query_version(ctx: CommandContext, args: None) -> dict[str, Any]:
     major, minor, micro = QEMU_COMPAT_VERSION
     return {"qemu": {"major": major, "minor": minor, "micro": micro}, "package": f"migd {__version__}"}
 
 
 @command("query-commands")
-def query_commands(ctx: CommandContext, args: None) -> list[dict]:
+def query_commands(ctx: CommandContext, args: None) -> list[dict[str, Any]]:
     return [{"name": name} for name in sorted(REGISTRY)]
 
 
 @command("query-name")
-def query_name(ctx: CommandContext, args: None) -> dict:
+def query_name(ctx: CommandContext, args: None) -> dict[str, Any]:
     name = ctx.daemon.config.machine.name
     return {"name": name} if name is not None else {}
 
 
 @command("query-status")
-def query_status(ctx: CommandContext, args: None) -> dict:
+def query_status(ctx: CommandContext, args: None) -> dict[str, Any]:
     state = ctx.daemon.runstate.state
     return {"running": state is RunState.RUNNING, "singlestep": False, "status": str(state)}
 
 
 @command("stop")
-async def stop(ctx: CommandContext, args: None) -> dict:
+async def stop(ctx: CommandContext, args: None) -> dict[str, Any]:
     """QEMU's qmp_stop: while an incoming migration is awaited, only cancel the automatic start.
 
     Runs on a worker thread: waiting for the big lock (held through a migration's switch-over) or
@@ -58,7 +58,7 @@ async def stop(ctx: CommandContext, args: None) -> dict:
     return await under_bql(ctx, _stop, ctx.daemon)
 
 
-def _stop(daemon: CommandHost) -> dict:
+def _stop(daemon: CommandHost) -> dict[str, Any]:
     if daemon.runstate.state is RunState.INMIGRATE:
         daemon.autostart = False
     else:
@@ -67,12 +67,12 @@ def _stop(daemon: CommandHost) -> dict:
 
 
 @command("cont")
-async def cont(ctx: CommandContext, args: None) -> dict:
+async def cont(ctx: CommandContext, args: None) -> dict[str, Any]:
     """QEMU's qmp_cont: resume the guest; during inmigrate, start it once the migration lands."""
     return await under_bql(ctx, _cont, ctx.daemon)
 
 
-def _cont(daemon: CommandHost) -> dict:
+def _cont(daemon: CommandHost) -> dict[str, Any]:
     state = daemon.runstate.state
     if state in _NEEDS_RESET:
         raise QMPError("Resetting the Virtual Machine is required")
@@ -90,7 +90,7 @@ def _cont(daemon: CommandHost) -> dict:
 
 
 @command("quit")
-def quit_(ctx: CommandContext, args: None) -> dict:
+def quit_(ctx: CommandContext, args: None) -> dict[str, Any]:
     """Reply first, then SHUTDOWN and exit 0 (the daemon does both from the loop)."""
     ctx.daemon.request_shutdown("host-qmp-quit")
     return {}
@@ -101,7 +101,7 @@ class GetfdArgs(QMPArgs):
 
 
 @command("getfd", GetfdArgs)
-def getfd(ctx: CommandContext, args: GetfdArgs) -> dict:
+def getfd(ctx: CommandContext, args: GetfdArgs) -> dict[str, Any]:
     """Name the fd that came with this command over SCM_RIGHTS (unix sockets only)."""
     session = ctx.session
     fd = session.take_received_fd()
@@ -123,7 +123,7 @@ class ClosefdArgs(QMPArgs):
 
 
 @command("closefd", ClosefdArgs)
-def closefd(ctx: CommandContext, args: ClosefdArgs) -> dict:
+def closefd(ctx: CommandContext, args: ClosefdArgs) -> dict[str, Any]:
     fd = ctx.session.fds.pop(args.fdname, None)
     if fd is None:
         raise QMPError(f"File descriptor named '{args.fdname}' not found")
