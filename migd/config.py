@@ -13,12 +13,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from migd import units
+
 PAGE_SIZE = 4096
 
 CacheMode = Literal["writeback", "writethrough", "none", "directsync", "unsafe"]
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bBkKmMgGtT]?)\s*$")
-_SIZE_UNITS = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 class ConfigError(ValueError):
@@ -31,17 +30,13 @@ class ConfigError(ValueError):
 
 
 def parse_size(text: str | int) -> int:
-    """A memory size in bytes. Like QEMU's ``-m``, a bare number means MiB; K/M/G/T suffixes work."""
+    """A memory size in bytes, in the size grammar of migd.units; like QEMU's ``-m``, a bare number is MiB."""
     if isinstance(text, bool):
         raise ValueError(f"invalid size {text!r}")
     if isinstance(text, int):
         value = text << 20
     else:
-        m = _SIZE_RE.match(text)
-        if not m:
-            raise ValueError(f"invalid size '{text}' (expected a number with an optional K, M, G or T suffix)")
-        number, unit = m.groups()
-        value = int(float(number) * _SIZE_UNITS[(unit or "m").lower()])
+        value = units.parse_size(text, default_unit=units.MiB)  # its SizeError says what is wrong
     if value < PAGE_SIZE:
         raise ValueError(f"size {text!r} is too small (at least {PAGE_SIZE} bytes)")
     return -(-value // PAGE_SIZE) * PAGE_SIZE  # QEMU rounds RAM up to a page

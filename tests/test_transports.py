@@ -40,6 +40,10 @@ from migd.transports.uri import ExecURI, FdURI, FileURI, TcpURI, UnixURI, socket
         ("file:/tmp/state", FileURI("/tmp/state", 0)),
         ("file:/tmp/state,offset=4096", FileURI("/tmp/state", 4096)),
         ("file:/tmp/state,offset=1M", FileURI("/tmp/state", 1 << 20)),
+        ("file:/tmp/state,offset=1MiB", FileURI("/tmp/state", 1 << 20)),
+        ("file:/tmp/state,offset=2gb", FileURI("/tmp/state", 2 << 30)),
+        ("file:/tmp/state,offset=1.5K", FileURI("/tmp/state", 1536)),
+        ("file:/tmp/state,offset=100B", FileURI("/tmp/state", 100)),
     ],
 )
 def test_parse_uri(text: str, expected: object) -> None:
@@ -59,6 +63,11 @@ def test_parse_uri(text: str, expected: object) -> None:
         ("tcp:::1:4444", "error parsing address '::1:4444'"),
         ("unix:" + "x" * 200, "UNIX socket path '" + "x" * 200 + "' is too long"),
         ("file:/tmp/f,offset=abc", "Invalid file offset abc"),
+        ("file:/tmp/f,offset=", "Invalid file offset "),
+        ("file:/tmp/f,offset=-1", "Invalid file offset -1"),
+        ("file:/tmp/f,offset=1.5", "Invalid file offset 1.5"),
+        ("file:/tmp/f,offset=1P", "Invalid file offset 1P"),
+        ("file:/tmp/f,offset=9223372036854775808", "Invalid file offset 9223372036854775808"),
         ("fd:", "File descriptor name is empty"),
     ],
 )

@@ -1,7 +1,8 @@
 """What the vCPUs run: ``idle``, ``random``, ``counter``, optionally with ``disk-rate``.
 
 Spec grammar (``--workload`` and ``x-migd-workload-set``): comma-separated, an optional kind first,
-then ``key=value`` options with sizes and rates in bytes and binary suffixes (K, M, G, T):
+then ``key=value`` options with sizes and rates in migd's size grammar (``migd.units``: a bare
+number is bytes, binary K/M/G/T suffixes, ``1.5M`` and ``64MiB`` too):
 
     idle                                  writes nothing (the default)
     random[,rate=64M][,wss=SIZE][,seed=N] whole pages of non-zero random bytes at ``rate`` bytes/s
@@ -17,7 +18,6 @@ after the data, so the migration thread is not starved of the GIL. Rates are pac
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from migd.machine.vcpu import SLICE
+from migd.units import SizeError, format_size, parse_size
 
 if TYPE_CHECKING:
     from migd.machine.ram import RAMBlock
@@ -38,7 +39,6 @@ CATCH_UP = 0.1  # seconds of backlog a lagging vCPU may catch up; older debt is 
 COUNTER_AREA = 64  # pages per vCPU for the counter guest: one header page + a trail
 COUNTER_MAGIC = 0x4D49474443544552  # "MIGDCTER"
 _U64 = (1 << 64) - 1
-_SUFFIX = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _PATTERN = (np.arange(512, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
 
 
@@ -46,19 +46,12 @@ class WorkloadError(ValueError):
     """A spec that cannot be parsed or cannot run on this machine."""
 
 
-def parse_size(text: str, what: str) -> int:
-    m = re.fullmatch(r"\s*(\d+)\s*([KMGTB]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise WorkloadError(f"workload: invalid {what} '{text}' (expected a number with optional K, M, G suffix)")
-    return int(m.group(1)) * _SUFFIX[m.group(2).upper()]
-
-
-def format_size(n: int) -> str:
-    for suffix in ("T", "G", "M", "K"):
-        unit = _SUFFIX[suffix]
-        if n and n % unit == 0:
-            return f"{n // unit}{suffix}"
-    return str(n)
+def _size(text: str, what: str) -> int:
+    """Option ``what`` of a spec in bytes (a bare number is bytes); WorkloadError names the option."""
+    try:
+        return parse_size(text)
+    except SizeError as exc:
+        raise WorkloadError(f"workload: invalid {what} '{text}' ({exc.reason})") from None
 
 
 @dataclass(frozen=True)
@@ -113,11 +106,11 @@ def parse_workload(text: str) -> WorkloadSpec:
         opts[key] = value.strip()
     spec = WorkloadSpec(kind=kind, rate=_DEFAULT_RATE[kind])
     if "rate" in opts:
-        spec = replace(spec, rate=parse_size(opts["rate"], "rate"))
+        spec = replace(spec, rate=_size(opts["rate"], "rate"))
         if spec.rate <= 0:
             raise WorkloadError("workload: rate must be positive")
     if "wss" in opts:
-        wss = parse_size(opts["wss"], "wss")
+        wss = _size(opts["wss"], "wss")
         if wss <= 0 or wss % 4096:
             raise WorkloadError(f"workload: wss {wss} must be a positive multiple of 4096")
         spec = replace(spec, wss=wss)
@@ -126,7 +119,7 @@ def parse_workload(text: str) -> WorkloadSpec:
             raise WorkloadError(f"workload: invalid seed '{opts['seed']}' (expected an unsigned 64-bit integer)")
         spec = replace(spec, seed=int(opts["seed"]))
     if "disk-rate" in opts:
-        spec = replace(spec, disk_rate=parse_size(opts["disk-rate"], "disk-rate"))
+        spec = replace(spec, disk_rate=_size(opts["disk-rate"], "disk-rate"))
     return spec
 
 
