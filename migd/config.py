@@ -15,8 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from migd import units
 
-PAGE_SIZE = 4096
-
 CacheMode = Literal["writeback", "writethrough", "none", "directsync", "unsafe"]
 
 
@@ -37,9 +35,9 @@ def parse_size(text: str | int) -> int:
         value = text << 20
     else:
         value = units.parse_size(text, default_unit=units.MiB)  # its SizeError says what is wrong
-    if value < PAGE_SIZE:
-        raise ValueError(f"size {text!r} is too small (at least {PAGE_SIZE} bytes)")
-    return -(-value // PAGE_SIZE) * PAGE_SIZE  # QEMU rounds RAM up to a page
+    if value < units.PAGE_SIZE:
+        raise ValueError(f"size {text!r} is too small (at least {units.PAGE_SIZE} bytes)")
+    return -(-value // units.PAGE_SIZE) * units.PAGE_SIZE  # QEMU rounds RAM up to a page
 
 
 def parse_drive(spec: str | dict[str, Any]) -> DriveConfig:
@@ -102,7 +100,7 @@ class MachineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = None
-    memory: int = Field(default=256 << 20, ge=PAGE_SIZE)
+    memory: int = Field(default=256 << 20, ge=units.PAGE_SIZE)
     smp: int = Field(default=1, ge=1, le=256)
     workload: str = "idle"
     drives: list[DriveConfig] = Field(default_factory=list)

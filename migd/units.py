@@ -1,4 +1,4 @@
-"""Units every part of migd shares: the one grammar for sizes.
+"""Units every part of migd shares: the page size and the one grammar for sizes.
 
 Every option and spec that takes a size (``-m``, workload ``rate=``/``wss=``/``disk-rate=``, the
 ``file:`` URI's ``offset=``, migctl's ``--bandwidth`` and size parameters) reads it here, so they all
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import re
 from fractions import Fraction
+
+PAGE_SIZE = 4096  # the guest page (QEMU's TARGET_PAGE_SIZE on x86): RAM, dirty bitmap, stream records
 
 KiB = 1 << 10
 MiB = 1 << 20

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from migd.units import GiB, KiB, MiB, SizeError, TiB, format_size, parse_size
+from migd.units import PAGE_SIZE, GiB, KiB, MiB, SizeError, TiB, format_size, parse_size
 
 
 @pytest.mark.parametrize(
@@ -91,3 +94,12 @@ def test_format(size: int, text: str) -> None:
 @given(st.integers(min_value=0, max_value=(1 << 63) - 1))
 def test_format_parses_back(size: int) -> None:
     assert parse_size(format_size(size)) == size
+
+
+def test_page_size_is_defined_once() -> None:
+    """Every module imports PAGE_SIZE from migd.units; none spells the number again under that name."""
+    root = Path(__file__).resolve().parent.parent / "migd"
+    homes = [str(path.relative_to(root)) for path in sorted(root.rglob("*.py"))
+             if re.search(r"^\s*(TARGET_)?PAGE_SIZE\s*(:[^=]*)?=", path.read_text(), re.MULTILINE)]
+    assert homes == ["units.py"]
+    assert PAGE_SIZE == 4096

@@ -16,6 +16,7 @@ from collections import deque
 from typing import Any
 
 from migd.http.metrics import migration_info
+from migd.units import PAGE_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ FORWARDED_EVENTS = frozenset({"MIGRATION", "MIGRATION_PASS", "STOP", "RESUME", "
 def make_sample(info: dict[str, Any], runstate: str, now: float) -> dict[str, Any]:
     """The figures the dashboard charts, in base units (bytes, bytes/s, milliseconds as QEMU gives them)."""
     ram = info.get("ram") or {}
-    page = ram.get("page-size", 4096)
+    page = ram.get("page-size", PAGE_SIZE)
     rate = ram.get("dirty-pages-rate")
     mbps = ram.get("mbps")
     return {

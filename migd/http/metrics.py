@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 from migd import __version__
 from migd.machine.runstate import RunState
+from migd.units import PAGE_SIZE
 
 # QEMU's MigrationStatus values (qapi enum order): every one is exported so a status panel needs no guessing.
 MIGRATION_STATUSES = (
@@ -56,7 +57,7 @@ def migration_metrics(info: dict[str, Any]) -> Iterator[Metric]:
         g.add_metric([name], 1.0 if name == status else 0.0)
     yield g
     ram = info.get("ram") or {}
-    page = ram.get("page-size", 4096)
+    page = ram.get("page-size", PAGE_SIZE)
     yield from _gauge("migd_migration_remaining_bytes", "RAM still to send (query-migrate ram.remaining)",
                       ram.get("remaining"))
     yield from _gauge("migd_migration_ram_total_bytes", "guest RAM being migrated (ram.total)", ram.get("total"))

@@ -18,7 +18,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-PAGE_SIZE = 4096
+from migd.units import PAGE_SIZE
+
 MAX_NAME_LEN = 127  # QEMU's stream analysis reads the idstr length as a signed byte
 MADV_POPULATE_READ = 22
 MADV_POPULATE_WRITE = 23

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from migd.bql import BQL
 from migd.machine.runstate import RunState
+from migd.units import PAGE_SIZE
 
 if TYPE_CHECKING:
     from migd.machine.machine import Machine
@@ -159,7 +160,7 @@ class MachineDevice(VMStateDevice):
         m = self.machine
         ram0 = m.ram.get("ram0")
         return {"memory": ram0.size if ram0 else 0, "smp": len(m.vcpus),
-                "page_size": ram0.page_size if ram0 else 4096, "drives": len(m.drives)}
+                "page_size": ram0.page_size if ram0 else PAGE_SIZE, "drives": len(m.drives)}
 
     def apply(self, values: dict[str, Value]) -> None:
         mine = self.values()

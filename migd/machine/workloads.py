@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from migd.machine.vcpu import SLICE
-from migd.units import SizeError, format_size, parse_size
+from migd.units import PAGE_SIZE, SizeError, format_size, parse_size
 
 if TYPE_CHECKING:
     from migd.machine.ram import RAMBlock
@@ -111,8 +111,8 @@ def parse_workload(text: str) -> WorkloadSpec:
             raise WorkloadError("workload: rate must be positive")
     if "wss" in opts:
         wss = _size(opts["wss"], "wss")
-        if wss <= 0 or wss % 4096:
-            raise WorkloadError(f"workload: wss {wss} must be a positive multiple of 4096")
+        if wss <= 0 or wss % PAGE_SIZE:
+            raise WorkloadError(f"workload: wss {wss} must be a positive multiple of {PAGE_SIZE}")
         spec = replace(spec, wss=wss)
     if "seed" in opts:
         if not opts["seed"].isdigit() or int(opts["seed"]) > _U64:
@@ -322,7 +322,7 @@ def check_counter(block: RAMBlock, index: int, expect: int | None = None) -> int
 def _make_pool(seed: int) -> np.ndarray:
     """Non-zero random bytes, twice over so any POOL_PAGES-long window is one contiguous slice."""
     rng = np.random.Generator(np.random.PCG64([seed, 0xB00F]))
-    pool = rng.integers(1, 256, size=(POOL_PAGES, 4096), dtype=np.uint8)
+    pool = rng.integers(1, 256, size=(POOL_PAGES, PAGE_SIZE), dtype=np.uint8)
     pool = np.concatenate([pool, pool])
     pool.flags.writeable = False  # shared by every workload of that seed
     return pool
