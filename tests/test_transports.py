@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,6 +24,7 @@ from migd.transports import (
 )
 from migd.transports.channel import FdChannel, SocketChannel
 from migd.transports.uri import ExecURI, FdURI, FileURI, TcpURI, UnixURI, socket_address
+from migd.transports.wake import Waker
 
 # -- parsing ---------------------------------------------------------------------------------------
 
@@ -429,3 +431,95 @@ def test_parse_channels_fuzz(channels: object, incoming: bool) -> None:
         parse_channels(channels, incoming=incoming)  # type: ignore[arg-type]
     except URIError as exc:
         assert str(exc)
+
+
+# -- the one wake-up (transports/wake.py) ----------------------------------------------------------
+
+
+def _blocked_in_poll(tid: int) -> bool:
+    """The thread ``tid`` of this process sleeps in poll(2) (so a wake-up must go through the pipe)."""
+    return "poll" in Path(f"/proc/self/task/{tid}/wchan").read_text()
+
+
+def _wait_in_thread(waker: Waker, fd: int) -> tuple[threading.Thread, list[bool], list[int]]:
+    result: list[bool] = []
+    tid: list[int] = []
+
+    def run() -> None:
+        tid.append(threading.get_native_id())
+        result.append(waker.wait(fd))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    wait_for(lambda: tid, timeout=10, what="the waiting thread to start")
+    return thread, result, tid
+
+
+def test_waker_wakes_a_thread_blocked_in_poll() -> None:
+    r, w = os.pipe()
+    try:
+        waker = Waker()
+        thread, result, tid = _wait_in_thread(waker, r)
+        wait_for(lambda: _blocked_in_poll(tid[0]), timeout=10, what="the thread to block in poll")
+        assert waker.wake() is True
+        thread.join(10)
+        assert not thread.is_alive() and result == [False]
+        assert waker.wake() is False  # once only
+        assert waker.wait(r) is False  # and every later wait ends at once
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_waker_wait_returns_when_the_descriptor_is_ready() -> None:
+    r, w = os.pipe()
+    try:
+        waker = Waker()
+        thread, result, tid = _wait_in_thread(waker, r)
+        wait_for(lambda: _blocked_in_poll(tid[0]), timeout=10, what="the thread to block in poll")
+        os.write(w, b"x")
+        thread.join(10)
+        assert result == [True] and not waker.woken
+        os.close(w)  # a hang-up counts as ready too: the reader sees EOF
+        assert waker.wait(r) is True
+    finally:
+        os.close(r)
+
+
+def test_waker_released_counts_as_woken_and_wake_after_is_harmless() -> None:
+    r, w = os.pipe()
+    waker = Waker()
+    pipe_fds = (waker._r, waker._w)
+    waker.release()
+    for fd in pipe_fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)  # the pipe is closed at once
+    assert waker.woken and waker.wait(r) is False
+    assert waker.wake() is False  # writes nothing into a closed (maybe reused) descriptor
+    waker.release()  # idempotent
+    os.close(r)
+    os.close(w)
+
+
+def test_fd_channel_closed_then_shut_down_fails_io_without_touching_other_descriptors() -> None:
+    r, w = os.pipe()
+    channel = FdChannel(r)
+    channel.close()
+    channel.shutdown()  # after close: nothing to wake, and no write into a reused descriptor
+    with pytest.raises(OSError, match="shut down"):
+        channel.read_into(memoryview(bytearray(1)))
+    os.close(w)
+
+
+def test_socket_listener_close_twice_and_from_two_threads(tmp_path: Path) -> None:
+    listener = listen(f"unix:{tmp_path}/twice.sock")
+    closers = [threading.Thread(target=listener.close) for _ in range(2)]
+    for t in closers:
+        t.start()
+    for t in closers:
+        t.join(10)
+    assert not any(t.is_alive() for t in closers)
+    assert not (tmp_path / "twice.sock").exists()
+    listener.close()
+    with pytest.raises(TransportError, match="Listener closed before a connection arrived"):
+        listener.accept()

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import fcntl
 import importlib
-import os
 import select
 import socket
-import threading
 from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +25,7 @@ from migd.transports.uri import (
     parse_channels,
     parse_uri,
 )
+from migd.transports.wake import Waker
 
 if TYPE_CHECKING:
     from migd.transports.channel import Channel
@@ -74,95 +73,42 @@ class SocketListener(Listener):
     """A listening socket whose blocking accept can be interrupted from another thread.
 
     Closing a socket does not wake a thread blocked in accept(2) on Linux, so accept waits in poll(2)
-    on the socket and on a wake-up pipe that ``close()`` writes to.
+    on the socket and on a Waker that ``close()`` wakes.
     """
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
-        self._wake_r, self._wake_w = os.pipe()
-        self._closed = False
-        self._lock = threading.Lock()
+        self._waker = Waker()  # never released: a concurrent accept may still poll it after close()
 
     def accept(self) -> Channel:
+        """Wait for the source and return its connection. (incoming thread)"""
         from migd.transports.channel import SocketChannel
 
-        poller = select.poll()
-        poller.register(self._sock.fileno(), select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+        fd = self._sock.fileno()  # -1 once closed; close() wakes before it closes the socket
         while True:
-            if self._closed:
-                raise TransportError("Listener closed before a connection arrived")
-            try:
-                ready = dict(poller.poll())
-            except InterruptedError:
-                continue
-            if self._wake_r in ready or self._closed:
+            if fd < 0 or not self._waker.wait(fd, select.POLLIN):
                 raise TransportError("Listener closed before a connection arrived")
             try:
                 conn, _ = self._sock.accept()
             except BlockingIOError:
                 continue
             except OSError as exc:
+                if self._waker.woken:  # closed between the poll and the accept
+                    raise TransportError("Listener closed before a connection arrived") from exc
                 raise TransportError(f"Failed to accept connection: {exc.strerror or exc}") from exc
             conn.setblocking(True)
             tune_socket(conn)
             return SocketChannel(conn)
 
     def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        os.write(self._wake_w, b"x")
+        """Stop listening and interrupt a waiting ``accept``. Idempotent. (any thread)"""
+        if not self._waker.wake():
+            return  # closed already
         self._sock.close()
         self._cleanup()
-        # the pipe is left for the garbage collector: a concurrent accept may still be polling it
 
     def _cleanup(self) -> None:
         """Hook for subclasses (a unix listener removes its socket file)."""
-
-    def __del__(self) -> None:
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-
-class Waker:
-    """A pipe that lets ``close()`` wake a thread waiting in poll(2) for a descriptor to be readable."""
-
-    def __init__(self) -> None:
-        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.closed = False
-
-    def wait_readable(self, fd: int) -> None:
-        """Return once ``fd`` has data (or EOF/hang-up); raise if ``wake()`` was called."""
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        poller.register(self._r, select.POLLIN)
-        while not self.closed:
-            try:
-                ready = dict(poller.poll())
-            except InterruptedError:
-                continue
-            if self._r in ready or self.closed:
-                break
-            if ready:
-                return
-        raise TransportError("Listener closed before a connection arrived")
-
-    def wake(self) -> None:
-        if not self.closed:
-            self.closed = True
-            os.write(self._w, b"x")
-
-    def __del__(self) -> None:
-        for fd in (self._r, self._w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
 
 PIPE_SIZE = 1 << 20  # a 64 KiB pipe costs a system call and a context switch per 64 KiB of stream

@@ -14,9 +14,10 @@ import subprocess
 from collections.abc import Sequence
 from typing import IO, Any
 
-from migd.transports import Listener, TransportError, Waker, grow_pipe
+from migd.transports import Listener, TransportError, grow_pipe
 from migd.transports.channel import FdChannel
 from migd.transports.uri import ExecURI
+from migd.transports.wake import Waker
 
 REAP_TIMEOUT = 10.0  # seconds a finished stream's command gets to exit before it is killed
 
@@ -117,7 +118,8 @@ class ExecListener(Listener):
         if self._taken:
             raise TransportError("exec: the command's output was already taken")
         assert self._proc.stdout is not None
-        self._waker.wait_readable(self._proc.stdout.fileno())
+        if not self._waker.wait(self._proc.stdout.fileno()):
+            raise TransportError("Listener closed before a connection arrived")
         self._taken = True
         fd = _detach(self._proc.stdout)
         self._proc.stdout = None

@@ -13,8 +13,9 @@ import stat
 from collections.abc import MutableMapping
 from typing import TYPE_CHECKING
 
-from migd.transports import Listener, TransportError, Waker, grow_pipe
+from migd.transports import Listener, TransportError, grow_pipe
 from migd.transports.uri import FdURI
+from migd.transports.wake import Waker
 
 if TYPE_CHECKING:
     from migd.transports.channel import Channel
@@ -62,7 +63,8 @@ class FdListener(Listener):
     def accept(self) -> Channel:
         if self._fd is None:
             raise TransportError("fd: the descriptor was already taken or closed")
-        self._waker.wait_readable(self._fd)
+        if not self._waker.wait(self._fd):
+            raise TransportError("Listener closed before a connection arrived")
         fd, self._fd = self._fd, None
         return _channel(fd)
 
