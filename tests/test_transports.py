@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import threading
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from migd.transports import (
     resolve,
 )
 from migd.transports.channel import FdChannel, SocketChannel
+from migd.transports.unix import listen_unix
 from migd.transports.uri import ExecURI, FdURI, FileURI, TcpURI, UnixURI, socket_address
 from migd.transports.wake import Waker
 
@@ -225,6 +227,41 @@ def test_unix_stale_socket_replaced_and_missing_text(tmp_path: Path) -> None:
     with pytest.raises(TransportError) as info:
         connect(f"unix:{tmp_path}/nope.sock")
     assert str(info.value) == f"Failed to connect to '{tmp_path}/nope.sock': No such file or directory"
+
+
+@pytest.mark.parametrize(("mode", "expected"), [(0o600, 0o600), (0o640, 0o640)])
+def test_listen_unix_mode_backlog_and_stale_file(tmp_path: Path, mode: int, expected: int) -> None:
+    path = tmp_path / "l.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()
+    old_umask = os.umask(0)  # the mode must not depend on the umask
+    try:
+        sock = listen_unix(str(path), backlog=4, mode=mode)
+    finally:
+        os.umask(old_umask)
+    try:
+        assert stat.S_ISSOCK(path.stat().st_mode) and stat.S_IMODE(path.stat().st_mode) == expected
+        assert not sock.getblocking()
+        clients = [socket.socket(socket.AF_UNIX) for _ in range(2)]
+        for c in clients:
+            c.connect(str(path))  # listening already: the backlog holds them
+            c.close()
+    finally:
+        sock.close()
+
+
+def test_listen_unix_leaves_other_files_alone(tmp_path: Path) -> None:
+    path = tmp_path / "precious"
+    path.write_text("data")
+    path.chmod(0o644)
+    with pytest.raises(TransportError) as info:
+        listen_unix(str(path), mode=0o600)
+    assert str(info.value) == f"Failed to bind socket to {path}: Address already in use"
+    assert path.read_text() == "data" and stat.S_IMODE(path.stat().st_mode) == 0o644
+    with pytest.raises(TransportError) as info:
+        listen_unix(f"{tmp_path}/no/such/dir.sock")
+    assert str(info.value) == f"Failed to bind socket to {tmp_path}/no/such/dir.sock: No such file or directory"
 
 
 def test_accept_is_interrupted_by_close(tmp_path: Path) -> None:
