@@ -15,6 +15,7 @@ import time
 from collections import deque
 from typing import Any
 
+from migd.http.host import HttpHost
 from migd.http.metrics import migration_info
 from migd.units import PAGE_SIZE
 
@@ -52,7 +53,7 @@ def make_sample(info: dict[str, Any], runstate: str, now: float) -> dict[str, An
 class LiveFeed:
     """Samples the daemon every ``interval`` seconds and publishes (kind, data) to subscribers."""
 
-    def __init__(self, daemon: Any, interval: float = 1.0) -> None:
+    def __init__(self, daemon: HttpHost, interval: float = 1.0) -> None:
         self.daemon = daemon
         self.interval = interval
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)

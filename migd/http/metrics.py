@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from migd import __version__
+from migd.http.host import HttpHost
 from migd.machine.runstate import RunState
 from migd.units import PAGE_SIZE
 
@@ -29,7 +30,7 @@ MIGRATION_STATUSES = (
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def migration_info(daemon: Any) -> dict[str, Any]:
+def migration_info(daemon: HttpHost) -> dict[str, Any]:
     """query-migrate as the daemon answers it (the source's view, or the destination's when idle)."""
     return daemon.migration.query()
 
@@ -102,14 +103,14 @@ def migration_metrics(info: dict[str, Any]) -> Iterator[Metric]:
         yield g
 
 
-def guest_metrics(daemon: Any) -> Iterator[Metric]:
+def guest_metrics(daemon: HttpHost) -> Iterator[Metric]:
     state = str(daemon.runstate.state)
     g = GaugeMetricFamily("migd_guest_runstate", "1 for the current run state (QEMU's names)", labels=["state"])
     for name in RunState:
         g.add_metric([str(name)], 1.0 if str(name) == state else 0.0)
     yield g
     yield from _gauge("migd_guest_running", "1 while the guest runs", 1 if state == RunState.RUNNING else 0)
-    machine = getattr(daemon, "machine", None)
+    machine = daemon.machine
     if machine is None:
         return
     yield from _gauge("migd_guest_ram_bytes", "guest RAM, all blocks", machine.ram.total_bytes())
@@ -127,19 +128,20 @@ def guest_metrics(daemon: Any) -> Iterator[Metric]:
 class MigdCollector(Collector):
     """Reads the daemon on every scrape (on the event loop, so state is consistent with QMP's view)."""
 
-    def __init__(self, daemon: Any) -> None:
+    def __init__(self, daemon: HttpHost) -> None:
         self.daemon = daemon
 
     def collect(self) -> Iterator[Metric]:
         info = GaugeMetricFamily("migd_info", "migd version and machine name", labels=["version", "name"])
-        config = getattr(getattr(self.daemon, "machine", None), "config", None)
-        info.add_metric([__version__, str(getattr(config, "name", "") or "")], 1.0)
+        machine = self.daemon.machine
+        name = machine.config.name if machine is not None else None
+        info.add_metric([__version__, name or ""], 1.0)
         yield info
         yield from guest_metrics(self.daemon)
         yield from migration_metrics(migration_info(self.daemon))
 
 
-def make_registry(daemon: Any) -> CollectorRegistry:
+def make_registry(daemon: HttpHost) -> CollectorRegistry:
     """A registry of its own per endpoint: no global state shared between daemons in one process (tests)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(MigdCollector(daemon))

@@ -43,10 +43,13 @@ class Field:
         return data.ljust(self.size, b"\0")
 
     def unpack(self, data: bytes) -> Value:
+        number: int
         if self.type == "uint32":
-            return struct.unpack(">I", data)[0]
+            (number,) = struct.unpack(">I", data)
+            return number
         if self.type == "uint64":
-            return struct.unpack(">Q", data)[0]
+            (number,) = struct.unpack(">Q", data)
+            return number
         return data
 
 
@@ -112,7 +115,7 @@ class VMStateDevice:
 
 
 def _mismatch(what: str, src: Value, dst: Value) -> ValueError:
-    return ValueError(f"migd-machine: the source has {what} {src}, this machine has {dst}")
+    return ValueError(f"migd-machine: the source has {what} {src!r}, this machine has {dst!r}")
 
 
 class GlobalStateDevice(VMStateDevice):
@@ -139,7 +142,7 @@ class GlobalStateDevice(VMStateDevice):
         size = int(values["size"])
         if not 1 <= size <= self.NAME:
             raise ValueError(f"globalstate: run state name of {size} bytes")
-        raw = bytes(values["runstate"])[:size].rstrip(b"\0")  # type: ignore[arg-type]
+        raw = bytes(values["runstate"])[:size].rstrip(b"\0")
         try:
             self.machine.incoming_runstate = RunState(raw.decode())
         except (UnicodeDecodeError, ValueError) as exc:
@@ -188,11 +191,11 @@ class VCPUDevice(VMStateDevice):
 
     def apply(self, values: dict[str, Value]) -> None:
         if values["index"] != self.instance_id:
-            raise ValueError(f"vcpu {self.instance_id}: stream holds state of vcpu {values['index']}")
+            raise ValueError(f"vcpu {self.instance_id}: stream holds state of vcpu {values['index']!r}")
         n = int(values["spec_len"])
         if n > self.SPEC:
             raise ValueError(f"vcpu {self.instance_id}: workload spec length {n} exceeds {self.SPEC}")
-        spec_bytes = bytes(values["spec"])[:n]  # type: ignore[arg-type]
+        spec_bytes = bytes(values["spec"])[:n]
         try:
             spec = spec_bytes.decode()
         except UnicodeDecodeError as exc:
@@ -217,7 +220,7 @@ class DriveDevice(VMStateDevice):
     def apply(self, values: dict[str, Value]) -> None:
         d = self.machine.drives[self.instance_id]
         if values["size"] != d.size:
-            raise ValueError(f"migd-drive {self.instance_id}: the source image has {values['size']} bytes, "
+            raise ValueError(f"migd-drive {self.instance_id}: the source image has {values['size']!r} bytes, "
                              f"'{d.file}' has {d.size}")
         d.bytes_written = int(values["bytes_written"])
         d.flushes = int(values["flushes"])

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,6 +28,7 @@ from migd.machine.vcpu import SLICE
 from migd.units import PAGE_SIZE, SizeError, format_size, parse_size
 
 if TYPE_CHECKING:
+    from migd.machine.block import Drive
     from migd.machine.ram import RAMBlock
     from migd.machine.vcpu import VCPU
 
@@ -144,7 +145,7 @@ def counter_checksum(c: int) -> int:
 class Workload:
     """A parsed spec bound to a machine's RAM and drives; ``run`` does one vCPU slice of it."""
 
-    def __init__(self, spec: WorkloadSpec, ram0: RAMBlock, drives: list[Any], smp: int) -> None:
+    def __init__(self, spec: WorkloadSpec, ram0: RAMBlock, drives: list[Drive], smp: int) -> None:
         self.spec = spec
         self.ram0 = ram0
         self.drives = drives
@@ -276,7 +277,7 @@ class Workload:
                 break
             off = (w.disk_offset % max(1, drive.size - chunk + 1)) & ~4095
             src = (w.seq + w.disk_offset // 4096) % POOL_PAGES
-            drive.write(off, pool.reshape(-1)[src * 4096: src * 4096 + chunk])
+            drive.write(off, pool.reshape(-1)[src * 4096: src * 4096 + chunk].data)
             w.disk_offset = (off + chunk) % drive.size
             written += chunk
         w.disk_done += n

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
@@ -88,7 +88,9 @@ def run_shell(address: QMPAddress, json_mode: bool = False, stdin: TextIO | None
     except (QMPError, OSError) as exc:
         raise MigctlError(f"cannot connect to QMP socket {address}: {exc}") from None
     try:
-        names = [c["name"] for c in qmp.cmd("query-commands")]
+        # query-commands answers [CommandInfo]; qemu.qmp types every answer as object
+        commands = cast(list[dict[str, Any]], qmp.cmd("query-commands"))
+        names = [c["name"] for c in commands]
         interactive = stdin.isatty()
         save_history = _setup_readline(names) if interactive else (lambda: None)
         if interactive:

@@ -158,11 +158,13 @@ def connect(uri: str | MigrationURI, fds: Fds | None = None) -> Channel:
     """Open the source end of a migration (blocking). ``fds`` are the QMP session's getfd names."""
     parsed = _as_uri(uri)
     module = _transport(parsed, uri)
-    return module.connect(parsed, fds) if isinstance(parsed, FdURI) else module.connect(parsed)
+    channel: Channel = module.connect(parsed, fds) if isinstance(parsed, FdURI) else module.connect(parsed)
+    return channel
 
 
 def listen(uri: str | MigrationURI, fds: Fds | None = None) -> Listener:
     """Open the destination end of a migration: listening already, accepting later."""
     parsed = _as_uri(uri)
     module = _transport(parsed, uri)
-    return module.listen(parsed, fds) if isinstance(parsed, FdURI) else module.listen(parsed)
+    listener: Listener = module.listen(parsed, fds) if isinstance(parsed, FdURI) else module.listen(parsed)
+    return listener
