@@ -7,13 +7,12 @@ block, so the migration and incoming threads call them off the event loop. Every
 
 from __future__ import annotations
 
-import fcntl
-import importlib
-import select
-import socket
-from collections.abc import MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from migd.transports import exec as exec_transport
+from migd.transports import fd, file, tcp, unix
+from migd.transports.base import Fds, Listener, SocketListener, TransportError
+from migd.transports.channel import Channel
 from migd.transports.uri import (
     ExecURI,
     FdURI,
@@ -25,10 +24,6 @@ from migd.transports.uri import (
     parse_channels,
     parse_uri,
 )
-from migd.transports.wake import Waker
-
-if TYPE_CHECKING:
-    from migd.transports.channel import Channel
 
 __all__ = [
     "Listener",
@@ -42,91 +37,6 @@ __all__ = [
     "parse_uri",
     "resolve",
 ]
-
-Fds = MutableMapping[str, int]
-
-
-class TransportError(OSError):
-    """Connecting, listening or accepting failed; ``str()`` is the QEMU-style description."""
-
-    def __init__(self, desc: str) -> None:
-        super().__init__(desc)
-        self.desc = desc
-
-    def __str__(self) -> str:
-        return self.desc
-
-
-class Listener:
-    """The destination end: ``accept()`` blocks until the source arrives or ``close()`` is called."""
-
-    socket_address: list[dict[str, str]] = []
-
-    def accept(self) -> Channel:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-
-class SocketListener(Listener):
-    """A listening socket whose blocking accept can be interrupted from another thread.
-
-    Closing a socket does not wake a thread blocked in accept(2) on Linux, so accept waits in poll(2)
-    on the socket and on a Waker that ``close()`` wakes.
-    """
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._waker = Waker()  # never released: a concurrent accept may still poll it after close()
-
-    def accept(self) -> Channel:
-        """Wait for the source and return its connection. (incoming thread)"""
-        from migd.transports.channel import SocketChannel
-
-        fd = self._sock.fileno()  # -1 once closed; close() wakes before it closes the socket
-        while True:
-            if fd < 0 or not self._waker.wait(fd, select.POLLIN):
-                raise TransportError("Listener closed before a connection arrived")
-            try:
-                conn, _ = self._sock.accept()
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                if self._waker.woken:  # closed between the poll and the accept
-                    raise TransportError("Listener closed before a connection arrived") from exc
-                raise TransportError(f"Failed to accept connection: {exc.strerror or exc}") from exc
-            conn.setblocking(True)
-            tune_socket(conn)
-            return SocketChannel(conn)
-
-    def close(self) -> None:
-        """Stop listening and interrupt a waiting ``accept``. Idempotent. (any thread)"""
-        if not self._waker.wake():
-            return  # closed already
-        self._sock.close()
-        self._cleanup()
-
-    def _cleanup(self) -> None:
-        """Hook for subclasses (a unix listener removes its socket file)."""
-
-
-PIPE_SIZE = 1 << 20  # a 64 KiB pipe costs a system call and a context switch per 64 KiB of stream
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-
-
-def grow_pipe(fd: int) -> None:
-    """Enlarge a pipe's buffer (up to the system's pipe-max-size); not possible is not an error."""
-    try:
-        fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:
-        pass
-
-
-def tune_socket(sock: socket.socket) -> None:
-    """Small return-path messages (PONG, SHUT) must not wait for Nagle."""
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def resolve(uri: str | None = None, channels: list[Any] | None = None, *, incoming: bool = False) -> MigrationURI:
@@ -143,28 +53,33 @@ def _as_uri(uri: str | MigrationURI) -> MigrationURI:
     return parse_uri(uri) if isinstance(uri, str) else uri
 
 
-# the module implementing each kind of address (imported on first use: they import this package)
-_MODULES: dict[type, str] = {TcpURI: "tcp", UnixURI: "unix", ExecURI: "exec", FdURI: "fd", FileURI: "file"}
-
-
-def _transport(parsed: MigrationURI, uri: str | MigrationURI) -> Any:
-    name = _MODULES.get(type(parsed))
-    if name is None:
-        raise URIError(f"unknown migration protocol: {uri}")
-    return importlib.import_module(f"{__name__}.{name}")
-
-
 def connect(uri: str | MigrationURI, fds: Fds | None = None) -> Channel:
     """Open the source end of a migration (blocking). ``fds`` are the QMP session's getfd names."""
     parsed = _as_uri(uri)
-    module = _transport(parsed, uri)
-    channel: Channel = module.connect(parsed, fds) if isinstance(parsed, FdURI) else module.connect(parsed)
-    return channel
+    if isinstance(parsed, TcpURI):
+        return tcp.connect(parsed)
+    if isinstance(parsed, UnixURI):
+        return unix.connect(parsed)
+    if isinstance(parsed, ExecURI):
+        return exec_transport.connect(parsed)
+    if isinstance(parsed, FdURI):
+        return fd.connect(parsed, fds)
+    if isinstance(parsed, FileURI):
+        return file.connect(parsed)
+    raise URIError(f"unknown migration protocol: {uri}")
 
 
 def listen(uri: str | MigrationURI, fds: Fds | None = None) -> Listener:
     """Open the destination end of a migration: listening already, accepting later."""
     parsed = _as_uri(uri)
-    module = _transport(parsed, uri)
-    listener: Listener = module.listen(parsed, fds) if isinstance(parsed, FdURI) else module.listen(parsed)
-    return listener
+    if isinstance(parsed, TcpURI):
+        return tcp.listen(parsed)
+    if isinstance(parsed, UnixURI):
+        return unix.listen(parsed)
+    if isinstance(parsed, ExecURI):
+        return exec_transport.listen(parsed)
+    if isinstance(parsed, FdURI):
+        return fd.listen(parsed, fds)
+    if isinstance(parsed, FileURI):
+        return file.listen(parsed)
+    raise URIError(f"unknown migration protocol: {uri}")

@@ -14,7 +14,7 @@ import subprocess
 from collections.abc import Sequence
 from typing import IO, Any
 
-from migd.transports import Listener, TransportError, grow_pipe
+from migd.transports.base import Listener, TransportError
 from migd.transports.channel import FdChannel
 from migd.transports.uri import ExecURI
 from migd.transports.wake import Waker
@@ -79,10 +79,11 @@ def _spawn(uri: ExecURI, **pipes: Any) -> subprocess.Popen[bytes]:
 
 
 def _detach(pipe: IO[bytes]) -> int:
-    """Move a Popen pipe's descriptor into our hands (the file object would close it when collected)."""
+    """Move a Popen pipe's descriptor into our hands (the file object would close it when collected).
+
+    The FdChannel it becomes enlarges the pipe's buffer."""
     fd = os.dup(pipe.fileno())
     pipe.close()
-    grow_pipe(fd)
     return fd
 
 

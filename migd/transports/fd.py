@@ -11,14 +11,11 @@ import os
 import socket
 import stat
 from collections.abc import MutableMapping
-from typing import TYPE_CHECKING
 
-from migd.transports import Listener, TransportError, grow_pipe
+from migd.transports.base import Listener, TransportError
+from migd.transports.channel import Channel, FdChannel, SocketChannel
 from migd.transports.uri import FdURI
 from migd.transports.wake import Waker
-
-if TYPE_CHECKING:
-    from migd.transports.channel import Channel
 
 
 def _take(uri: FdURI, fds: MutableMapping[str, int] | None) -> int:
@@ -36,15 +33,11 @@ def _take(uri: FdURI, fds: MutableMapping[str, int] | None) -> int:
 
 
 def _channel(fd: int) -> Channel:
-    from migd.transports.channel import FdChannel, SocketChannel
-
     if stat.S_ISSOCK(os.fstat(fd).st_mode):
         sock = socket.socket(fileno=fd)
         sock.setblocking(True)
         return SocketChannel(sock)
-    if stat.S_ISFIFO(os.fstat(fd).st_mode):
-        grow_pipe(fd)
-    return FdChannel(fd)
+    return FdChannel(fd)  # which enlarges a pipe's buffer
 
 
 def connect(uri: FdURI, fds: MutableMapping[str, int] | None) -> Channel:

@@ -9,18 +9,13 @@ from __future__ import annotations
 import os
 import socket
 import stat
-from typing import TYPE_CHECKING
 
-from migd.transports import SocketListener, TransportError
+from migd.transports.base import SocketListener, TransportError
+from migd.transports.channel import Channel, SocketChannel
 from migd.transports.uri import UnixURI
-
-if TYPE_CHECKING:
-    from migd.transports.channel import Channel
 
 
 def connect(uri: UnixURI) -> Channel:
-    from migd.transports.channel import SocketChannel
-
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(uri.path)
