@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 
 from migd import __version__
 from migd.config import ConfigError, DaemonConfig, build, load_toml
+from migd.daemon import Daemon
 from migd.logsetup import setup_logging
 
 
@@ -70,8 +71,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"migd: error: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log_level)
-    from migd.daemon import Daemon
-
     return Daemon(config).run()
 
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from migd import units
+from migd.machine.workloads import parse_workload
 
 CacheMode = Literal["writeback", "writethrough", "none", "directsync", "unsafe"]
 
@@ -117,10 +118,6 @@ class MachineConfig(BaseModel):
     def _workload(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("the workload spec is empty")
-        try:
-            from migd.machine.workloads import parse_workload
-        except ImportError:  # the machine part decides at start-up instead
-            return value
         try:
             parse_workload(value)
         except ValueError as exc:
