@@ -63,6 +63,7 @@ def test_sizes_and_parameters():
     with pytest.raises(ValueParseError, match=r"a fraction of a byte"):
         parse_size("0.5")
     assert parse_parameters(["max-bandwidth=1.5MiB"]) == {"max-bandwidth": 3 << 19}
+    assert parse_size("0.5", default_unit=1 << 20) == 512 << 10  # the demo's --memory, read like migd's -m
     assert parse_parameters(["max-bandwidth=1G", "downtime-limit=50", "tls-creds=123",
                              "cpu-throttle-tailslow=on"]) == {
         "max-bandwidth": 1 << 30, "downtime-limit": 50, "tls-creds": "123", "cpu-throttle-tailslow": True}

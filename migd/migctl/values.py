@@ -25,10 +25,10 @@ class ValueParseError(ValueError):
     pass
 
 
-def parse_size(text: str) -> int:
-    """``64M`` -> 67108864; plain digits are bytes (migd's size grammar, ``migd.units``)."""
+def parse_size(text: str, default_unit: int = 1) -> int:
+    """``64M`` -> 67108864; plain digits count in ``default_unit`` (bytes; migd's size grammar, ``migd.units``)."""
     try:
-        return units.parse_size(text)
+        return units.parse_size(text, default_unit=default_unit)
     except units.SizeError as exc:
         raise ValueParseError(str(exc)) from None
 
