@@ -13,12 +13,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-PAGE_SIZE = 4096
+from migd import units
+from migd.machine.workloads import parse_workload
 
 CacheMode = Literal["writeback", "writethrough", "none", "directsync", "unsafe"]
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bBkKmMgGtT]?)\s*$")
-_SIZE_UNITS = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 class ConfigError(ValueError):
@@ -31,20 +29,16 @@ class ConfigError(ValueError):
 
 
 def parse_size(text: str | int) -> int:
-    """A memory size in bytes. Like QEMU's ``-m``, a bare number means MiB; K/M/G/T suffixes work."""
+    """A memory size in bytes, in the size grammar of migd.units; like QEMU's ``-m``, a bare number is MiB."""
     if isinstance(text, bool):
         raise ValueError(f"invalid size {text!r}")
     if isinstance(text, int):
         value = text << 20
     else:
-        m = _SIZE_RE.match(text)
-        if not m:
-            raise ValueError(f"invalid size '{text}' (expected a number with an optional K, M, G or T suffix)")
-        number, unit = m.groups()
-        value = int(float(number) * _SIZE_UNITS[(unit or "m").lower()])
-    if value < PAGE_SIZE:
-        raise ValueError(f"size {text!r} is too small (at least {PAGE_SIZE} bytes)")
-    return -(-value // PAGE_SIZE) * PAGE_SIZE  # QEMU rounds RAM up to a page
+        value = units.parse_size(text, default_unit=units.MiB)  # its SizeError says what is wrong
+    if value < units.PAGE_SIZE:
+        raise ValueError(f"size {text!r} is too small (at least {units.PAGE_SIZE} bytes)")
+    return -(-value // units.PAGE_SIZE) * units.PAGE_SIZE  # QEMU rounds RAM up to a page
 
 
 def parse_drive(spec: str | dict[str, Any]) -> DriveConfig:
@@ -107,7 +101,7 @@ class MachineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = None
-    memory: int = Field(default=256 << 20, ge=PAGE_SIZE)
+    memory: int = Field(default=256 << 20, ge=units.PAGE_SIZE)
     smp: int = Field(default=1, ge=1, le=256)
     workload: str = "idle"
     drives: list[DriveConfig] = Field(default_factory=list)
@@ -124,10 +118,6 @@ class MachineConfig(BaseModel):
     def _workload(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("the workload spec is empty")
-        try:
-            from migd.machine.workloads import parse_workload
-        except ImportError:  # the machine part decides at start-up instead
-            return value
         try:
             parse_workload(value)
         except ValueError as exc:

@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 from streams import write_migration
 
-from migd.machine.ram import PAGE_SIZE, RAMList
+from migd.machine.ram import RAMList
 from migd.machine.vmstate import VMStateDevice, buffer, u32, u64
+from migd.units import PAGE_SIZE
 
 MiB = 1 << 20
 

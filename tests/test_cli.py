@@ -42,10 +42,20 @@ def test_every_option() -> None:
 @pytest.mark.parametrize(
     ("text", "size"),
     [("256M", 256 << 20), ("256m", 256 << 20), ("512", 512 << 20), ("1G", 1 << 30), ("4096K", 4 << 20),
-     ("1.5G", 3 << 29), ("5000b", 8192), ("8k", 8192)],
+     ("1.5G", 3 << 29), ("5000b", 8192), ("8k", 8192), ("1GB", 1 << 30), ("1GiB", 1 << 30), ("1gib", 1 << 30),
+     ("0.5g", 512 << 20), ("1.5", 3 << 19), ("64 MiB", 64 << 20), ("4097B", 8192)],
 )
 def test_sizes(text: str, size: int) -> None:
     assert parse_size(text) == size
+    assert parse_config(["-m", text]).machine.memory == size
+
+
+def test_memory_error_names_the_option_and_the_grammar(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["-m", "1GQ"]) == 2
+    assert capsys.readouterr().err == (
+        "migd: error: --memory: invalid size '1GQ' (expected a number with an optional K, M, G or T suffix)\n")
+    assert main(["-m", "1.5B"]) == 2
+    assert capsys.readouterr().err == "migd: error: --memory: invalid size '1.5B' (a fraction of a byte)\n"
 
 
 @pytest.mark.parametrize(
@@ -54,6 +64,9 @@ def test_sizes(text: str, size: int) -> None:
         (["-m", "lots"], "--memory"),
         (["-m", "0"], "--memory"),
         (["-m", "12Q"], "--memory"),
+        (["-m", "1.5.5G"], "--memory"),
+        (["-m", "1iB"], "--memory"),
+        (["-m", "-1G"], "--memory"),
         (["--smp", "0"], "--smp"),
         (["--smp", "two"], "--smp"),
         (["--drive", "cache=none"], "--drive"),

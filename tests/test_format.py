@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from streams import migration_bytes
 
-from migd.machine.ram import PAGE_SIZE, RAMList
+from migd.machine.ram import RAMList
 from migd.machine.vmstate import VMStateDevice, u64
 from migd.migration import format as fmt
 from migd.migration.savevm import load_stream
 from migd.migration.stream import InStream, StreamError
 from migd.transports.channel import FdChannel
+from migd.units import PAGE_SIZE
 
 MiB = 1 << 20
 EOS = (fmt.RAM_EOS).to_bytes(8, "big")

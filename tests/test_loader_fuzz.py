@@ -12,11 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from streams import migration_bytes
 
-from migd.machine.ram import PAGE_SIZE, RAMList
+from migd.machine.ram import RAMList
 from migd.machine.vmstate import VMStateDevice, buffer, u32, u64
 from migd.migration.savevm import load_stream
 from migd.migration.stream import InStream, StreamError
 from migd.transports.channel import FdChannel
+from migd.units import PAGE_SIZE
 
 RAM = 64 * PAGE_SIZE
 PER_EXAMPLE = 10.0  # seconds: far above what a load of this size takes even on a loaded machine

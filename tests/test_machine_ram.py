@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from migd.machine import dirty
-from migd.machine.ram import PAGE_SIZE, RAMBlock, RAMList
+from migd.machine.ram import RAMBlock, RAMList
+from migd.units import PAGE_SIZE
 
 MiB = 1 << 20
 

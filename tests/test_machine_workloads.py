@@ -41,6 +41,12 @@ def wait_for(pred, timeout: float = 15.0) -> None:
     ("counter,rate=1M,disk-rate=512K", WorkloadSpec("counter", rate=MiB, disk_rate=512 << 10)),
     ("disk-rate=2M", WorkloadSpec(disk_rate=2 * MiB)),
     ("random,rate=1G", WorkloadSpec("random", rate=1 << 30)),
+    # the size grammar of migd.units: decimals, B/iB, a bare number is bytes
+    ("random,rate=1.5M", WorkloadSpec("random", rate=3 * MiB // 2)),
+    ("random,rate=64MiB,wss=8mb", WorkloadSpec("random", rate=64 * MiB, wss=8 * MiB)),
+    ("counter,rate=1000", WorkloadSpec("counter", rate=1000)),
+    ("counter,rate=1000B", WorkloadSpec("counter", rate=1000)),
+    ("disk-rate=0.5KiB", WorkloadSpec(disk_rate=512)),
 ])
 def test_parse(text, spec):
     assert parse_workload(text) == spec
@@ -51,7 +57,12 @@ def test_parse(text, spec):
     ("", "empty item"),
     ("random,", "empty item"),
     ("busy", "unknown kind 'busy'"),
-    ("random,rate=fast", "invalid rate 'fast'"),
+    ("random,rate=fast", "invalid rate 'fast' \\(expected a number with an optional K, M, G or T suffix\\)"),
+    ("random,rate=1.5", "invalid rate '1.5' \\(a fraction of a byte\\)"),
+    ("random,rate=-1M", "invalid rate '-1M'"),
+    ("random,wss=lots", "invalid wss 'lots'"),
+    ("disk-rate=1P", "invalid disk-rate '1P'"),
+    ("random,wss=1.5K", "wss 1536 must be a positive multiple of 4096"),
     ("random,rate=0", "rate must be positive"),
     ("random,wss=1000", "multiple of 4096"),
     ("random,seed=-1", "invalid seed"),

@@ -53,8 +53,17 @@ def test_sizes_and_parameters():
     assert parse_size("1.5k") == 1536
     assert parse_size("0") == 0
     assert parse_size("128MB") == 128 << 20
-    with pytest.raises(ValueParseError):
+    assert parse_size("64MiB") == 64 << 20
+    assert parse_size("1.5G") == 3 << 29
+    assert parse_size("1000") == 1000  # a bare number is bytes
+    with pytest.raises(ValueParseError, match=r"^invalid size 'fast' \(expected a number"):
         parse_size("fast")
+    with pytest.raises(ValueParseError, match=r"^invalid size '-5' "):
+        parse_size("-5")
+    with pytest.raises(ValueParseError, match=r"a fraction of a byte"):
+        parse_size("0.5")
+    assert parse_parameters(["max-bandwidth=1.5MiB"]) == {"max-bandwidth": 3 << 19}
+    assert parse_size("0.5", default_unit=1 << 20) == 512 << 10  # the demo's --memory, read like migd's -m
     assert parse_parameters(["max-bandwidth=1G", "downtime-limit=50", "tls-creds=123",
                              "cpu-throttle-tailslow=on"]) == {
         "max-bandwidth": 1 << 30, "downtime-limit": 50, "tls-creds": "123", "cpu-throttle-tailslow": True}

@@ -8,10 +8,14 @@ import asyncio
 import json
 import os
 import socket
+import stat
 from pathlib import Path
 
 import pytest
 from helpers import Migd, RawQMP
+
+from migd.qmp.server import Listener
+from migd.transports import TransportError
 
 pytestmark = pytest.mark.e2e
 
@@ -417,3 +421,31 @@ async def test_a_command_finishes_when_its_client_goes_away(monkeypatch) -> None
         assert outcome == ["finished"]
     finally:
         await daemon.stop()
+
+
+def test_unix_listener_private_replaces_a_stale_socket_and_spares_other_files(tmp_path: Path) -> None:
+    """The --qmp unix socket is bound by transports.unix.listen_unix: mode 0600, QEMU's texts."""
+    path = tmp_path / "qmp.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()  # a crashed daemon's socket file
+    old_umask = os.umask(0)
+    try:
+        listener = Listener(f"unix:{path}")
+    finally:
+        os.umask(old_umask)
+    assert listener.address == f"unix:{path}" and not listener.sock.getblocking()
+    assert stat.S_ISSOCK(path.stat().st_mode) and stat.S_IMODE(path.stat().st_mode) == 0o600
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(str(path))
+    client.close()
+    listener.close()
+    assert not path.exists()
+
+    other = tmp_path / "notes.txt"
+    other.write_text("keep")
+    with pytest.raises(TransportError) as info:
+        Listener(f"unix:{other}")
+    assert isinstance(info.value, OSError)  # the daemon reports it as a bad setting, exit 1
+    assert str(info.value) == f"Failed to bind socket to {other}: Address already in use"
+    assert other.read_text() == "keep"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from migd.machine import dirty
-from migd.machine.ram import PAGE_SIZE, RAMList
+from migd.machine.ram import RAMList
 from migd.machine.vmstate import VMStateDevice, buffer, u64
 from migd.migration.format import RAM_CONTINUE, RAM_PAGE, RAM_ZERO
 from migd.migration.ram import RAMError, RAMLoader, RAMSaver, prefault
@@ -18,6 +18,7 @@ from migd.migration.savevm import SaveVM, load_stream
 from migd.migration.stats import MigrationStats
 from migd.migration.stream import InStream, OutStream, StreamError
 from migd.transports.channel import SocketChannel
+from migd.units import PAGE_SIZE
 
 WAIT = 60.0
 MiB = 1 << 20

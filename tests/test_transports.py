@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from helpers import wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,7 +24,9 @@ from migd.transports import (
     resolve,
 )
 from migd.transports.channel import FdChannel, SocketChannel
+from migd.transports.unix import listen_unix
 from migd.transports.uri import ExecURI, FdURI, FileURI, TcpURI, UnixURI, socket_address
+from migd.transports.wake import Waker
 
 # -- parsing ---------------------------------------------------------------------------------------
 
@@ -40,6 +44,10 @@ from migd.transports.uri import ExecURI, FdURI, FileURI, TcpURI, UnixURI, socket
         ("file:/tmp/state", FileURI("/tmp/state", 0)),
         ("file:/tmp/state,offset=4096", FileURI("/tmp/state", 4096)),
         ("file:/tmp/state,offset=1M", FileURI("/tmp/state", 1 << 20)),
+        ("file:/tmp/state,offset=1MiB", FileURI("/tmp/state", 1 << 20)),
+        ("file:/tmp/state,offset=2gb", FileURI("/tmp/state", 2 << 30)),
+        ("file:/tmp/state,offset=1.5K", FileURI("/tmp/state", 1536)),
+        ("file:/tmp/state,offset=100B", FileURI("/tmp/state", 100)),
     ],
 )
 def test_parse_uri(text: str, expected: object) -> None:
@@ -59,6 +67,11 @@ def test_parse_uri(text: str, expected: object) -> None:
         ("tcp:::1:4444", "error parsing address '::1:4444'"),
         ("unix:" + "x" * 200, "UNIX socket path '" + "x" * 200 + "' is too long"),
         ("file:/tmp/f,offset=abc", "Invalid file offset abc"),
+        ("file:/tmp/f,offset=", "Invalid file offset "),
+        ("file:/tmp/f,offset=-1", "Invalid file offset -1"),
+        ("file:/tmp/f,offset=1.5", "Invalid file offset 1.5"),
+        ("file:/tmp/f,offset=1P", "Invalid file offset 1P"),
+        ("file:/tmp/f,offset=9223372036854775808", "Invalid file offset 9223372036854775808"),
         ("fd:", "File descriptor name is empty"),
     ],
 )
@@ -214,6 +227,41 @@ def test_unix_stale_socket_replaced_and_missing_text(tmp_path: Path) -> None:
     with pytest.raises(TransportError) as info:
         connect(f"unix:{tmp_path}/nope.sock")
     assert str(info.value) == f"Failed to connect to '{tmp_path}/nope.sock': No such file or directory"
+
+
+@pytest.mark.parametrize(("mode", "expected"), [(0o600, 0o600), (0o640, 0o640)])
+def test_listen_unix_mode_backlog_and_stale_file(tmp_path: Path, mode: int, expected: int) -> None:
+    path = tmp_path / "l.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()
+    old_umask = os.umask(0)  # the mode must not depend on the umask
+    try:
+        sock = listen_unix(str(path), backlog=4, mode=mode)
+    finally:
+        os.umask(old_umask)
+    try:
+        assert stat.S_ISSOCK(path.stat().st_mode) and stat.S_IMODE(path.stat().st_mode) == expected
+        assert not sock.getblocking()
+        clients = [socket.socket(socket.AF_UNIX) for _ in range(2)]
+        for c in clients:
+            c.connect(str(path))  # listening already: the backlog holds them
+            c.close()
+    finally:
+        sock.close()
+
+
+def test_listen_unix_leaves_other_files_alone(tmp_path: Path) -> None:
+    path = tmp_path / "precious"
+    path.write_text("data")
+    path.chmod(0o644)
+    with pytest.raises(TransportError) as info:
+        listen_unix(str(path), mode=0o600)
+    assert str(info.value) == f"Failed to bind socket to {path}: Address already in use"
+    assert path.read_text() == "data" and stat.S_IMODE(path.stat().st_mode) == 0o644
+    with pytest.raises(TransportError) as info:
+        listen_unix(f"{tmp_path}/no/such/dir.sock")
+    assert str(info.value) == f"Failed to bind socket to {tmp_path}/no/such/dir.sock: No such file or directory"
 
 
 def test_accept_is_interrupted_by_close(tmp_path: Path) -> None:
@@ -420,3 +468,95 @@ def test_parse_channels_fuzz(channels: object, incoming: bool) -> None:
         parse_channels(channels, incoming=incoming)  # type: ignore[arg-type]
     except URIError as exc:
         assert str(exc)
+
+
+# -- the one wake-up (transports/wake.py) ----------------------------------------------------------
+
+
+def _blocked_in_poll(tid: int) -> bool:
+    """The thread ``tid`` of this process sleeps in poll(2) (so a wake-up must go through the pipe)."""
+    return "poll" in Path(f"/proc/self/task/{tid}/wchan").read_text()
+
+
+def _wait_in_thread(waker: Waker, fd: int) -> tuple[threading.Thread, list[bool], list[int]]:
+    result: list[bool] = []
+    tid: list[int] = []
+
+    def run() -> None:
+        tid.append(threading.get_native_id())
+        result.append(waker.wait(fd))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    wait_for(lambda: tid, timeout=10, what="the waiting thread to start")
+    return thread, result, tid
+
+
+def test_waker_wakes_a_thread_blocked_in_poll() -> None:
+    r, w = os.pipe()
+    try:
+        waker = Waker()
+        thread, result, tid = _wait_in_thread(waker, r)
+        wait_for(lambda: _blocked_in_poll(tid[0]), timeout=10, what="the thread to block in poll")
+        assert waker.wake() is True
+        thread.join(10)
+        assert not thread.is_alive() and result == [False]
+        assert waker.wake() is False  # once only
+        assert waker.wait(r) is False  # and every later wait ends at once
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_waker_wait_returns_when_the_descriptor_is_ready() -> None:
+    r, w = os.pipe()
+    try:
+        waker = Waker()
+        thread, result, tid = _wait_in_thread(waker, r)
+        wait_for(lambda: _blocked_in_poll(tid[0]), timeout=10, what="the thread to block in poll")
+        os.write(w, b"x")
+        thread.join(10)
+        assert result == [True] and not waker.woken
+        os.close(w)  # a hang-up counts as ready too: the reader sees EOF
+        assert waker.wait(r) is True
+    finally:
+        os.close(r)
+
+
+def test_waker_released_counts_as_woken_and_wake_after_is_harmless() -> None:
+    r, w = os.pipe()
+    waker = Waker()
+    pipe_fds = (waker._r, waker._w)
+    waker.release()
+    for fd in pipe_fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)  # the pipe is closed at once
+    assert waker.woken and waker.wait(r) is False
+    assert waker.wake() is False  # writes nothing into a closed (maybe reused) descriptor
+    waker.release()  # idempotent
+    os.close(r)
+    os.close(w)
+
+
+def test_fd_channel_closed_then_shut_down_fails_io_without_touching_other_descriptors() -> None:
+    r, w = os.pipe()
+    channel = FdChannel(r)
+    channel.close()
+    channel.shutdown()  # after close: nothing to wake, and no write into a reused descriptor
+    with pytest.raises(OSError, match="shut down"):
+        channel.read_into(memoryview(bytearray(1)))
+    os.close(w)
+
+
+def test_socket_listener_close_twice_and_from_two_threads(tmp_path: Path) -> None:
+    listener = listen(f"unix:{tmp_path}/twice.sock")
+    closers = [threading.Thread(target=listener.close) for _ in range(2)]
+    for t in closers:
+        t.start()
+    for t in closers:
+        t.join(10)
+    assert not any(t.is_alive() for t in closers)
+    assert not (tmp_path / "twice.sock").exists()
+    listener.close()
+    with pytest.raises(TransportError, match="Listener closed before a connection arrived"):
+        listener.accept()

@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from migd.http.host import HttpHost
 from migd.http.live import LiveFeed
 from migd.http.metrics import CONTENT_TYPE, make_registry, migration_info, render
 from migd.machine.runstate import RunState
@@ -26,7 +27,7 @@ HEARTBEAT = 15.0  # seconds between SSE comments, so proxies and browsers keep t
 UNHEALTHY_RUNSTATES = frozenset({RunState.INTERNAL_ERROR, RunState.IO_ERROR, RunState.GUEST_PANICKED})
 STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
 
-DAEMON_KEY = web.AppKey("daemon", object)
+DAEMON_KEY = web.AppKey[HttpHost]("daemon")
 FEED_KEY = web.AppKey("feed", LiveFeed)
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 
@@ -123,7 +124,7 @@ async def static(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type=ctype, headers={"Cache-Control": "no-cache"})
 
 
-def make_app(daemon: Any, feed: LiveFeed) -> web.Application:
+def make_app(daemon: HttpHost, feed: LiveFeed) -> web.Application:
     app = web.Application()
     app[DAEMON_KEY] = daemon
     app[FEED_KEY] = feed
@@ -137,7 +138,7 @@ def make_app(daemon: Any, feed: LiveFeed) -> web.Application:
     return app
 
 
-async def start_http(daemon: Any, host: str = "127.0.0.1", port: int = 0, *,
+async def start_http(daemon: HttpHost, host: str = "127.0.0.1", port: int = 0, *,
                      sample_interval: float = 1.0) -> HttpEndpoint:
     """Serve the endpoint on the running loop; raises OSError if the address is taken."""
     feed = LiveFeed(daemon, sample_interval)

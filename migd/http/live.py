@@ -15,7 +15,9 @@ import time
 from collections import deque
 from typing import Any
 
+from migd.http.host import HttpHost
 from migd.http.metrics import migration_info
+from migd.units import PAGE_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ FORWARDED_EVENTS = frozenset({"MIGRATION", "MIGRATION_PASS", "STOP", "RESUME", "
 def make_sample(info: dict[str, Any], runstate: str, now: float) -> dict[str, Any]:
     """The figures the dashboard charts, in base units (bytes, bytes/s, milliseconds as QEMU gives them)."""
     ram = info.get("ram") or {}
-    page = ram.get("page-size", 4096)
+    page = ram.get("page-size", PAGE_SIZE)
     rate = ram.get("dirty-pages-rate")
     mbps = ram.get("mbps")
     return {
@@ -51,7 +53,7 @@ def make_sample(info: dict[str, Any], runstate: str, now: float) -> dict[str, An
 class LiveFeed:
     """Samples the daemon every ``interval`` seconds and publishes (kind, data) to subscribers."""
 
-    def __init__(self, daemon: Any, interval: float = 1.0) -> None:
+    def __init__(self, daemon: HttpHost, interval: float = 1.0) -> None:
         self.daemon = daemon
         self.interval = interval
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)

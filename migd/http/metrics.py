@@ -16,9 +16,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from migd import __version__
+from migd.http.host import HttpHost
 from migd.machine.runstate import RunState
 from migd.migration.info import query_migrate
 from migd.migration.status import MigrationStatus
+from migd.units import PAGE_SIZE
 
 # QEMU's MigrationStatus values (qapi enum order): every one is exported so a status panel needs no guessing.
 MIGRATION_STATUSES = tuple(str(status) for status in MigrationStatus)
@@ -26,7 +28,7 @@ MIGRATION_STATUSES = tuple(str(status) for status in MigrationStatus)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def migration_info(daemon: Any) -> dict[str, Any]:
+def migration_info(daemon: HttpHost) -> dict[str, Any]:
     """query-migrate as the daemon answers it (the source's view, or the destination's when idle)."""
     return query_migrate(daemon.migration, daemon.incoming)
 
@@ -54,7 +56,7 @@ def migration_metrics(info: dict[str, Any]) -> Iterator[Metric]:
         g.add_metric([name], 1.0 if name == status else 0.0)
     yield g
     ram = info.get("ram") or {}
-    page = ram.get("page-size", 4096)
+    page = ram.get("page-size", PAGE_SIZE)
     yield from _gauge("migd_migration_remaining_bytes", "RAM still to send (query-migrate ram.remaining)",
                       ram.get("remaining"))
     yield from _gauge("migd_migration_ram_total_bytes", "guest RAM being migrated (ram.total)", ram.get("total"))
@@ -99,14 +101,14 @@ def migration_metrics(info: dict[str, Any]) -> Iterator[Metric]:
         yield g
 
 
-def guest_metrics(daemon: Any) -> Iterator[Metric]:
+def guest_metrics(daemon: HttpHost) -> Iterator[Metric]:
     state = str(daemon.runstate.state)
     g = GaugeMetricFamily("migd_guest_runstate", "1 for the current run state (QEMU's names)", labels=["state"])
     for name in RunState:
         g.add_metric([str(name)], 1.0 if str(name) == state else 0.0)
     yield g
     yield from _gauge("migd_guest_running", "1 while the guest runs", 1 if state == RunState.RUNNING else 0)
-    machine = getattr(daemon, "machine", None)
+    machine = daemon.machine
     if machine is None:
         return
     yield from _gauge("migd_guest_ram_bytes", "guest RAM, all blocks", machine.ram.total_bytes())
@@ -124,19 +126,20 @@ def guest_metrics(daemon: Any) -> Iterator[Metric]:
 class MigdCollector(Collector):
     """Reads the daemon on every scrape (on the event loop, so state is consistent with QMP's view)."""
 
-    def __init__(self, daemon: Any) -> None:
+    def __init__(self, daemon: HttpHost) -> None:
         self.daemon = daemon
 
     def collect(self) -> Iterator[Metric]:
         info = GaugeMetricFamily("migd_info", "migd version and machine name", labels=["version", "name"])
-        config = getattr(getattr(self.daemon, "machine", None), "config", None)
-        info.add_metric([__version__, str(getattr(config, "name", "") or "")], 1.0)
+        machine = self.daemon.machine
+        name = machine.config.name if machine is not None else None
+        info.add_metric([__version__, name or ""], 1.0)
         yield info
         yield from guest_metrics(self.daemon)
         yield from migration_metrics(migration_info(self.daemon))
 
 
-def make_registry(daemon: Any) -> CollectorRegistry:
+def make_registry(daemon: HttpHost) -> CollectorRegistry:
     """A registry of its own per endpoint: no global state shared between daemons in one process (tests)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(MigdCollector(daemon))

@@ -25,6 +25,7 @@ from migd.machine.workloads import (
     VCPUWork,
     Workload,
     WorkloadError,
+    WorkloadSpec,
     check_counter,
     parse_workload,
     read_counter,
@@ -152,7 +153,7 @@ class Machine:
 
     # -- workload ------------------------------------------------------------------------------
 
-    def _build(self, spec: Any) -> Workload:
+    def _build(self, spec: WorkloadSpec) -> Workload:
         ram0 = self.ram.get(RAMList.MAIN)
         assert ram0 is not None
         return Workload(spec, ram0, self.drives, len(self.vcpus))
@@ -239,7 +240,7 @@ class Machine:
         for block in self.ram.blocks():
             buf = block.buf
             out.append({"name": block.name, "size": block.size,
-                        "digest": xxhash.xxh3_128_hexdigest(memoryview(buf))})
+                        "digest": xxhash.xxh3_128_hexdigest(buf.data)})
         return out
 
     def workload_info(self) -> dict[str, Any]:

@@ -14,11 +14,14 @@ import errno
 import mmap
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
-PAGE_SIZE = 4096
+from migd.units import PAGE_SIZE
+
 MAX_NAME_LEN = 127  # QEMU's stream analysis reads the idstr length as a signed byte
 MADV_POPULATE_READ = 22
 MADV_POPULATE_WRITE = 23
@@ -76,7 +79,7 @@ class RAMBlock:
             self._logging = on
             self._dirty.fill(all_dirty and on)
 
-    def mark_dirty(self, idx: int | slice | np.ndarray | Iterable[int]) -> None:
+    def mark_dirty(self, idx: int | slice | npt.NDArray[np.integer[Any]] | Sequence[int]) -> None:
         """Record pages as written. Call *after* writing their data."""
         if not self._logging:
             return
@@ -97,7 +100,7 @@ class RAMBlock:
 
     # -- residency -----------------------------------------------------------------------------
 
-    def untouched_pages(self) -> np.ndarray | None:
+    def untouched_pages(self) -> npt.NDArray[np.bool_] | None:
         """Pages that were never touched and therefore read as zero, or None when unknowable.
 
         Only a private anonymous mapping guarantees that a non-resident page is zero; with swap
@@ -112,9 +115,10 @@ class RAMBlock:
         if _libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(self.size),
                          ctypes.c_void_p(vec.ctypes.data)) != 0:
             return None
-        return (vec & 1) == 0
+        untouched: npt.NDArray[np.bool_] = (vec & 1) == 0
+        return untouched
 
-    def _untouched_from_pagemap(self, addr: int) -> np.ndarray | None:
+    def _untouched_from_pagemap(self, addr: int) -> npt.NDArray[np.bool_] | None:
         entries = np.empty(self.npages, dtype=np.uint64)
         try:
             fd = os.open("/proc/self/pagemap", os.O_RDONLY)
@@ -122,13 +126,14 @@ class RAMBlock:
             return None
         try:
             want = self.npages * 8
-            got = os.preadv(fd, [memoryview(entries).cast("B")], (addr // self.page_size) * 8)
+            got = os.preadv(fd, [entries.data.cast("B")], (addr // self.page_size) * 8)
             if got != want:
                 return None
         finally:
             os.close(fd)
         present_or_swapped = np.uint64(0b11 << 62)
-        return (entries & present_or_swapped) == 0
+        untouched: npt.NDArray[np.bool_] = (entries & present_or_swapped) == 0
+        return untouched
 
     def populate(self, write: bool = True) -> None:
         """Fault every page in ahead of bulk access: for writing (the destination's -mem-prealloc)

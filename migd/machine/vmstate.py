@@ -10,19 +10,35 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from migd.bql import BQL
-from migd.machine.runstate import RunState
-
-if TYPE_CHECKING:
-    from migd.machine.machine import Machine
+from migd.machine.block import Drive
+from migd.machine.ram import RAMList
+from migd.machine.runstate import RunState, RunStateMachine
+from migd.machine.vcpu import VCPUSet
+from migd.units import PAGE_SIZE
 
 Value = int | bytes
 
 
 class Reader(Protocol):
     def read(self, n: int) -> bytes: ...
+
+
+class Machine(Protocol):
+    """What the machine's own devices read and set (``machine.Machine`` is the one)."""
+
+    runstate: RunStateMachine
+    ram: RAMList
+    vcpus: VCPUSet
+    drives: list[Drive]
+    state_before_migration: RunState | None
+    incoming_runstate: RunState | None
+
+    def vcpu_state(self, index: int) -> dict[str, Value]: ...
+
+    def load_vcpu_state(self, index: int, spec: str, values: dict[str, Value]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -42,10 +58,13 @@ class Field:
         return data.ljust(self.size, b"\0")
 
     def unpack(self, data: bytes) -> Value:
+        number: int
         if self.type == "uint32":
-            return struct.unpack(">I", data)[0]
+            (number,) = struct.unpack(">I", data)
+            return number
         if self.type == "uint64":
-            return struct.unpack(">Q", data)[0]
+            (number,) = struct.unpack(">Q", data)
+            return number
         return data
 
 
@@ -111,7 +130,7 @@ class VMStateDevice:
 
 
 def _mismatch(what: str, src: Value, dst: Value) -> ValueError:
-    return ValueError(f"migd-machine: the source has {what} {src}, this machine has {dst}")
+    return ValueError(f"migd-machine: the source has {what} {src!r}, this machine has {dst!r}")
 
 
 class GlobalStateDevice(VMStateDevice):
@@ -138,7 +157,7 @@ class GlobalStateDevice(VMStateDevice):
         size = int(values["size"])
         if not 1 <= size <= self.NAME:
             raise ValueError(f"globalstate: run state name of {size} bytes")
-        raw = bytes(values["runstate"])[:size].rstrip(b"\0")  # type: ignore[arg-type]
+        raw = bytes(values["runstate"])[:size].rstrip(b"\0")
         try:
             self.machine.incoming_runstate = RunState(raw.decode())
         except (UnicodeDecodeError, ValueError) as exc:
@@ -159,7 +178,7 @@ class MachineDevice(VMStateDevice):
         m = self.machine
         ram0 = m.ram.get("ram0")
         return {"memory": ram0.size if ram0 else 0, "smp": len(m.vcpus),
-                "page_size": ram0.page_size if ram0 else 4096, "drives": len(m.drives)}
+                "page_size": ram0.page_size if ram0 else PAGE_SIZE, "drives": len(m.drives)}
 
     def apply(self, values: dict[str, Value]) -> None:
         mine = self.values()
@@ -187,11 +206,11 @@ class VCPUDevice(VMStateDevice):
 
     def apply(self, values: dict[str, Value]) -> None:
         if values["index"] != self.instance_id:
-            raise ValueError(f"vcpu {self.instance_id}: stream holds state of vcpu {values['index']}")
+            raise ValueError(f"vcpu {self.instance_id}: stream holds state of vcpu {values['index']!r}")
         n = int(values["spec_len"])
         if n > self.SPEC:
             raise ValueError(f"vcpu {self.instance_id}: workload spec length {n} exceeds {self.SPEC}")
-        spec_bytes = bytes(values["spec"])[:n]  # type: ignore[arg-type]
+        spec_bytes = bytes(values["spec"])[:n]
         try:
             spec = spec_bytes.decode()
         except UnicodeDecodeError as exc:
@@ -216,7 +235,7 @@ class DriveDevice(VMStateDevice):
     def apply(self, values: dict[str, Value]) -> None:
         d = self.machine.drives[self.instance_id]
         if values["size"] != d.size:
-            raise ValueError(f"migd-drive {self.instance_id}: the source image has {values['size']} bytes, "
+            raise ValueError(f"migd-drive {self.instance_id}: the source image has {values['size']!r} bytes, "
                              f"'{d.file}' has {d.size}")
         d.bytes_written = int(values["bytes_written"])
         d.flushes = int(values["flushes"])

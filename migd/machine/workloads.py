@@ -1,7 +1,8 @@
 """What the vCPUs run: ``idle``, ``random``, ``counter``, optionally with ``disk-rate``.
 
 Spec grammar (``--workload`` and ``x-migd-workload-set``): comma-separated, an optional kind first,
-then ``key=value`` options with sizes and rates in bytes and binary suffixes (K, M, G, T):
+then ``key=value`` options with sizes and rates in migd's size grammar (``migd.units``: a bare
+number is bytes, binary K/M/G/T suffixes, ``1.5M`` and ``64MiB`` too):
 
     idle                                  writes nothing (the default)
     random[,rate=64M][,wss=SIZE][,seed=N] whole pages of non-zero random bytes at ``rate`` bytes/s
@@ -17,16 +18,17 @@ after the data, so the migration thread is not starved of the GIL. Rates are pac
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from migd.machine.vcpu import SLICE
+from migd.units import PAGE_SIZE, SizeError, format_size, parse_size
 
 if TYPE_CHECKING:
+    from migd.machine.block import Drive
     from migd.machine.ram import RAMBlock
     from migd.machine.vcpu import VCPU
 
@@ -38,7 +40,6 @@ CATCH_UP = 0.1  # seconds of backlog a lagging vCPU may catch up; older debt is 
 COUNTER_AREA = 64  # pages per vCPU for the counter guest: one header page + a trail
 COUNTER_MAGIC = 0x4D49474443544552  # "MIGDCTER"
 _U64 = (1 << 64) - 1
-_SUFFIX = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _PATTERN = (np.arange(512, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
 
 
@@ -46,19 +47,12 @@ class WorkloadError(ValueError):
     """A spec that cannot be parsed or cannot run on this machine."""
 
 
-def parse_size(text: str, what: str) -> int:
-    m = re.fullmatch(r"\s*(\d+)\s*([KMGTB]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise WorkloadError(f"workload: invalid {what} '{text}' (expected a number with optional K, M, G suffix)")
-    return int(m.group(1)) * _SUFFIX[m.group(2).upper()]
-
-
-def format_size(n: int) -> str:
-    for suffix in ("T", "G", "M", "K"):
-        unit = _SUFFIX[suffix]
-        if n and n % unit == 0:
-            return f"{n // unit}{suffix}"
-    return str(n)
+def _size(text: str, what: str) -> int:
+    """Option ``what`` of a spec in bytes (a bare number is bytes); WorkloadError names the option."""
+    try:
+        return parse_size(text)
+    except SizeError as exc:
+        raise WorkloadError(f"workload: invalid {what} '{text}' ({exc.reason})") from None
 
 
 @dataclass(frozen=True)
@@ -113,20 +107,20 @@ def parse_workload(text: str) -> WorkloadSpec:
         opts[key] = value.strip()
     spec = WorkloadSpec(kind=kind, rate=_DEFAULT_RATE[kind])
     if "rate" in opts:
-        spec = replace(spec, rate=parse_size(opts["rate"], "rate"))
+        spec = replace(spec, rate=_size(opts["rate"], "rate"))
         if spec.rate <= 0:
             raise WorkloadError("workload: rate must be positive")
     if "wss" in opts:
-        wss = parse_size(opts["wss"], "wss")
-        if wss <= 0 or wss % 4096:
-            raise WorkloadError(f"workload: wss {wss} must be a positive multiple of 4096")
+        wss = _size(opts["wss"], "wss")
+        if wss <= 0 or wss % PAGE_SIZE:
+            raise WorkloadError(f"workload: wss {wss} must be a positive multiple of {PAGE_SIZE}")
         spec = replace(spec, wss=wss)
     if "seed" in opts:
         if not opts["seed"].isdigit() or int(opts["seed"]) > _U64:
             raise WorkloadError(f"workload: invalid seed '{opts['seed']}' (expected an unsigned 64-bit integer)")
         spec = replace(spec, seed=int(opts["seed"]))
     if "disk-rate" in opts:
-        spec = replace(spec, disk_rate=parse_size(opts["disk-rate"], "disk-rate"))
+        spec = replace(spec, disk_rate=_size(opts["disk-rate"], "disk-rate"))
     return spec
 
 
@@ -151,7 +145,7 @@ def counter_checksum(c: int) -> int:
 class Workload:
     """A parsed spec bound to a machine's RAM and drives; ``run`` does one vCPU slice of it."""
 
-    def __init__(self, spec: WorkloadSpec, ram0: RAMBlock, drives: list[Any], smp: int) -> None:
+    def __init__(self, spec: WorkloadSpec, ram0: RAMBlock, drives: list[Drive], smp: int) -> None:
         self.spec = spec
         self.ram0 = ram0
         self.drives = drives
@@ -283,7 +277,7 @@ class Workload:
                 break
             off = (w.disk_offset % max(1, drive.size - chunk + 1)) & ~4095
             src = (w.seq + w.disk_offset // 4096) % POOL_PAGES
-            drive.write(off, pool.reshape(-1)[src * 4096: src * 4096 + chunk])
+            drive.write(off, pool.reshape(-1)[src * 4096: src * 4096 + chunk].data)
             w.disk_offset = (off + chunk) % drive.size
             written += chunk
         w.disk_done += n
@@ -329,7 +323,7 @@ def check_counter(block: RAMBlock, index: int, expect: int | None = None) -> int
 def _make_pool(seed: int) -> np.ndarray:
     """Non-zero random bytes, twice over so any POOL_PAGES-long window is one contiguous slice."""
     rng = np.random.Generator(np.random.PCG64([seed, 0xB00F]))
-    pool = rng.integers(1, 256, size=(POOL_PAGES, 4096), dtype=np.uint8)
+    pool = rng.integers(1, 256, size=(POOL_PAGES, PAGE_SIZE), dtype=np.uint8)
     pool = np.concatenate([pool, pool])
     pool.flags.writeable = False  # shared by every workload of that seed
     return pool

@@ -14,7 +14,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from migd.migctl import commands
 from migd.migctl.address import AddressError, parse_address
 from migd.migctl.client import Client, CommandFailed, MigctlError, quiet_library_logs
+from migd.migctl.demo import add_demo_arguments, run_demo
 from migd.migctl.output import Output
+from migd.migctl.shell import run_shell
 
 Handler = Callable[[Client, argparse.Namespace, Output], Awaitable[int]]
 
@@ -61,8 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("raw", commands.raw, "send one QMP command written as JSON")
     p.add_argument("message", metavar="JSON", help='e.g. \'{"execute": "query-status"}\'')
     p = add("demo", None, "migrate a running machine between two local migd processes")
-    from migd.migctl.demo import add_demo_arguments
-
     add_demo_arguments(p)
     return parser
 
@@ -83,14 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Output(json_mode=getattr(args, "json", False))
     try:
         if args.command == "demo":
-            from migd.migctl.demo import run_demo
-
             return run_demo(args, out)
         if not args.socket:
             parser.error(f"-s/--socket is required (or set ${DEFAULT_SOCKET_ENV})")
         if args.command == "shell":
-            from migd.migctl.shell import run_shell
-
             return run_shell(parse_address(args.socket), json_mode=args.json)
         return asyncio.run(_run(args.handler, args, out))
     except AddressError as exc:

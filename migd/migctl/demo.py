@@ -23,6 +23,7 @@ from migd.migctl.display import human_bytes, human_ms
 from migd.migctl.output import Output
 from migd.migctl.procs import DaemonProcess
 from migd.migctl.values import ValueParseError, parse_size
+from migd.units import MiB
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,7 +37,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_demo(args: argparse.Namespace, out: Output) -> int:
     try:
-        parse_size(args.memory)
+        parse_size(args.memory, MiB)  # checked as migd's -m reads it: a bare number is MiB
         parse_size(args.bandwidth)
     except ValueParseError as exc:
         out.error(str(exc))

@@ -12,6 +12,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from migd.units import PAGE_SIZE
+
 
 def human_bytes(n: float | int | None) -> str:
     if n is None:
@@ -40,7 +42,7 @@ def bandwidth_bytes(info: dict[str, Any]) -> float | None:
 def dirty_rate_bytes(info: dict[str, Any]) -> int | None:
     ram = info.get("ram") or {}
     rate = ram.get("dirty-pages-rate")
-    return None if rate is None else rate * ram.get("page-size", 4096)
+    return None if rate is None else rate * ram.get("page-size", PAGE_SIZE)
 
 
 def _rate(bps: float | None) -> str:

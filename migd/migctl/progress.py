@@ -22,8 +22,8 @@ def raw_percent(info: dict[str, Any]) -> float | None:
     ram = info.get("ram")
     if not isinstance(ram, dict):
         return None
-    total = ram.get("total") or 0
-    remaining = ram.get("remaining")
+    total: float = ram.get("total") or 0
+    remaining: float | None = ram.get("remaining")
     if total <= 0 or remaining is None:
         return None
     remaining = min(max(remaining, 0), total)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import readline  # line editing, completion and history for the interactive shell (stdlib on Linux)
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
@@ -48,10 +49,6 @@ def history_path() -> str:
 
 def _setup_readline(names: Sequence[str]) -> Callable[[], None]:
     """Enable completion and history; returns the function that saves the history."""
-    try:
-        import readline
-    except ImportError:  # no readline on this Python: a plain prompt still works
-        return lambda: None
     readline.set_completer(make_completer(names))
     readline.set_completer_delims(" \t\n")
     readline.parse_and_bind("tab: complete")
@@ -88,7 +85,9 @@ def run_shell(address: QMPAddress, json_mode: bool = False, stdin: TextIO | None
     except (QMPError, OSError) as exc:
         raise MigctlError(f"cannot connect to QMP socket {address}: {exc}") from None
     try:
-        names = [c["name"] for c in qmp.cmd("query-commands")]
+        # query-commands answers [CommandInfo]; qemu.qmp types every answer as object
+        commands = cast(list[dict[str, Any]], qmp.cmd("query-commands"))
+        names = [c["name"] for c in commands]
         interactive = stdin.isatty()
         save_history = _setup_readline(names) if interactive else (lambda: None)
         if interactive:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-SIZE_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+from migd import units
 
 # Parameters whose value is a byte count (accept K/M/G/T suffixes) or a plain string (never converted).
 SIZE_PARAMS = frozenset({"max-bandwidth", "avail-switchover-bandwidth", "xbzrle-cache-size",
@@ -25,22 +25,12 @@ class ValueParseError(ValueError):
     pass
 
 
-def parse_size(text: str) -> int:
-    """``64M`` -> 67108864; plain digits are bytes. Binary units, like QEMU's size parser."""
-    t = text.strip().lower()
-    if t.endswith("b") and len(t) > 1 and t[-2] in SIZE_SUFFIXES:
-        t = t[:-1]
-    mult = 1
-    if t and t[-1] in SIZE_SUFFIXES:
-        mult = SIZE_SUFFIXES[t[-1]]
-        t = t[:-1]
+def parse_size(text: str, default_unit: int = 1) -> int:
+    """``64M`` -> 67108864; plain digits count in ``default_unit`` (bytes; migd's size grammar, ``migd.units``)."""
     try:
-        value = float(t) if "." in t else int(t)
-    except ValueError:
-        raise ValueParseError(f"invalid size '{text}'") from None
-    if value < 0:
-        raise ValueParseError(f"invalid size '{text}': negative")
-    return int(value * mult)
+        return units.parse_size(text, default_unit=default_unit)
+    except units.SizeError as exc:
+        raise ValueParseError(str(exc)) from None
 
 
 def parse_bool(text: str) -> bool:

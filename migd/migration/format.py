@@ -10,13 +10,13 @@ import struct
 from enum import IntEnum
 
 from migd.migration.stream import InStream, OutStream, StreamError
+from migd.units import PAGE_SIZE as PAGE_SIZE  # re-exported: a fact of the wire format too
 
 MAGIC = 0x5145564D  # "QEVM"
 VERSION = 3
 VERSION_COMPAT = 2  # obsolete, rejected with its own message
 
 MACHINE_TYPE = "migd"
-PAGE_SIZE = 4096
 PAGE_BITS = 12
 MAX_IDSTR = 255  # u8 length on the wire (QEMU's analysis script copes with <= 127)
 MAX_MACHINE_NAME = 256

@@ -13,7 +13,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-TARGET_PAGE_SIZE = 4096
+from migd.units import PAGE_SIZE as TARGET_PAGE_SIZE
+
 SIZE_MAX = (1 << 64) - 1
 MAX_MIGRATE_DOWNTIME_MS = 2_000_000
 

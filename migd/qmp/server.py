@@ -18,7 +18,6 @@ import itertools
 import logging
 import os
 import socket
-import stat
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from migd.qmp import protocol
 from migd.qmp.commands import load_all
 from migd.qmp.registry import REGISTRY, CommandContext, CommandHost, QMPError
 from migd.qmp.schema import dump, validate
+from migd.transports.unix import listen_unix
 
 log = logging.getLogger(__name__)
 
@@ -291,12 +291,8 @@ class Listener:
         self._inode: int | None = None
         if uri.startswith("unix:"):
             self.path = Path(uri[5:])
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                self._bind_unix(self.path)
-            except OSError:
-                self.sock.close()
-                raise
+            self.sock = listen_unix(str(self.path), backlog=64, mode=0o600)
+            self._inode = self.path.stat().st_ino
         else:
             host, port = split_host_port(uri[4:])
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -305,20 +301,11 @@ class Listener:
             try:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 self.sock.bind(addr)
+                self.sock.listen(64)
             except OSError:
                 self.sock.close()
                 raise
-        self.sock.listen(64)
-        self.sock.setblocking(False)
-
-    def _bind_unix(self, path: Path) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(path.lstat().st_mode):
-                path.unlink()  # a stale socket from an earlier run (QEMU does the same)
-        os.fchmod(self.sock.fileno(), 0o600)  # Linux: the file is created with the socket's mode
-        self.sock.bind(str(path))
-        os.chmod(path, 0o600)
-        self._inode = path.stat().st_ino
+            self.sock.setblocking(False)
 
     @property
     def address(self) -> str:

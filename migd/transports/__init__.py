@@ -7,15 +7,12 @@ block, so the migration and incoming threads call them off the event loop. Every
 
 from __future__ import annotations
 
-import fcntl
-import importlib
-import os
-import select
-import socket
-import threading
-from collections.abc import MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from migd.transports import exec as exec_transport
+from migd.transports import fd, file, tcp, unix
+from migd.transports.base import Fds, Listener, SocketListener, TransportError
+from migd.transports.channel import Channel
 from migd.transports.uri import (
     ExecURI,
     FdURI,
@@ -27,9 +24,6 @@ from migd.transports.uri import (
     parse_channels,
     parse_uri,
 )
-
-if TYPE_CHECKING:
-    from migd.transports.channel import Channel
 
 __all__ = [
     "Listener",
@@ -43,144 +37,6 @@ __all__ = [
     "parse_uri",
     "resolve",
 ]
-
-Fds = MutableMapping[str, int]
-
-
-class TransportError(OSError):
-    """Connecting, listening or accepting failed; ``str()`` is the QEMU-style description."""
-
-    def __init__(self, desc: str) -> None:
-        super().__init__(desc)
-        self.desc = desc
-
-    def __str__(self) -> str:
-        return self.desc
-
-
-class Listener:
-    """The destination end: ``accept()`` blocks until the source arrives or ``close()`` is called."""
-
-    socket_address: list[dict[str, str]] = []
-
-    def accept(self) -> Channel:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-
-class SocketListener(Listener):
-    """A listening socket whose blocking accept can be interrupted from another thread.
-
-    Closing a socket does not wake a thread blocked in accept(2) on Linux, so accept waits in poll(2)
-    on the socket and on a wake-up pipe that ``close()`` writes to.
-    """
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._wake_r, self._wake_w = os.pipe()
-        self._closed = False
-        self._lock = threading.Lock()
-
-    def accept(self) -> Channel:
-        from migd.transports.channel import SocketChannel
-
-        poller = select.poll()
-        poller.register(self._sock.fileno(), select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        while True:
-            if self._closed:
-                raise TransportError("Listener closed before a connection arrived")
-            try:
-                ready = dict(poller.poll())
-            except InterruptedError:
-                continue
-            if self._wake_r in ready or self._closed:
-                raise TransportError("Listener closed before a connection arrived")
-            try:
-                conn, _ = self._sock.accept()
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                raise TransportError(f"Failed to accept connection: {exc.strerror or exc}") from exc
-            conn.setblocking(True)
-            tune_socket(conn)
-            return SocketChannel(conn)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        os.write(self._wake_w, b"x")
-        self._sock.close()
-        self._cleanup()
-        # the pipe is left for the garbage collector: a concurrent accept may still be polling it
-
-    def _cleanup(self) -> None:
-        """Hook for subclasses (a unix listener removes its socket file)."""
-
-    def __del__(self) -> None:
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-
-class Waker:
-    """A pipe that lets ``close()`` wake a thread waiting in poll(2) for a descriptor to be readable."""
-
-    def __init__(self) -> None:
-        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.closed = False
-
-    def wait_readable(self, fd: int) -> None:
-        """Return once ``fd`` has data (or EOF/hang-up); raise if ``wake()`` was called."""
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        poller.register(self._r, select.POLLIN)
-        while not self.closed:
-            try:
-                ready = dict(poller.poll())
-            except InterruptedError:
-                continue
-            if self._r in ready or self.closed:
-                break
-            if ready:
-                return
-        raise TransportError("Listener closed before a connection arrived")
-
-    def wake(self) -> None:
-        if not self.closed:
-            self.closed = True
-            os.write(self._w, b"x")
-
-    def __del__(self) -> None:
-        for fd in (self._r, self._w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-
-PIPE_SIZE = 1 << 20  # a 64 KiB pipe costs a system call and a context switch per 64 KiB of stream
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-
-
-def grow_pipe(fd: int) -> None:
-    """Enlarge a pipe's buffer (up to the system's pipe-max-size); not possible is not an error."""
-    try:
-        fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:
-        pass
-
-
-def tune_socket(sock: socket.socket) -> None:
-    """Small return-path messages (PONG, SHUT) must not wait for Nagle."""
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def resolve(uri: str | None = None, channels: list[Any] | None = None, *, incoming: bool = False) -> MigrationURI:
@@ -197,26 +53,33 @@ def _as_uri(uri: str | MigrationURI) -> MigrationURI:
     return parse_uri(uri) if isinstance(uri, str) else uri
 
 
-# the module implementing each kind of address (imported on first use: they import this package)
-_MODULES: dict[type, str] = {TcpURI: "tcp", UnixURI: "unix", ExecURI: "exec", FdURI: "fd", FileURI: "file"}
-
-
-def _transport(parsed: MigrationURI, uri: str | MigrationURI) -> Any:
-    name = _MODULES.get(type(parsed))
-    if name is None:
-        raise URIError(f"unknown migration protocol: {uri}")
-    return importlib.import_module(f"{__name__}.{name}")
-
-
 def connect(uri: str | MigrationURI, fds: Fds | None = None) -> Channel:
     """Open the source end of a migration (blocking). ``fds`` are the QMP session's getfd names."""
     parsed = _as_uri(uri)
-    module = _transport(parsed, uri)
-    return module.connect(parsed, fds) if isinstance(parsed, FdURI) else module.connect(parsed)
+    if isinstance(parsed, TcpURI):
+        return tcp.connect(parsed)
+    if isinstance(parsed, UnixURI):
+        return unix.connect(parsed)
+    if isinstance(parsed, ExecURI):
+        return exec_transport.connect(parsed)
+    if isinstance(parsed, FdURI):
+        return fd.connect(parsed, fds)
+    if isinstance(parsed, FileURI):
+        return file.connect(parsed)
+    raise URIError(f"unknown migration protocol: {uri}")
 
 
 def listen(uri: str | MigrationURI, fds: Fds | None = None) -> Listener:
     """Open the destination end of a migration: listening already, accepting later."""
     parsed = _as_uri(uri)
-    module = _transport(parsed, uri)
-    return module.listen(parsed, fds) if isinstance(parsed, FdURI) else module.listen(parsed)
+    if isinstance(parsed, TcpURI):
+        return tcp.listen(parsed)
+    if isinstance(parsed, UnixURI):
+        return unix.listen(parsed)
+    if isinstance(parsed, ExecURI):
+        return exec_transport.listen(parsed)
+    if isinstance(parsed, FdURI):
+        return fd.listen(parsed, fds)
+    if isinstance(parsed, FileURI):
+        return file.listen(parsed)
+    raise URIError(f"unknown migration protocol: {uri}")

@@ -3,7 +3,7 @@
 The migration thread writes (and the incoming thread reads) with plain blocking calls outside the big
 lock; ``migrate_cancel`` on the event loop must still be able to make such a call fail at once. A socket
 does that with ``shutdown(2)``; a pipe has no such call, so an ``FdChannel`` keeps its descriptor
-non-blocking and waits in ``poll`` on the descriptor *and* a wake-up pipe that ``shutdown`` writes to.
+non-blocking and waits in ``poll`` on the descriptor *and* a Waker (``wake.py``) that ``shutdown`` wakes.
 Errors surface as ``OSError``; the stream turns them into its sticky error.
 """
 
@@ -18,6 +18,8 @@ import stat
 import threading
 from collections.abc import Sequence
 from typing import Any
+
+from migd.transports.wake import Waker
 
 IOV_MAX = 1024  # Linux's limit on buffers per sendmsg/writev
 SNDBUF = 4 << 20  # measured best for the page loop (capped by net.core.wmem_max)
@@ -123,8 +125,8 @@ class FdChannel(Channel):
     """A pipe or file descriptor (exec:, file:, a non-socket fd:). One direction only: no return path.
 
     The descriptor is switched to non-blocking so a wait can be interrupted: every call tries the I/O,
-    and on EAGAIN polls the descriptor together with a private wake-up pipe. Regular files never
-    return EAGAIN, so they cost nothing extra.
+    and on EAGAIN polls the descriptor together with a private Waker. Regular files never return
+    EAGAIN, so they cost nothing extra.
     """
 
     has_return_path = False
@@ -133,10 +135,9 @@ class FdChannel(Channel):
         self.fd = fd
         self.name = name
         self._close_fd = close_fd
-        self._shut = False
         self._closed = False
         self._lock = threading.Lock()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._waker = Waker()
         os.set_blocking(fd, False)
         if stat.S_ISFIFO(os.fstat(fd).st_mode):
             try:  # a 64 KiB pipe means a system call per 64 KiB; ask for more
@@ -144,18 +145,13 @@ class FdChannel(Channel):
             except OSError:
                 pass  # above /proc/sys/fs/pipe-max-size for an unprivileged process: keep the default
 
+    @property
+    def _shut(self) -> bool:
+        return self._waker.woken
+
     def _wait(self, events: int) -> None:
-        poller = select.poll()
-        poller.register(self.fd, events)
-        poller.register(self._wake_r, select.POLLIN)
-        while True:
-            if self._shut:
-                raise _shut_error()
-            ready = poller.poll()
-            if any(fd == self._wake_r for fd, _ in ready) or self._shut:
-                raise _shut_error()
-            if ready:
-                return
+        if not self._waker.wait(self.fd, events):
+            raise _shut_error()
 
     def write_vectored(self, bufs: Sequence[Any]) -> int:
         if len(bufs) > IOV_MAX:
@@ -178,23 +174,14 @@ class FdChannel(Channel):
                 self._wait(select.POLLIN)
 
     def shutdown(self) -> None:
-        with self._lock:
-            if self._shut or self._closed:
-                self._shut = True
-                return
-            self._shut = True
-            try:
-                os.write(self._wake_w, b"x")
-            except OSError:
-                pass
+        self._waker.wake()
 
     def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
-            self._shut = self._closed = True
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            self._closed = True
+            self._waker.release()  # counts as woken: later I/O fails at once
             if self._close_fd:
                 os.close(self.fd)
 

@@ -14,9 +14,10 @@ import subprocess
 from collections.abc import Sequence
 from typing import IO, Any
 
-from migd.transports import Listener, TransportError, Waker, grow_pipe
+from migd.transports.base import Listener, TransportError
 from migd.transports.channel import FdChannel
 from migd.transports.uri import ExecURI
+from migd.transports.wake import Waker
 
 REAP_TIMEOUT = 10.0  # seconds a finished stream's command gets to exit before it is killed
 
@@ -78,10 +79,11 @@ def _spawn(uri: ExecURI, **pipes: Any) -> subprocess.Popen[bytes]:
 
 
 def _detach(pipe: IO[bytes]) -> int:
-    """Move a Popen pipe's descriptor into our hands (the file object would close it when collected)."""
+    """Move a Popen pipe's descriptor into our hands (the file object would close it when collected).
+
+    The FdChannel it becomes enlarges the pipe's buffer."""
     fd = os.dup(pipe.fileno())
     pipe.close()
-    grow_pipe(fd)
     return fd
 
 
@@ -117,7 +119,8 @@ class ExecListener(Listener):
         if self._taken:
             raise TransportError("exec: the command's output was already taken")
         assert self._proc.stdout is not None
-        self._waker.wait_readable(self._proc.stdout.fileno())
+        if not self._waker.wait(self._proc.stdout.fileno()):
+            raise TransportError("Listener closed before a connection arrived")
         self._taken = True
         fd = _detach(self._proc.stdout)
         self._proc.stdout = None

@@ -11,13 +11,11 @@ import os
 import socket
 import stat
 from collections.abc import MutableMapping
-from typing import TYPE_CHECKING
 
-from migd.transports import Listener, TransportError, Waker, grow_pipe
+from migd.transports.base import Listener, TransportError
+from migd.transports.channel import Channel, FdChannel, SocketChannel
 from migd.transports.uri import FdURI
-
-if TYPE_CHECKING:
-    from migd.transports.channel import Channel
+from migd.transports.wake import Waker
 
 
 def _take(uri: FdURI, fds: MutableMapping[str, int] | None) -> int:
@@ -35,15 +33,11 @@ def _take(uri: FdURI, fds: MutableMapping[str, int] | None) -> int:
 
 
 def _channel(fd: int) -> Channel:
-    from migd.transports.channel import FdChannel, SocketChannel
-
     if stat.S_ISSOCK(os.fstat(fd).st_mode):
         sock = socket.socket(fileno=fd)
         sock.setblocking(True)
         return SocketChannel(sock)
-    if stat.S_ISFIFO(os.fstat(fd).st_mode):
-        grow_pipe(fd)
-    return FdChannel(fd)
+    return FdChannel(fd)  # which enlarges a pipe's buffer
 
 
 def connect(uri: FdURI, fds: MutableMapping[str, int] | None) -> Channel:
@@ -62,7 +56,8 @@ class FdListener(Listener):
     def accept(self) -> Channel:
         if self._fd is None:
             raise TransportError("fd: the descriptor was already taken or closed")
-        self._waker.wait_readable(self._fd)
+        if not self._waker.wait(self._fd):
+            raise TransportError("Listener closed before a connection arrived")
         fd, self._fd = self._fd, None
         return _channel(fd)
 

@@ -7,13 +7,10 @@ the destination reads from ``offset``. A file has no return path.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
-from migd.transports import Listener, TransportError
+from migd.transports.base import Listener, TransportError
+from migd.transports.channel import Channel, FdChannel
 from migd.transports.uri import FileURI
-
-if TYPE_CHECKING:
-    from migd.transports.channel import Channel
 
 
 def _open(path: str, flags: int) -> int:
@@ -24,8 +21,6 @@ def _open(path: str, flags: int) -> int:
 
 
 def connect(uri: FileURI) -> Channel:
-    from migd.transports.channel import FdChannel
-
     fd = _open(uri.path, os.O_WRONLY | os.O_CREAT)
     try:
         os.ftruncate(fd, uri.offset)
@@ -50,8 +45,6 @@ class FileListener(Listener):
             raise TransportError(f"Unable to seek {uri.path} to offset {uri.offset}: {exc.strerror}") from exc
 
     def accept(self) -> Channel:
-        from migd.transports.channel import FdChannel
-
         if self._fd is None:
             raise TransportError("file: the file was already taken or closed")
         fd, self._fd = self._fd, None

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING
 
-from migd.transports import SocketListener, TransportError, tune_socket
+from migd.transports.base import SocketListener, TransportError, tune_socket
+from migd.transports.channel import Channel, SocketChannel
 from migd.transports.uri import TcpURI
-
-if TYPE_CHECKING:
-    from migd.transports.channel import Channel
 
 
 def connect(uri: TcpURI) -> Channel:
-    from migd.transports.channel import SocketChannel
-
     if not uri.host:
         raise TransportError(f"Failed to connect to '{uri.display()}': host not specified")
     try:

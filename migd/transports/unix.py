@@ -1,22 +1,21 @@
-"""``unix:PATH``: the default transport between two daemons on one host."""
+"""``unix:PATH``: the default transport between two daemons on one host, and migd's one unix listener.
+
+``listen_unix`` is also what the QMP server binds its ``--qmp unix:PATH`` sockets with, so both replace
+a stale socket file the same way and fail with the same (QEMU's) texts.
+"""
 
 from __future__ import annotations
 
 import os
 import socket
 import stat
-from typing import TYPE_CHECKING
 
-from migd.transports import SocketListener, TransportError
+from migd.transports.base import SocketListener, TransportError
+from migd.transports.channel import Channel, SocketChannel
 from migd.transports.uri import UnixURI
-
-if TYPE_CHECKING:
-    from migd.transports.channel import Channel
 
 
 def connect(uri: UnixURI) -> Channel:
-    from migd.transports.channel import SocketChannel
-
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(uri.path)
@@ -48,9 +47,13 @@ class UnixListener(SocketListener):
                 pass
 
 
-def listen(uri: UnixURI) -> UnixListener:
-    path = uri.path
-    try:  # like QEMU: a stale socket file left by an earlier run is replaced
+def listen_unix(path: str, *, backlog: int = 1, mode: int | None = None) -> socket.socket:
+    """A non-blocking unix socket listening at ``path``, its file created with ``mode`` if given.
+
+    Like QEMU, a stale socket file left by an earlier run is replaced (any other file is not: the bind
+    fails). Raises TransportError with QEMU's text. (any thread)
+    """
+    try:
         if stat.S_ISSOCK(os.lstat(path).st_mode):
             os.unlink(path)
     except FileNotFoundError:
@@ -59,10 +62,18 @@ def listen(uri: UnixURI) -> UnixListener:
         raise TransportError(f"Failed to unlink socket {path}: {exc.strerror}") from exc
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        if mode is not None:
+            os.fchmod(sock.fileno(), mode)  # Linux: bind creates the file with the socket's mode
         sock.bind(path)
-        sock.listen(1)
+        if mode is not None:
+            os.chmod(path, mode)  # elsewhere the umask decides at bind: set it on the file too
+        sock.listen(backlog)
     except OSError as exc:
         sock.close()
         raise TransportError(f"Failed to bind socket to {path}: {exc.strerror or exc}") from exc
     sock.setblocking(False)
-    return UnixListener(sock, path)
+    return sock
+
+
+def listen(uri: UnixURI) -> UnixListener:
+    return UnixListener(listen_unix(uri.path), uri.path)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from migd.units import SizeError, parse_size
+
 
 class URIError(ValueError):
     """A bad migration address; ``str()`` is QEMU's error text."""
@@ -61,7 +63,6 @@ class FileURI:
 MigrationURI = TcpURI | UnixURI | ExecURI | FdURI | FileURI
 
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
-_SIZE_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 def parse_uri(uri: str) -> MigrationURI:
@@ -128,20 +129,11 @@ def _parse_file(spec: str) -> FileURI:
         raise URIError("file: path is empty")
     if not sep:
         return FileURI(path)
-    return FileURI(path, parse_size(option, f"Invalid file offset {option}"))
-
-
-def parse_size(text: str, error: str) -> int:
-    """A size with an optional K/M/G/T suffix (QEMU's qemu_strtosz), for ``offset=``."""
-    body = text.strip()
-    suffix = body[-1:].lower() if body[-1:].isalpha() else ""
-    digits = body[: len(body) - len(suffix)]
-    if suffix not in _SIZE_SUFFIXES or not digits.isascii() or not digits.isdigit():
-        raise URIError(error)
-    value = int(digits) * _SIZE_SUFFIXES[suffix]
-    if value >= 1 << 63:
-        raise URIError(error)
-    return value
+    try:
+        offset = parse_size(option)  # a bare number is bytes
+    except SizeError:
+        raise URIError(f"Invalid file offset {option}") from None
+    return FileURI(path, offset)
 
 
 def parse_channels(channels: list[Any], *, incoming: bool = False) -> MigrationURI:
