@@ -88,6 +88,12 @@ def unavailable() -> str | None:
     return None
 
 
+def namespaces() -> list[str]:
+    """The names of the network namespaces that exist now (any thread)."""
+    done = _run(["ip", "netns", "list"], check=False)
+    return [line.split()[0] for line in done.stdout.splitlines() if line.strip()]
+
+
 class Relay:
     """One delaying relay process running in a namespace; ``port`` is where it listens."""
 
