@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -73,7 +73,9 @@ class Migd:
         env: dict[str, str] | None = None,
         timeout: float = 30,
         connect: bool = True,
+        prefix: Sequence[str] = (),
     ) -> None:
+        """``prefix`` goes before the interpreter (``ip netns exec NS`` runs it in a network namespace)."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.name = name
@@ -88,7 +90,7 @@ class Migd:
         full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH")]))
         full_env.pop("NOTIFY_SOCKET", None)
         full_env.update(env or {})
-        cmdline = [sys.executable, "-m", "migd", "--name", name, "--qmp", f"unix:{self.qmp_path}", *args]
+        cmdline = [*prefix, sys.executable, "-m", "migd", "--name", name, "--qmp", f"unix:{self.qmp_path}", *args]
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmdline, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=self.workdir)
         try:
