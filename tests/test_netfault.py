@@ -26,7 +26,7 @@ from helpers import Migd, RawQMP
 from netfault import ADDR_B, NetFaultError, NetPair, missing_tools, namespaces, stopped, unavailable
 from qemu.qmp import ExecuteError
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.e2e]  # real daemons in namespaces: not in the fast lane
 
 MiB = 1 << 20
 GUEST = "64M"
