@@ -160,13 +160,11 @@ class RAMSaver:
                 np.logical_and(t.hint, ~d, out=t.hint)
         st.dirty_pages += added
         st.period_dirty_pages += added
-        st.dirty_bytes_last_sync = st.dirty_pages * PAGE_SIZE
         elapsed = now - st.period_start
         if elapsed > PERIOD:
             st.dirty_pages_rate = int(st.period_dirty_pages / elapsed)
             st.period_start = now
             st.period_dirty_pages = 0
-            st.period_bytes_start = st.transferred
         for hook in list(st.on_sync):
             hook(st)
 

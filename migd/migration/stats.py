@@ -2,7 +2,8 @@
 
 The migration thread and the RAM section write them; ``query-migrate`` only reads them. Plain ints and
 floats assigned from one writer thread are safe to read from the event loop under the GIL, so readers
-never take a lock and never wait on the thread.
+never take a lock and never wait on the thread. Bytes written to the channel are the stream's own
+count (``OutStream.transferred``), not kept twice here.
 """
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from migd.units import PAGE_SIZE
+
 
 @dataclass
 class MigrationStats:
-    page_size: int = 4096
-    # bytes really written to the channel (all of them: headers, records, device state)
-    transferred: int = 0
+    page_size: int = PAGE_SIZE
     precopy_bytes: int = 0  # RAM bytes sent while the guest ran
     downtime_bytes: int = 0  # RAM bytes sent while it was stopped
     normal: int = 0  # pages sent as PAGE records
@@ -24,13 +25,11 @@ class MigrationStats:
     dirty_pages: int = 0  # pages still to send (QEMU's migration_dirty_pages)
     dirty_sync_count: int = 0
     dirty_pages_rate: int = 0  # pages/s over the last >= 1 s sync period
-    dirty_bytes_last_sync: int = 0
     pages_per_second: int = 0
     mbps: float = 0.0
     # period bookkeeping of the bitmap sync (ram.c migration_bitmap_sync)
     period_start: float = 0.0
     period_dirty_pages: int = 0
-    period_bytes_start: int = 0
     # called after every bitmap sync with (stats); the migration thread hooks events and throttling here
     on_sync: list[Callable[[MigrationStats], None]] = field(default_factory=list)
 
