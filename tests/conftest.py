@@ -54,3 +54,11 @@ def channel_pair() -> Iterator[tuple[SocketChannel, SocketChannel]]:
     yield ca, cb
     ca.close()
     cb.close()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that starts real daemons (``migd_factory``) is an e2e test, wherever it lives: the fast
+    lane (``-m "not e2e"``) leaves it out."""
+    for item in items:
+        if "migd_factory" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)
