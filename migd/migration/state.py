@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from migd.migration.outgoing import MigrationThread
     from migd.migration.stream import OutStream
     from migd.transports.channel import Channel
+    from migd.transports.connecting import ConnectCancel
 
 log = logging.getLogger("migd.migration")
 
@@ -102,6 +103,7 @@ class MigrationState:
         self.continue_event = threading.Event()  # QEMU's pause_sem: migrate-continue / cancel
         self.wake_event = threading.Event()  # breaks the thread's rate-limit sleep
         self._connect_task: asyncio.Task[None] | None = None
+        self._connect_cancel: ConnectCancel | None = None  # of the connect in flight: cancel frees its thread
         self._generation = 0  # which migrate a late connect callback belongs to
         self._done: asyncio.Future[None] | None = None
         # learned from the last completed migration, so the next switch-over decision is honest
@@ -243,8 +245,9 @@ class MigrationState:
     async def _connect(self, address: Any, fds: Any, generation: int) -> None:
         from migd import transports
 
+        cancel = self._connect_cancel = transports.ConnectCancel()  # migrate_cancel frees the thread
         try:
-            channel = await self.daemon.run_blocking(transports.connect, address, fds)
+            channel = await self.daemon.run_blocking(transports.connect, address, fds, cancel)
         except Exception as exc:
             if generation != self._generation:
                 return  # cancelled long ago; a newer migration owns the state now
@@ -254,6 +257,7 @@ class MigrationState:
             self._finish_done()
             return
         finally:
+            cancel.close()
             if generation == self._generation:
                 self._connect_task = None
         self._connected(channel, generation)
@@ -328,6 +332,8 @@ class MigrationState:
             channel.shutdown()
         if self.thread is None and self.channel is None:
             # still connecting: nothing to wind down (the connect callback closes a late channel)
+            if self._connect_cancel is not None:
+                self._connect_cancel.cancel()
             self.set_state(M.CANCELLING, M.CANCELLED)
             self._finish_done()
             return

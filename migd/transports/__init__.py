@@ -16,6 +16,7 @@ import threading
 from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
 
+from migd.transports.connecting import CONNECT_TIMEOUT, ConnectCancel
 from migd.transports.uri import (
     ExecURI,
     FdURI,
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     from migd.transports.channel import Channel
 
 __all__ = [
+    "CONNECT_TIMEOUT",
+    "ConnectCancel",
     "Listener",
     "MigrationURI",
     "SocketListener",
@@ -208,11 +211,24 @@ def _transport(parsed: MigrationURI, uri: str | MigrationURI) -> Any:
     return importlib.import_module(f"{__name__}.{name}")
 
 
-def connect(uri: str | MigrationURI, fds: Fds | None = None) -> Channel:
-    """Open the source end of a migration (blocking). ``fds`` are the QMP session's getfd names."""
+def connect(
+    uri: str | MigrationURI,
+    fds: Fds | None = None,
+    cancel: ConnectCancel | None = None,
+    timeout: float = CONNECT_TIMEOUT,
+) -> Channel:
+    """Open the source end of a migration (blocking). ``fds`` are the QMP session's getfd names.
+
+    A socket connect gives up after ``timeout`` seconds, and at once when ``cancel.cancel()`` is
+    called from another thread (so a cancelled migration never keeps its worker thread).
+    """
     parsed = _as_uri(uri)
     module = _transport(parsed, uri)
-    return module.connect(parsed, fds) if isinstance(parsed, FdURI) else module.connect(parsed)
+    if isinstance(parsed, FdURI):
+        return module.connect(parsed, fds)  # type: ignore[no-any-return]
+    if isinstance(parsed, (TcpURI, UnixURI)):
+        return module.connect(parsed, cancel, timeout)  # type: ignore[no-any-return]
+    return module.connect(parsed)  # type: ignore[no-any-return]
 
 
 def listen(uri: str | MigrationURI, fds: Fds | None = None) -> Listener:

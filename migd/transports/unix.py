@@ -8,18 +8,20 @@ import stat
 from typing import TYPE_CHECKING
 
 from migd.transports import SocketListener, TransportError
+from migd.transports.connecting import CONNECT_TIMEOUT, ConnectCancel, connect_socket
 from migd.transports.uri import UnixURI
 
 if TYPE_CHECKING:
     from migd.transports.channel import Channel
 
 
-def connect(uri: UnixURI) -> Channel:
+def connect(uri: UnixURI, cancel: ConnectCancel | None = None, timeout: float = CONNECT_TIMEOUT) -> Channel:
+    """Connect to the socket file (calling thread; a full backlog is retried until cancel or timeout)."""
     from migd.transports.channel import SocketChannel
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.connect(uri.path)
+        connect_socket(sock, uri.path, cancel, timeout)
     except OSError as exc:
         sock.close()
         raise TransportError(f"Failed to connect to '{uri.path}': {exc.strerror or exc}") from exc
