@@ -21,6 +21,9 @@ from typing import TYPE_CHECKING, Any
 from migd.bql import BQL
 from migd.machine.runstate import LIVE_STATES, InvalidTransition, RunState
 from migd.migration import returnpath
+from migd.migration.ram import prefault
+from migd.migration.savevm import load_stream
+from migd.migration.stream import InStream
 from migd.transports import Listener, TransportError, URIError, listen, parse_uri
 from migd.transports.uri import MigrationURI
 
@@ -151,9 +154,6 @@ class IncomingMigration:
             self._fail(f"Incoming migration failed: {exc}")
 
     def _accept_and_load(self) -> None:
-        from migd.migration.savevm import load_stream
-        from migd.migration.stream import InStream
-
         machine = self.daemon.machine
         self._prefault(machine)
         listener = self._listener
@@ -189,8 +189,6 @@ class IncomingMigration:
 
     def _prefault(self, machine: Any) -> None:
         """Fault the destination RAM in while waiting: faulting during the stream halves throughput."""
-        from migd.migration.ram import prefault
-
         try:
             prefault(machine.ram)
         except Exception:  # noqa: BLE001 - an optimisation only

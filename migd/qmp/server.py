@@ -23,6 +23,7 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from migd.backoff import TRANSIENT_ERRNOS, Backoff, LogLimiter
 from migd.config import split_host_port
 from migd.events import Event
 from migd.qmp import protocol
@@ -312,6 +313,9 @@ class Listener:
                 raise
         self.sock.listen(64)
         self.sock.setblocking(False)
+        self.backoff = Backoff()
+        self.errors = LogLimiter(log)
+        self.paused: asyncio.TimerHandle | None = None  # accepting again after an error, at this timer
 
     def _bind_unix(self, path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -331,6 +335,9 @@ class Listener:
         return f"tcp:{host}:{port}"
 
     def close(self) -> None:
+        if self.paused is not None:
+            self.paused.cancel()
+            self.paused = None
         self.sock.close()
         if self.path is not None:
             with contextlib.suppress(OSError):
@@ -368,18 +375,42 @@ class QMPServer:
             self._loop.add_reader(listener.sock.fileno(), self._accept, listener)
 
     def _accept(self, listener: Listener) -> None:
+        """Take every waiting connection (event loop); on an error, stop reading the socket a while.
+
+        Out of descriptors, the connection stays queued and the socket readable: retrying at once
+        would spin, so the listener pauses (10 ms doubling to 1 s) and logs at most once a second.
+        """
         while True:
             try:
                 sock, _addr = listener.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.warning("QMP accept on %s failed: %s", listener.uri, exc)
+                if exc.errno in TRANSIENT_ERRNOS:
+                    continue
+                self._pause(listener, exc)
                 return
+            listener.backoff.reset()
             sock.setblocking(False)
             session = Session(self, sock)
             self.sessions.add(session)
             session.task = asyncio.create_task(session.run())
+
+    def _pause(self, listener: Listener, exc: OSError) -> None:
+        """Stop accepting on ``listener`` for the next back-off delay (event loop)."""
+        assert self._loop is not None
+        delay = listener.backoff.next()
+        listener.errors.warning("QMP accept on %s failed: %s; retrying in %.2f s", listener.uri, exc, delay)
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(listener.sock.fileno())
+        listener.paused = self._loop.call_later(delay, self._resume, listener)
+
+    def _resume(self, listener: Listener) -> None:
+        """Accept again after a pause (event loop), unless the listener was closed meanwhile."""
+        listener.paused = None
+        if listener in self.listeners and self._loop is not None:
+            self._loop.add_reader(listener.sock.fileno(), self._accept, listener)
+            self._accept(listener)
 
     def _broadcast(self, event: Event) -> None:
         line = protocol.encode(event)

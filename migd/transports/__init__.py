@@ -7,8 +7,10 @@ block, so the migration and incoming threads call them off the event loop. Every
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import importlib
+import logging
 import os
 import select
 import socket
@@ -16,6 +18,7 @@ import threading
 from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
 
+from migd.backoff import RESOURCE_ERRNOS, TRANSIENT_ERRNOS, Backoff, LogLimiter
 from migd.transports.connecting import CONNECT_TIMEOUT, ConnectCancel
 from migd.transports.uri import (
     ExecURI,
@@ -48,6 +51,7 @@ __all__ = [
 ]
 
 Fds = MutableMapping[str, int]
+log = logging.getLogger(__name__)
 
 
 class TransportError(OSError):
@@ -77,7 +81,8 @@ class SocketListener(Listener):
     """A listening socket whose blocking accept can be interrupted from another thread.
 
     Closing a socket does not wake a thread blocked in accept(2) on Linux, so accept waits in poll(2)
-    on the socket and on a wake-up pipe that ``close()`` writes to.
+    on the socket and on a wake-up pipe that ``close()`` writes to. Out of descriptors, it waits
+    (back-off up to 1 s, logged at most once a second) and tries again rather than spinning or failing.
     """
 
     def __init__(self, sock: socket.socket) -> None:
@@ -92,6 +97,9 @@ class SocketListener(Listener):
         poller = select.poll()
         poller.register(self._sock.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
+        idle = select.poll()  # while backing off: only the wake-up pipe
+        idle.register(self._wake_r, select.POLLIN)
+        backoff, errors = Backoff(), LogLimiter(log)
         while True:
             if self._closed:
                 raise TransportError("Listener closed before a connection arrived")
@@ -103,10 +111,18 @@ class SocketListener(Listener):
                 raise TransportError("Listener closed before a connection arrived")
             try:
                 conn, _ = self._sock.accept()
-            except BlockingIOError:
+            except (BlockingIOError, InterruptedError):
                 continue
             except OSError as exc:
-                raise TransportError(f"Failed to accept connection: {exc.strerror or exc}") from exc
+                if exc.errno in TRANSIENT_ERRNOS:
+                    continue
+                if exc.errno not in RESOURCE_ERRNOS:
+                    raise TransportError(f"Failed to accept connection: {exc.strerror or exc}") from exc
+                delay = backoff.next()
+                errors.warning("incoming accept failed: %s; retrying in %.2f s", exc.strerror, delay)
+                with contextlib.suppress(InterruptedError):
+                    idle.poll(int(delay * 1000))
+                continue
             conn.setblocking(True)
             tune_socket(conn)
             return SocketChannel(conn)
