@@ -251,6 +251,18 @@ class JSONStreamParser:
         """Bytes held: the unfinished token (at most MAX_TOKEN_SIZE plus one read)."""
         return len(self._buf)
 
+    @property
+    def pending(self) -> int:
+        """Bytes of the unfinished message: its token still being read plus the ones already lexed."""
+        return len(self._buf) + self._size
+
+    def discard(self) -> None:
+        """Drop the unfinished message (a limit outside the parser was hit) and skip to a restart point."""
+        self._buf.clear()
+        self._resume = None
+        self._reset()
+        self._recovering = True
+
     def feed(self, data: bytes) -> list[Any]:
         self._buf += data
         out: list[Any] = []

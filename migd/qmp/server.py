@@ -27,6 +27,7 @@ from migd.backoff import TRANSIENT_ERRNOS, Backoff, LogLimiter
 from migd.config import split_host_port
 from migd.events import Event
 from migd.qmp import protocol
+from migd.qmp.budget import MAX_INPUT_TOTAL, InputBudget
 from migd.qmp.commands import REGISTRY, CommandContext, QMPError, load_all
 from migd.qmp.schema import dump, validate
 
@@ -139,6 +140,12 @@ class Session:
                 items = self._parse(data)
                 if items is None:
                     break
+                if not self.server.input_budget.update(self.id, self._parser.pending):
+                    log.warning("QMP session %d: over the daemon's input budget of %d bytes; message dropped",
+                                self.id, self.server.input_budget.limit)
+                    self._parser.discard()
+                    self.server.input_budget.update(self.id, 0)
+                    items.append(protocol.ParseError("JSON token size limit exceeded"))
                 for item in items:
                     if self.closed:
                         break
@@ -271,6 +278,7 @@ class Session:
         self._close_fds(list(self.fds.values()))
         self.received_fds = []
         self.fds.clear()
+        self.server.input_budget.release(self.id)
         self.server.sessions.discard(self)
 
     @staticmethod
@@ -363,11 +371,13 @@ class Listener:
 class QMPServer:
     """Every QMP listener of one daemon, their sessions, and the event broadcast to them."""
 
-    def __init__(self, daemon: Daemon, uris: list[str], max_pending: int = MAX_PENDING_OUTPUT) -> None:
+    def __init__(self, daemon: Daemon, uris: list[str], max_pending: int = MAX_PENDING_OUTPUT,
+                 max_input: int = MAX_INPUT_TOTAL) -> None:
         load_all()
         self.daemon = daemon
         self.uris = list(uris)
         self.max_pending = max_pending
+        self.input_budget = InputBudget(max_input)  # bytes of unfinished messages, all sessions together
         self.listeners: list[Listener] = []
         self.sessions: set[Session] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
