@@ -155,3 +155,13 @@ def test_cancelled_migrations_do_not_starve_the_daemon(migd_factory, tcp_black_h
     wait_status(src, "completed", 30)
     wait_status(dst, "completed", 30)
     assert digests(dst) == digests(src)
+
+
+@pytest.mark.e2e
+def test_quit_while_connecting_to_a_black_hole_exits_at_once(migd_factory, tcp_black_hole: str) -> None:
+    src = migd_factory("src", "-m", "16M")
+    src.cmd("migrate", uri=tcp_black_hole)
+    assert src.cmd("query-migrate")["status"] == "setup"
+    started = time.monotonic()
+    assert src.quit(timeout=10) == 0
+    assert time.monotonic() - started < 5
