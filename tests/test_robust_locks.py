@@ -122,3 +122,16 @@ def test_failed_switchover_gives_the_source_its_mem_path_lock_back(migd_factory,
     assert info["error-desc"] == "Sibling indicated error 1"
     assert run_status(src) == "running"
     assert ram_lock(src) and held_elsewhere(src_ram)
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["--mem-path", "/nonexistent/ram"], "migd: error: --mem-path /nonexistent/ram: No such file or directory"),
+    (["--mem-path", "{tmp}"], "migd: error: --mem-path {tmp}: Is a directory"),
+    (["--qmp", "unix:/nonexistent/q.sock"],
+     "migd: error: --qmp unix:/nonexistent/q.sock: cannot listen: No such file or directory"),
+    (["--drive", "file=/nonexistent"], "migd: error: Could not open '/nonexistent': No such file or directory"),
+])
+def test_start_up_refusals_are_one_line_naming_the_option(migd_factory, tmp_path: Path, args, line) -> None:
+    args = [a.format(tmp=tmp_path) for a in args]
+    vm = migd_factory("bad", "-m", "16M", *args, connect=False)
+    assert refused(vm, "error") == line.format(tmp=tmp_path)

@@ -34,10 +34,20 @@ POPULATE_CHUNK = 64 << 20  # bytes per madvise call: a long populate stays inter
 
 
 class MemPathError(OSError):
-    """The ``--mem-path`` file is in use by another process; ``str()`` is the one-line refusal."""
+    """Guest RAM cannot be set up (its ``--mem-path`` file is locked or unusable, no memory).
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
+    An OSError (errno and strerror kept when there is one) whose ``str()`` is the one-line refusal.
+    """
+
+    def __init__(self, message: str, cause: OSError | None = None) -> None:
+        if cause is not None and cause.errno is not None:
+            super().__init__(cause.errno, cause.strerror)
+        else:
+            super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def _swap_enabled() -> bool:
@@ -65,16 +75,26 @@ class RAMBlock:
         self.locked = False
         self._file_fd = -1  # the mem-path file, kept open for its lock
         if mem_path:
-            self._file_fd = _open_file(mem_path, size)
+            try:
+                self._file_fd = _open_file(mem_path, size)
+            except OSError as exc:
+                raise MemPathError(f"--mem-path {mem_path}: {exc.strerror or exc}", exc) from None
             try:
                 self.lock_file()
                 self.mem = mmap.mmap(self._file_fd, size, flags=mmap.MAP_SHARED,
                                      prot=mmap.PROT_READ | mmap.PROT_WRITE)
-            except BaseException:
+            except MemPathError:
                 os.close(self._file_fd)
                 raise
+            except OSError as exc:
+                os.close(self._file_fd)
+                raise MemPathError(f"--mem-path {mem_path}: cannot map {size} bytes: {exc.strerror}", exc) from None
         else:
-            self.mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            try:
+                self.mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            except OSError as exc:
+                raise MemPathError(f"cannot allocate {size} bytes of guest RAM for '{name}': {exc.strerror}",
+                                   exc) from None
         self.buf: np.ndarray = np.frombuffer(self.mem, dtype=np.uint8)
         self.pages: np.ndarray = self.buf.reshape(self.npages, page_size)
         self.words: np.ndarray = self.buf.view(np.uint64).reshape(self.npages, page_size // 8)

@@ -308,6 +308,17 @@ async def _wait_fd(loop: asyncio.AbstractEventLoop, fd: int, write: bool) -> Non
             loop.remove_reader(fd)
 
 
+class ListenError(OSError):
+    """A ``--qmp`` address cannot be listened on; ``str()`` names it (one line at start-up)."""
+
+    def __init__(self, uri: str, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror)
+        self.uri = uri
+
+    def __str__(self) -> str:
+        return f"--qmp {self.uri}: cannot listen: {self.strerror}"
+
+
 class Listener:
     """One ``--qmp`` socket. A unix socket is created mode 0600 and removed again on close."""
 
@@ -385,12 +396,12 @@ class QMPServer:
     async def start(self) -> None:
         """Bind and listen on every socket (connections wait in the backlog until ``serve``)."""
         self._loop = asyncio.get_running_loop()
-        try:
-            for uri in self.uris:
+        for uri in self.uris:
+            try:
                 self.listeners.append(Listener(uri))
-        except OSError:
-            self._close_listeners()
-            raise
+            except OSError as exc:
+                self._close_listeners()
+                raise ListenError(uri, exc) from None
 
     def serve(self) -> None:
         """Start accepting: called once the whole daemon is up, so a greeting means "ready"."""
