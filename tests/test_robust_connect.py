@@ -103,6 +103,21 @@ def test_cancel_frees_a_hanging_connect_at_once(hole: str, request: pytest.Fixtu
     cancel.cancel()  # a late cancel after close is harmless
 
 
+def test_close_during_a_connect_keeps_the_wake_fd_until_it_returns(tcp_black_hole: str) -> None:
+    """The owner may stop waiting (its task cancelled) and close: cancel must still reach the thread."""
+    cancel = ConnectCancel()
+    thread, errors = _connect_in_thread(tcp_black_hole, cancel)
+    thread.join(0.3)
+    assert thread.is_alive()
+    cancel.close()  # deferred: the connect still polls the eventfd
+    thread.join(0.3)
+    assert thread.is_alive()
+    cancel.cancel()
+    thread.join(2)
+    assert not thread.is_alive() and "cancelled" in str(errors[0])
+    assert cancel.acquire() == -1  # released by the connect's return
+
+
 def test_cancel_before_connect_never_connects(tcp_black_hole: str) -> None:
     cancel = ConnectCancel()
     cancel.cancel()

@@ -29,20 +29,20 @@ class ConnectCancelled(OSError):
 
 
 class ConnectCancel:
-    """A handle that makes one in-flight :func:`connect_socket` return at once.
+    """A handle that makes an in-flight :func:`connect_socket` return at once.
 
-    ``cancel()`` may be called from any thread, before, during or after the connect; ``close()``
-    (by the owner, once the connect returned) releases the eventfd. The lock keeps a late ``cancel``
-    from writing to a descriptor number that was closed and reused.
+    ``cancel()`` may be called from any thread, before, during or after the connect. ``close()`` (by
+    the owner) releases the eventfd, but only once no connect is polling it: the owner may stop
+    waiting for a connect (its task cancelled) while the thread still runs. The lock keeps a late
+    ``cancel`` from writing to a descriptor number that was closed and reused.
     """
 
     def __init__(self) -> None:
         self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._lock = threading.Lock()
+        self._users = 0
+        self._closing = False
         self.cancelled = False
-
-    def fileno(self) -> int:
-        return self._fd
 
     def cancel(self) -> None:
         """Wake the connecting thread (any thread)."""
@@ -54,8 +54,27 @@ class ConnectCancel:
                 os.eventfd_write(self._fd, 1)
 
     def close(self) -> None:
-        """Release the eventfd (any thread); a later ``cancel`` only sets the flag."""
+        """Release the eventfd now, or when the last connect using it returns (any thread)."""
         with self._lock:
+            self._closing = True
+            if self._users:
+                return
+            fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def acquire(self) -> int:
+        """The eventfd for one connect's poll (-1 once closed); pair with ``release()``."""
+        with self._lock:
+            if self._fd >= 0:
+                self._users += 1
+            return self._fd
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users or not self._closing:
+                return
             fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
@@ -64,13 +83,17 @@ class ConnectCancel:
         self.close()
 
 
-def _wait(fd: int | None, cancel: ConnectCancel | None, deadline: float, until: float | None = None) -> bool:
-    """Poll ``fd`` (if any) for writability until ``deadline`` (then ETIMEDOUT) or ``until`` (then False)."""
+def _wait(fd: int | None, cancel: ConnectCancel | None, wake: int, deadline: float,
+          until: float | None = None) -> bool:
+    """Poll ``fd`` (if any) for writability until ``deadline`` (then ETIMEDOUT) or ``until`` (then False).
+
+    ``wake`` is ``cancel``'s eventfd (or -1): it becomes readable when the connect is cancelled.
+    """
     poller = select.poll()
     if fd is not None:
         poller.register(fd, select.POLLOUT)
-    if cancel is not None and cancel.fileno() >= 0:
-        poller.register(cancel.fileno(), select.POLLIN)
+    if wake >= 0:
+        poller.register(wake, select.POLLIN)
     while True:
         if cancel is not None and cancel.cancelled:
             raise ConnectCancelled()
@@ -100,6 +123,17 @@ def connect_socket(
     :class:`ConnectCancelled`. The socket is left blocking once connected.
     """
     deadline = time.monotonic() + timeout
+    wake = cancel.acquire() if cancel is not None else -1
+    try:
+        _connect(sock, address, cancel, wake, deadline)
+    finally:
+        if cancel is not None:
+            cancel.release()
+    sock.setblocking(True)
+
+
+def _connect(sock: socket.socket, address: object, cancel: ConnectCancel | None, wake: int,
+             deadline: float) -> None:
     sock.setblocking(False)
     delay = _UNIX_RETRY[0]
     while True:
@@ -107,17 +141,16 @@ def connect_socket(
             raise ConnectCancelled()
         err = sock.connect_ex(address)  # type: ignore[arg-type]
         if err in (0, errno.EISCONN):
-            break
+            return
         if err == errno.EAGAIN and sock.family == socket.AF_UNIX:
             # the listener's backlog is full: no completion to wait for, so try again a little later
-            _wait(None, cancel, deadline, time.monotonic() + delay)
+            _wait(None, cancel, wake, deadline, time.monotonic() + delay)
             delay = min(delay * 2, _UNIX_RETRY[1])
             continue
         if err not in (errno.EINPROGRESS, errno.EALREADY, errno.EINTR):
             raise OSError(err, os.strerror(err))
-        _wait(sock.fileno(), cancel, deadline)
+        _wait(sock.fileno(), cancel, wake, deadline)
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             raise OSError(err, os.strerror(err))
-        break
-    sock.setblocking(True)
+        return
