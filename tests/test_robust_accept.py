@@ -56,7 +56,9 @@ def measure(vm, pattern: str) -> tuple[float, int]:
     while time.monotonic() < deadline:  # the measurement window itself, not a synchronisation
         assert vm.proc.poll() is None, vm.log()
         time.sleep(0.1)
-    return cpu_seconds(vm.proc.pid) - cpu0, len(re.findall(pattern, vm.log())) - lines0
+    used, lines = cpu_seconds(vm.proc.pid) - cpu0, len(re.findall(pattern, vm.log())) - lines0
+    print(f"{vm.name}: {used:.2f} CPU-s and {lines} log lines in {WINDOW} s out of descriptors")
+    return used, lines
 
 
 def test_qmp_listener_backs_off_and_recovers(migd_factory) -> None:
