@@ -36,6 +36,7 @@ from migd.migration.status import (
 from migd.migration.stream import OutStream
 from migd.threads import any_thread, loop_only, on_thread
 from migd.transports.channel import Channel
+from migd.transports.connecting import ConnectCancel
 from migd.transports.uri import FdURI, MigrationURI
 
 log = logging.getLogger("migd.migration")
@@ -80,6 +81,7 @@ class MigrationState:
         self.continue_event = threading.Event()  # QEMU's pause_sem: migrate-continue / cancel
         self.wake_event = threading.Event()  # breaks the thread's rate-limit sleep
         self._connect_task: asyncio.Task[None] | None = None
+        self._connect_cancel: ConnectCancel | None = None  # of the connect in flight: cancel frees its thread
         self._generation = 0  # which migrate a late connect callback belongs to
         self._done: asyncio.Future[None] | None = None
         self._cleanups: set[asyncio.Task[None]] = set()  # strong references while they run
@@ -226,8 +228,9 @@ class MigrationState:
 
     async def _connect(self, address: MigrationURI, fds: dict[str, int] | None,
                        generation: int) -> None:
+        cancel = self._connect_cancel = ConnectCancel()  # migrate_cancel frees the thread
         try:
-            channel = await self.host.run_blocking(transports.connect, address, fds)
+            channel = await self.host.run_blocking(transports.connect, address, fds, cancel)
         except Exception as exc:
             if generation != self._generation:
                 return  # cancelled long ago; a newer migration owns the state now
@@ -314,6 +317,8 @@ class MigrationState:
             channel.shutdown()
         if self.thread is None and self.channel is None:
             # still connecting: nothing to wind down (the connect callback closes a late channel)
+            if self._connect_cancel is not None:
+                self._connect_cancel.cancel()
             self.set_state(M.CANCELLING, M.CANCELLED)
             self._finish_done()
             return

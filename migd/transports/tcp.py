@@ -3,24 +3,39 @@
 from __future__ import annotations
 
 import socket
+import time
 
 from migd.transports.base import SocketListener, TransportError, tune_socket
 from migd.transports.channel import Channel, SocketChannel
+from migd.transports.connecting import CONNECT_TIMEOUT, ConnectCancel, ConnectCancelled, connect_socket
 from migd.transports.uri import TcpURI
 
 
-def connect(uri: TcpURI) -> Channel:
+def connect(uri: TcpURI, cancel: ConnectCancel | None = None, timeout: float = CONNECT_TIMEOUT) -> Channel:
+    """Connect to every address ``uri.host`` resolves to in turn (calling thread; cancellable)."""
     if not uri.host:
         raise TransportError(f"Failed to connect to '{uri.display()}': host not specified")
     try:
-        sock = socket.create_connection((uri.host, uri.port))
+        infos = socket.getaddrinfo(uri.host, uri.port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise TransportError(f"address resolution failed for {uri.display()}: {exc.strerror}") from exc
-    except OSError as exc:
-        raise TransportError(f"Failed to connect to '{uri.display()}': {exc.strerror or exc}") from exc
-    sock.setblocking(True)
-    tune_socket(sock)
-    return SocketChannel(sock)
+    deadline = time.monotonic() + timeout
+    error: OSError | None = None
+    for family, kind, proto, _, addr in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            connect_socket(sock, addr, cancel, deadline - time.monotonic())
+        except ConnectCancelled as exc:
+            sock.close()
+            raise TransportError(f"Failed to connect to '{uri.display()}': {exc.strerror}") from exc
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        tune_socket(sock)
+        return SocketChannel(sock)
+    reason = error.strerror if error is not None and error.strerror else str(error)
+    raise TransportError(f"Failed to connect to '{uri.display()}': {reason}")
 
 
 class TcpListener(SocketListener):
