@@ -136,6 +136,25 @@ def description_size(desc: dict[str, Any]) -> int:
     return sum(_field_size(f) for f in desc.get("fields", []))
 
 
+def described_size(desc: dict[str, Any], data: bytes | mmap.mmap, at: int, end: int) -> int | None:
+    """Bytes a device's state takes at ``data[at:]`` by its description: its fields, then any
+    subsections (``0x05 u8 len name be32 version`` + their own fields, recursively) that the
+    description lists. None when a subsection on the wire is not described."""
+    pos = at + description_size(desc)
+    subs = {s.get("vmsd_name"): s for s in desc.get("subsections", [])}
+    while pos + 1 < end and data[pos] == Section.SUBSECTION and subs:
+        n = data[pos + 1]
+        name = bytes(data[pos + 2 : pos + 2 + n]).decode(errors="replace")
+        sub = subs.pop(name, None)
+        if sub is None:
+            return None
+        inner = described_size(sub, data, pos + 2 + n + 4, end)
+        if inner is None:
+            return None
+        pos = pos + 2 + n + 4 + inner
+    return pos - at if pos <= end else None
+
+
 def find_vmdesc(data: bytes | mmap.mmap, end: int) -> tuple[int, dict[str, Any]] | None:
     """The VMDESCRIPTION at the file's end: (offset of its 0x06, the JSON), or None.
 
@@ -345,21 +364,7 @@ class _Walker:
         return self._footer_search(info, body), False
 
     def _described_size(self, desc: dict[str, Any], at: int) -> int | None:
-        """Fields, then any subsections (``0x05 u8 len name be32 version`` + their own fields)."""
-        data, end = self.c.data, self.c.end
-        pos = at + description_size(desc)
-        subs = {s.get("vmsd_name"): s for s in desc.get("subsections", [])}
-        while pos < end and data[pos] == Section.SUBSECTION and subs:
-            n = data[pos + 1]
-            name = bytes(data[pos + 2 : pos + 2 + n]).decode(errors="replace")
-            sub = subs.pop(name, None)
-            if sub is None:
-                return None
-            inner = self._described_size(sub, pos + 2 + n + 4)
-            if inner is None:
-                return None
-            pos = pos + 2 + n + 4 + inner
-        return pos - at if pos <= end else None
+        return described_size(desc, self.c.data, at, self.c.end)
 
     def _device_state(self, info: SectionInfo, raw: bytes) -> dict[str, Any]:
         out: dict[str, Any] = {"name": info.idstr, "instance_id": info.instance_id, "version_id": info.version_id,

@@ -159,16 +159,29 @@ class Qemu:
         self.cmdline = [QEMU, "-M", "pc", "-m", str(MEMORY >> 20), "-nodefaults", "-display", "none",
                         "-accel", self.accel, "-drive", f"if=floppy,format=raw,readonly=on,file={floppy}",
                         "-qmp", f"unix:{self.qmp_path},server=on,wait=off", *extra]
+        self.qmp_path.unlink(missing_ok=True)  # a stale socket of an earlier QEMU of that name
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.cmdline, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.workdir)
         try:
             wait_for(self._ready, timeout, what=f"QEMU {name}'s QMP socket")
-            self.qmp = QEMUMonitorProtocol(str(self.qmp_path))
-            self.qmp.connect(negotiate=True)
-            self.qmp.settimeout(60)
+            qmp = wait_for(self._connect, timeout, interval=0.05, what=f"QEMU {name}'s QMP greeting")
+            assert qmp is not None
+            qmp.settimeout(60)
+            self.qmp: QEMUMonitorProtocol | None = qmp
         except BaseException:
             self.kill()
             raise
+
+    def _connect(self) -> QEMUMonitorProtocol | None:
+        """A negotiated client, or None while the socket exists but does not accept yet."""
+        qmp = QEMUMonitorProtocol(str(self.qmp_path))
+        try:
+            qmp.connect(negotiate=True)
+        except Exception:  # ConnectError: not listening yet
+            if self.proc.poll() is not None:
+                raise
+            return None
+        return qmp
 
     def _ready(self) -> bool:
         if self.proc.poll() is not None:
@@ -184,6 +197,8 @@ class Qemu:
     # -- QMP ------------------------------------------------------------------------------------
 
     def cmd(self, name: str, **arguments: Any) -> Any:
+        if self.qmp is None:
+            raise MigdError(f"QEMU {self.name}'s QMP client is closed")
         return self.qmp.cmd(name, **arguments)
 
     def hmp(self, line: str) -> str:
@@ -202,6 +217,8 @@ class Qemu:
                                 f"(queued: {[e.get('event') for e in self.events]})")
             if self.proc.poll() is not None:
                 raise MigdError(f"QEMU {self.name} exited ({self.proc.returncode}) waiting for {name}:\n{self.log()}")
+            if self.qmp is None:
+                raise MigdError(f"QEMU {self.name}'s QMP client is closed")
             try:
                 got = self.qmp.pull_event(wait=min(left, 0.5))
             except TimeoutError:
@@ -287,7 +304,7 @@ class Qemu:
                 qmp.close()
             except Exception:
                 pass
-            self.qmp = None  # type: ignore[assignment]
+            self.qmp = None
         if not self._log.closed:
             self._log.close()
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from migd.bql import BQL
 from migd.machine.runstate import LIVE_STATES, InvalidTransition, RunState
-from migd.migration import returnpath
+from migd.migration import foreign, returnpath
 from migd.transports import Listener, TransportError, URIError, listen, parse_uri
 from migd.transports.uri import MigrationURI
 
@@ -78,6 +78,7 @@ class IncomingMigration:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.finished = threading.Event()  # set once the status is completed or failed
+        self.foreign: foreign.ForeignMachine | None = None  # a machine of another type, held as data
 
     # -- starting ------------------------------------------------------------------------------
 
@@ -155,7 +156,12 @@ class IncomingMigration:
         from migd.migration.stream import InStream
 
         machine = self.daemon.machine
-        self._prefault(machine)
+        # without machine options the stream may bring a machine of its own: migd's placeholder RAM is
+        # then faulted in only once the stream says it is migd's (faulting 256 MiB for nothing cost a
+        # QEMU source ~50 ms of downtime on a busy host)
+        may_be_foreign = foreign.may_hold_foreign(getattr(getattr(self.daemon, "config", None), "machine", None))
+        if not may_be_foreign:
+            self._prefault(machine)
         listener = self._listener
         assert listener is not None
         try:
@@ -173,7 +179,14 @@ class IncomingMigration:
             return
         self._set_status("active")
         try:
-            load_stream(InStream(channel), machine, on_command=self._on_command)
+            stream = InStream(channel)
+            if may_be_foreign and foreign.is_foreign(stream):
+                self.foreign = foreign.load_foreign(stream, on_command=self._on_command)
+                machine.incoming_runstate = RunState.PAUSED  # held, not run: it ends paused
+            else:
+                if may_be_foreign:
+                    self._prefault(machine)
+                load_stream(stream, machine, on_command=self._on_command)
         except Exception as exc:  # noqa: BLE001 - StreamError or anything a bad stream provokes
             self._fail(self._describe(exc))
             return

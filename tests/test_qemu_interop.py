@@ -1,0 +1,103 @@
+"""A real QEMU migrating into migd: the guest's machine is held as data, RAM identical to QEMU's.
+
+migd is started with ``--incoming`` and no machine options, so the stream's configuration decides what
+the machine is (``migd/migration/foreign.py``). The source is a QEMU guest built by
+``tests/qemu_guest.py``; the held RAM is compared with the stopped source's ``pmemsave`` outside
+0xa0000-0xfffff. Skipped when QEMU or binutils are not installed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import Migd
+from qemu_guest import MEMORY, Qemu, build_floppy, missing_tools, outside_firmware, qemu_version
+
+from migd.analyze import analyze
+
+pytestmark = pytest.mark.skipif(missing_tools() is not None, reason=missing_tools() or "")
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Iterator[Qemu]:
+    """A running, counting QEMU guest."""
+    vm = Qemu(tmp_path, "qsrc", build_floppy(tmp_path))
+    try:
+        vm.wait_counting()
+        yield vm
+    finally:
+        vm.kill()
+
+
+def held_ram(dst: Migd, block: str, tmp_path: Path) -> bytes:
+    path = tmp_path / f"held.{block.strip('/').replace('/', '_')}"
+    dst.cmd("x-migd-ram-save", block=block, filename=str(path))
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("return_path", [False, True], ids=["plain", "return-path"])
+def test_qemu_to_migd_store(source: Qemu, migd_factory: Callable[..., Migd], tmp_path: Path,
+                            return_path: bool) -> None:
+    dst = migd_factory("dst", "--incoming", f"unix:{tmp_path / 'mig.sock'}")
+    dst.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
+    if return_path:
+        source.cmd("migrate-set-capabilities", capabilities=[{"capability": "return-path", "state": True}])
+    t0 = time.monotonic()
+    source.cmd("migrate", uri=f"unix:{tmp_path / 'mig.sock'}")
+    info = source.wait_migration()
+    elapsed = time.monotonic() - t0
+    assert info["status"] == "completed", info
+    print(f"QEMU {qemu_version()} -> migd ({source.accel}, {'return path' if return_path else 'no return path'}): "
+          f"{elapsed:.2f} s, total-time {info.get('total-time')} ms, downtime {info.get('downtime')} ms")
+    dst.wait_for(lambda: dst.cmd("query-migrate").get("status") == "completed", 30, "migd's load to complete")
+    assert dst.wait_event("MIGRATION", lambda e: e["data"]["status"] == "completed")
+    assert dst.status() == "paused"  # held, not run
+    held: dict[str, Any] = dst.cmd("x-migd-query-foreign")
+    pc = next(m["name"] for m in source.cmd("query-machines") if m.get("alias") == "pc")
+    assert held["machine-type"] == pc
+    blocks = {b["name"]: b["size"] for b in held["ram-blocks"]}
+    assert blocks["pc.ram"] == MEMORY and "pc.bios" in blocks and "/rom@etc/acpi/tables" in blocks
+    names = [d["name"] for d in held["devices"]]
+    assert "cpu" in names and "globalstate" in names and all(d["size"] > 0 for d in held["devices"])
+    # RAM identical to the stopped source's, outside the firmware area
+    assert source.status() == "postmigrate"
+    assert outside_firmware(held_ram(dst, "pc.ram", tmp_path)) == outside_firmware(source.ram())
+    assert dst.quit() == 0
+
+
+def test_migd_with_machine_options_refuses_a_qemu_stream(source: Qemu, migd_factory: Callable[..., Migd],
+                                                        tmp_path: Path) -> None:
+    """Given ``-m``, migd is its own machine: QEMU's words, exit 1, and the source guest runs on."""
+    dst = migd_factory("dst", "-m", "32M", "--incoming", f"unix:{tmp_path / 'mig.sock'}", connect=False)
+    dst.wait_for(lambda: (tmp_path / "mig.sock").exists(), 30, "migd's migration socket")  # no client: not yet up
+    source.cmd("migrate", uri=f"unix:{tmp_path / 'mig.sock'}")
+    info = source.wait_migration()
+    assert info["status"] == "failed", info
+    assert dst.wait(30) == 1, info
+    assert "Machine type received is 'pc-i440fx-" in dst.log() and "and local is 'migd'" in dst.log()
+    assert source.status() == "running"
+    before = source.counter()
+    assert source.wait_for_counter(before + 2) >= before + 2
+
+
+def test_a_qemu_stream_cut_short_fails_cleanly(source: Qemu, migd_factory: Callable[..., Migd],
+                                               tmp_path: Path) -> None:
+    saved = tmp_path / "qemu.state"
+    source.cmd("migrate", uri=f"exec:cat > {saved}")
+    assert source.wait_migration()["status"] == "completed"
+    data = saved.read_bytes()
+    cpu = next(s for s in analyze(saved).sections if s.idstr == "cpu")
+    for cut in (len(data) // 3, cpu.offset + 100):  # inside the RAM, inside a device's state
+        part = tmp_path / f"cut.{cut}"
+        part.write_bytes(data[:cut])
+        dst = migd_factory(f"dst{cut}", "--incoming", f"file:{part}", connect=False)
+        assert dst.wait(30) == 1
+        assert "load of migration failed" in dst.log() and "truncated" in dst.log(), dst.log()
+    # and the whole file loads
+    dst = migd_factory("dst", "--incoming", f"file:{saved}")
+    dst.wait_for(lambda: dst.cmd("query-migrate").get("status") == "completed", 30, "the load")
+    assert dst.cmd("x-migd-query-foreign")["machine-type"].startswith("pc-i440fx-")
