@@ -101,3 +101,34 @@ def test_a_qemu_stream_cut_short_fails_cleanly(source: Qemu, migd_factory: Calla
     dst = migd_factory("dst", "--incoming", f"file:{saved}")
     dst.wait_for(lambda: dst.cmd("query-migrate").get("status") == "completed", 30, "the load")
     assert dst.cmd("x-migd-query-foreign")["machine-type"].startswith("pc-i440fx-")
+
+
+def test_qemu_to_migd_to_qemu_store_and_forward(source: Qemu, migd_factory: Callable[..., Migd],
+                                                tmp_path: Path) -> None:
+    """The held machine sent on to a QEMU with the same options: RAM identical, the guest counts on."""
+    relay = migd_factory("relay", "--incoming", f"unix:{tmp_path / 'in.sock'}")
+    source.cmd("migrate", uri=f"unix:{tmp_path / 'in.sock'}")
+    assert source.wait_migration()["status"] == "completed"
+    relay.wait_for(lambda: relay.cmd("query-migrate").get("status") == "completed", 30, "the relay's load")
+    stopped_at = source.counter()
+    ram = source.ram()
+    # -S: compare the destination's RAM before its guest runs on
+    dst = Qemu(tmp_path, "qdst", tmp_path / "guest.img", "-S", "-incoming", f"unix:{tmp_path / 'out.sock'}",
+               accel=source.accel)
+    try:
+        t0 = time.monotonic()
+        relay.cmd("migrate", uri=f"unix:{tmp_path / 'out.sock'}")
+        info = relay.wait_for(lambda: (i := relay.cmd("query-migrate")).get("status") in ("completed", "failed")
+                              and i, 60, "the relay's send")
+        elapsed = time.monotonic() - t0
+        assert info["status"] == "completed", info
+        print(f"migd -> QEMU: {elapsed:.2f} s, total-time {info.get('total-time')} ms, "
+              f"downtime {info.get('downtime')} ms")
+        got = dst.wait_migration()
+        assert got["status"] == "completed", got
+        assert outside_firmware(dst.ram()) == outside_firmware(ram)
+        assert dst.counter() == stopped_at
+        dst.cmd("cont")
+        assert dst.wait_for_counter(stopped_at + 3) >= stopped_at + 3
+    finally:
+        dst.kill()

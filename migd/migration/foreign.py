@@ -39,6 +39,7 @@ from migd.migration.format import (
     RAM_INSTANCE,
     RAM_VERSION,
     VERSION,
+    Cmd,
     Section,
     read_footer,
     read_idstr,
@@ -103,6 +104,7 @@ class ForeignMachine:
     ram_section_id: int = 0
     devices: list[DeviceSection] = field(default_factory=list)
     vmdesc: bytes | None = None  # the VMDESCRIPTION's JSON as received
+    switchover_start: bool = False  # the source sent SWITCHOVER_START (QEMU >= 9.x): send it on too
 
     def describe(self) -> dict[str, Any]:
         return {"machine-type": self.machine_type,
@@ -161,7 +163,8 @@ def load_foreign(f: InStream, on_command: CommandHandler | None = None) -> Forei
             ram.load(f, kind)
             read_footer(f, section_id, name)
         elif kind == Section.COMMAND:
-            _load_command(f, on_command)
+            if _load_command(f, on_command) == Cmd.SWITCHOVER_START:
+                machine.switchover_start = True
         elif kind == Section.EOF:
             break
         else:
@@ -283,7 +286,7 @@ def _plausible_next(chunk: bytes, i: int, live: dict[int, str], at_end: bool) ->
     return False
 
 
-def _load_command(f: InStream, on_command: CommandHandler | None) -> None:
+def _load_command(f: InStream, on_command: CommandHandler | None) -> int:
     cmd = f.get_be16()
     length = f.get_be16()
     expected = CMD_LENGTHS.get(cmd)
@@ -295,6 +298,7 @@ def _load_command(f: InStream, on_command: CommandHandler | None) -> None:
     payload = f.read(length)
     if on_command is not None:
         on_command(cmd, payload)
+    return cmd
 
 
 def _read_vmdesc(f: InStream) -> bytes | None:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from migd.bql import BQL
 from migd.machine.runstate import LIVE_STATES, RunState
+from migd.migration.foreign_save import savevm_for
 from migd.migration.format import Cmd, command
 from migd.migration.ram import RAMError
 from migd.migration.returnpath import ReturnPathReader, sibling_error
@@ -202,11 +203,9 @@ class MigrationThread(threading.Thread):
             raise MigrationFailed(self.stream.error)
 
     def _migrate(self) -> None:
-        from migd.migration.savevm import SaveVM
-
         ms, stream = self.ms, self.stream
         setup_start = time.monotonic()
-        self.savevm = savevm = SaveVM(self.machine, self.stats, self.use_return_path)
+        self.savevm = savevm = savevm_for(ms.daemon, self.machine, self.stats, self.use_return_path)
         with BQL:
             self._expect(M.SETUP)
             savevm.save_header(stream)
