@@ -132,3 +132,42 @@ def test_qemu_to_migd_to_qemu_store_and_forward(source: Qemu, migd_factory: Call
         assert dst.wait_for_counter(stopped_at + 3) >= stopped_at + 3
     finally:
         dst.kill()
+
+
+def incoming_file_uri(path: Path) -> str:
+    """QEMU's URI to load a saved file: ``file:`` since 8.2, ``exec:cat`` before."""
+    major, minor = (int(x) for x in qemu_version().split()[3].split(".")[:2])
+    return f"file:{path}" if (major, minor) >= (8, 2) else f"exec:cat {path}"
+
+
+def test_qemu_file_to_migd_to_file_to_qemu(source: Qemu, migd_factory: Callable[..., Migd], tmp_path: Path) -> None:
+    """``file:`` both ways: QEMU's saved state loaded into migd, saved again by migd, loaded by QEMU."""
+    saved = tmp_path / "qemu.state"
+    source.cmd("migrate", uri=f"exec:cat > {saved}")
+    assert source.wait_migration()["status"] == "completed"
+    stopped_at = source.counter()
+    ram = source.ram()
+    relay = migd_factory("relay", "--incoming", f"file:{saved}")
+    relay.wait_for(lambda: relay.cmd("query-migrate").get("status") == "completed", 30, "the load")
+    resaved = tmp_path / "migd.state"
+    relay.cmd("migrate", uri=f"file:{resaved}")
+    relay.wait_for(lambda: relay.cmd("query-migrate").get("status") == "completed", 30, "the save")
+    # the same machine in both files: sections, blocks and device state
+    theirs, ours = analyze(saved), analyze(resaved)
+    assert ours.machine_type == theirs.machine_type
+    assert [(s.type, s.section_id, s.idstr, s.instance_id, s.version_id, s.size) for s in ours.sections
+            if s.type == "FULL"] == \
+        [(s.type, s.section_id, s.idstr, s.instance_id, s.version_id, s.size) for s in theirs.sections
+         if s.type == "FULL"]
+    assert [d["raw"] for d in ours.devices] == [d["raw"] for d in theirs.devices]
+    assert {n: b.size for n, b in ours.blocks.items()} == {n: b.size for n, b in theirs.blocks.items()}
+    assert ours.vmdesc == theirs.vmdesc
+    dst = Qemu(tmp_path, "qdst", tmp_path / "guest.img", "-S", "-incoming", incoming_file_uri(resaved),
+               accel=source.accel)
+    try:
+        assert dst.wait_migration()["status"] == "completed"
+        assert outside_firmware(dst.ram()) == outside_firmware(ram)
+        dst.cmd("cont")
+        assert dst.wait_for_counter(stopped_at + 3) >= stopped_at + 3
+    finally:
+        dst.kill()
