@@ -171,3 +171,62 @@ def test_qemu_file_to_migd_to_file_to_qemu(source: Qemu, migd_factory: Callable[
         assert dst.wait_for_counter(stopped_at + 3) >= stopped_at + 3
     finally:
         dst.kill()
+
+
+def test_live_qemu_to_migd_under_a_bandwidth_limit(source: Qemu, migd_factory: Callable[..., Migd],
+                                                   tmp_path: Path) -> None:
+    """Several passes while the guest dirties its pages: the held RAM is the last version of each."""
+    dst = migd_factory("dst", "--incoming", f"unix:{tmp_path / 'mig.sock'}")
+    source.cmd("migrate-set-parameters", **{"max-bandwidth": 2 << 20})
+    source.cmd("migrate", uri=f"unix:{tmp_path / 'mig.sock'}")
+    info = source.wait_migration()
+    assert info["status"] == "completed", info
+    assert info["ram"]["dirty-sync-count"] >= 3, info  # it iterated while the guest ran
+    dst.wait_for(lambda: dst.cmd("query-migrate").get("status") == "completed", 30, "migd's load")
+    assert outside_firmware(held_ram(dst, "pc.ram", tmp_path)) == outside_firmware(source.ram())
+
+
+def test_source_qemu_resumes_when_migd_dies_mid_stream(source: Qemu, migd_factory: Callable[..., Migd],
+                                                        tmp_path: Path) -> None:
+    dst = migd_factory("dst", "--incoming", f"unix:{tmp_path / 'mig.sock'}")
+    source.cmd("migrate-set-parameters", **{"max-bandwidth": 256 << 10})  # ~4 s for this guest
+    source.cmd("migrate", uri=f"unix:{tmp_path / 'mig.sock'}")
+    dst.wait_for(lambda: dst.cmd("query-migrate").get("status") == "active", 30, "the stream to begin")
+    dst.kill()
+    info = source.wait_migration()
+    assert info["status"] == "failed", info
+    assert source.status() == "running"
+    before = source.counter()
+    assert source.wait_for_counter(before + 2) >= before + 2
+
+
+def test_a_corrupted_qemu_stream_fails_cleanly(source: Qemu, migd_factory: Callable[..., Migd],
+                                               tmp_path: Path) -> None:
+    saved = tmp_path / "qemu.state"
+    source.cmd("migrate", uri=f"exec:cat > {saved}")
+    assert source.wait_migration()["status"] == "completed"
+    data = bytearray(saved.read_bytes())
+    a = analyze(saved)
+    part = next(s for s in a.sections if s.type == "PART")
+    cpu = next(s for s in a.sections if s.idstr == "cpu")
+    cases = {  # where, the byte written there, what migd must say
+        "ram-flags": (part.offset + 5 + 7, 0x41, "XBZRLE pages are not supported by migd (flags 0x41)"),
+        "footer": (cpu.offset + 1 + 4 + 1 + 3 + 4 + 4 + cpu.size + 4, 0x55, "Missing section footer for cpu"),
+        "magic": (0, 0x00, "Not a migration stream"),
+    }
+    for name, (offset, value, text) in cases.items():
+        bad = bytearray(data)
+        bad[offset] = value
+        path = tmp_path / f"bad.{name}"
+        path.write_bytes(bad)
+        dst = migd_factory(f"dst-{name}", "--incoming", f"file:{path}", connect=False)
+        assert dst.wait(30) == 1, (name, dst.log())
+        assert f"load of migration failed: {text}" in dst.log(), (name, dst.log())
+    # a broken description is no part of the load (QEMU's destination ignores it): the machine loads
+    bad = bytearray(data)
+    bad[len(data) - 50] = 0x00
+    path = tmp_path / "bad.description"
+    path.write_bytes(bad)
+    dst = migd_factory("dst-description", "--incoming", f"file:{path}")
+    dst.wait_for(lambda: dst.cmd("query-migrate").get("status") == "completed", 30, "the load")
+    assert len(dst.cmd("x-migd-query-foreign")["devices"]) == len([s for s in a.sections if s.type == "FULL"])
