@@ -103,10 +103,14 @@ def test_a_qemu_stream_cut_short_fails_cleanly(source: Qemu, migd_factory: Calla
     assert dst.cmd("x-migd-query-foreign")["machine-type"].startswith("pc-i440fx-")
 
 
+@pytest.mark.parametrize("return_path", [False, True], ids=["plain", "return-path"])
 def test_qemu_to_migd_to_qemu_store_and_forward(source: Qemu, migd_factory: Callable[..., Migd],
-                                                tmp_path: Path) -> None:
+                                                tmp_path: Path, return_path: bool) -> None:
     """The held machine sent on to a QEMU with the same options: RAM identical, the guest counts on."""
     relay = migd_factory("relay", "--incoming", f"unix:{tmp_path / 'in.sock'}")
+    if return_path:
+        source.cmd("migrate-set-capabilities", capabilities=[{"capability": "return-path", "state": True}])
+        relay.cmd("migrate-set-capabilities", capabilities=[{"capability": "return-path", "state": True}])
     source.cmd("migrate", uri=f"unix:{tmp_path / 'in.sock'}")
     assert source.wait_migration()["status"] == "completed"
     relay.wait_for(lambda: relay.cmd("query-migrate").get("status") == "completed", 30, "the relay's load")
