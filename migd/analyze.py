@@ -55,6 +55,7 @@ _INT_TYPES = {"uint8": (1, False), "uint16": (2, False), "uint32": (4, False), "
               "bool": (1, False), "int32 equal": (4, True), "uint32 equal": (4, False),
               "uint8 equal": (1, False), "uint16 equal": (2, False), "uint64 equal": (8, False)}
 PAGE = 4096  # used until the description says otherwise
+MAX_BLOCK = 1 << 38  # 256 GiB: the per-page state of a larger block would not be a small allocation
 
 
 class AnalyzeError(Exception):
@@ -438,7 +439,7 @@ class _Walker:
             length = c.be64("block length")
             if self.ignore_shared:
                 c.be64("block address")
-            if length == 0 or length > remaining:
+            if length == 0 or length > remaining or length > MAX_BLOCK:
                 raise AnalyzeError(f"Invalid length 0x{length:x} of RAM block \"{name}\"")
             if name not in self.a.blocks:
                 self.a.blocks[name] = BlockStats(name, length, state=bytearray(-(-length // self.page)))

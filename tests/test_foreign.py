@@ -13,6 +13,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from migd.config import MachineConfig
@@ -161,3 +162,22 @@ def test_machine_options_keep_migd_its_own_machine() -> None:
     assert not may_hold_foreign(MachineConfig(memory=64 << 20))
     assert not may_hold_foreign(MachineConfig(workload="idle"))
     assert not may_hold_foreign(None)
+
+
+def test_mutated_streams_fail_with_stream_errors_only(tmp_path: Path) -> None:
+    """Bad input is a clear StreamError (or loads), never another exception: 400 seeded mutations."""
+    base = stream(commands=command(2, struct.pack(">I", 1)))
+    rng = np.random.default_rng(12)
+    outcomes = {"loaded": 0, "refused": 0}
+    for _ in range(400):
+        data = bytearray(base)
+        for _ in range(int(rng.integers(1, 4))):
+            data[int(rng.integers(0, len(data)))] = int(rng.integers(0, 256))
+        if rng.random() < 0.2:
+            data = data[: int(rng.integers(0, len(data)))]
+        try:
+            load_or_header(tmp_path, bytes(data))
+            outcomes["loaded"] += 1
+        except StreamError:
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 0 and outcomes["loaded"] > 0, outcomes

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import xxhash
 from helpers import Migd
@@ -180,6 +181,18 @@ def test_a_stream_cut_short_is_a_clear_error(tmp_path: Path, cut: int) -> None:
     assert out.returncode == 1 and "migctl:" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_a_huge_block_is_refused_before_anything_is_allocated(tmp_path: Path) -> None:
+    data = bytearray(_stale_stream())
+    at = data.index(idstr_bytes("blk") + (2 * 4096).to_bytes(8, "big"))
+    huge = 1 << 62
+    data[at - 8 : at] = (huge | RAM_MEM_SIZE).to_bytes(8, "big")
+    data[at + 4 : at + 12] = huge.to_bytes(8, "big")
+    path = tmp_path / "huge.state"
+    path.write_bytes(bytes(data))
+    with pytest.raises(AnalyzeError, match='Invalid length 0x4000000000000000 of RAM block "blk"'):
+        analyze(path)
+
+
 def test_not_a_stream(tmp_path: Path) -> None:
     path = tmp_path / "text"
     path.write_bytes(b"hello, this is not a migration stream")
@@ -237,3 +250,23 @@ def test_qemu_stream_agrees_with_qemus_script(qemu_stream: tuple[Path, bytes]) -
     state, _ = qemu_stream
     assert compare_with_oracle(state) > 50
 
+
+
+def test_mutated_streams_are_analysis_errors_only(tmp_path: Path) -> None:
+    """migctl analyze on damaged files: an AnalyzeError (exit 1, one line) or a result, never a crash."""
+    base = _stale_stream()
+    rng = np.random.default_rng(3)
+    refused = 0
+    path = tmp_path / "m.state"
+    for _ in range(400):
+        data = bytearray(base)
+        for _ in range(int(rng.integers(1, 4))):
+            data[int(rng.integers(0, len(data)))] = int(rng.integers(0, 256))
+        if rng.random() < 0.2:
+            data = data[: int(rng.integers(0, len(data)))]
+        path.write_bytes(bytes(data))
+        try:
+            analyze(path, tmp_path / "x")
+        except AnalyzeError:
+            refused += 1
+    assert refused > 0

@@ -33,6 +33,11 @@ def source(tmp_path: Path) -> Iterator[Qemu]:
         vm.kill()
 
 
+def ended(info: dict[str, Any]) -> dict[str, Any]:
+    """``info`` once the migration it describes completed or failed, else {} (for polling)."""
+    return info if info.get("status") in ("completed", "failed") else {}
+
+
 def held_ram(dst: Migd, block: str, tmp_path: Path) -> bytes:
     path = tmp_path / f"held.{block.strip('/').replace('/', '_')}"
     dst.cmd("x-migd-ram-save", block=block, filename=str(path))
@@ -122,8 +127,7 @@ def test_qemu_to_migd_to_qemu_store_and_forward(source: Qemu, migd_factory: Call
     try:
         t0 = time.monotonic()
         relay.cmd("migrate", uri=f"unix:{tmp_path / 'out.sock'}")
-        info = relay.wait_for(lambda: (i := relay.cmd("query-migrate")).get("status") in ("completed", "failed")
-                              and i, 60, "the relay's send")
+        info: dict[str, Any] = relay.wait_for(lambda: ended(relay.cmd("query-migrate")), 60, "the relay's send")
         elapsed = time.monotonic() - t0
         assert info["status"] == "completed", info
         print(f"migd -> QEMU: {elapsed:.2f} s, total-time {info.get('total-time')} ms, "
