@@ -170,6 +170,19 @@ def test_a_page_sent_as_data_then_zero_is_extracted_zero(tmp_path: Path) -> None
     assert (tmp_path / "x" / "ram" / "blk").read_bytes() == bytes(4096) + b"\xcd" * 4096
 
 
+@needs_script
+def test_qemus_script_keeps_the_stale_page_where_migctl_does_not(tmp_path: Path) -> None:
+    """The known difference (reference §3.5): the script does not write ZERO pages into its files."""
+    path = tmp_path / "stale.state"
+    path.write_bytes(_stale_stream())
+    out = subprocess.run([sys.executable, SCRIPT, "-f", str(path), "-x"], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "blk").read_bytes()[:4096] == b"\xab" * 4096  # stale
+    assert migctl("analyze", str(path), "--extract", str(tmp_path / "x")).returncode == 0
+    assert (tmp_path / "x" / "ram" / "blk").read_bytes()[:4096] == bytes(4096)
+
+
 @pytest.mark.parametrize("cut", [3, 30, 100, 4200])
 def test_a_stream_cut_short_is_a_clear_error(tmp_path: Path, cut: int) -> None:
     path = tmp_path / "cut.state"
