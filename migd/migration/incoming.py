@@ -20,7 +20,7 @@ from typing import Any
 from migd.bql import BQL
 from migd.machine.machine import Machine
 from migd.machine.runstate import LIVE_STATES, InvalidTransition, RunState
-from migd.migration import returnpath
+from migd.migration import foreign, returnpath
 from migd.migration.format import Cmd
 from migd.migration.host import MigrationHost
 from migd.migration.params import MigrationConfig
@@ -47,11 +47,15 @@ class IncomingError(Exception):
 
 class IncomingMigration:
     """One process's destination state (QEMU's MigrationIncomingState). ``config`` is the same
-    MigrationConfig the source side uses (the ``events`` capability, parameters)."""
+    MigrationConfig the source side uses (the ``events`` capability, parameters); ``may_be_foreign``
+    says the daemon was started without machine options, so it may hold a QEMU machine as data."""
 
-    def __init__(self, host: MigrationHost, uri: str | None, config: MigrationConfig) -> None:
+    def __init__(self, host: MigrationHost, uri: str | None, config: MigrationConfig,
+                 may_be_foreign: bool = False) -> None:
         self.host = host
         self.config = config
+        # started without machine options: the stream may bring a machine of another type (QEMU's)
+        self.may_be_foreign = may_be_foreign
         self.uri = uri  # the --incoming value: a URI or "defer"
         self.status = M.NONE
         self.error_desc: str | None = None
@@ -64,6 +68,7 @@ class IncomingMigration:
         self._channel: Channel | None = None
         self._thread: threading.Thread | None = None
         self.finished = threading.Event()  # set once the status is completed or failed
+        self.foreign: foreign.ForeignMachine | None = None  # a machine of another type, held as data
 
     # -- starting ------------------------------------------------------------------------------
 
@@ -142,7 +147,12 @@ class IncomingMigration:
 
     def _accept_and_load(self) -> None:
         machine = self.host.machine
-        self._prefault(machine)
+        # without machine options the stream may bring a machine of its own: migd's placeholder RAM is
+        # then faulted in only once the stream says it is migd's (faulting 256 MiB for nothing cost a
+        # QEMU source ~50 ms of downtime on a busy host)
+        may_be_foreign = self.may_be_foreign
+        if not may_be_foreign:
+            self._prefault(machine)
         listener = self._listener
         assert listener is not None
         try:
@@ -160,7 +170,14 @@ class IncomingMigration:
             return
         self._set_status(M.ACTIVE)
         try:
-            load_stream(InStream(channel), machine, on_command=self._on_command)
+            stream = InStream(channel)
+            if may_be_foreign and foreign.is_foreign(stream):
+                self.foreign = foreign.load_foreign(stream, on_command=self._on_command)
+                machine.incoming_runstate = RunState.PAUSED  # held, not run: it ends paused
+            else:
+                if may_be_foreign:
+                    self._prefault(machine)
+                load_stream(stream, machine, on_command=self._on_command)
         except Exception as exc:  # noqa: BLE001 - StreamError or anything a bad stream provokes
             self._fail(self._describe(exc))
             return

@@ -39,6 +39,7 @@ from typing import Protocol
 
 from migd.bql import BQL
 from migd.machine.runstate import LIVE_STATES, RunState
+from migd.migration.foreign_save import savevm_for
 from migd.migration.format import Cmd, command
 from migd.migration.host import MigrationHost
 from migd.migration.params import MigrationConfig
@@ -238,7 +239,7 @@ class MigrationThread(threading.Thread):
     def _migrate(self) -> None:
         ms, stream = self.ms, self.stream
         setup_start = time.monotonic()
-        self.savevm = savevm = SaveVM(self.machine, self.stats, self.use_return_path)
+        self.savevm = savevm = savevm_for(ms.host.held_machine(), self.machine, self.stats, self.use_return_path)
         with BQL:
             self._expect(M.SETUP)
             savevm.save_header(stream)
