@@ -1,0 +1,393 @@
+"""The switch-over policy: when to stop the guest, what that will cost, and what to do when it won't.
+
+A pure object (docs/SWITCHOVER.md §1): no threads, no I/O, no clock of its own — every call carries
+``now`` — so it is tested by replaying traces. The migration thread feeds it what it measured and
+executes what it answers.
+
+The model:
+- **the link**: ``capacity`` = bytes / seconds spent *inside* channel writes, measured even while the
+  rate limit holds the stream back, kept apart from the capped ``throughput`` (bytes / window);
+- **the final pass** runs uncapped: it costs the write time at link capacity plus the thread's own
+  work per byte (finding, reading and framing pages: the window's active time outside writes), so
+  ``final_rate = 1 / (1/capacity + cpu_per_byte)`` — or ``avail-switchover-bandwidth`` when set
+  (QEMU's meaning: the bandwidth the switch-over may count on);
+- **fixed costs** are measured in this migration: the vCPU stop (real, else twice the thread's
+  measured wake-up latency), the drive flush, the final bitmap sync, the device-state save (a dry run
+  at setup), the destination's round trip (PONGs), and the rest of the switch-over's framing;
+- **the guest**: the dirty rate (bytes newly dirtied per second between bitmap syncs) and the
+  writable working set (the largest dirty set a sync found after the first pass).
+
+``expected_downtime_ms(remaining) = fixed + remaining / final_rate``; the threshold is the remaining
+that fits in the downtime limit. Below it the switch-over goes ahead unless one more live round is
+predicted to at least halve what is left and the RAM part still matters next to the fixed costs (a
+round costs the guest nothing; the limit is a ceiling, not a target).
+
+The built-in convergence policy (off by default: every ``x-migd-…`` parameter at 0) comes back as
+``Action``s in the ``Decision``: progress timeout (abort, or escalate), downtime steps (Nova's
+schedule), a computed throttle (what the dirty rate needs against the link), and a completion timeout
+per GiB of guest RAM.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+GIB = 1 << 30
+EWMA = 0.3  # weight of a new window in the bandwidth averages
+MIN_WINDOW_BYTES = 64 << 10  # a window with fewer bytes says nothing about bandwidth
+MIN_BUSY_S = 0.0005  # a window with less time in writes says nothing about the link
+SYNC_INTERVAL = 1.0  # s: past the first pass, a bitmap sync at least this often (dirty-rate samples)
+HALVING = 0.5  # another live round must leave at most this fraction of what is left
+RAM_MATTERS = 0.25  # ... and the RAM part of the downtime must be at least this much of the fixed part
+STALL_S = 5.0  # s without a new low of remaining before a forecast says stalled
+CONVERGING_RATIO = 0.9  # dirty rate below this fraction of the throughput: converging
+THROTTLE_TARGET = 0.5  # a computed throttle aims at a dirty rate of half the throughput
+# priors, used only until this migration measured the cost
+PRIOR_STOP_MS = 1.0
+PRIOR_OTHER_MS = 1.0  # framing of the switch-over outside RAM and devices (EOF, vmdesc, state changes)
+PHASES = ("stop-vcpus", "drive-flush", "sync", "device-state", "other")
+
+
+class Step(StrEnum):
+    ITERATE = "iterate"  # send another batch of pages
+    SYNC = "sync"  # ask for an exact pending (bitmap sync), then decide again
+    SWITCHOVER = "switchover"
+
+
+class Convergence(StrEnum):
+    CONVERGING = "converging"
+    STALLED = "stalled"
+    DIVERGING = "diverging"
+
+
+@dataclass(frozen=True)
+class Action:
+    """One act of the built-in policy; the thread executes it and emits one event."""
+
+    action: str  # "throttle" | "downtime-limit" | "abort"
+    value: int  # throttle %, downtime limit in ms, 0 for abort
+    reason: str
+
+    def as_dict(self, time_ms: int) -> dict[str, Any]:
+        return {"time-ms": time_ms, "action": self.action, "value": self.value, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Decision:
+    step: Step
+    actions: tuple[Action, ...] = ()
+
+
+@dataclass
+class _Ewma:
+    value: float = 0.0
+    samples: int = 0
+
+    def add(self, x: float) -> None:
+        self.value = x if not self.samples else self.value + EWMA * (x - self.value)
+        self.samples += 1
+
+
+@dataclass
+class _Guest:
+    """What the syncs told about the guest's writes."""
+
+    last_sync: float | None = None
+    syncs: int = 0
+    dirty_rate: _Ewma = field(default_factory=_Ewma)  # bytes/s newly dirtied
+    raw_rate: _Ewma = field(default_factory=_Ewma)  # the same, as the guest would dirty unthrottled
+    working_set: int = 0  # bytes: the largest dirty set found after the first pass
+    low: int | None = None  # the smallest remaining seen
+    low_time: float = 0.0
+
+
+def nova_schedule(limit_ms: int, max_ms: int, steps: int, delay_s: float) -> list[tuple[float, int]]:
+    """Nova's downtime steps: ``steps + 1`` limits growing geometrically from ``max/(steps+1)`` to
+    ``max``, ``delay_s`` apart (Nova's delay is 75 s per GiB of guest RAM). Never below ``limit_ms``."""
+    offset = max_ms / (steps + 1)
+    base = (max_ms - offset) ** (1 / steps) if max_ms > offset else 1.0
+    return [(delay_s * i, max(limit_ms, int(offset + base ** i))) for i in range(steps + 1)]
+
+
+class SwitchoverPolicy:
+    """Decisions and estimates for one outgoing migration. Called from the migration thread only;
+    ``forecast`` and the published numbers may be read from any thread (plain attributes)."""
+
+    def __init__(self, params: Callable[[], Mapping[str, Any]], ram_total: int, start: float) -> None:
+        self._params = params
+        self.ram_total = ram_total
+        self.start = start
+        self.capacity = _Ewma()  # bytes/s inside channel writes: the link
+        self._link_bytes, self._link_busy = 0, 0.0  # windows not yet counted in capacity
+        self.throughput = _Ewma()  # RAM bytes/s over whole windows: what the rate limit lets through
+        self.cpu_per_byte = _Ewma()  # s of the thread's own work per byte sent, outside writes
+        self.rtt_s = _Ewma()
+        self.phases: dict[str, float] = {}  # ms, measured fixed costs
+        self._wake_ms: deque[float] = deque(maxlen=16)
+        self.guest = _Guest()
+        self.limit_override: int | None = None  # ms, set by downtime steps / escalation
+        self.throttle = 0  # % the computed throttle asked for
+        self.actions: list[dict[str, Any]] = []  # every action so far, for query-migrate
+        self._step_index = 0
+        self._aborted = False
+        self.state: Convergence | None = None
+
+    # -- inputs -----------------------------------------------------------------------------------
+
+    def on_window(self, now: float, sent_bytes: int, busy_s: float, active_s: float | None = None,
+                  window_s: float | None = None, ram_bytes: int | None = None) -> None:
+        """One rate window: bytes written, seconds inside channel writes, seconds the thread worked
+        (the window minus rate-limit sleeps), the window's length, guest RAM bytes it covered.
+
+        The thread's cost per byte is only learnt from windows of mostly data pages: zero pages cost a
+        scan and almost no wire bytes, and the final pass carries the pages the guest wrote."""
+        if sent_bytes < MIN_WINDOW_BYTES:
+            return
+        # a fast link with little to send spends microseconds in writes: add windows up until the
+        # time inside writes says something
+        self._link_bytes += sent_bytes
+        self._link_busy += busy_s
+        if self._link_busy >= MIN_BUSY_S:
+            self.capacity.add(self._link_bytes / self._link_busy)
+            self._link_bytes, self._link_busy = 0, 0.0
+        data_heavy = ram_bytes is None or sent_bytes >= ram_bytes / 2
+        if active_s is not None and active_s >= busy_s and data_heavy:
+            self.cpu_per_byte.add((active_s - busy_s) / sent_bytes)
+        if window_s is not None and window_s > 0:  # remaining counts guest RAM: so does the progress
+            self.throughput.add((ram_bytes if ram_bytes is not None else sent_bytes) / window_s)
+
+    def on_sync(self, now: float, remaining_bytes: int, new_dirty_bytes: int) -> None:
+        """After a bitmap sync: what is left, and what the guest dirtied since the previous sync."""
+        g = self.guest
+        if g.last_sync is not None and g.syncs >= 1:
+            dt = now - g.last_sync
+            if dt > 0.01:
+                g.dirty_rate.add(new_dirty_bytes / dt)
+                g.raw_rate.add(new_dirty_bytes / dt / max(0.01, 1 - self.throttle / 100))
+        if g.syncs >= 1:  # the first sync is the whole RAM
+            g.working_set = max(g.working_set, remaining_bytes)
+            if g.low is None or remaining_bytes < g.low:
+                g.low, g.low_time = remaining_bytes, now
+        g.last_sync = now
+        g.syncs += 1
+
+    def on_rtt(self, seconds: float) -> None:
+        """A PING's round trip (queueing behind the stream included, as the final pass will be)."""
+        self.rtt_s.add(max(0.0, seconds))
+
+    def on_phase(self, name: str, ms: float) -> None:
+        """A measured fixed cost: ``stop-vcpus``, ``drive-flush``, ``sync``, ``device-state``,
+        ``other``, or ``wake`` (a thread wake-up latency sample, the stop's prior)."""
+        if name == "wake":
+            self._wake_ms.append(max(0.0, ms))
+        else:
+            self.phases[name] = max(0.0, ms)
+
+    # -- the model --------------------------------------------------------------------------------
+
+    def limit_ms(self) -> int:
+        limit = int(self._params()["downtime-limit"])
+        return max(limit, self.limit_override) if self.limit_override is not None else limit
+
+    def final_rate(self) -> float:
+        """Bytes/s the final pass will run at (0 = not known yet)."""
+        avail = int(self._params()["avail-switchover-bandwidth"])
+        if avail:
+            return float(avail)
+        if not self.capacity.samples:
+            return 0.0
+        per_byte = 1 / self.capacity.value + max(0.0, self.cpu_per_byte.value)
+        return 1 / per_byte
+
+    def fixed_ms(self) -> float:
+        """The switch-over's cost with nothing left to send."""
+        p = self.phases
+        if "stop-vcpus" in p:
+            stop = p["stop-vcpus"]
+        elif self._wake_ms:
+            stop = 2 * sorted(self._wake_ms)[len(self._wake_ms) // 2]
+        else:
+            stop = PRIOR_STOP_MS
+        rtt = self.rtt_s.value * 1000 if self.rtt_s.samples else 0.0
+        return (stop + p.get("drive-flush", 0.0) + p.get("sync", 0.0) + p.get("device-state", 0.0)
+                + p.get("other", PRIOR_OTHER_MS) + rtt)
+
+    def expected_downtime_ms(self, remaining_bytes: int, fallback_rate: float = 0.0) -> int:
+        """The downtime a switch-over started now would cost (the number the log and query-migrate
+        both print). Before the first window, ``fallback_rate`` (bytes/s, e.g. the average since the
+        start) stands in for the final-pass rate; with neither, the limit is QEMU's first guess."""
+        fixed = self.fixed_ms()
+        if remaining_bytes <= 0:
+            return int(round(fixed))
+        rate = self.final_rate() or fallback_rate
+        if rate <= 0:
+            return self.limit_ms()
+        return int(round(fixed + remaining_bytes / rate * 1000))
+
+    def threshold(self) -> int:
+        """Bytes a final pass may carry within the downtime limit."""
+        rate = self.final_rate()
+        return int(max(0.0, self.limit_ms() - self.fixed_ms()) / 1000 * rate)
+
+    def _round_s(self, remaining: int) -> float:
+        rate = self.throughput.value if self.throughput.samples else self.final_rate()
+        return remaining / rate if rate > 0 else math.inf
+
+    def _next_round(self, remaining: int) -> float:
+        """What one more live round is predicted to leave."""
+        g = self.guest
+        if not g.dirty_rate.samples:
+            return math.inf
+        dirtied = g.dirty_rate.value * self._round_s(remaining)
+        return min(dirtied, float(g.working_set)) if g.working_set else dirtied
+
+    # -- the decision -----------------------------------------------------------------------------
+
+    def decide(self, now: float, remaining_bytes: int, exact: bool) -> Decision:
+        """Every loop turn: iterate, ask for a sync, or switch over; plus the built-in policy's acts."""
+        actions = tuple(self._builtin(now, remaining_bytes))
+        if any(a.action == "abort" for a in actions):
+            return Decision(Step.ITERATE, actions)
+        threshold = self.threshold()
+        if remaining_bytes > threshold:
+            g = self.guest
+            if not exact and g.syncs >= 2 and g.last_sync is not None and now - g.last_sync >= SYNC_INTERVAL:
+                return Decision(Step.SYNC, actions)
+            return Decision(Step.ITERATE, actions)
+        if not exact:
+            return Decision(Step.SYNC, actions)
+        if remaining_bytes and self._another_round_pays(remaining_bytes):
+            return Decision(Step.ITERATE, actions)
+        return Decision(Step.SWITCHOVER, actions)
+
+    def _another_round_pays(self, remaining: int) -> bool:
+        rate = self.final_rate()
+        ram_ms = remaining / rate * 1000 if rate > 0 else 0.0
+        if ram_ms < RAM_MATTERS * self.fixed_ms():
+            return False
+        return self._next_round(remaining) <= HALVING * remaining
+
+    # -- the forecast -----------------------------------------------------------------------------
+
+    def forecast(self, now: float, remaining_bytes: int) -> dict[str, Any]:
+        """``x-migd-convergence``: state, eta-ms, dirty-rate (bytes/s), working-set (bytes)."""
+        g = self.guest
+        dirty = g.dirty_rate.value if g.dirty_rate.samples else 0.0
+        send = self.throughput.value if self.throughput.samples else self.final_rate()
+        threshold = self.threshold()
+        eta: float | None
+        if remaining_bytes <= threshold:
+            state, eta = Convergence.CONVERGING, 0.0
+        elif g.working_set and g.working_set <= threshold and send > 0:
+            state, eta = Convergence.CONVERGING, (remaining_bytes - threshold) / send
+        elif send > 0 and dirty < CONVERGING_RATIO * send:
+            state, eta = Convergence.CONVERGING, (remaining_bytes - threshold) / (send - dirty)
+        elif send > 0 and g.dirty_rate.samples and dirty >= send:
+            state, eta = Convergence.DIVERGING, None
+        else:
+            state, eta = Convergence.STALLED, None
+        if state is Convergence.CONVERGING and g.low is not None and now - g.low_time >= STALL_S \
+                and remaining_bytes > threshold:
+            state, eta = Convergence.STALLED, None
+        if not g.dirty_rate.samples and remaining_bytes > threshold and state is not Convergence.CONVERGING:
+            state = Convergence.CONVERGING  # still the first pass: nothing known against it
+        self.state = state
+        out: dict[str, Any] = {"state": str(state), "dirty-rate": int(dirty), "working-set": g.working_set,
+                               "threshold": threshold, "link-capacity": int(self.capacity.value),
+                               "final-rate": int(self.final_rate())}
+        if eta is not None:
+            out["eta-ms"] = int(eta * 1000)
+        return out
+
+    # -- the built-in convergence policy --------------------------------------------------------
+
+    def _builtin(self, now: float, remaining: int) -> list[Action]:
+        p = self._params()
+        acts: list[Action] = []
+        if self._aborted:
+            return acts
+        gib = max(self.ram_total / GIB, 1 / 1024)
+        elapsed = now - self.start
+        completion = int(p.get("x-migd-completion-timeout", 0))
+        if completion and elapsed > completion * gib:
+            acts.append(self._record(now, Action("abort", 0, f"Migration did not complete within "
+                                                 f"{completion} s per GiB (x-migd-completion-timeout)")))
+            self._aborted = True
+            return acts
+        steps = int(p.get("x-migd-downtime-steps", 0))
+        if steps:
+            max_ms = int(p.get("x-migd-downtime-max", 0)) or 500
+            delay = int(p.get("x-migd-downtime-step-delay", 0)) or 75
+            schedule = nova_schedule(int(p["downtime-limit"]), max_ms, steps, delay * gib)
+            while self._step_index < len(schedule) and elapsed >= schedule[self._step_index][0]:
+                value = schedule[self._step_index][1]
+                self._step_index += 1
+                if value > self.limit_ms():
+                    self.limit_override = value
+                    acts.append(self._record(now, Action("downtime-limit", value,
+                                                         f"downtime step {self._step_index - 1}/{steps}")))
+        progress = int(p.get("x-migd-progress-timeout", 0))
+        g = self.guest
+        if progress and g.low is not None and now - g.low_time >= progress and remaining > self.threshold():
+            g.low_time = now  # one act per timeout
+            if p.get("x-migd-progress-action", "abort") == "abort":
+                acts.append(self._record(now, Action("abort", 0, f"Migration made no progress for "
+                                                     f"{progress} s (x-migd-progress-timeout)")))
+                self._aborted = True
+                return acts
+            acts.extend(self._escalate(now, remaining, p))
+        if p.get("x-migd-auto-throttle", False):
+            act = self._computed_throttle(now, p)
+            if act is not None:
+                acts.append(act)
+        return acts
+
+    def _escalate(self, now: float, remaining: int, p: Mapping[str, Any]) -> list[Action]:
+        """No progress: raise the throttle to what the dirty rate needs, and the downtime limit to
+        what the working set needs (at most x-migd-downtime-max, default 2 × the limit)."""
+        acts: list[Action] = []
+        act = self._computed_throttle(now, p, force=True)
+        if act is not None:
+            acts.append(act)
+        cap = int(p.get("x-migd-downtime-max", 0)) or 2 * int(p["downtime-limit"])
+        rate = self.final_rate()
+        need = self.fixed_ms() + (min(remaining, self.guest.working_set or remaining) / rate * 1000
+                                  if rate > 0 else 0)
+        value = int(min(cap, max(need, 2 * self.limit_ms())))
+        if value > self.limit_ms():
+            self.limit_override = value
+            acts.append(self._record(now, Action("downtime-limit", value, "no progress: downtime raised")))
+        return acts
+
+    def needed_throttle(self, p: Mapping[str, Any]) -> int:
+        """The throttle % that brings the guest's (unthrottled) dirty rate to THROTTLE_TARGET of the
+        throughput the link gives, capped at max-cpu-throttle."""
+        g = self.guest
+        send = self.throughput.value if self.throughput.samples else 0.0
+        if not g.dirty_rate.samples or send <= 0:
+            return self.throttle
+        raw = g.raw_rate.value
+        if raw <= THROTTLE_TARGET * send:
+            return 0
+        need = round((1 - THROTTLE_TARGET * send / raw) * 100)
+        return max(0, min(int(p.get("max-cpu-throttle", 99)), need))
+
+    def _computed_throttle(self, now: float, p: Mapping[str, Any], force: bool = False) -> Action | None:
+        """Only ever raised while the migration runs (the thread removes it at the end); only when the
+        forecast is not converging, unless ``force``."""
+        if not force and self.state is Convergence.CONVERGING:
+            return None
+        need = self.needed_throttle(p)
+        if need <= self.throttle:
+            return None
+        self.throttle = need
+        return self._record(now, Action("throttle", need, "computed from the dirty rate and the link"))
+
+    def _record(self, now: float, act: Action) -> Action:
+        self.actions.append(act.as_dict(int((now - self.start) * 1000)))
+        return act
