@@ -118,6 +118,7 @@ async def main() -> int:
     ap.add_argument("--memory", default="512M")
     ap.add_argument("--cases", default=";".join(DEFAULT_CASES), help="';'-separated cases")
     ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument("--keep", action="store_true", help="keep the daemons' logs (printed path)")
     ap.add_argument("--phases", action="store_true", help="print each case's downtime phases")
     ap.add_argument("--set", action="append", default=[], help="extra parameter name=value")
     args = ap.parse_args()
@@ -139,7 +140,10 @@ async def main() -> int:
             if args.phases or r["error"]:
                 print(f"  phases: {r['phases']} error: {r['error']}", flush=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if args.keep:
+            print(f"logs in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     return 0 if ok else 1
 
 

@@ -44,6 +44,7 @@ MIN_BUSY_S = 0.0005  # a window with less time in writes says nothing about the 
 SYNC_INTERVAL = 1.0  # s: past the first pass, a bitmap sync at least this often (dirty-rate samples)
 HALVING = 0.5  # another live round must leave at most this fraction of what is left
 RAM_MATTERS = 0.25  # ... and the RAM part of the downtime must be at least this much of the fixed part
+RATE_SAMPLES = 10  # windows whose spread the threshold allows for
 STALL_S = 5.0  # s without a new low of remaining before a forecast says stalled
 CONVERGING_RATIO = 0.9  # dirty rate below this fraction of the throughput: converging
 THROTTLE_TARGET = 0.5  # a computed throttle aims at a dirty rate of half the throughput
@@ -126,7 +127,8 @@ class SwitchoverPolicy:
         self._link_bytes, self._link_busy = 0, 0.0  # windows not yet counted in capacity
         self.throughput = _Ewma()  # RAM bytes/s over whole windows: what the rate limit lets through
         self.cpu_per_byte = _Ewma()  # s of the thread's own work per byte sent, outside writes
-        self.rtt_s = _Ewma()
+        self._rtt: deque[float] = deque(maxlen=5)  # s, the last round trips
+        self._rates: deque[float] = deque(maxlen=RATE_SAMPLES)  # per-window final-pass rates, bytes/s
         self.phases: dict[str, float] = {}  # ms, measured fixed costs
         self._wake_ms: deque[float] = deque(maxlen=16)
         self.guest = _Guest()
@@ -158,6 +160,8 @@ class SwitchoverPolicy:
         data_heavy = ram_bytes is None or sent_bytes >= ram_bytes / 2
         if active_s is not None and active_s >= busy_s and data_heavy:
             self.cpu_per_byte.add((active_s - busy_s) / sent_bytes)
+            if self.capacity.samples:
+                self._rates.append(1 / (1 / self.capacity.value + (active_s - busy_s) / sent_bytes))
         if window_s is not None and window_s > 0:  # remaining counts guest RAM: so does the progress
             self.throughput.add((ram_bytes if ram_bytes is not None else sent_bytes) / window_s)
 
@@ -178,7 +182,7 @@ class SwitchoverPolicy:
 
     def on_rtt(self, seconds: float) -> None:
         """A PING's round trip (queueing behind the stream included, as the final pass will be)."""
-        self.rtt_s.add(max(0.0, seconds))
+        self._rtt.append(max(0.0, seconds))
 
     def on_phase(self, name: str, ms: float) -> None:
         """A measured fixed cost: ``stop-vcpus``, ``drive-flush``, ``sync``, ``device-state``,
@@ -204,8 +208,8 @@ class SwitchoverPolicy:
         per_byte = 1 / self.capacity.value + max(0.0, self.cpu_per_byte.value)
         return 1 / per_byte
 
-    def fixed_ms(self) -> float:
-        """The switch-over's cost with nothing left to send."""
+    def fixed_parts(self) -> dict[str, float]:
+        """The switch-over's fixed costs (ms) as the model sees them now, by name."""
         p = self.phases
         if "stop-vcpus" in p:
             stop = p["stop-vcpus"]
@@ -213,9 +217,19 @@ class SwitchoverPolicy:
             stop = 2 * sorted(self._wake_ms)[len(self._wake_ms) // 2]
         else:
             stop = PRIOR_STOP_MS
-        rtt = self.rtt_s.value * 1000 if self.rtt_s.samples else 0.0
-        return (stop + p.get("drive-flush", 0.0) + p.get("sync", 0.0) + p.get("device-state", 0.0)
-                + p.get("other", PRIOR_OTHER_MS) + rtt)
+        return {"stop-vcpus": stop, "drive-flush": p.get("drive-flush", 0.0), "sync": p.get("sync", 0.0),
+                "device-state": p.get("device-state", 0.0), "other": p.get("other", PRIOR_OTHER_MS),
+                "round-trip": self.rtt_ms()}
+
+    def rtt_ms(self) -> float:
+        """The median of the last round trips (one slow PONG is a hiccup, not the link)."""
+        if not self._rtt:
+            return 0.0
+        return sorted(self._rtt)[len(self._rtt) // 2] * 1000
+
+    def fixed_ms(self) -> float:
+        """The switch-over's cost with nothing left to send."""
+        return sum(self.fixed_parts().values())
 
     def expected_downtime_ms(self, remaining_bytes: int, fallback_rate: float = 0.0) -> int:
         """The downtime a switch-over started now would cost (the number the log and query-migrate
@@ -229,10 +243,18 @@ class SwitchoverPolicy:
             return self.limit_ms()
         return int(round(fixed + remaining_bytes / rate * 1000))
 
+    def decision_rate(self) -> float:
+        """The final-pass rate the switch-over decision counts on: the estimate, or the slower
+        quartile of the recent windows when they spread (a noisy machine), so that a downtime the
+        estimate puts at the limit does not end above it. A user-given rate is taken as given."""
+        rate = self.final_rate()
+        if int(self._params()["avail-switchover-bandwidth"]) or len(self._rates) < 4:
+            return rate
+        return min(rate, sorted(self._rates)[len(self._rates) // 4])
+
     def threshold(self) -> int:
         """Bytes a final pass may carry within the downtime limit."""
-        rate = self.final_rate()
-        return int(max(0.0, self.limit_ms() - self.fixed_ms()) / 1000 * rate)
+        return int(max(0.0, self.limit_ms() - self.fixed_ms()) / 1000 * self.decision_rate())
 
     def _round_s(self, remaining: int) -> float:
         rate = self.throughput.value if self.throughput.samples else self.final_rate()
