@@ -306,3 +306,47 @@ def test_computed_throttle_is_what_the_dirty_rate_needs() -> None:
     assert policy.decide(t, 128 * MIB, True).actions == ()
     p["max-cpu-throttle"] = 50
     assert policy.needed_throttle(p) == 50  # capped
+
+
+# -- the parameters -------------------------------------------------------------------------------
+
+def test_policy_parameters_are_off_by_default_and_checked() -> None:
+    from migd.migration.params import MigrationConfig, ParamError
+
+    cfg = MigrationConfig()
+    p = cfg.query_parameters()
+    assert p["x-migd-progress-timeout"] == p["x-migd-downtime-steps"] == p["x-migd-completion-timeout"] == 0
+    assert p["x-migd-auto-throttle"] is False and p["x-migd-progress-action"] == "abort"
+    with pytest.raises(ParamError, match="^Parameter 'x-migd-progress-action' does not accept value 'retry'$"):
+        cfg.set_parameters({"x-migd-progress-action": "retry"})
+    with pytest.raises(ParamError, match="^Parameter 'x-migd-downtime-steps' expects uint8$"):
+        cfg.set_parameters({"x-migd-downtime-steps": 300})
+    with pytest.raises(ParamError, match="x-migd-downtime-max"):
+        cfg.set_parameters({"x-migd-downtime-max": 3_000_000})
+    assert cfg.query_parameters() == p  # a refused change changes nothing
+    cfg.set_parameters({"x-migd-progress-timeout": 150, "x-migd-progress-action": "escalate"})
+    assert cfg.param("x-migd-progress-timeout") == 150
+
+
+def test_stalled_when_nothing_moves_and_diverging_when_the_trend_never_fits() -> None:
+    p = {**DEFAULT_PARAMETERS, "downtime-limit": 50}
+    policy = SwitchoverPolicy(lambda: p, 512 * MIB, 0.0)
+    policy.on_sync(0.0, 512 * MIB, 0)
+    t = 0.0
+    for i in range(30):  # 32 MiB/s of data pages; remaining approaches 100 MiB and stays there
+        t += WINDOW
+        policy.on_window(t, 32 * MIB // 10, 0.002, 0.01, WINDOW, 32 * MIB // 10)
+        if i % 10 == 9:
+            policy.on_sync(t, int(100 * MIB + 40 * MIB / (i + 1)), 30 * MIB)
+    for _ in range(3):
+        t += 1.0
+        policy.on_window(t, 32 * MIB // 10, 0.002, 0.01, WINDOW, 32 * MIB // 10)
+        policy.on_sync(t, int(100 * MIB + 40 * MIB / (t * 10)), 30 * MIB)
+    assert policy.forecast(t, 100 * MIB)["state"] == "diverging"
+    assert policy.asymptote() is not None and policy.asymptote() > policy.threshold()
+    # a destination that stopped reading: nothing goes out at all
+    stuck = SwitchoverPolicy(lambda: p, 512 * MIB, 0.0)
+    for i in range(4):
+        stuck.on_sync(float(i), 200 * MIB, 0)
+        stuck.on_sync(float(i) + 0.95, 200 * MIB, 0)
+    assert stuck.forecast(4.0, 200 * MIB)["state"] == "stalled"

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from migd.bql import BQL
 from migd.machine.runstate import LIVE_STATES, RunState
 from migd.migration.format import Cmd, command
-from migd.migration.policy import Action, Decision, Step, SwitchoverPolicy
+from migd.migration.policy import Action, Convergence, Decision, Step, SwitchoverPolicy
 from migd.migration.ram import RAMError
 from migd.migration.returnpath import ReturnPathReader, sibling_error
 from migd.migration.savevm import SaveVM
@@ -118,6 +118,7 @@ class MigrationThread(threading.Thread):
         self._ping_sent: tuple[int, float] | None = None  # (value, time) of the PING being timed
         self._last_ping = 0.0
         self._computed_throttle = 0  # % set by the built-in policy (auto-converge off)
+        self._published_state: Convergence | None = None  # the convergence state last announced
         # what completion changed, to undo on failure/cancel
         self._vm_stopped = False
         self._vm_was_live = False
@@ -360,12 +361,11 @@ class MigrationThread(threading.Thread):
     def _publish_forecast(self, now: float) -> None:
         """``x-migd-convergence`` for query-migrate, and X_MIGD_CONVERGENCE when the state changed."""
         ms = self.ms
-        before = self.policy.state
         ms.convergence = self.policy.forecast(now, self.stats.remaining)
         after = self.policy.state
-        if after is not before and after is not None:
-            log.info("migration convergence: %s (dirty-rate=%d working-set=%d)", after,
-                     ms.convergence["dirty-rate"], ms.convergence["working-set"])
+        if after is not self._published_state:
+            self._published_state = after
+            log.info("migration convergence: %s %s", after, ms.convergence)
             if ms.config.cap("events"):
                 ms.daemon.events.emit("X_MIGD_CONVERGENCE", dict(ms.convergence))
 

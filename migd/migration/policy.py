@@ -46,7 +46,8 @@ HALVING = 0.5  # another live round must leave at most this fraction of what is 
 RAM_MATTERS = 0.25  # ... and the RAM part of the downtime must be at least this much of the fixed part
 RATE_SAMPLES = 10  # windows whose spread the threshold allows for
 STALL_S = 5.0  # s without a new low of remaining before a forecast says stalled
-CONVERGING_RATIO = 0.9  # dirty rate below this fraction of the throughput: converging
+PROGRESS_STEP = 0.05  # a new low of remaining must be this much below the last one
+SAMPLE_SPACING = 0.9  # s between the remaining samples the trend is judged on
 THROTTLE_TARGET = 0.5  # a computed throttle aims at a dirty rate of half the throughput
 # priors, used only until this migration measured the cost
 PRIOR_STOP_MS = 1.0
@@ -103,8 +104,9 @@ class _Guest:
     dirty_rate: _Ewma = field(default_factory=_Ewma)  # bytes/s newly dirtied
     raw_rate: _Ewma = field(default_factory=_Ewma)  # the same, as the guest would dirty unthrottled
     working_set: int = 0  # bytes: the largest dirty set found after the first pass
-    low: int | None = None  # the smallest remaining seen
+    low: int | None = None  # the smallest remaining seen (a new low must beat it by PROGRESS_STEP)
     low_time: float = 0.0
+    samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=3))  # (t, remaining)
 
 
 def nova_schedule(limit_ms: int, max_ms: int, steps: int, delay_s: float) -> list[tuple[float, int]]:
@@ -138,6 +140,7 @@ class SwitchoverPolicy:
         self._step_index = 0
         self._aborted = False
         self.state: Convergence | None = None
+        self._verdict: Convergence | None = None  # the last judgement, not yet confirmed
 
     # -- inputs -----------------------------------------------------------------------------------
 
@@ -175,8 +178,11 @@ class SwitchoverPolicy:
                 g.raw_rate.add(new_dirty_bytes / dt / max(0.01, 1 - self.throttle / 100))
         if g.syncs >= 1:  # the first sync is the whole RAM
             g.working_set = max(g.working_set, remaining_bytes)
-            if g.low is None or remaining_bytes < g.low:
+            if g.low is None or remaining_bytes < g.low * (1 - PROGRESS_STEP):
                 g.low, g.low_time = remaining_bytes, now
+            if not g.samples or now - g.samples[-1][0] >= SAMPLE_SPACING:
+                g.samples.append((now, remaining_bytes))
+                self._judge(now, remaining_bytes)
         g.last_sync = now
         g.syncs += 1
 
@@ -296,34 +302,63 @@ class SwitchoverPolicy:
 
     # -- the forecast -----------------------------------------------------------------------------
 
+    def asymptote(self) -> float | None:
+        """Where remaining is heading, from its last three samples (about a second apart): the limit
+        of a geometric approach (Aitken's extrapolation) when the steps shrink, -inf when it falls
+        steadily, None when it does not fall."""
+        pts = self.guest.samples
+        if len(pts) < 3:
+            return None
+        (_, r0), (_, r1), (_, r2) = pts
+        d1, d2 = r1 - r0, r2 - r1
+        if d1 >= 0 or d2 >= 0:
+            return None
+        if d2 / d1 >= 0.95:
+            return -math.inf
+        return r2 - d2 * d2 / (d2 - d1)
+
+    def _judge(self, now: float, remaining: int) -> None:
+        """At a sync: converging, stalled or diverging; a change needs two judgements in a row."""
+        threshold = self.threshold()
+        send = self.throughput.value if self.throughput.samples else 0.0
+        limit_of = self.asymptote()
+        if remaining <= threshold:
+            verdict = Convergence.CONVERGING
+        elif send <= 0 or (self.guest.low is not None and now - self.guest.low_time >= STALL_S
+                           and limit_of is not None and limit_of <= threshold):
+            verdict = Convergence.STALLED  # nothing moves, or the trend says yes and the data says no
+        elif len(self.guest.samples) < 3:
+            verdict = self.state or Convergence.CONVERGING
+        elif limit_of is None or limit_of > threshold:
+            verdict = Convergence.DIVERGING  # not falling, or falling towards a level that never fits
+        else:
+            verdict = Convergence.CONVERGING
+        if verdict is self._verdict or self.state is None or (
+                verdict is Convergence.CONVERGING and remaining <= threshold):
+            self.state = verdict
+        self._verdict = verdict
+
     def forecast(self, now: float, remaining_bytes: int) -> dict[str, Any]:
-        """``x-migd-convergence``: state, eta-ms, dirty-rate (bytes/s), working-set (bytes)."""
+        """``x-migd-convergence``: state, eta-ms, dirty-rate (bytes/s), working-set (bytes), and what
+        they were judged against (throughput, threshold, link capacity, final-pass rate)."""
         g = self.guest
         dirty = g.dirty_rate.value if g.dirty_rate.samples else 0.0
         send = self.throughput.value if self.throughput.samples else self.final_rate()
         threshold = self.threshold()
-        eta: float | None
+        state = self.state or Convergence.CONVERGING
         if remaining_bytes <= threshold:
-            state, eta = Convergence.CONVERGING, 0.0
-        elif g.working_set and g.working_set <= threshold and send > 0:
-            state, eta = Convergence.CONVERGING, (remaining_bytes - threshold) / send
-        elif send > 0 and dirty < CONVERGING_RATIO * send:
-            state, eta = Convergence.CONVERGING, (remaining_bytes - threshold) / (send - dirty)
-        elif send > 0 and g.dirty_rate.samples and dirty >= send:
-            state, eta = Convergence.DIVERGING, None
-        else:
-            state, eta = Convergence.STALLED, None
-        if state is Convergence.CONVERGING and g.low is not None and now - g.low_time >= STALL_S \
-                and remaining_bytes > threshold:
-            state, eta = Convergence.STALLED, None
-        if not g.dirty_rate.samples and remaining_bytes > threshold and state is not Convergence.CONVERGING:
-            state = Convergence.CONVERGING  # still the first pass: nothing known against it
+            state = Convergence.CONVERGING
         self.state = state
         out: dict[str, Any] = {"state": str(state), "dirty-rate": int(dirty), "working-set": g.working_set,
+                               "throughput": int(send),
                                "threshold": threshold, "link-capacity": int(self.capacity.value),
                                "final-rate": int(self.final_rate())}
-        if eta is not None:
-            out["eta-ms"] = int(eta * 1000)
+        if state is Convergence.CONVERGING:
+            net = send - dirty
+            if remaining_bytes <= threshold:
+                out["eta-ms"] = 0
+            elif net > 0:
+                out["eta-ms"] = int((remaining_bytes - threshold) / net * 1000)
         return out
 
     # -- the built-in convergence policy --------------------------------------------------------

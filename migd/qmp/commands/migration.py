@@ -57,6 +57,13 @@ class MigrateSetParametersArgs(QMPArgs):
     mode: Literal["normal", "cpr-reboot", "cpr-transfer"] | None = None
     zero_page_detection: Literal["none", "legacy", "multifd"] | None = None
     direct_io: bool | None = None
+    x_migd_progress_timeout: UInt64 | None = None
+    x_migd_progress_action: Literal["abort", "escalate"] | None = None
+    x_migd_downtime_steps: UInt8 | None = None
+    x_migd_downtime_step_delay: UInt64 | None = None
+    x_migd_downtime_max: UInt64 | None = None
+    x_migd_auto_throttle: bool | None = None
+    x_migd_completion_timeout: UInt64 | None = None
 
 
 class CapabilityStatus(QMPArgs):
