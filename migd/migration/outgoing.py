@@ -104,7 +104,8 @@ class MigrationThread(threading.Thread):
         self._rate_lock = threading.Lock()
         self._unlimited = False
         # control law: measurements go to the policy, its answers are executed here
-        self.policy = SwitchoverPolicy(lambda: ms.config.params, 0, ms.start_time)
+        self.policy = SwitchoverPolicy(lambda: ms.config.params, 0, ms.start_time,
+                                       peer_answers=self.use_return_path)
         self.threshold = 0.0  # bytes, as the policy last computed it
         self.bandwidth = 0.0  # bytes/ms over the last window
         self._iter_start = 0.0
@@ -225,6 +226,8 @@ class MigrationThread(threading.Thread):
                              {k: round(v, 2) for k, v in policy.fixed_parts().items()})
                     self._complete()
                     return
+                if policy.waiting_for_peer:
+                    self._wait_pong(WINDOW / 10)
                 savevm.save_iterate(stream)
             self._rate_limit()
 
@@ -284,8 +287,11 @@ class MigrationThread(threading.Thread):
         if self.rp is None:
             return
         now = time.monotonic()
-        if self._ping_sent is not None and now - self._ping_sent[1] < PONG_TIMEOUT:
-            return
+        if self._ping_sent is not None:
+            if now - self._ping_sent[1] < PONG_TIMEOUT:
+                return
+            log.info("migration: PING %d unanswered after %.0f s", self._ping_sent[0], PONG_TIMEOUT)
+            self.policy.peer_silent()
         if now - self._last_ping < PING_INTERVAL and self._ping_sent is None and self._last_ping:
             return
         self._ping += 1
@@ -294,6 +300,13 @@ class MigrationThread(threading.Thread):
         self._ping_sent = (self._ping, time.monotonic())
         self._last_ping = now
 
+    def _wait_pong(self, timeout: float) -> None:
+        """Nothing left to decide before the first PONG: wait for it a little (bounded), not spin."""
+        rp, sent = self.rp, self._ping_sent
+        if rp is not None and sent is not None:
+            rp.wait_for_pong(sent[0], timeout)
+            self._time_pong()
+
     def _time_pong(self) -> None:
         """The PING's round trip, once its PONG came (arrival time stamped by the reader)."""
         rp, sent = self.rp, self._ping_sent
@@ -301,6 +314,7 @@ class MigrationThread(threading.Thread):
             return
         arrived = rp.pong_at.get(sent[0])
         if arrived is None:
+            self.policy.on_rtt(time.monotonic() - sent[1], lower_bound=True)
             return
         self._ping_sent = None
         self.policy.on_rtt(arrived - sent[1])

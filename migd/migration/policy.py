@@ -121,15 +121,23 @@ class SwitchoverPolicy:
     """Decisions and estimates for one outgoing migration. Called from the migration thread only;
     ``forecast`` and the published numbers may be read from any thread (plain attributes)."""
 
-    def __init__(self, params: Callable[[], Mapping[str, Any]], ram_total: int, start: float) -> None:
+    def __init__(self, params: Callable[[], Mapping[str, Any]], ram_total: int, start: float,
+                 peer_answers: bool = False) -> None:
         self._params = params
+        # with a return path the first switch-over waits until one PING was answered (or given up
+        # on): until then the round trip, and the backlog the destination still has to load, are
+        # unknown. Once is enough: later PINGs only refresh the estimate.
+        self.peer_answers = peer_answers
+        self.waiting_for_peer = False
         self.ram_total = ram_total
         self.start = start
         self.capacity = _Ewma()  # bytes/s inside channel writes: the link
         self._link_bytes, self._link_busy = 0, 0.0  # windows not yet counted in capacity
         self.throughput = _Ewma()  # RAM bytes/s over whole windows: what the rate limit lets through
         self.cpu_per_byte = _Ewma()  # s of the thread's own work per byte sent, outside writes
+        self._cpu_any = _Ewma()  # the same over zero-page windows, until a data window was seen
         self._rtt: deque[float] = deque(maxlen=5)  # s, the last round trips
+        self._rtt_floor = 0.0  # s, the age of the PING still unanswered
         self._rates: deque[float] = deque(maxlen=RATE_SAMPLES)  # per-window final-pass rates, bytes/s
         self.phases: dict[str, float] = {}  # ms, measured fixed costs
         self._wake_ms: deque[float] = deque(maxlen=16)
@@ -161,6 +169,10 @@ class SwitchoverPolicy:
             self.capacity.add(self._link_bytes / self._link_busy)
             self._link_bytes, self._link_busy = 0, 0.0
         data_heavy = ram_bytes is None or sent_bytes >= ram_bytes / 2
+        if active_s is not None and active_s >= busy_s and not data_heavy:
+            # until a window of data pages was seen, the cost per wire byte of zero-page windows
+            # (pessimistic: their scan is charged to few bytes) keeps the final pass from looking free
+            self._cpu_any.add((active_s - busy_s) / sent_bytes)
         if active_s is not None and active_s >= busy_s and data_heavy:
             self.cpu_per_byte.add((active_s - busy_s) / sent_bytes)
             if self.capacity.samples:
@@ -186,9 +198,14 @@ class SwitchoverPolicy:
         g.last_sync = now
         g.syncs += 1
 
-    def on_rtt(self, seconds: float) -> None:
-        """A PING's round trip (queueing behind the stream included, as the final pass will be)."""
-        self._rtt.append(max(0.0, seconds))
+    def on_rtt(self, seconds: float, lower_bound: bool = False) -> None:
+        """A PING's round trip (queueing behind the stream included, as the final pass will be); with
+        ``lower_bound``, the age of a PING not answered yet: the round trip is at least that."""
+        if lower_bound:
+            self._rtt_floor = max(0.0, seconds)
+        else:
+            self._rtt.append(max(0.0, seconds))
+            self._rtt_floor = 0.0
 
     def on_phase(self, name: str, ms: float) -> None:
         """A measured fixed cost: ``stop-vcpus``, ``drive-flush``, ``sync``, ``device-state``,
@@ -211,7 +228,8 @@ class SwitchoverPolicy:
             return float(avail)
         if not self.capacity.samples:
             return 0.0
-        per_byte = 1 / self.capacity.value + max(0.0, self.cpu_per_byte.value)
+        cpu = self.cpu_per_byte if self.cpu_per_byte.samples else self._cpu_any
+        per_byte = 1 / self.capacity.value + max(0.0, cpu.value)
         return 1 / per_byte
 
     def fixed_parts(self) -> dict[str, float]:
@@ -229,9 +247,8 @@ class SwitchoverPolicy:
 
     def rtt_ms(self) -> float:
         """The median of the last round trips (one slow PONG is a hiccup, not the link)."""
-        if not self._rtt:
-            return 0.0
-        return sorted(self._rtt)[len(self._rtt) // 2] * 1000
+        median = sorted(self._rtt)[len(self._rtt) // 2] if self._rtt else 0.0
+        return max(median, self._rtt_floor) * 1000
 
     def fixed_ms(self) -> float:
         """The switch-over's cost with nothing left to send."""
@@ -291,7 +308,14 @@ class SwitchoverPolicy:
             return Decision(Step.SYNC, actions)
         if remaining_bytes and self._another_round_pays(remaining_bytes):
             return Decision(Step.ITERATE, actions)
+        self.waiting_for_peer = self.peer_answers and not self._rtt
+        if self.waiting_for_peer:
+            return Decision(Step.ITERATE, actions)
         return Decision(Step.SWITCHOVER, actions)
+
+    def peer_silent(self) -> None:
+        """The PING went unanswered for too long: stop waiting for a round trip before switching."""
+        self.peer_answers = False
 
     def _another_round_pays(self, remaining: int) -> bool:
         rate = self.final_rate()
