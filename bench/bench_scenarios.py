@@ -110,6 +110,7 @@ async def one_case(tmp: Path, memory: int, case: str, timeout: float,
         "sent_mb": round(info.get("ram", {}).get("transferred", 0) / 2**20),
         "states": ">".join(states), "actions": ",".join(str(a) for a in actions),
         "phases": info.get("x-migd-downtime-phases"), "error": info.get("error-desc"),
+        "trace": [(round(t, 2), e, c.get("state"), c.get("eta-ms")) for t, e, c in samples[::10]],
     }
 
 
@@ -119,6 +120,7 @@ async def main() -> int:
     ap.add_argument("--cases", default=";".join(DEFAULT_CASES), help="';'-separated cases")
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--keep", action="store_true", help="keep the daemons' logs (printed path)")
+    ap.add_argument("--trace", action="store_true", help="print every 10th sample (s, expected, state, eta)")
     ap.add_argument("--phases", action="store_true", help="print each case's downtime phases")
     ap.add_argument("--set", action="append", default=[], help="extra parameter name=value")
     args = ap.parse_args()
@@ -137,6 +139,8 @@ async def main() -> int:
             r = await one_case(run_dir, memory, case, args.timeout, extra)
             ok &= r["status"] == "completed"
             print("| " + " | ".join(str(r[c]) for c in cols) + " |", flush=True)
+            if args.trace:
+                print(f"  trace: {r['trace']}", flush=True)
             if args.phases or r["error"]:
                 print(f"  phases: {r['phases']} error: {r['error']}", flush=True)
     finally:

@@ -38,6 +38,7 @@ class Sim:
     sync_ms: float = 1.5
     other_ms: float = 1.0
     params: dict[str, Any] = field(default_factory=dict)
+    data_ram: bool = False  # every page holds data (no cheap zero pages in the first pass)
     # state
     t: float = 0.0
     bitmap: float = 0.0  # bytes known dirty, to send
@@ -51,7 +52,10 @@ class Sim:
         self.policy = SwitchoverPolicy(lambda: self.p, self.ram, 0.0)
         self.policy.on_phase("device-state", self.device_ms)  # the dry run at setup
         self.policy.on_phase("wake", self.stop_ms / 2)
-        self.first_pass = float(self.ram)
+        if self.data_ram:
+            self.bitmap = float(self.ram)
+        else:
+            self.first_pass = float(self.ram)
         self._sync()
 
     @property
@@ -198,7 +202,7 @@ def test_converging_forecast_has_an_eta() -> None:
 
 def test_50ms_rtt_is_a_fixed_cost_and_never_stalls_the_switchover() -> None:
     """The old catch-up waited one RTT per attempt and restarted its window: nothing completed."""
-    sim = Sim(dirty_rate=4 * MIB, rtt=0.1, params={"downtime-limit": 300})
+    sim = Sim(ram=128 * MIB, data_ram=True, dirty_rate=4 * MIB, rtt=0.1, params={"downtime-limit": 300})
     r = sim.run()
     assert r["expected"] is not None and r["t"] < 5, r
     assert r["expected"] >= 100  # the round trip is in the estimate

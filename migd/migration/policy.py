@@ -45,6 +45,8 @@ SYNC_INTERVAL = 1.0  # s: past the first pass, a bitmap sync at least this often
 HALVING = 0.5  # another live round must leave at most this fraction of what is left
 RAM_MATTERS = 0.25  # ... and the RAM part of the downtime must be at least this much of the fixed part
 RATE_SAMPLES = 10  # windows whose spread the threshold allows for
+MIXED_SHARE = 0.1  # a window whose wire bytes are at least this share of its RAM bytes has data pages
+PLAN_ROUNDS = 30  # rounds the expected downtime looks ahead at most
 STALL_S = 5.0  # s without a new low of remaining before a forecast says stalled
 PROGRESS_STEP = 0.05  # a new low of remaining must be this much below the last one
 SAMPLE_SPACING = 0.9  # s between the remaining samples the trend is judged on
@@ -135,6 +137,8 @@ class SwitchoverPolicy:
         self._link_bytes, self._link_busy = 0, 0.0  # windows not yet counted in capacity
         self.throughput = _Ewma()  # RAM bytes/s over whole windows: what the rate limit lets through
         self.cpu_per_byte = _Ewma()  # s of the thread's own work per byte sent, outside writes
+        self.data_throughput = _Ewma()  # bytes/s over windows of data pages: a live round's pace
+        self._cpu_mixed = _Ewma()  # per guest RAM byte, over windows with some data pages
         self._cpu_any = _Ewma()  # the same over zero-page windows, until a data window was seen
         self._rtt: deque[float] = deque(maxlen=5)  # s, the last round trips
         self._rtt_floor = 0.0  # s, the age of the PING still unanswered
@@ -170,13 +174,20 @@ class SwitchoverPolicy:
             self._link_bytes, self._link_busy = 0, 0.0
         data_heavy = ram_bytes is None or sent_bytes >= ram_bytes / 2
         if active_s is not None and active_s >= busy_s and not data_heavy:
-            # until a window of data pages was seen, the cost per wire byte of zero-page windows
-            # (pessimistic: their scan is charged to few bytes) keeps the final pass from looking free
+            # until a window of data pages was seen: in windows with some data, the work per guest
+            # RAM byte (finding a page costs about the same whatever it holds; copying is in the
+            # writes); in windows of zero pages only, the work per wire byte (pessimistic: their scan
+            # is charged to few bytes), so that the final pass never looks free
+            assert ram_bytes is not None
+            if sent_bytes >= ram_bytes * MIXED_SHARE:
+                self._cpu_mixed.add((active_s - busy_s) / ram_bytes)
             self._cpu_any.add((active_s - busy_s) / sent_bytes)
         if active_s is not None and active_s >= busy_s and data_heavy:
             self.cpu_per_byte.add((active_s - busy_s) / sent_bytes)
             if self.capacity.samples:
                 self._rates.append(1 / (1 / self.capacity.value + (active_s - busy_s) / sent_bytes))
+        if window_s is not None and window_s > 0 and data_heavy:
+            self.data_throughput.add(sent_bytes / window_s)
         if window_s is not None and window_s > 0:  # remaining counts guest RAM: so does the progress
             self.throughput.add((ram_bytes if ram_bytes is not None else sent_bytes) / window_s)
 
@@ -228,7 +239,7 @@ class SwitchoverPolicy:
             return float(avail)
         if not self.capacity.samples:
             return 0.0
-        cpu = self.cpu_per_byte if self.cpu_per_byte.samples else self._cpu_any
+        cpu = next((e for e in (self.cpu_per_byte, self._cpu_mixed, self._cpu_any) if e.samples), self._cpu_any)
         per_byte = 1 / self.capacity.value + max(0.0, cpu.value)
         return 1 / per_byte
 
@@ -255,16 +266,34 @@ class SwitchoverPolicy:
         return sum(self.fixed_parts().values())
 
     def expected_downtime_ms(self, remaining_bytes: int, fallback_rate: float = 0.0) -> int:
-        """The downtime a switch-over started now would cost (the number the log and query-migrate
-        both print). Before the first window, ``fallback_rate`` (bytes/s, e.g. the average since the
-        start) stands in for the final-pass rate; with neither, the limit is QEMU's first guess."""
+        """The downtime of the switch-over this policy plans (the number the log and query-migrate
+        both print): ``fixed + final pass / final-pass rate``, where the final pass is what the model
+        predicts will be left when the decision comes (``planned_final``) — at the switch-over, the
+        remaining itself. Before the first window, ``fallback_rate`` (bytes/s, e.g. the average since
+        the start) stands in for the final-pass rate; with neither, the limit is QEMU's first guess."""
         fixed = self.fixed_ms()
         if remaining_bytes <= 0:
             return int(round(fixed))
         rate = self.final_rate() or fallback_rate
         if rate <= 0:
             return self.limit_ms()
-        return int(round(fixed + remaining_bytes / rate * 1000))
+        return int(round(fixed + self.planned_final(remaining_bytes) / rate * 1000))
+
+    def planned_final(self, remaining: int) -> float:
+        """What will be left at the switch-over, if the guest keeps its dirty rate: the decision
+        replayed on the model, round by round. A remaining that does not shrink is its own answer."""
+        r = float(remaining)
+        if self.guest.dirty_rate.samples < 2:
+            return r  # the guest's pace is not known yet: the switch-over as if it came now
+        threshold = self.threshold()
+        for _ in range(PLAN_ROUNDS):
+            if r <= threshold and not self._another_round_pays(int(r)):
+                return r
+            following = self._next_round(int(r))
+            if not following < r:
+                return r
+            r = following
+        return r
 
     def decision_rate(self) -> float:
         """The final-pass rate the switch-over decision counts on: the estimate, or the slower
@@ -280,8 +309,12 @@ class SwitchoverPolicy:
         return int(max(0.0, self.limit_ms() - self.fixed_ms()) / 1000 * self.decision_rate())
 
     def _round_s(self, remaining: int) -> float:
-        rate = self.throughput.value if self.throughput.samples else self.final_rate()
-        return remaining / rate if rate > 0 else math.inf
+        """A live round's length: sending ``remaining`` at the throughput, and never less than the
+        bitmap sync that ends it."""
+        rate = self.data_throughput.value if self.data_throughput.samples else 0.0
+        if rate <= 0:
+            return math.inf
+        return max(remaining / rate, self.phases.get("sync", 0.0) / 1000)
 
     def _next_round(self, remaining: int) -> float:
         """What one more live round is predicted to leave."""

