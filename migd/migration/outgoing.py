@@ -8,12 +8,14 @@ The loop is QEMU's control law with the decisions moved into a pure ``Switchover
 (``migration/policy.py``, docs/SWITCHOVER.md §1): this thread only measures — bytes, time inside
 channel writes and time asleep per >= 100 ms window, dirty pages per bitmap sync, PING round trips,
 the cost of a device-state dry run at setup — and executes what the policy answers (iterate, sync,
-switch over, throttle, abort). ``expected-downtime`` is the policy's ``fixed costs + remaining /
-final-pass rate`` from the first window on, the same number in the log and in ``query-migrate``.
+switch over, throttle, abort). ``expected-downtime`` is the policy's ``fixed costs + final pass /
+final-pass rate`` (the final pass the policy plans; at the switch-over, the remaining) from the first
+window on, the same number in the log and in ``query-migrate``.
 
 With a return path a PING goes out about once a second and its PONG is only *timed* (an input of the
-model: the destination's round trip, queueing behind the stream included); it never gates the
-switch-over, so a 100 ms round trip cannot stall a migration.
+model: the destination's round trip, queueing behind the stream included). Only the first switch-over
+waits until one PING was answered (in bounded waits, the guest running, given up after PONG_TIMEOUT);
+no window is restarted by it, so a 100 ms round trip cannot stall a migration.
 
 The completion is timed phase by phase (``x-migd-downtime-phases``); consecutive phases share their
 boundaries, so they add up to ``downtime``.
@@ -328,10 +330,6 @@ class MigrationThread(threading.Thread):
         self._iter_sleep = 0.0
         self._iter_pages = self.stats.normal + self.stats.duplicate
         self.stream.reset_window()
-
-    def _switchover_bandwidth(self) -> float:
-        """Bytes/ms the final pass is predicted to run at (the policy's final rate)."""
-        return self.policy.final_rate() / 1000
 
     def _rate_limit(self) -> None:
         now = time.monotonic()
