@@ -202,3 +202,22 @@ def test_long_round_trip_never_stalls_the_switchover(migd_factory, short_tmp: Pa
         assert info["downtime"] <= 300
     finally:
         relay.close()
+
+
+def test_downtime_steps_raise_the_limit_until_it_converges(migd_factory, short_tmp: Path) -> None:
+    """Nova's schedule, built in: 3 steps up to 1 s, 2 s per GiB apart (0.5 s for 256 MiB)."""
+    src, dst, _, uri = _pair(migd_factory, "256M", "random,rate=100M,wss=96M", short_tmp)
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 16 * MIB, "downtime-limit": 20,
+                                         "x-migd-downtime-steps": 3, "x-migd-downtime-step-delay": 2,
+                                         "x-migd-downtime-max": 1000})
+    src.clear_events()
+    src.cmd("migrate", uri=uri)
+    event = src.wait_event("X_MIGD_POLICY_ACTION", lambda e: e["data"]["action"] == "downtime-limit", timeout=60)
+    assert event["data"]["value"] > 20 and "downtime step" in event["data"]["reason"]
+    info = wait_status(src, "completed", 120)
+    wait_status(dst, "completed", 30)
+    assert digests(dst) == digests(src)
+    raised = [a["value"] for a in info["x-migd-policy-actions"] if a["action"] == "downtime-limit"]
+    assert raised == sorted(raised) and raised[-1] <= 1000
+    assert info["downtime"] <= raised[-1], info
+    assert src.cmd("query-migrate-parameters")["downtime-limit"] == 20  # the user's parameter stays
