@@ -53,7 +53,8 @@ SAMPLE_SPACING = 0.9  # s between the remaining samples the trend is judged on
 THROTTLE_TARGET = 0.5  # a computed throttle aims at a dirty rate of half the throughput
 # priors, used only until this migration measured the cost
 PRIOR_STOP_MS = 1.0
-PRIOR_OTHER_MS = 1.0  # framing of the switch-over outside RAM and devices (EOF, vmdesc, state changes)
+PRIOR_OTHER_MS = 1.0
+PRIOR_SPREAD = 0.25  # how much slower than its estimate a final pass may run, until windows showed it  # framing of the switch-over outside RAM and devices (EOF, vmdesc, state changes)
 PHASES = ("stop-vcpus", "drive-flush", "sync", "device-state", "other")
 
 
@@ -300,8 +301,10 @@ class SwitchoverPolicy:
         quartile of the recent windows when they spread (a noisy machine), so that a downtime the
         estimate puts at the limit does not end above it. A user-given rate is taken as given."""
         rate = self.final_rate()
-        if int(self._params()["avail-switchover-bandwidth"]) or len(self._rates) < 4:
+        if int(self._params()["avail-switchover-bandwidth"]):
             return rate
+        if len(self._rates) < 4:  # the spread is not known yet: the prior one
+            return rate * (1 - PRIOR_SPREAD)
         return min(rate, sorted(self._rates)[len(self._rates) // 4])
 
     def threshold(self) -> int:
@@ -311,7 +314,11 @@ class SwitchoverPolicy:
     def _round_s(self, remaining: int) -> float:
         """A live round's length: sending ``remaining`` at the throughput, and never less than the
         bitmap sync that ends it."""
-        rate = self.data_throughput.value if self.data_throughput.samples else 0.0
+        if self.data_throughput.samples:
+            rate = self.data_throughput.value
+        else:  # no round of data pages yet: the final pass's pace, held to the rate limit
+            cap = int(self._params()["max-bandwidth"])
+            rate = min(self.final_rate(), float(cap)) if cap else self.final_rate()
         if rate <= 0:
             return math.inf
         return max(remaining / rate, self.phases.get("sync", 0.0) / 1000)
