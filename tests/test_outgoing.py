@@ -128,7 +128,7 @@ async def test_counters_follow_qemu_formulas(h: Harness) -> None:
         # no rate-limit sleep: the final pass costs what the whole window cost per byte
         assert policy.final_rate() == pytest.approx(250e6)
         fixed = policy.fixed_ms()
-        # one window says nothing of how the final pass may spread: the decision allows the prior 25 %
+        # the decision lets the final pass run at least 25 % slower than estimated
         assert policy.decision_rate() == pytest.approx(0.75 * 250e6)
         assert thread.threshold == pytest.approx((300 - fixed) / 1000 * 0.75 * 250e6, abs=1)
         assert ms.expected_downtime == round(fixed + 5_000 * 4096 / 250e6 * 1000)
@@ -163,7 +163,7 @@ async def test_a_capped_window_still_measures_the_link(h: Harness) -> None:
         assert thread.bandwidth == pytest.approx(33_000)  # bytes/ms: the cap
         assert policy.capacity.value == pytest.approx(1.1e9)
         assert policy.final_rate() == pytest.approx(3_300_000 / 0.02)
-        assert thread.threshold > 4 * 33_000 * 300  # QEMU's capped threshold would be 33_000 * 300
+        assert thread.threshold > 3 * 33_000 * 300  # QEMU's capped threshold would be 33_000 * 300
         assert "state" in ms.convergence and ms.convergence["link-capacity"] == int(policy.capacity.value)
     finally:
         thread.stream.close()
