@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ class ReturnPathReader:
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
         self.pongs: list[int] = []
+        self.pong_at: dict[int, float] = {}  # PONG value -> time.monotonic() it arrived (last 16)
         self.shut: int | None = None
         self.error: str | None = None  # why the reader stopped without a SHUT
         self._done = threading.Event()
@@ -114,6 +116,9 @@ class ReturnPathReader:
                 with self._pong:
                     self.pongs.append(value)
                     del self.pongs[:-16]
+                    self.pong_at[value] = time.monotonic()
+                    for old in list(self.pong_at)[:-16]:
+                        del self.pong_at[old]
                     self._pong.notify_all()
         except ReturnPathError as exc:
             self.error = str(exc)

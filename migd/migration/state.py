@@ -73,6 +73,8 @@ class MigrationState:
         self.expected_downtime = 0  # ms
         self.downtime_phases: dict[str, float] = {}
         self.throttle_percentage = 0  # auto-converge, 0 = not throttling
+        self.convergence: dict[str, Any] = {}  # x-migd-convergence, the policy's forecast
+        self.policy_actions: list[dict[str, Any]] = []  # x-migd-policy-actions, the built-in policy's acts
         # per migration
         self.uri: str = ""
         self.channel: Channel | None = None
@@ -85,9 +87,6 @@ class MigrationState:
         self._generation = 0  # which migrate a late connect callback belongs to
         self._done: asyncio.Future[None] | None = None
         self._cleanups: set[asyncio.Task[None]] = set()  # strong references while they run
-        # learned from the last completed migration, so the next switch-over decision is honest
-        self.overhead_ms_hint = 0.0  # non-RAM downtime (stop, drain, devices, EOF, ack)
-        self.final_bw_hint = 0.0  # bytes/ms the last sizeable final RAM pass really reached
 
     # -- status -----------------------------------------------------------------------------------
 
@@ -147,15 +146,16 @@ class MigrationState:
 
     @on_thread("mig/src/main")
     def _on_sync(self, stats: MigrationStats) -> None:
-        """After every bitmap sync: MIGRATION_PASS, a log line, auto-converge."""
+        """After every bitmap sync: the thread's model first (so the log line prints the estimate
+        query-migrate shows), then a log line and MIGRATION_PASS."""
+        thread = self.thread
+        if thread is not None:
+            thread.on_sync(stats)
         log.info("migration pass=%d remaining=%d mbps=%.1f expected_downtime=%d dirty_pages_rate=%d",
                  stats.dirty_sync_count, stats.remaining, stats.mbps, self.expected_downtime,
                  stats.dirty_pages_rate)
         if self.config.cap("events"):
             self.host.events.emit("MIGRATION_PASS", {"pass": stats.dirty_sync_count})
-        thread = self.thread
-        if thread is not None:
-            thread.on_sync(stats)
 
     # -- migrate ------------------------------------------------------------------------------------
 
@@ -183,6 +183,8 @@ class MigrationState:
         self.expected_downtime = 0
         self.downtime_phases = {}
         self.throttle_percentage = 0
+        self.convergence = {}
+        self.policy_actions = []
         self.uri = uri
         self._generation += 1
         self.channel = None
@@ -384,11 +386,15 @@ class MigrationState:
             info["setup-time"] = self.setup_time
             if self.throttle_percentage:
                 info["cpu-throttle-percentage"] = self.throttle_percentage
+            if self.convergence and status is M.ACTIVE:
+                info["x-migd-convergence"] = dict(self.convergence)
         elif status is M.COMPLETED:
             info["ram"] = self._ram_info(status)
             info["total-time"] = self.total_time
             info["downtime"] = self.downtime
             info["setup-time"] = self.setup_time
+        if self.policy_actions:
+            info["x-migd-policy-actions"] = list(self.policy_actions)
         if self.error_desc is not None and status is not M.COMPLETED:
             info["error-desc"] = self.error_desc
         if status is M.COMPLETED:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import time
 from typing import Any
 
 from migd.threads import any_thread
@@ -44,6 +45,7 @@ class OutStream:
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
         self.transferred = 0  # bytes really written to the channel
+        self.write_busy = 0.0  # seconds spent inside channel writes (the link's side of the time)
         self.error: str | None = None
         self._small = bytearray()
         self._iov: list[memoryview] = []
@@ -112,7 +114,11 @@ class OutStream:
         try:
             while pos < len(iov):
                 batch = iov[pos : pos + IOV_MAX]
-                n = self.channel.write_vectored(batch)
+                t0 = time.monotonic()
+                try:
+                    n = self.channel.write_vectored(batch)
+                finally:
+                    self.write_busy += time.monotonic() - t0
                 if n <= 0:
                     raise OSError("write returned no progress")
                 self.transferred += n
