@@ -51,9 +51,26 @@ class Cmd(IntEnum):
     SWITCHOVER_START = 11
 
 
+# [migd] commands of migd's own, far above QEMU's numbers; sent only to a destination that accepted
+# the feature (docs/FORMAT.md §1.1)
+CMD_X_MIGD_HEARTBEAT = 0x4D00  # the source is alive (it sent nothing else for about a second)
+CMD_X_MIGD_COMMIT = 0x4D01  # the source committed: the destination may run the guest
+
 # commands migd understands, with their fixed payload length
-CMD_LENGTHS: dict[int, int] = {Cmd.OPEN_RETURN_PATH: 0, Cmd.PING: 4, Cmd.SWITCHOVER_START: 0}
+CMD_LENGTHS: dict[int, int] = {Cmd.OPEN_RETURN_PATH: 0, Cmd.PING: 4, Cmd.SWITCHOVER_START: 0,
+                               CMD_X_MIGD_HEARTBEAT: 0, CMD_X_MIGD_COMMIT: 0}
 CMD_NAMES: dict[int, str] = {c.value: c.name for c in Cmd}
+CMD_NAMES.update({CMD_X_MIGD_HEARTBEAT: "X_MIGD_HEARTBEAT", CMD_X_MIGD_COMMIT: "X_MIGD_COMMIT"})
+MIGD_COMMANDS = frozenset({CMD_X_MIGD_HEARTBEAT, CMD_X_MIGD_COMMIT})
+
+# [migd] features a migd source announces in its configuration subsection ``configuration/x-migd``
+# and a migd destination accepts on the return path (MSG_X_MIGD_FEATURES)
+FEATURE_COMMIT = 0x1  # LOADED, then COMMIT: the destination runs only after the source committed
+FEATURE_HEARTBEAT = 0x2  # heartbeats both ways; each side gives up on a silent peer
+FEATURES_SUPPORTED = FEATURE_COMMIT | FEATURE_HEARTBEAT
+CONFIG_SUBSECTION = "configuration/x-migd"
+CONFIG_SUBSECTION_VERSION = 1
+_CONFIG_FIELDS = struct.Struct(">II")  # features, peer timeout in ms
 
 
 # RAM record flags: the low bits (below the page size) of each record's be64 header
@@ -104,6 +121,38 @@ def section_footer(section_id: int) -> bytes:
 
 def command(cmd: int, payload: bytes = b"") -> bytes:
     return bytes((Section.COMMAND,)) + struct.pack(">HH", cmd, len(payload)) + payload
+
+
+def config_subsection(features: int, peer_timeout_ms: int) -> bytes:
+    """[migd] ``0x05, str8 name, be32 version, be32 features, be32 peer-timeout-ms`` (QEMU's layout)."""
+    return (bytes((Section.SUBSECTION,)) + idstr_bytes(CONFIG_SUBSECTION)
+            + _BE32.pack(CONFIG_SUBSECTION_VERSION) + _CONFIG_FIELDS.pack(features, peer_timeout_ms))
+
+
+def config_subsection_desc() -> dict[str, object]:
+    """The subsection's VMDESCRIPTION entry, so QEMU's analysis script can walk over it."""
+    return {"vmsd_name": CONFIG_SUBSECTION, "version": CONFIG_SUBSECTION_VERSION,
+            "fields": [{"name": "features", "type": "uint32", "size": 4},
+                       {"name": "peer-timeout-ms", "type": "uint32", "size": 4}]}
+
+
+def read_config_subsection(f: InStream) -> tuple[int, int]:
+    """After the machine type: an optional ``configuration/x-migd`` subsection -> (features, timeout ms).
+
+    (0, 0) when there is none (a QEMU source, an older migd, a file: save without features).
+    """
+    if f.at_eof() or f.peek(1)[0] != Section.SUBSECTION:
+        return 0, 0
+    f.get_u8()
+    name = read_idstr(f)
+    if name != CONFIG_SUBSECTION:
+        raise StreamError(f"Unknown configuration subsection '{name}'")
+    version = f.get_be32()
+    if version > CONFIG_SUBSECTION_VERSION:
+        raise StreamError(f"savevm: unsupported version {version} for '{name}' v{CONFIG_SUBSECTION_VERSION}")
+    features = f.get_be32()
+    timeout_ms = f.get_be32()
+    return features, timeout_ms
 
 
 def put_header(f: OutStream) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 TARGET_PAGE_SIZE = 4096
 SIZE_MAX = (1 << 64) - 1
 MAX_MIGRATE_DOWNTIME_MS = 2_000_000
+MAX_PEER_TIMEOUT = 86400  # [migd] x-migd-peer-timeout, seconds
 
 
 class ParamError(Exception):
@@ -83,6 +84,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("mode", "enum", "normal", MIGRATION_MODES),
     ParamSpec("zero-page-detection", "enum", "multifd", ZERO_PAGE_DETECTION),
     ParamSpec("direct-io", "bool", False),
+    # [migd] seconds of silence after which a migd peer is given up on (heartbeats, docs/SWITCHOVER.md §2)
+    ParamSpec("x-migd-peer-timeout", "uint32", 10),
 )
 SPECS: dict[str, ParamSpec] = {spec.name: spec for spec in PARAMS}
 DEFAULT_PARAMETERS: dict[str, Any] = {spec.name: spec.default for spec in PARAMS}
@@ -179,6 +182,8 @@ def check_parameters(p: Mapping[str, Any]) -> None:
         raise _invalid("x-vcpu-dirty-limit-period", "a value between 1 and 1000")
     if p["vcpu-dirty-limit"] < 1:
         raise _invalid("vcpu_dirty_limit", "is invalid, it must greater then 1 MB/s")
+    if not 1 <= p["x-migd-peer-timeout"] <= MAX_PEER_TIMEOUT:
+        raise _invalid("x-migd-peer-timeout", f"a value between 1 and {MAX_PEER_TIMEOUT} seconds")
     if p["mode"] != "normal":
         raise ParamError(f"Migration mode '{p['mode']}' is not supported by migd")
 

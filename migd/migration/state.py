@@ -65,6 +65,8 @@ POSTCOPY_STATES = frozenset({M.POSTCOPY_ACTIVE, M.POSTCOPY_PAUSED, M.POSTCOPY_RE
 _PROGRESS_STATES = frozenset({M.ACTIVE, M.CANCELLING, M.PRE_SWITCHOVER, M.DEVICE})
 
 IN_PROGRESS = "There's a migration process in progress"
+COMMITTED = ("The migration is committed: the destination owns the guest now, it can no longer be "
+             "cancelled")
 CANCEL_WAIT = 10.0  # seconds migrate_cancel waits for the thread to wind down before replying anyway
 
 
@@ -104,6 +106,7 @@ class MigrationState:
         self._connect_task: asyncio.Task[None] | None = None
         self._generation = 0  # which migrate a late connect callback belongs to
         self._done: asyncio.Future[None] | None = None
+        self.committed = False  # [migd] past the point of no return (docs/SWITCHOVER.md §2)
         # learned from the last completed migration, so the next switch-over decision is honest
         self.overhead_ms_hint = 0.0  # non-RAM downtime (stop, drain, devices, EOF, ack)
         self.final_bw_hint = 0.0  # bytes/ms the last sizeable final RAM pass really reached
@@ -121,7 +124,7 @@ class MigrationState:
         """CAS ``old`` -> ``new``; emits ``MIGRATION`` (with the events capability) only if it won."""
         expected = (old,) if isinstance(old, MigrationStatus) else old
         with self._cas:
-            if self._status not in expected:
+            if self._status not in expected or (new is M.CANCELLING and self.committed):
                 return False
             self._status = new
         log.info("migration status=%s remaining=%d mbps=%.1f expected_downtime=%d%s", new,
@@ -129,6 +132,16 @@ class MigrationState:
                  f" error={self.error_desc!r}" if new is M.FAILED and self.error_desc else "")
         if self.config.cap("events"):
             self.daemon.events.emit("MIGRATION", {"status": str(new)})
+        return True
+
+    def commit(self) -> bool:
+        """[migd] The point of no return (migration thread): True if no cancel came first; from here on
+        ``migrate_cancel`` is refused and the source never resumes its guest on its own."""
+        with self._cas:
+            if self._status is not M.DEVICE:
+                return False
+            self.committed = True
+        log.info("migration committed: the destination may run the guest from now on")
         return True
 
     def fail(self, desc: str, old: MigrationStatus | Collection[MigrationStatus] | None = None) -> bool:
@@ -203,6 +216,7 @@ class MigrationState:
         self.thread = None
         self.continue_event.clear()
         self.wake_event.clear()
+        self.committed = False
 
     async def start(self, uri: str | None = None, channels: list[Any] | None = None,
                     fds: Any = None, resume: bool = False) -> None:
@@ -317,6 +331,8 @@ class MigrationState:
                 break
             if self.set_state(cur, M.CANCELLING):
                 break
+            if self.committed:
+                raise MigrationError(COMMITTED)
         if self._status is not M.CANCELLING:
             return
         self.continue_event.set()
@@ -398,6 +414,10 @@ class MigrationState:
             info["setup-time"] = self.setup_time
         if self.error_desc is not None and status is not M.COMPLETED:
             info["error-desc"] = self.error_desc
+        thread = self.thread
+        silent = thread.peer_silent_ms() if thread is not None and status in RUNNING_STATES else None
+        if silent is not None:
+            info["x-migd-peer-silent-ms"] = silent
         if status is M.COMPLETED:
             # the estimate as it stood at the switch-over, to hold against the measured downtime
             info["x-migd-expected-downtime"] = self.expected_downtime

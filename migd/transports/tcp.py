@@ -1,4 +1,9 @@
-"""``tcp:HOST:PORT``: IPv4 and IPv6; port 0 on the destination picks a free port."""
+"""``tcp:HOST:PORT``: IPv4 and IPv6; port 0 on the destination picks a free port.
+
+Both ends of a migration connection use TCP keepalive (a dead or unreachable peer is noticed even while
+nothing is sent), and ``set_peer_timeout`` bounds with ``TCP_USER_TIMEOUT`` how long sent data may stay
+unacknowledged: migd's heartbeats see a stopped peer, these see a vanished one.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,53 @@ import socket
 from typing import TYPE_CHECKING
 
 from migd.transports import SocketListener, TransportError, tune_socket
+from migd.transports.channel import SocketChannel
 from migd.transports.uri import TcpURI
 
 if TYPE_CHECKING:
     from migd.transports.channel import Channel
 
+KEEPALIVE_IDLE = 5  # seconds of silence before the first probe
+KEEPALIVE_INTERVAL = 1  # seconds between probes
+KEEPALIVE_COUNT = 5  # unanswered probes before the kernel drops the connection
+DEFAULT_USER_TIMEOUT = 10  # seconds, until the migration sets its x-migd-peer-timeout
+
+
+def _is_tcp(sock: socket.socket) -> bool:
+    return sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
+
+
+def keepalive(sock: socket.socket) -> None:
+    """Keepalive probes and a default TCP_USER_TIMEOUT on a migration connection (best effort)."""
+    if not _is_tcp(sock):
+        return
+    for level, opt, value in ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+                              (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), KEEPALIVE_IDLE),
+                              (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), KEEPALIVE_INTERVAL),
+                              (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), KEEPALIVE_COUNT),
+                              (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None),
+                               DEFAULT_USER_TIMEOUT * 1000)):
+        if opt is None:
+            continue
+        try:
+            sock.setsockopt(level, opt, value)
+        except OSError:
+            pass  # an option this kernel lacks: the heartbeats still notice a silent peer
+
+
+def set_peer_timeout(channel: Channel, seconds: float) -> None:
+    """TCP_USER_TIMEOUT = the migration's peer timeout, on a tcp channel (no-op for anything else)."""
+    opt = getattr(socket, "TCP_USER_TIMEOUT", None)
+    inner = getattr(channel, "inner", channel)  # a wrapped channel (migd.migration.heartbeat)
+    if opt is None or not isinstance(inner, SocketChannel) or not _is_tcp(inner.sock):
+        return
+    try:
+        inner.sock.setsockopt(socket.IPPROTO_TCP, opt, max(1, int(seconds * 1000)))
+    except OSError:
+        pass
+
 
 def connect(uri: TcpURI) -> Channel:
-    from migd.transports.channel import SocketChannel
-
     if not uri.host:
         raise TransportError(f"Failed to connect to '{uri.display()}': host not specified")
     try:
@@ -25,6 +68,7 @@ def connect(uri: TcpURI) -> Channel:
         raise TransportError(f"Failed to connect to '{uri.display()}': {exc.strerror or exc}") from exc
     sock.setblocking(True)
     tune_socket(sock)
+    keepalive(sock)
     return SocketChannel(sock)
 
 
@@ -33,6 +77,12 @@ class TcpListener(SocketListener):
         super().__init__(sock)
         host, port = sock.getsockname()[:2]
         self.socket_address = [{"type": "inet", "host": host, "port": str(port)}]
+
+    def accept(self) -> Channel:
+        channel = super().accept()
+        if isinstance(channel, SocketChannel):
+            keepalive(channel.sock)
+        return channel
 
 
 def listen(uri: TcpURI) -> TcpListener:

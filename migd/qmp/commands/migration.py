@@ -57,6 +57,7 @@ class MigrateSetParametersArgs(QMPArgs):
     mode: Literal["normal", "cpr-reboot", "cpr-transfer"] | None = None
     zero_page_detection: Literal["none", "legacy", "multifd"] | None = None
     direct_io: bool | None = None
+    x_migd_peer_timeout: UInt32 | None = None  # [migd] seconds
 
 
 class CapabilityStatus(QMPArgs):
