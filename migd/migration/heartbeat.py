@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -38,6 +39,17 @@ def beat_interval(peer_timeout_ms: int) -> float:
     if peer_timeout_ms <= 0:
         return MAX_INTERVAL
     return max(MIN_INTERVAL, min(MAX_INTERVAL, peer_timeout_ms / 1000 / 4))
+
+
+def writable(channel: Channel) -> bool:
+    """Whether a few bytes can be written without blocking: a heartbeat never waits on a full socket
+    (the watchdog thread must stay free to notice the silence)."""
+    try:
+        poller = select.poll()
+        poller.register(channel.fileno(), select.POLLOUT)
+        return bool(poller.poll(0))
+    except (OSError, ValueError, NotImplementedError):
+        return False
 
 
 class Watchdog:
@@ -109,7 +121,7 @@ class IdleStream:
     def beat(self) -> None:
         """(watchdog thread) One heartbeat, if the stream is idle and healthy."""
         with self._lock:
-            if not self._idle or self.stream.error is not None:
+            if not self._idle or self.stream.error is not None or not writable(self.stream.channel):
                 return
             self.stream.put(self.data)
             self.stream.flush()
@@ -122,7 +134,7 @@ class WatchedChannel(Channel):
     def __init__(self, inner: Channel) -> None:
         self.inner = inner
         self.name = inner.name
-        self.has_return_path = inner.has_return_path  # type: ignore[misc]
+        self.has_return_path = inner.has_return_path
         self.last_heard = time.monotonic()
         self.eof = False  # read returned 0: the peer closed its side cleanly
         self.read_error: str | None = None

@@ -34,7 +34,7 @@ from migd.migration.format import (
     FEATURE_HEARTBEAT,
     FEATURES_SUPPORTED,
 )
-from migd.migration.heartbeat import Watchdog, WatchedChannel, beat_interval
+from migd.migration.heartbeat import Watchdog, WatchedChannel, beat_interval, writable
 from migd.migration.params import DEFAULT_PARAMETERS
 from migd.migration.ram import prefault
 from migd.migration.savevm import load_commit, load_stream
@@ -112,6 +112,7 @@ class IncomingMigration:
         self._watchdog: Watchdog | None = None
         self._silence: str | None = None  # why the watchdog gave up on the source
         self._loaded_sent = False
+        self._shut_sent = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.finished = threading.Event()  # set once the status is completed or failed
@@ -179,6 +180,8 @@ class IncomingMigration:
         channel = self._channel
         if self._watchdog is not None and channel is not None and self.status == "active":
             info["x-migd-peer-silent-ms"] = int(channel.silent_for() * 1000)
+        if self._loaded_sent and self.status == "active":
+            info["x-migd-commit"] = "waiting"  # everything loaded, the source's COMMIT not yet here
         return info
 
     # -- the incoming thread -------------------------------------------------------------------
@@ -270,7 +273,12 @@ class IncomingMigration:
             return
         set_peer_timeout(channel.inner, timeout)
         interval = beat_interval(self._src_timeout_ms)
-        self._watchdog = Watchdog("mig/dst/beat", timeout, rp.heartbeat, lambda: interval,
+
+        def beat() -> None:
+            if writable(channel):
+                rp.heartbeat()
+
+        self._watchdog = Watchdog("mig/dst/beat", timeout, beat, lambda: interval,
                                   channel.silent_for, self._on_silence)
         self._watchdog.start()
 
@@ -280,6 +288,7 @@ class IncomingMigration:
         self._silence = (f"The source has been silent for {seconds:.1f} s "
                          f"(x-migd-peer-timeout is {timeout:g} s)")
         log.warning("incoming migration: %s", self._silence)
+        self._send_shut(1)  # before the FIN: a source still listening learns this side will not run
         channel = self._channel
         if channel is not None:
             channel.shutdown()
@@ -351,9 +360,11 @@ class IncomingMigration:
             self._exit_failure(desc)
 
     def _send_shut(self, error: int) -> None:
+        """SHUT once (the watchdog and the incoming thread may both want to say it)."""
         rp = self._rp
-        if rp is None or not self.return_path_open:
+        if rp is None or not self.return_path_open or self._shut_sent:
             return
+        self._shut_sent = True
         try:
             rp.shut(error)
         except OSError as exc:  # the source is gone: nothing to tell it

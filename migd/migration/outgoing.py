@@ -161,7 +161,9 @@ class MigrationThread(threading.Thread):
         self._beat: IdleStream | None = None
         self._watchdog: Watchdog | None = None
         self._silence: str | None = None  # why the destination was given up on
-        self._peer_refused = False  # the destination said SHUT(error): it will not run the guest
+        # past the commit point, but the destination provably will not run (it said SHUT(error), or
+        # not one byte of the COMMIT left): resuming is safe
+        self._peer_refused = False
 
     # -- called from other threads --------------------------------------------------------------
 
@@ -559,12 +561,18 @@ class MigrationThread(threading.Thread):
         self._expect(M.DEVICE)
         if not rp.loaded:
             raise MigrationFailed(rp.error or "Timed out waiting for the destination to load the state")
+        if rp.stopped:  # LOADED, then the return path closed: the destination cannot confirm a COMMIT
+            raise MigrationFailed(rp.error or "Return path closed after the destination loaded the state")
         if not ms.commit():  # a cancel won the race: COMMIT is never sent, the destination never runs
             raise Cancelled()
+        sent = self.stream.transferred
         try:
             self.stream.put(command(CMD_X_MIGD_COMMIT))
             self.stream.flush()
         except StreamError as exc:
+            if self.stream.transferred == sent:  # not one byte of it left: the destination cannot run
+                self._peer_refused = True
+                raise MigrationFailed(f"{self._silence or exc}; the COMMIT could not be sent") from exc
             raise MigrationFailed(self._committed_desc(self._silence or str(exc))) from exc
         self._wait_rp(lambda r: r.shut is not None)
         clock.mark("commit")
