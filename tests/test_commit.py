@@ -371,3 +371,41 @@ async def test_cancel_after_commit_is_refused(pair: Pair) -> None:
     # the operator, who knows the destination runs, may not migrate again from here
     with pytest.raises(MigrationError, match="previous migration"):
         await ms.start(f"unix:{pair.path}.2")
+
+
+async def test_pre_switchover_longer_than_the_peer_timeout_heartbeats_keep_it(pair: Pair) -> None:
+    """Paused in pre-switchover for more than twice the peer timeout: the source's heartbeats keep the
+    destination waiting, and migrate-continue then completes."""
+    ms = pair.src.migration
+    ms.config.set_capabilities([("pause-before-switchover", True)])
+    await pair.start()
+    await pair.src.wait_status(M.PRE_SWITCHOVER, timeout=30)
+    thread = ms.thread
+    assert thread is not None and thread._beat is not None
+    beat = thread._beat
+    start = beat.sent
+    await pair.src.wait_for(lambda: beat.sent - start >= 9, 30)  # >= 9 x 0.25 s = 2.25 s > 2 x TIMEOUT
+    inc = pair.dst.incoming
+    assert inc is not None and inc.status == "active"
+    assert inc.query()["x-migd-peer-silent-ms"] < TIMEOUT * 1000
+    assert ms.query()["x-migd-peer-silent-ms"] < TIMEOUT * 1000
+    ms.continue_("pre-switchover")
+    await pair.settle()
+    assert ms.status is M.COMPLETED and pair.dst.running
+
+
+async def test_destination_silent_in_pre_switchover_fails_and_resumes(pair: Pair) -> None:
+    """QEMU notices a dead destination in pre-switchover only at migrate-continue; migd within the
+    peer timeout, and the guest runs again."""
+    ms = pair.src.migration
+    ms.config.set_capabilities([("pause-before-switchover", True)])
+
+    def heartbeat_in_pre_switchover(data: bytes) -> bool:
+        return data[:2] == b"\x4d\x02" and ms.status is M.PRE_SWITCHOVER
+
+    pair.fault("dst", heartbeat_in_pre_switchover, "cut", "before")
+    await pair.start()
+    await pair.settle()
+    assert ms.status is M.FAILED and src_running(pair) and not pair.dst.running
+    assert ms.query()["error-desc"].startswith("The destination has been silent for 1."), ms.query()
+    assert "pre-switchover" in pair.src.statuses()
