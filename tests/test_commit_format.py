@@ -9,11 +9,13 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from migd import transports
 from migd.config import MachineConfig
 from migd.events import EventSink
 from migd.machine.machine import Machine
@@ -33,6 +35,7 @@ from migd.migration.stream import InStream, OutStream, StreamError
 from migd.qmp.commands.migration import MigrateSetParametersArgs
 from migd.qmp.schema import validate
 from migd.transports.channel import FdChannel, SocketChannel
+from migd.transports.tcp import KEEPALIVE_IDLE, set_peer_timeout
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = os.environ.get("MIGD_ANALYZE_MIGRATION") or str(REPO.parent / "shared" / "tools" / "analyze-migration.py")
@@ -207,3 +210,25 @@ def test_peer_timeout_parameter() -> None:
     assert config.param("x-migd-peer-timeout") == 3  # a refusal changes nothing
     args = validate(MigrateSetParametersArgs, {"x-migd-peer-timeout": 30})
     assert args.x_migd_peer_timeout == 30
+
+
+def test_tcp_channels_keepalive_and_user_timeout() -> None:
+    listener = transports.listen("tcp:127.0.0.1:0")
+    port = listener.socket_address[0]["port"]
+    accepted: list[Any] = []
+    t = threading.Thread(target=lambda: accepted.append(listener.accept()))
+    t.start()
+    client = transports.connect(f"tcp:127.0.0.1:{port}")
+    t.join(10)
+    listener.close()
+    try:
+        for ch in (client, accepted[0]):
+            sock = ch.sock
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 0  # QEMU peers: untouched
+            set_peer_timeout(ch, 3)
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 3000
+    finally:
+        client.close()
+        accepted[0].close()

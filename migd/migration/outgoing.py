@@ -407,14 +407,20 @@ class MigrationThread(threading.Thread):
         assert self.rp is not None
         rp = self.rp
         timeout = self._peer_timeout()
-        set_peer_timeout(self.channel, timeout)
         self._beat = IdleStream(self.stream, command(CMD_X_MIGD_HEARTBEAT))
+        tcp_timeout_set = False
 
         def agreed() -> bool:
             return rp.features is not None and bool(rp.features & FEATURE_HEARTBEAT)
 
         def interval() -> float | None:
-            return beat_interval(rp.peer_timeout_ms) if agreed() else None
+            nonlocal tcp_timeout_set
+            if not agreed():
+                return None
+            if not tcp_timeout_set:  # a migd destination: TCP may give up on it as fast as we do
+                tcp_timeout_set = True
+                set_peer_timeout(self.channel, timeout)
+            return beat_interval(rp.peer_timeout_ms)
 
         def silent_for() -> float | None:
             return rp.silent_for() if agreed() and not rp.stopped else None
@@ -519,9 +525,10 @@ class MigrationThread(threading.Thread):
         clock.mark("device-state")
         if self.rp is not None:
             stream.flush()
-            self._wait_rp(lambda rp: rp.features is not None or 1 in rp.pongs or rp.shut is not None)
+            # FEATURES comes before any PONG: once anything came, the features are known
+            self._wait_rp(lambda rp: rp.answered)
             self._expect(M.DEVICE)
-            if self.rp.features is None and 1 not in self.rp.pongs:
+            if not self.rp.answered:
                 raise MigrationFailed(self.rp.error or "The destination did not answer before the end of "
                                       "the stream")
             if not self._accepted() & FEATURE_COMMIT and not self.ms.commit():

@@ -113,6 +113,7 @@ class ReturnPathReader:
         self.features: int | None = None  # [migd] what the destination accepted (None: not heard)
         self.peer_timeout_ms = 0  # [migd] the destination's own peer timeout
         self.loaded = False  # [migd] LOADED arrived
+        self.answered = False  # the destination sent anything at all (it reads the stream)
         self.last_heard = time.monotonic()  # any message, or the start
         self._done = threading.Event()
         self._pong = threading.Condition()
@@ -165,6 +166,7 @@ class ReturnPathReader:
                 if payload is None:
                     raise ReturnPathError("Return path truncated inside a message")
                 self.last_heard = time.monotonic()
+                self.answered = True
                 if kind == MSG_X_MIGD_HEARTBEAT:
                     continue
                 with self._pong:

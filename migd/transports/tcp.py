@@ -20,7 +20,6 @@ if TYPE_CHECKING:
 KEEPALIVE_IDLE = 5  # seconds of silence before the first probe
 KEEPALIVE_INTERVAL = 1  # seconds between probes
 KEEPALIVE_COUNT = 5  # unanswered probes before the kernel drops the connection
-DEFAULT_USER_TIMEOUT = 10  # seconds, until the migration sets its x-migd-peer-timeout
 
 
 def _is_tcp(sock: socket.socket) -> bool:
@@ -28,15 +27,14 @@ def _is_tcp(sock: socket.socket) -> bool:
 
 
 def keepalive(sock: socket.socket) -> None:
-    """Keepalive probes and a default TCP_USER_TIMEOUT on a migration connection (best effort)."""
+    """Keepalive probes on a migration connection (best effort). TCP_USER_TIMEOUT is only set between
+    migd peers (``set_peer_timeout``): a QEMU peer keeps QEMU's patience with a slow reader."""
     if not _is_tcp(sock):
         return
     for level, opt, value in ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
                               (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), KEEPALIVE_IDLE),
                               (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), KEEPALIVE_INTERVAL),
-                              (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), KEEPALIVE_COUNT),
-                              (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None),
-                               DEFAULT_USER_TIMEOUT * 1000)):
+                              (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), KEEPALIVE_COUNT)):
         if opt is None:
             continue
         try:
