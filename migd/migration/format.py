@@ -67,7 +67,8 @@ MIGD_COMMANDS = frozenset({CMD_X_MIGD_HEARTBEAT, CMD_X_MIGD_COMMIT})
 # and a migd destination accepts on the return path (MSG_X_MIGD_FEATURES)
 FEATURE_COMMIT = 0x1  # LOADED, then COMMIT: the destination runs only after the source committed
 FEATURE_HEARTBEAT = 0x2  # heartbeats both ways; each side gives up on a silent peer
-FEATURES_SUPPORTED = FEATURE_COMMIT | FEATURE_HEARTBEAT
+FEATURE_CHECKSUM = 0x4  # an xxh3-64 checksum record after every section (file: saves too)
+FEATURES_SUPPORTED = FEATURE_COMMIT | FEATURE_HEARTBEAT | FEATURE_CHECKSUM
 CONFIG_SUBSECTION = "configuration/x-migd"
 CONFIG_SUBSECTION_VERSION = 1
 _CONFIG_FIELDS = struct.Struct(">II")  # features, peer timeout in ms
@@ -153,6 +154,34 @@ def read_config_subsection(f: InStream) -> tuple[int, int]:
     features = f.get_be32()
     timeout_ms = f.get_be32()
     return features, timeout_ms
+
+
+# [migd] checksum records: a FULL section of a pseudo-device, described in the VMDESCRIPTION so QEMU's
+# analysis script reads them as device state (docs/FORMAT.md §1.2)
+CHECKSUM_IDSTR = "x-migd/checksum"
+CHECKSUM_SECTION_ID = 0x7FFFFFFF
+CHECKSUM_VERSION = 1
+_CHECKSUM = struct.Struct(">QQ")  # xxh3-64 of the segment, its length in bytes
+
+
+def checksum_record(digest: int, length: int) -> bytes:
+    """FULL x-migd/checksum: ``be64 xxh3-64, be64 length`` of the bytes since the previous record."""
+    return (section_start(Section.FULL, CHECKSUM_SECTION_ID, CHECKSUM_IDSTR, 0, CHECKSUM_VERSION)
+            + _CHECKSUM.pack(digest, length) + section_footer(CHECKSUM_SECTION_ID))
+
+
+def checksum_desc() -> dict[str, object]:
+    return {"name": CHECKSUM_IDSTR, "instance_id": 0, "vmsd_name": CHECKSUM_IDSTR,
+            "version": CHECKSUM_VERSION,
+            "fields": [{"name": "xxh3-64", "type": "uint64", "size": 8},
+                       {"name": "length", "type": "uint64", "size": 8}]}
+
+
+def read_checksum(f: InStream) -> tuple[int, int]:
+    """The record's payload and footer (after its section header)."""
+    digest, length = _CHECKSUM.unpack(f.read(_CHECKSUM.size))
+    read_footer(f, CHECKSUM_SECTION_ID, CHECKSUM_IDSTR)
+    return digest, length
 
 
 def put_header(f: OutStream) -> None:

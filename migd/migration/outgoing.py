@@ -50,6 +50,7 @@ from migd.machine.runstate import LIVE_STATES, RunState
 from migd.migration.format import (
     CMD_X_MIGD_COMMIT,
     CMD_X_MIGD_HEARTBEAT,
+    FEATURE_CHECKSUM,
     FEATURE_COMMIT,
     FEATURE_HEARTBEAT,
     FEATURES_SUPPORTED,
@@ -392,10 +393,10 @@ class MigrationThread(threading.Thread):
         return int(self.ms.config.param("x-migd-peer-timeout"))
 
     def _announce(self) -> tuple[int, int]:
-        """(features, peer timeout ms) for the configuration subsection: only where a return path can
-        carry the answer; file:, exec: and return-path off get QEMU's stream unchanged."""
+        """(features, peer timeout ms) for the configuration subsection. Checksums go everywhere (a
+        ``file:`` save is checked when restored); commit and heartbeats need a return path."""
         if not self.use_return_path:
-            return 0, 0
+            return FEATURE_CHECKSUM, 0
         return FEATURES_SUPPORTED, self._peer_timeout() * 1000
 
     def _accepted(self) -> int:

@@ -21,10 +21,13 @@ from collections.abc import Callable
 from typing import Any
 
 from migd.migration.format import (
+    CHECKSUM_IDSTR,
+    CHECKSUM_VERSION,
     CMD_LENGTHS,
     CMD_NAMES,
     CMD_X_MIGD_COMMIT,
     CMD_X_MIGD_HEARTBEAT,
+    FEATURE_CHECKSUM,
     FEATURE_COMMIT,
     FEATURE_HEARTBEAT,
     MACHINE_TYPE,
@@ -38,9 +41,12 @@ from migd.migration.format import (
     VERSION_COMPAT,
     Cmd,
     Section,
+    checksum_desc,
+    checksum_record,
     command,
     config_subsection,
     config_subsection_desc,
+    read_checksum,
     read_config_subsection,
     read_footer,
     read_idstr,
@@ -102,6 +108,8 @@ class SaveVM:
     def save_header(self, f: OutStream) -> None:
         f.put(MAGIC.to_bytes(4, "big") + VERSION.to_bytes(4, "big")
               + _configuration(self.features, self.peer_timeout_ms))
+        if self.features & FEATURE_CHECKSUM:
+            f.start_digest()
         if self.return_path:
             f.put(command(Cmd.OPEN_RETURN_PATH))
             f.put(command(Cmd.PING, (1).to_bytes(4, "big")))
@@ -110,6 +118,13 @@ class SaveVM:
         f.put(section_start(Section.START, RAM_SECTION_ID, RAM_IDSTR, RAM_INSTANCE, RAM_VERSION))
         self.ram.save_setup(f)
         f.put(section_footer(RAM_SECTION_ID))
+        self._checksum(f)
+
+    def _checksum(self, f: OutStream) -> None:
+        """[migd] The checksum record of everything since the previous one (feature CHECKSUM)."""
+        if self.features & FEATURE_CHECKSUM:
+            f.put(checksum_record(*f.digest()))
+            f.reset_digest()
 
     def pending_estimate(self) -> int:
         return self.ram.pending_estimate()
@@ -125,6 +140,7 @@ class SaveVM:
         f.put(section_part(Section.PART, RAM_SECTION_ID))
         done = self.ram.save_iterate(f)
         f.put(section_footer(RAM_SECTION_ID))
+        self._checksum(f)
         f.flush()
         return done
 
@@ -136,6 +152,7 @@ class SaveVM:
         f.put(section_part(Section.END, RAM_SECTION_ID))
         self.ram.save_complete(f)
         f.put(section_footer(RAM_SECTION_ID))
+        self._checksum(f)
 
     def save_complete_devices(self, f: OutStream) -> None:
         """Every device as a FULL section. Call with the BQL held and the vCPUs stopped."""
@@ -143,6 +160,7 @@ class SaveVM:
             f.put(section_start(Section.FULL, RAM_SECTION_ID + i, dev.idstr, dev.instance_id, dev.version_id))
             f.put(dev.save())
             f.put(section_footer(RAM_SECTION_ID + i))
+        self._checksum(f)
 
     def save_eof(self, f: OutStream) -> None:
         """EOF, then the VMDESCRIPTION (for analysis tools; the destination skips it)."""
@@ -156,8 +174,11 @@ class SaveVM:
         f.flush()
 
     def vmdesc(self) -> bytes:
+        devices = [dev.describe() for dev in self.machine.devices()]
+        if self.features & FEATURE_CHECKSUM:
+            devices.append(checksum_desc())
         doc = {"configuration": _configuration_desc(self.features), "page_size": PAGE_SIZE,
-               "devices": [dev.describe() for dev in self.machine.devices()]}
+               "devices": devices}
         return json.dumps(doc, separators=(",", ":")).encode()
 
     def cleanup(self) -> None:
@@ -178,16 +199,29 @@ def load_stream(f: InStream, machine: Any, on_command: CommandHandler | None = N
     if on_config is not None:
         on_config(*features)
     announced = features[0]
+    if announced & FEATURE_CHECKSUM:
+        f.start_digest()
     ram = RAMLoader(machine.ram)
     devices = {(d.idstr, d.instance_id): d for d in machine.devices()}
     live: dict[int, str] = {}  # section id -> idstr of START-ed live sections
+    covered: list[str] = []  # what the current checksum segment holds, for the error text
     while True:
+        segment = f.digest() if f.digesting else None
         kind = f.get_u8()
         if kind in (Section.START, Section.FULL):
             section_id = f.get_be32()
             idstr = read_idstr(f)
             instance_id = f.get_be32()
             version_id = f.get_be32()
+            if idstr == CHECKSUM_IDSTR and kind == Section.FULL and segment is not None:
+                if version_id > CHECKSUM_VERSION:
+                    raise StreamError(f"savevm: unsupported version {version_id} for '{idstr}' "
+                                      f"v{CHECKSUM_VERSION}")
+                _verify(segment, read_checksum(f), f, covered, ram)
+                f.reset_digest()
+                covered.clear()
+                continue
+            covered.append(idstr)
             if (idstr, instance_id) == (RAM_IDSTR, RAM_INSTANCE):
                 if kind != Section.START:
                     raise StreamError(f"Section '{idstr}' is iterative but arrived as a FULL section")
@@ -210,6 +244,7 @@ def load_stream(f: InStream, machine: Any, on_command: CommandHandler | None = N
             idstr = live.get(section_id)
             if idstr is None:
                 raise StreamError(f"Unknown savevm section {section_id}")
+            covered.append(idstr)
             ram.load(f, kind)
             read_footer(f, section_id, idstr)
         elif kind == Section.COMMAND:
@@ -222,6 +257,21 @@ def load_stream(f: InStream, machine: Any, on_command: CommandHandler | None = N
             raise StreamError(f"Unknown savevm section type {kind}")
     _skip_vmdesc(f)
     return announced
+
+
+def _verify(segment: tuple[int, int], record: tuple[int, int], f: InStream, covered: list[str],
+            ram: RAMLoader) -> None:
+    """[migd] A checksum record against what was really read: a mismatch names what it covered."""
+    (digest, length), (want, want_length) = segment, record
+    if (digest, length) == (want, want_length):
+        return
+    start = f.digest_start
+    what = ", ".join(dict.fromkeys(covered)) or "no section"
+    block = getattr(getattr(ram, "_block", None), "name", None)
+    where = f"; RAM block '{block}'" if block and RAM_IDSTR in covered else ""
+    raise StreamError(f"Checksum mismatch in the migration stream at offset {start}..{start + length} "
+                      f"({what}{where}): xxh3 0x{digest:016x} over {length} bytes, the source sent "
+                      f"0x{want:016x} over {want_length} bytes")
 
 
 def load_commit(f: InStream, features: int, on_command: CommandHandler | None = None) -> None:
