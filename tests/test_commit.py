@@ -84,6 +84,14 @@ class FaultChannel(Channel):
         hit = False
         if self.match is not None and not self.tripped.is_set() and total <= 64:
             hit = self.match(b"".join(bytes(b) for b in bufs))
+        if self.action == "flip" and not self.tripped.is_set():
+            stages = [i for i, b in enumerate(bufs) if len(b) >= 4104 and len(b) % 4104 == 0]
+            if stages:  # one bit of page data changes on the wire: corruption in transit
+                self.tripped.set()
+                i = stages[0]
+                page = bytearray(bufs[i])
+                page[8 + 2000] ^= 0x01
+                return self.inner.write_vectored([*bufs[:i], page, *bufs[i + 1:]])
         if hit and self.action == "delay":
             self.tripped.set()
             time.sleep(self.delay)  # the injected fault itself, not a synchronisation
@@ -409,3 +417,20 @@ async def test_destination_silent_in_pre_switchover_fails_and_resumes(pair: Pair
     assert ms.status is M.FAILED and src_running(pair) and not pair.dst.running
     assert ms.query()["error-desc"].startswith("The destination has been silent for 1."), ms.query()
     assert "pre-switchover" in pair.src.statuses()
+
+
+async def test_flipped_bit_in_transit_fails_the_load_and_the_source_resumes(pair: Pair) -> None:
+    """Item 3 of issue 11: a page corrupted on the wire is refused with the block and offset named."""
+    block = pair.src.machine.ram.blocks()[0]
+    block.pages[:] = 7  # every page goes out as data
+    pair.fault("src", lambda data: False, "flip", "before")
+    await pair.start()
+    await pair.settle()
+    ms, inc = pair.src.migration, pair.dst.incoming
+    assert inc is not None and pair.src_fault is not None and pair.src_fault.tripped.is_set()
+    assert inc.status == "failed" and not pair.dst.running
+    desc = inc.query()["error-desc"]
+    assert desc.startswith("load of migration failed: Checksum mismatch in the migration stream at offset "), desc
+    assert "RAM block 'ram0'" in desc, desc
+    assert ms.status is M.FAILED and ms.query()["error-desc"] == "Sibling indicated error 1"
+    assert src_running(pair)
