@@ -241,12 +241,12 @@ def load_stream(f: InStream, machine: Any, on_command: CommandHandler | None = N
             read_footer(f, section_id, idstr)
         elif kind in (Section.PART, Section.END):
             section_id = f.get_be32()
-            idstr = live.get(section_id)
-            if idstr is None:
+            live_idstr = live.get(section_id)
+            if live_idstr is None:
                 raise StreamError(f"Unknown savevm section {section_id}")
-            covered.append(idstr)
+            covered.append(live_idstr)
             ram.load(f, kind)
-            read_footer(f, section_id, idstr)
+            read_footer(f, section_id, live_idstr)
         elif kind == Section.COMMAND:
             cmd = _load_command(f, on_command, announced)
             if cmd == CMD_X_MIGD_COMMIT:
