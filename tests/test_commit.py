@@ -434,3 +434,19 @@ async def test_flipped_bit_in_transit_fails_the_load_and_the_source_resumes(pair
     assert "RAM block 'ram0'" in desc, desc
     assert ms.status is M.FAILED and ms.query()["error-desc"] == "Sibling indicated error 1"
     assert src_running(pair)
+
+
+async def test_destination_gone_in_pre_switchover_is_noticed_at_once(pair: Pair) -> None:
+    """A return path that closes while the source waits for migrate-continue fails the migration then
+    (QEMU only notices at migrate-continue or migrate_cancel); the guest runs again."""
+    ms = pair.src.migration
+    ms.config.set_capabilities([("pause-before-switchover", True)])
+    await pair.start()
+    await pair.src.wait_status(M.PRE_SWITCHOVER, timeout=30)
+    inc = pair.dst.incoming
+    assert inc is not None and inc._channel is not None
+    inc._channel.shutdown()  # the destination's end of the connection goes away
+    await pair.src.wait_status(M.FAILED, timeout=TIMEOUT)  # well within the peer timeout
+    await ms.wait_done(10)
+    assert src_running(pair) and not pair.dst.running
+    assert "Return path" in ms.query()["error-desc"], ms.query()

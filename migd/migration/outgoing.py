@@ -424,7 +424,11 @@ class MigrationThread(threading.Thread):
             return beat_interval(rp.peer_timeout_ms)
 
         def silent_for() -> float | None:
-            return rp.silent_for() if agreed() and not rp.stopped else None
+            if not agreed():
+                return None
+            if rp.stopped:  # the return path ended without SHUT: gone, whatever state we wait in
+                return float("inf") if rp.shut is None and rp.error is not None else None
+            return rp.silent_for()
 
         assert self._beat is not None
         self._watchdog = Watchdog("mig/src/beat", timeout, self._beat.beat, interval, silent_for,
@@ -433,8 +437,11 @@ class MigrationThread(threading.Thread):
 
     def _on_silence(self, seconds: float) -> None:
         """(watchdog thread) The destination said nothing for too long: fail (or, committed, stay paused)."""
-        self._silence = (f"The destination has been silent for {seconds:.1f} s "
-                         f"(x-migd-peer-timeout is {self._peer_timeout()} s)")
+        if seconds == float("inf"):
+            self._silence = self.rp.error if self.rp is not None and self.rp.error else "Return path closed"
+        else:
+            self._silence = (f"The destination has been silent for {seconds:.1f} s "
+                             f"(x-migd-peer-timeout is {self._peer_timeout()} s)")
         log.warning("migration: %s", self._silence)
         self.stream.shutdown()  # wakes a blocked write and the return-path reader
         self.ms.wake_event.set()
