@@ -11,10 +11,11 @@ protocol promises.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -178,7 +179,7 @@ class Pair:
 
             self._mp.setattr(transports, "connect", connect)
         else:
-            real_listen = incoming_mod.listen
+            real_listen = incoming_mod.listen  # type: ignore[attr-defined]
 
             def listen(uri: Any, fds: Any = None) -> Any:
                 listener = real_listen(uri, fds)
@@ -186,11 +187,12 @@ class Pair:
 
                 def accept() -> Channel:
                     inner = real_accept()
+                    assert isinstance(inner, SocketChannel)
                     self.dst_fault = FaultChannel(inner, match, action, when, delay)
                     self._keep.append(inner)
                     return self.dst_fault
 
-                listener.accept = accept
+                setattr(listener, "accept", accept)  # noqa: B010 - a real listener, its accept wrapped
                 return listener
 
             self._mp.setattr(incoming_mod, "listen", listen)
@@ -218,7 +220,7 @@ class Pair:
 
 
 @pytest.fixture
-async def pair(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pair]:
+async def pair(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Pair]:
     loop = asyncio.get_running_loop()
     src = Harness(loop, memory=MEM)
     src.migration.config.set_capabilities([("events", True)])
@@ -374,7 +376,7 @@ async def test_cancel_after_commit_is_refused(pair: Pair) -> None:
         await ms.cancel()
     assert ms.status is M.DEVICE
     await pair.settle()
-    assert ms.status is M.FAILED and pair.dst.running and not src_running(pair)
+    assert ms.query()["status"] == "failed" and pair.dst.running and not src_running(pair)
     assert "committed" in ms.query()["error-desc"]
     # the operator, who knows the destination runs, may not migrate again from here
     with pytest.raises(MigrationError, match="previous migration"):
@@ -415,7 +417,8 @@ async def test_destination_silent_in_pre_switchover_fails_and_resumes(pair: Pair
     await pair.start()
     await pair.settle()
     assert ms.status is M.FAILED and src_running(pair) and not pair.dst.running
-    assert ms.query()["error-desc"].startswith("The destination has been silent for 1."), ms.query()
+    desc = ms.query()["error-desc"]
+    assert re.fullmatch(r"The destination has been silent for \d+\.\d s \(x-migd-peer-timeout is 1 s\)", desc), desc
     assert "pre-switchover" in pair.src.statuses()
 
 
@@ -446,7 +449,8 @@ async def test_destination_gone_in_pre_switchover_is_noticed_at_once(pair: Pair)
     inc = pair.dst.incoming
     assert inc is not None and inc._channel is not None
     inc._channel.shutdown()  # the destination's end of the connection goes away
-    await pair.src.wait_status(M.FAILED, timeout=TIMEOUT)  # well within the peer timeout
+    await pair.src.wait_status(M.FAILED, timeout=10)
     await ms.wait_done(10)
     assert src_running(pair) and not pair.dst.running
-    assert "Return path" in ms.query()["error-desc"], ms.query()
+    # the closed return path itself, not the silence timeout, ended it
+    assert ms.query()["error-desc"].startswith("Return path"), ms.query()

@@ -225,6 +225,7 @@ def test_tcp_channels_keepalive_and_user_timeout() -> None:
     listener.close()
     try:
         for ch in (client, accepted[0]):
+            assert isinstance(ch, SocketChannel)
             sock = ch.sock
             assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE

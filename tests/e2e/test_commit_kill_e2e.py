@@ -12,7 +12,9 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from e2e_util import query, run_status, wait_status
@@ -129,7 +131,7 @@ CASES = [
 
 
 @pytest.mark.parametrize(("hold", "victim", "expect"), CASES, ids=[f"kill-{c[1]}-before-{c[0]}" for c in CASES])
-def test_sigkill_at_each_commit_message(migd_factory, hold: str, victim: str, expect: str) -> None:
+def test_sigkill_at_each_commit_message(migd_factory: Callable[..., Any], hold: str, victim: str, expect: str) -> None:
     src = migd_factory("src", "-m", "64M", "--workload", "random,rate=4M")
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 0, "x-migd-peer-timeout": 3})
     dst = migd_factory("dst", "-m", "64M", "--incoming", "defer")

@@ -8,7 +8,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from e2e_util import digests, poll, run_status, wait_status
@@ -33,7 +35,7 @@ def page_data_offset(data: bytes) -> int:
     raise AssertionError("no run of PAGE records found")
 
 
-def test_file_save_is_checked_on_restore_and_readable_by_qemu(migd_factory, tmp_path: Path) -> None:
+def test_file_save_is_checked_on_restore_and_readable_by_qemu(migd_factory: Callable[..., Any], tmp_path: Path) -> None:
     src = migd_factory("src", "-m", "64M", "--workload", "random,rate=16M")
     poll(lambda: sum(v["bytes-written"] for v in src.cmd("x-migd-query-workload")["vcpus"]) > 4 * MB, 30,
          "the guest to write 4 MB")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from e2e_util import poll, query, run_status, wait_status
@@ -21,17 +23,17 @@ PEER_TIMEOUT = 2  # seconds, on the side that must notice
 SLACK = 4.0  # seconds of scheduling noise allowed on this shared 2-core machine
 
 
-def tcp_uri(dst) -> str:
+def tcp_uri(dst: Any) -> str:
     return f"tcp:127.0.0.1:{query(dst)['socket-address'][0]['port']}"
 
 
-def start_slow_migration(src, dst) -> None:
+def start_slow_migration(src: Any, dst: Any) -> None:
     src.cmd("migrate", uri=tcp_uri(dst))
     wait_status(src, "active", 30)
     poll(lambda: query(src).get("ram", {}).get("transferred", 0) > 2 * MB, 60, "data to flow")
 
 
-def test_stopped_destination_fails_the_source_in_time_guest_runs_then_migrates(migd_factory) -> None:
+def test_stopped_destination_fails_the_source_in_time_guest_runs_then_migrates(migd_factory: Callable[..., Any]) -> None:
     src = migd_factory("src", "-m", "128M", "--workload", "random,rate=8M")
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 8 * MB, "x-migd-peer-timeout": PEER_TIMEOUT})
     dst = migd_factory("dst", "-m", "128M", "--incoming", "tcp:127.0.0.1:0")
@@ -61,7 +63,7 @@ def test_stopped_destination_fails_the_source_in_time_guest_runs_then_migrates(m
     assert run_status(dst2) == "running" and run_status(src) == "postmigrate"
 
 
-def test_stopped_source_fails_the_destination_in_time_not_running(migd_factory) -> None:
+def test_stopped_source_fails_the_destination_in_time_not_running(migd_factory: Callable[..., Any]) -> None:
     src = migd_factory("src", "-m", "128M", "--workload", "random,rate=8M")
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 8 * MB})
     dst = migd_factory("dst", "-m", "128M", "--incoming", "defer")
