@@ -454,3 +454,62 @@ async def test_destination_gone_in_pre_switchover_is_noticed_at_once(pair: Pair)
     assert src_running(pair) and not pair.dst.running
     # the closed return path itself, not the silence timeout, ended it
     assert ms.query()["error-desc"].startswith("Return path"), ms.query()
+
+
+async def test_lost_acknowledgement_50_times(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other split brain of issue 11, repeated: everything the destination sends from LOADED (or from
+    SHUT) on is dropped. Whichever was lost, exactly one side runs; ten migrations at a time."""
+    faults: dict[str, FaultChannel] = {}
+    real_connect, real_listen = transports.connect, incoming_mod.listen  # type: ignore[attr-defined]
+
+    def listen(uri: Any, fds: Any = None) -> Any:
+        listener = real_listen(uri, fds)
+        real_accept = listener.accept
+        path = str(uri.path)
+        match = is_loaded if path.endswith("-loaded.sock") else is_shut
+
+        def accept() -> Channel:
+            inner = real_accept()
+            assert isinstance(inner, SocketChannel)
+            faults[path] = FaultChannel(inner, match, "cut", "before")
+            return faults[path]
+
+        setattr(listener, "accept", accept)  # noqa: B010 - a real listener, its accept wrapped
+        return listener
+
+    monkeypatch.setattr(incoming_mod, "listen", listen)
+    loop = asyncio.get_running_loop()
+
+    async def one(i: int) -> tuple[str, str, str, str]:
+        src = Harness(loop, memory=1 << 20)
+        src.migration.config.set_parameters({"max-bandwidth": 0, "x-migd-peer-timeout": TIMEOUT})
+        src.machine.start()
+        dst = DestHarness(loop, memory=1 << 20)
+        path = tmp_path / f"lost{i}-{'loaded' if i % 2 else 'shut'}.sock"
+        try:
+            dst.incoming = IncomingMigration(dst, f"unix:{path}")
+            await dst.incoming.start()
+            ms, inc = src.migration, dst.incoming
+            await ms.start(f"unix:{path}")
+            await src.wait_for(lambda: ms.status in (M.COMPLETED, M.FAILED, M.CANCELLED)
+                               and inc.status in ("completed", "failed"), 60)
+            await ms.wait_done(10)
+            assert faults[str(path)].tripped.is_set()
+            runs = {src.runstate.state is RunState.RUNNING: "src", dst.running: "dst"}
+            return (runs.get(True, "none"), "both" if src.runstate.state is RunState.RUNNING and dst.running
+                    else "one", str(ms.status), inc.status)
+        finally:
+            fault = faults.get(str(path))
+            if fault is not None:
+                fault.inner.close()
+            await loop.run_in_executor(None, dst.close)
+            src.close()
+
+    results = []
+    for batch in range(5):
+        results += await asyncio.gather(*(one(batch * 10 + k) for k in range(10)))
+    assert real_connect is transports.connect
+    for i, (who, count, src_status, dst_status) in enumerate(results):
+        assert count == "one" and who != "none", (i, who, src_status, dst_status)
+        expected = "src" if i % 2 else "dst"  # LOADED lost: the source resumes; SHUT lost: the destination has it
+        assert who == expected, (i, who, src_status, dst_status)
