@@ -42,6 +42,8 @@ class ForeignSaveVM(SaveVM):
         self.machine = held
         self.stats = stats
         self.return_path = return_path
+        self.features = 0  # the peer is a QEMU: none of migd's extensions (commit, heartbeats, checksums)
+        self.peer_timeout_ms = 0
         self.ram = RAMSaver(held.ram, stats)
         self.sid = held.ram_section_id
 
@@ -93,8 +95,9 @@ class ForeignSaveVM(SaveVM):
 
 
 def savevm_for(held: ForeignMachine | None, machine: Machine, stats: MigrationStats,
-               return_path: bool) -> SaveVM:
-    """(migration thread) The held foreign machine's SaveVM if the daemon holds one, else migd's."""
+               return_path: bool, features: int = 0, peer_timeout_ms: int = 0) -> SaveVM:
+    """(migration thread) The held foreign machine's SaveVM if the daemon holds one (QEMU's format,
+    no migd features), else migd's, announcing ``features``."""
     if held is not None:
         return ForeignSaveVM(held, stats, return_path)
-    return SaveVM(machine, stats, return_path)
+    return SaveVM(machine, stats, return_path, features, peer_timeout_ms)

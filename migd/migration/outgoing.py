@@ -17,6 +17,13 @@ model: the destination's round trip, queueing behind the stream included). Only 
 waits until one PING was answered (in bounded waits, the guest running, given up after PONG_TIMEOUT);
 no window is restarted by it, so a 100 ms round trip cannot stall a migration.
 
+The completion is the commit protocol of docs/SWITCHOVER.md §2 between migd peers (LOADED, then the
+point of no return ``ms.commit()``, then COMMIT, then SHUT): before it every failure resumes the guest,
+after it nothing does. With a destination that did not accept it, the point of no return is the EOF
+(such a destination may run as soon as it has everything). Heartbeats (``heartbeat.py``) go out while
+the thread waits with the stream idle, and a destination silent for ``x-migd-peer-timeout`` fails the
+migration.
+
 The completion is timed phase by phase (``x-migd-downtime-phases``); consecutive phases share their
 boundaries, so they add up to ``downtime``.
 """
@@ -28,12 +35,23 @@ import sys
 import threading
 import time
 from collections.abc import Collection
+from contextlib import nullcontext
 from typing import Any, Protocol
 
 from migd.bql import BQL
 from migd.machine.runstate import LIVE_STATES, RunState
 from migd.migration.foreign_save import savevm_for
-from migd.migration.format import Cmd, command
+from migd.migration.format import (
+    CMD_X_MIGD_COMMIT,
+    CMD_X_MIGD_HEARTBEAT,
+    FEATURE_CHECKSUM,
+    FEATURE_COMMIT,
+    FEATURE_HEARTBEAT,
+    FEATURES_SUPPORTED,
+    Cmd,
+    command,
+)
+from migd.migration.heartbeat import IdleStream, Watchdog, beat_interval
 from migd.migration.host import MigrationHost
 from migd.migration.params import MigrationConfig
 from migd.migration.policy import Action, Convergence, Decision, Step, SwitchoverPolicy
@@ -46,6 +64,7 @@ from migd.migration.stream import OutStream, StreamError
 from migd.migration.throttle import AutoConverge
 from migd.threads import any_thread, on_thread
 from migd.transports.channel import Channel
+from migd.transports.tcp import set_peer_timeout
 
 log = logging.getLogger("migd.migration")
 
@@ -80,6 +99,8 @@ class SourceSide(Protocol):
     throttle_percentage: int
     convergence: dict[str, Any]  # x-migd-convergence, published at every sync
     policy_actions: list[dict[str, Any]]
+    error_desc: str | None
+    committed: bool  # past the point of no return (docs/SWITCHOVER.md §2)
 
     @property
     def status(self) -> M: ...
@@ -87,6 +108,8 @@ class SourceSide(Protocol):
     def set_state(self, old: M | Collection[M], new: M) -> bool: ...
 
     def fail(self, desc: str, old: M | Collection[M] | None = None) -> bool: ...
+
+    def commit(self) -> bool: ...
 
     def thread_exited(self, thread: MigrationThread) -> None: ...
 
@@ -158,6 +181,13 @@ class MigrationThread(threading.Thread):
         self._vm_was_live = False
         self._vm_old_state: RunState | None = None
         self._drives_inactive = False
+        # commit protocol and heartbeats
+        self._beat: IdleStream | None = None
+        self._watchdog: Watchdog | None = None
+        self._silence: str | None = None  # why the destination was given up on
+        # past the commit point, but the destination provably will not run (it said SHUT(error), or
+        # not one byte of the COMMIT left): resuming is safe
+        self._peer_refused = False
 
     # -- called from other threads --------------------------------------------------------------
 
@@ -172,6 +202,14 @@ class MigrationThread(threading.Thread):
         with self._rate_lock:
             self._unlimited = True
             self.stream.set_rate_limit(0)
+
+    @any_thread
+    def peer_silent_ms(self) -> int | None:
+        """How long the destination has been silent, once heartbeats were agreed."""
+        rp = self.rp
+        if rp is None or self._watchdog is None or rp.features is None or not rp.features & FEATURE_HEARTBEAT:
+            return None
+        return int(rp.silent_for() * 1000)
 
     @on_thread("mig/src/main")
     def on_sync(self, stats: MigrationStats) -> None:
@@ -213,11 +251,11 @@ class MigrationThread(threading.Thread):
                 self.ms.thread_exited(self)
 
     def _peer_error(self) -> str | None:
-        """The destination's own verdict, when it sent SHUT(error) before we finished."""
+        """The destination's own verdict (SHUT(error)), or the watchdog's on a silent destination."""
         rp = self.rp
         if rp is not None and rp.shut:
             return sibling_error(rp.shut)
-        return None
+        return self._silence
 
     def _expect(self, status: M) -> None:
         if self.ms.status is not status:
@@ -232,7 +270,8 @@ class MigrationThread(threading.Thread):
         """Setup, then the loop: measure, ask the policy, execute (migration thread)."""
         ms, stream, policy = self.ms, self.stream, self.policy
         setup_start = time.monotonic()
-        self.savevm = savevm = savevm_for(ms.host.held_machine(), self.machine, self.stats, self.use_return_path)
+        self.savevm = savevm = savevm_for(ms.host.held_machine(), self.machine, self.stats, self.use_return_path,
+                                          *self._announce())
         with BQL:
             self._expect(M.SETUP)
             savevm.save_header(stream)
@@ -243,6 +282,7 @@ class MigrationThread(threading.Thread):
         if self.use_return_path:
             self.rp = ReturnPathReader(self.channel)
             self.rp.start()
+            self._start_watchdog()
         if not ms.set_state(M.SETUP, M.ACTIVE):
             raise Cancelled()
         ms.setup_time = int((time.monotonic() - setup_start) * 1000)
@@ -416,6 +456,72 @@ class MigrationThread(threading.Thread):
             if ms.config.cap("events"):
                 ms.host.events.emit("X_MIGD_CONVERGENCE", dict(ms.convergence))
 
+    # -- heartbeats and the silence watch (docs/SWITCHOVER.md §2) -----------------------------------
+
+    def _peer_timeout(self) -> int:
+        return int(self.ms.config.param("x-migd-peer-timeout"))
+
+    def _announce(self) -> tuple[int, int]:
+        """(features, peer timeout ms) for the configuration subsection. Checksums go everywhere (a
+        ``file:`` save is checked when restored); commit and heartbeats need a return path."""
+        if not self.use_return_path:
+            return FEATURE_CHECKSUM, 0
+        return FEATURES_SUPPORTED, self._peer_timeout() * 1000
+
+    def _accepted(self) -> int:
+        rp = self.rp
+        return rp.features or 0 if rp is not None else 0
+
+    def _start_watchdog(self) -> None:
+        """(migration thread) Heartbeats into the stream while it is idle; the destination's silence."""
+        assert self.rp is not None
+        rp = self.rp
+        timeout = self._peer_timeout()
+        self._beat = IdleStream(self.stream, command(CMD_X_MIGD_HEARTBEAT))
+        tcp_timeout_set = False
+
+        def agreed() -> bool:
+            return rp.features is not None and bool(rp.features & FEATURE_HEARTBEAT)
+
+        def interval() -> float | None:
+            nonlocal tcp_timeout_set
+            if not agreed():
+                return None
+            if not tcp_timeout_set:  # a migd destination: TCP may give up on it as fast as we do
+                tcp_timeout_set = True
+                set_peer_timeout(self.channel, timeout)
+            return beat_interval(rp.peer_timeout_ms)
+
+        def silent_for() -> float | None:
+            if not agreed():
+                return None
+            if rp.stopped:  # the return path ended without SHUT: gone, whatever state we wait in
+                return float("inf") if rp.shut is None and rp.error is not None else None
+            return rp.silent_for()
+
+        assert self._beat is not None
+        self._watchdog = Watchdog("mig/src/beat", timeout, self._beat.beat, interval, silent_for,
+                                  self._on_silence)
+        self._watchdog.start()
+
+    def _on_silence(self, seconds: float) -> None:
+        """(watchdog thread) The destination said nothing for too long: fail (or, committed, stay paused)."""
+        if seconds == float("inf"):
+            self._silence = self.rp.error if self.rp is not None and self.rp.error else "Return path closed"
+        else:
+            self._silence = (f"The destination has been silent for {seconds:.1f} s "
+                             f"(x-migd-peer-timeout is {self._peer_timeout()} s)")
+        log.warning("migration: %s", self._silence)
+        self.stream.shutdown()  # wakes a blocked write and the return-path reader
+        self.ms.wake_event.set()
+        self.ms.continue_event.set()
+        if self.rp is not None:
+            self.rp.wake()
+
+    def _idle(self) -> Any:
+        """A block in which the stream is left alone, so heartbeats may go out."""
+        return self._beat.idle() if self._beat is not None else nullcontext()
+
     # -- completion (QEMU's migration_completion_precopy, reordered for downtime) -------------------
 
     def _complete(self) -> None:
@@ -423,7 +529,7 @@ class MigrationThread(threading.Thread):
         self._completing = True
         log.info("migration switch-over: pending=%d threshold=%d expected_downtime=%d",
                  self.stats.remaining, int(self.threshold), ms.expected_downtime)
-        with BQL:  # flush while the guest still runs: the slow part of a flush stays out of downtime
+        with self._idle(), BQL:  # flush while the guest still runs: the slow part stays out of downtime
             machine.flush_drives()
         with BQL:
             self._expect(M.ACTIVE)
@@ -442,8 +548,11 @@ class MigrationThread(threading.Thread):
             ms.continue_event.clear()
             if not ms.set_state(M.ACTIVE, M.PRE_SWITCHOVER):
                 raise Cancelled()
-            ms.continue_event.wait()  # migrate-continue or migrate_cancel; the BQL is not held
+            self._expect(M.PRE_SWITCHOVER)  # a silent destination noticed before the clear
+            with self._idle():
+                ms.continue_event.wait()  # migrate-continue, migrate_cancel or a silent destination
             clock.mark("pre-switchover")
+            self._expect(M.PRE_SWITCHOVER)
             if not ms.set_state(M.PRE_SWITCHOVER, M.DEVICE):
                 raise Cancelled()
         elif not ms.set_state(M.ACTIVE, M.DEVICE):
@@ -455,18 +564,11 @@ class MigrationThread(threading.Thread):
         clock.mark("inactivate-drives")
         self._final_pass(clock)
         if self.rp is not None:
-            self._expect(M.DEVICE)
-            try:
-                flag = self.rp.wait_for_shut(ACK_TIMEOUT)
-            except Exception as exc:
-                self._expect(M.DEVICE)
-                raise MigrationFailed(str(exc)) from exc
-            if flag:
-                raise MigrationFailed(sibling_error(flag))
-            clock.mark("wait-ack")
+            self._handshake(clock)
         with BQL:
             end = time.monotonic()
-            self._expect(M.DEVICE)
+            if ms.status is not M.DEVICE:
+                raise Cancelled()
             ms.downtime = int(round(clock.total_ms()))
             ms.downtime_phases = {k: round(v, 3) for k, v in clock.phases.items()}
             ms.total_time = int((end - ms.start_time) * 1000)
@@ -480,7 +582,11 @@ class MigrationThread(threading.Thread):
                  ms.downtime_phases, ms.total_time)
 
     def _final_pass(self, clock: PhaseClock) -> None:
-        """Rest of RAM (no rate limit), device state, EOF and description, flushed."""
+        """Rest of RAM (no rate limit), device state, EOF and description, flushed.
+
+        With a return path the destination's features must be known before EOF: a destination without
+        the commit protocol may run once it has the EOF, so for it the EOF is the point of no return.
+        """
         savevm, stream = self.savevm, self.stream
         assert savevm is not None  # made in setup, before any switch-over
         savevm.save_complete_ram(stream)
@@ -489,9 +595,78 @@ class MigrationThread(threading.Thread):
         with BQL:  # devices are read while nothing else may touch them
             savevm.save_complete_devices(stream)
         clock.mark("device-state")
+        if self.rp is not None:
+            stream.flush()
+            # FEATURES comes before any PONG: once anything came, the features are known
+            self._wait_rp(lambda rp: rp.answered)
+            self._expect(M.DEVICE)
+            if not self.rp.answered:
+                raise MigrationFailed(self.rp.error or "The destination did not answer before the end of "
+                                      "the stream")
+            if not self._accepted() & FEATURE_COMMIT and not self.ms.commit():
+                raise Cancelled()
         savevm.save_eof(stream)
         stream.flush()
         clock.mark("eof-flush")
+
+    def _wait_rp(self, done: Any) -> None:
+        """(migration thread) Wait, stream idle, until ``done(rp)``, the reader stopped, the state left
+        ``device``, the destination went silent, or ACK_TIMEOUT passed."""
+        rp = self.rp
+        assert rp is not None
+        deadline = time.monotonic() + ACK_TIMEOUT
+        with self._idle():
+            while not done(rp) and not rp.stopped and self.ms.status is M.DEVICE and self._silence is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                rp.wait_for(lambda: bool(done(rp)), min(left, 0.5))
+
+    def _handshake(self, clock: PhaseClock) -> None:
+        """After EOF: LOADED, then the point of no return, COMMIT, SHUT(0) (or a legacy SHUT alone)."""
+        ms, rp = self.ms, self.rp
+        assert rp is not None
+        self._wait_rp(lambda r: r.loaded or r.shut is not None)
+        clock.mark("wait-ack")
+        if rp.shut is not None and rp.shut != 0:
+            self._peer_refused = True  # the destination will not run the guest: resuming is safe
+            raise MigrationFailed(sibling_error(rp.shut))
+        if ms.committed:  # a destination without the commit protocol: the EOF was the point of no return
+            if rp.shut == 0:
+                return
+            raise MigrationFailed(self._committed_desc(self._silence or rp.error or
+                                                       "Timed out waiting for the destination to "
+                                                       "acknowledge the load"))
+        self._expect(M.DEVICE)
+        if not rp.loaded:
+            raise MigrationFailed(rp.error or "Timed out waiting for the destination to load the state")
+        if rp.stopped:  # LOADED, then the return path closed: the destination cannot confirm a COMMIT
+            raise MigrationFailed(rp.error or "Return path closed after the destination loaded the state")
+        if not ms.commit():  # a cancel won the race: COMMIT is never sent, the destination never runs
+            raise Cancelled()
+        sent = self.stream.transferred
+        try:
+            self.stream.put(command(CMD_X_MIGD_COMMIT))
+            self.stream.flush()
+        except StreamError as exc:
+            if self.stream.transferred == sent:  # not one byte of it left: the destination cannot run
+                self._peer_refused = True
+                raise MigrationFailed(f"{self._silence or exc}; the COMMIT could not be sent") from exc
+            raise MigrationFailed(self._committed_desc(self._silence or str(exc))) from exc
+        self._wait_rp(lambda r: r.shut is not None)
+        clock.mark("commit")
+        if rp.shut == 0:
+            return
+        if rp.shut is not None:
+            self._peer_refused = True
+            raise MigrationFailed(sibling_error(rp.shut))
+        raise MigrationFailed(self._committed_desc(self._silence or rp.error or
+                                                   "Timed out waiting for the destination to start"))
+
+    @staticmethod
+    def _committed_desc(reason: str) -> str:
+        return (f"{reason}; the migration was committed, so the guest stays paused here: the "
+                "destination may be running it")
 
     # -- the end, whatever it was (QEMU's migration_iteration_finish) -----------------------------
 
@@ -500,7 +675,15 @@ class MigrationThread(threading.Thread):
         if self.throttle is not None:
             self.throttle.stop()
         ms.throttle_percentage = 0
-        if ms.status is not M.COMPLETED:
+        if self._watchdog is not None:
+            self._watchdog.stop()
+        if ms.status is not M.COMPLETED and ms.committed and not self._peer_refused:
+            # past the point of no return: the destination may own the guest, never resume it here
+            with BQL:
+                if self.runstate.state is RunState.FINISH_MIGRATE:
+                    self.runstate.set(RunState.POSTMIGRATE)
+            log.error("migration: committed but not confirmed; the guest stays paused: %s", ms.error_desc)
+        elif ms.status is not M.COMPLETED:
             with BQL:
                 if self._drives_inactive:
                     try:

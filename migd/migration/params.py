@@ -17,6 +17,7 @@ from migd.units import PAGE_SIZE as TARGET_PAGE_SIZE
 
 SIZE_MAX = (1 << 64) - 1
 MAX_MIGRATE_DOWNTIME_MS = 2_000_000
+MAX_PEER_TIMEOUT = 86400  # [migd] x-migd-peer-timeout, seconds
 
 
 class ParamError(Exception):
@@ -92,6 +93,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("x-migd-downtime-max", "uint64", 0),  # ms the policy may raise the limit to; 0 = derived
     ParamSpec("x-migd-auto-throttle", "bool", False),  # the throttle the dirty rate needs
     ParamSpec("x-migd-completion-timeout", "uint64", 0),  # s per GiB of guest RAM; 0 = off
+    # [migd] seconds of silence after which a migd peer is given up on (heartbeats, docs/SWITCHOVER.md §2)
+    ParamSpec("x-migd-peer-timeout", "uint32", 10),
 )
 SPECS: dict[str, ParamSpec] = {spec.name: spec for spec in PARAMS}
 DEFAULT_PARAMETERS: dict[str, Any] = {spec.name: spec.default for spec in PARAMS}
@@ -190,6 +193,8 @@ def check_parameters(p: Mapping[str, Any]) -> None:
         raise _invalid("vcpu_dirty_limit", "is invalid, it must greater then 1 MB/s")
     if p["x-migd-downtime-max"] > MAX_MIGRATE_DOWNTIME_MS:
         raise _invalid("x-migd-downtime-max", f"an integer in the range of 0 to {MAX_MIGRATE_DOWNTIME_MS} ms")
+    if not 1 <= p["x-migd-peer-timeout"] <= MAX_PEER_TIMEOUT:
+        raise _invalid("x-migd-peer-timeout", f"a value between 1 and {MAX_PEER_TIMEOUT} seconds")
     if p["mode"] != "normal":
         raise ParamError(f"Migration mode '{p['mode']}' is not supported by migd")
 

@@ -44,6 +44,8 @@ log = logging.getLogger("migd.migration")
 M = MigrationStatus
 
 IN_PROGRESS = "There's a migration process in progress"
+COMMITTED = ("The migration is committed: the destination owns the guest now, it can no longer be "
+             "cancelled")
 CANCEL_WAIT = 10.0  # seconds migrate_cancel waits for the thread to wind down before replying anyway
 
 
@@ -87,6 +89,7 @@ class MigrationState:
         self._generation = 0  # which migrate a late connect callback belongs to
         self._done: asyncio.Future[None] | None = None
         self._cleanups: set[asyncio.Task[None]] = set()  # strong references while they run
+        self.committed = False  # [migd] past the point of no return (docs/SWITCHOVER.md §2)
 
     # -- status -----------------------------------------------------------------------------------
 
@@ -113,7 +116,7 @@ class MigrationState:
         concurrent transitions are seen by every client in the order they won."""
         expected = (old,) if isinstance(old, MigrationStatus) else old
         with self._cas:
-            if self._status not in expected:
+            if self._status not in expected or (new is M.CANCELLING and self.committed):
                 return False
             self._status = new
             if error is not None and self.error_desc is None:
@@ -124,6 +127,17 @@ class MigrationState:
                  self.stats.remaining, self.stats.mbps, self.expected_downtime,
                  f" error={self.error_desc!r}" if new is M.FAILED and self.error_desc else "")
         self.host.events.emit_queued()
+        return True
+
+    @on_thread("mig/src/main")
+    def commit(self) -> bool:
+        """[migd] The point of no return: True if no cancel came first; from here on
+        ``migrate_cancel`` is refused and the source never resumes its guest on its own."""
+        with self._cas:
+            if self._status is not M.DEVICE:
+                return False
+            self.committed = True
+        log.info("migration committed: the destination may run the guest from now on")
         return True
 
     # -- parameters and capabilities ----------------------------------------------------------------
@@ -192,6 +206,7 @@ class MigrationState:
         self.thread = None
         self.continue_event.clear()
         self.wake_event.clear()
+        self.committed = False
 
     @loop_only
     async def start(self, uri: str | None = None, channels: list[Any] | None = None,
@@ -307,6 +322,8 @@ class MigrationState:
                 break
             if self.set_state(cur, M.CANCELLING):
                 break
+            if self.committed:
+                raise MigrationError(COMMITTED)
         if self._status is not M.CANCELLING:
             return
         self.continue_event.set()
@@ -397,6 +414,10 @@ class MigrationState:
             info["x-migd-policy-actions"] = list(self.policy_actions)
         if self.error_desc is not None and status is not M.COMPLETED:
             info["error-desc"] = self.error_desc
+        thread = self.thread
+        silent = thread.peer_silent_ms() if thread is not None and status in RUNNING_STATES else None
+        if silent is not None:
+            info["x-migd-peer-silent-ms"] = silent
         if status is M.COMPLETED:
             # the estimate as it stood at the switch-over, to hold against the measured downtime
             info["x-migd-expected-downtime"] = self.expected_downtime
