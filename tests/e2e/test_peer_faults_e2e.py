@@ -28,6 +28,9 @@ def tcp_uri(dst: Any) -> str:
 
 
 def start_slow_migration(src: Any, dst: Any) -> None:
+    # a 1 ms downtime limit keeps it in `active`: the policy would switch a capped 128 MiB guest over
+    # within a second (its final pass runs uncapped)
+    src.cmd("migrate-set-parameters", **{"downtime-limit": 1})
     src.cmd("migrate", uri=tcp_uri(dst))
     wait_status(src, "active", 30)
     poll(lambda: query(src).get("ram", {}).get("transferred", 0) > 2 * MB, 60, "data to flow")
@@ -57,7 +60,7 @@ def test_stopped_destination_fails_the_source_in_time_guest_runs_then_migrates(m
     dst.kill()
     # the guest runs, and a new migration to a healthy destination works
     dst2 = migd_factory("dst2", "-m", "128M", "--incoming", "tcp:127.0.0.1:0")
-    src.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 0, "downtime-limit": 300})
     src.cmd("migrate", uri=tcp_uri(dst2))
     wait_status(src, "completed", 90)
     wait_status(dst2, "completed", 30)
