@@ -49,7 +49,7 @@ class Command:
 REGISTRY: dict[str, Command] = {}
 
 # Modules that register commands; imported once by load_all().
-FAMILIES = ("misc", "machine", "migration", "incoming")
+FAMILIES = ("misc", "machine", "migration", "incoming", "hmp", "introspect")
 
 
 def command(name: str, args: type[BaseModel] | None = None, *, allow_oob: bool = False):
