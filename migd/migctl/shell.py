@@ -88,7 +88,8 @@ def run_shell(address: QMPAddress, json_mode: bool = False, stdin: TextIO | None
     except (QMPError, OSError) as exc:
         raise MigctlError(f"cannot connect to QMP socket {address}: {exc}") from None
     try:
-        names = [c["name"] for c in qmp.cmd("query-commands")]
+        commands: list[dict[str, str]] = qmp.cmd("query-commands")  # type: ignore[assignment]
+        names = [c["name"] for c in commands]
         interactive = stdin.isatty()
         save_history = _setup_readline(names) if interactive else (lambda: None)
         if interactive:
