@@ -18,10 +18,11 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from migd import sdnotify
+from migd import sdnotify, startup
 from migd.config import DaemonConfig
 from migd.events import EventSink
 from migd.machine.runstate import RunState, RunStateMachine
+from migd.startup import StartupError
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +119,11 @@ class Daemon:
         try:
             await self.start()
         except Exception as exc:
-            if not isinstance(exc, OSError | ValueError):  # a bug rather than a bad setting: keep the trace
+            if not isinstance(exc, OSError | ValueError | StartupError):  # a bug, not a setting: keep the trace
                 log.exception("cannot start")
             print(f"migd: error: {exc}", file=sys.stderr, flush=True)
             await self.stop()
-            return 1
+            return exc.status if isinstance(exc, StartupError) else startup.status_for(exc)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # QEMU: all three are "host-signal"
             loop.add_signal_handler(sig, self.request_shutdown, "host-signal")
@@ -140,8 +141,9 @@ class Daemon:
 
         from migd.machine import Machine
 
-        self.machine = Machine(self.config.machine, self.runstate, self.events)
-        self.machine.start()
+        with startup.machine_step(self.config.machine):
+            self.machine = Machine(self.config.machine, self.runstate, self.events)
+            self.machine.start()
 
         # the whole migration path is imported now: importing it lazily cost the first `migrate`
         # ~50 ms of setup time
@@ -159,13 +161,15 @@ class Daemon:
             from migd.migration.incoming import IncomingMigration
 
             self.incoming = IncomingMigration(self, self.config.incoming)
-            await self.incoming.start()
+            with startup.step("--incoming", self.config.incoming):
+                await self.incoming.start()
 
         address = self.config.http_address()
         if address is not None:
             from migd.http.app import start_http
 
-            self.http = await start_http(self, *address)
+            with startup.step("--http", self.config.http):
+                self.http = await start_http(self, *address)
 
         self.qmp.serve()
         sdnotify.notify("READY=1", f"STATUS={self.runstate.state}")

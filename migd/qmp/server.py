@@ -13,6 +13,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import errno
 import inspect
 import itertools
 import logging
@@ -23,11 +24,13 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from migd import startup
 from migd.config import split_host_port
 from migd.events import Event
 from migd.qmp import protocol
 from migd.qmp.commands import REGISTRY, CommandContext, QMPError, load_all
 from migd.qmp.schema import dump, validate
+from migd.startup import StartupError
 
 if TYPE_CHECKING:
     from migd.daemon import Daemon
@@ -284,6 +287,24 @@ async def _wait_fd(loop: asyncio.AbstractEventLoop, fd: int, write: bool) -> Non
             loop.remove_reader(fd)
 
 
+_SUN_PATH_MAX = 107  # bytes of a unix socket path, without the final NUL
+
+
+def _answers(path: Path) -> bool:
+    """Whether a process accepts connections on the unix socket ``path`` (a refused one is stale)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True  # not ours to judge (permission, a full backlog): never take it over
+    finally:
+        probe.close()
+    return True
+
+
 class Listener:
     """One ``--qmp`` socket. A unix socket is created mode 0600 and removed again on close."""
 
@@ -314,12 +335,28 @@ class Listener:
         self.sock.setblocking(False)
 
     def _bind_unix(self, path: Path) -> None:
+        """Bind and listen under a temporary name, then rename it into place: the path appears only
+        once it accepts. A socket someone still answers on is never taken over; a stale one is."""
         with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(path.lstat().st_mode):
-                path.unlink()  # a stale socket from an earlier run (QEMU does the same)
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise FileExistsError(errno.EEXIST, "the path exists and is not a socket")
+            if _answers(path):
+                raise OSError(errno.EADDRINUSE, "Address already in use (another process serves this socket)")
+            path.unlink()  # a stale socket from an earlier run (QEMU does the same)
+        temp = path.with_name(f".{path.name}.{os.getpid()}")
+        if len(os.fsencode(temp)) > _SUN_PATH_MAX:
+            temp = path  # no room for a temporary name: bind in place
         os.fchmod(self.sock.fileno(), 0o600)  # Linux: the file is created with the socket's mode
-        self.sock.bind(str(path))
-        os.chmod(path, 0o600)
+        self.sock.bind(str(temp))
+        try:
+            os.chmod(temp, 0o600)
+            self.sock.listen(64)
+            if temp != path:
+                os.rename(temp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
         self._inode = path.stat().st_ino
 
     @property
@@ -355,8 +392,9 @@ class QMPServer:
         self._loop = asyncio.get_running_loop()
         try:
             for uri in self.uris:
-                self.listeners.append(Listener(uri))
-        except OSError:
+                with startup.step("--qmp", uri):
+                    self.listeners.append(Listener(uri))
+        except StartupError:
             self._close_listeners()
             raise
 
