@@ -281,3 +281,33 @@ def test_demo_from_a_directory_that_shadows_migd(tmp_path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert "RAM digest equal on both sides" in r.stdout
     assert json.dumps("this is not migd") not in r.stdout + r.stderr
+
+
+def _line(proc: subprocess.Popen[str], timeout: float) -> str:
+    """Up to a whole line of the process's stdout, waiting at most ``timeout`` seconds for it."""
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, "no output in time"
+    return proc.stdout.readline()
+
+
+@pytest.mark.parametrize("command", [["shell", "--json"], ["events"]])
+def test_sigterm_ends_long_running_commands(vm, command: list[str]) -> None:
+    """The shell shrugs off Ctrl-C at its prompt (it clears the line) but ends on SIGTERM; so does events."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "migd.migctl", "-s", str(vm.qmp_path), *command],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        if command[0] == "shell":
+            proc.stdin.write("query-status\n")
+            proc.stdin.flush()
+            assert json.loads(_line(proc, 30))["return"]["running"] is True  # connected and answering
+        else:
+            assert _line(proc, 30).startswith("following events")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)  # stdin stays open: only the signal can end it
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "migctl: interrupted" in err

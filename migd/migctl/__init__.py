@@ -12,11 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
-import threading
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
-from types import FrameType
+from collections.abc import Awaitable, Callable, Sequence
 
 from migd.migctl import commands
 from migd.migctl.address import AddressError, parse_address
@@ -25,6 +21,7 @@ from migd.migctl.convergence import STALL_AFTER
 from migd.migctl.demo import add_demo_arguments, run_demo
 from migd.migctl.output import Output
 from migd.migctl.shell import run_shell
+from migd.migctl.signals import sigterm_like_ctrl_c
 
 Handler = Callable[[Client, argparse.Namespace, Output], Awaitable[int]]
 
@@ -99,27 +96,6 @@ async def _run(handler: Handler, args: argparse.Namespace, out: Output) -> int:
         return await handler(client, args, out)
     finally:
         await client.close()
-
-
-def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM takes Ctrl-C's path: whatever handles SIGINT now (asyncio's runner, the migration
-    follower) handles it; with SIGINT ignored (a background job), KeyboardInterrupt directly (main thread)."""
-    if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
-        raise KeyboardInterrupt
-    signal.raise_signal(signal.SIGINT)
-
-
-@contextmanager
-def sigterm_like_ctrl_c() -> Iterator[None]:
-    """Install the SIGTERM bridge for the duration (main thread only; elsewhere nothing changes)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
