@@ -1,4 +1,4 @@
-"""The README's quick start, as a new user runs it: the two commands make and use their own virtual
+"""The README's quick start and service install, as a new user runs them: the two commands make and use their own virtual
 environment, and the first one works verbatim with Debian's own Python, as root and as a plain user.
 
 Running the commands installs migd's dependencies from the package index into a fresh environment
@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
@@ -92,3 +95,54 @@ def test_quick_start_demo_as_a_plain_user(clone: Path) -> None:
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "[demo] success: RAM identical on both sides" in r.stdout
     assert (clone / "migd" / ".venv").stat().st_uid == NOBODY
+
+
+def _service_install_commands() -> list[str]:
+    text = README.read_text()
+    section = text[text.index("## Running it as a service"):]
+    (block,) = re.findall(r"```sh\n(.*?)\n```", section, re.DOTALL)[:1]
+    return [line.split("#")[0].strip() for line in block.splitlines()]
+
+
+@needs_opt_in
+@needs_debian_python
+def test_service_install_as_written(clone: Path) -> None:
+    """The README's venv steps for the unit, under a scratch prefix instead of /opt, then the unit's own
+    command line with the example configuration: it starts, serves /metrics with the process metrics
+    (read from /proc/stat), and stops cleanly on SIGTERM."""
+    commands = _service_install_commands()
+    prefix = clone / "opt"
+    venv_steps = [c.replace("/opt/migd/venv", str(prefix / "migd" / "venv")) for c in commands
+                  if "/opt/migd/venv" in c and "pip install" in c or c.startswith("/usr/bin/python3 -m venv")]
+    assert len(venv_steps) == 2, commands
+    for cmd in venv_steps:
+        r = _run(cmd, clone)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    migd = prefix / "migd" / "venv" / "bin" / "migd"
+    config = clone / "vm1.toml"
+    config.write_text((REPO / "systemd" / "migd.toml.example").read_text().replace("NAME", "vm1"))
+    unit = (REPO / "systemd" / "migd@.service").read_text()
+    exec_start = re.search(r"^ExecStart=(.*)$", unit, re.MULTILINE).group(1)
+    sock = clone / "qmp.sock"
+    argv = [a.replace("/opt/migd/venv/bin/migd", str(migd)).replace("/etc/migd/%i.toml", str(config))
+            .replace("%i", "vm1").replace("unix:%t/migd/vm1/qmp.sock", f"unix:{sock}") for a in exec_start.split()]
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 8940)) == 0:
+            pytest.skip("something already listens on 127.0.0.1:8940")
+    proc = subprocess.Popen(argv, cwd=clone, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={"PATH": SYSTEM_PATH})
+    try:
+        def metrics() -> str | None:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                with urllib.request.urlopen("http://127.0.0.1:8940/metrics", timeout=5) as resp:
+                    return resp.read().decode()
+            except OSError:
+                return None
+        text = wait_for(metrics, timeout=60, what="/metrics of the installed daemon")
+        assert "migd_process_cpu_seconds_total" in text and "migd_process_resident_memory_bytes" in text
+        assert sock.exists()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert proc.returncode == 0
