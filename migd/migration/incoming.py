@@ -201,7 +201,8 @@ class IncomingMigration:
         instream = InStream(channel)
         try:
             if may_be_foreign and foreign.is_foreign(instream):
-                self.foreign = foreign.load_foreign(instream, on_command=self._on_command)
+                self.foreign = foreign.load_foreign(instream, on_command=self._on_command,
+                                                    on_machine=self._receiving)
                 machine.incoming_runstate = RunState.PAUSED  # held, not run: it ends paused
             else:
                 if may_be_foreign:
@@ -233,6 +234,11 @@ class IncomingMigration:
             prefault(machine.ram)
         except Exception:  # noqa: BLE001 - an optimisation only
             log.warning("incoming migration: prefaulting RAM failed", exc_info=True)
+
+    def _receiving(self, machine: foreign.ForeignMachine) -> None:
+        """(incoming thread) A foreign machine's header arrived: held from now on, so a ``migrate``
+        may send it on while it loads (the live relay)."""
+        self.foreign = machine
 
     def _on_config(self, features: int, peer_timeout_ms: int) -> None:
         """(incoming thread) What a migd source announced in its configuration subsection."""
@@ -310,6 +316,8 @@ class IncomingMigration:
                 except InvalidTransition:
                     self.host.runstate.set(RunState.PAUSED)
             self.socket_address = None
+            if self.foreign is not None:
+                self.foreign.mark_loaded()  # a relay's outgoing migration switches over now
             self._set_status(M.COMPLETED)
         self._stop_watchdog()
         self._send_shut(0)
@@ -334,6 +342,9 @@ class IncomingMigration:
             desc = "The source closed the migration stream after the load without committing it"
         self.error_desc = desc
         self.socket_address = None
+        half, self.foreign = self.foreign, None  # half a machine is not held
+        if half is not None:
+            half.mark_failed(desc)
         self._set_status(M.FAILED)
         self._send_shut(1)
         self._close_channel()

@@ -133,6 +133,15 @@ class SaveVM:
         """Bitmap sync (takes the BQL) and the exact remaining bytes."""
         return self.ram.pending_exact()
 
+    def switchover_ready(self) -> bool:
+        """(migration thread) Whether a switch-over the policy decides may happen now (a relay's
+        waits for its incoming side; ``foreign_save.ForeignSaveVM``)."""
+        return True
+
+    def switchover_due(self) -> bool:
+        """(migration thread) Whether the switch-over must happen now, whatever the policy says."""
+        return False
+
     def save_iterate(self, f: OutStream) -> bool:
         """One PART of every live section (if the window has budget). True when all are done."""
         if f.rate_limit_exceeded():

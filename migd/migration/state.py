@@ -180,7 +180,7 @@ class MigrationState:
         if self.is_running():
             raise MigrationError(IN_PROGRESS)
         runstate = self.host.runstate.state
-        if runstate is RunState.INMIGRATE:
+        if runstate is RunState.INMIGRATE and self.host.held_machine() is None:  # a relay may send on
             raise MigrationError("Guest is waiting for an incoming migration")
         if runstate is RunState.POSTMIGRATE:
             raise MigrationError("Can't migrate the vm that was paused due to previous migration")
