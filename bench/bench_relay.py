@@ -11,7 +11,8 @@ Needs qemu-system-x86_64, as and ld.
 
 Per run it prints: the source QEMU's ``downtime`` (query-migrate), migd's own ``downtime`` (relay),
 the guest's wall-clock downtime (the source's STOP event to the destination's RESUME event, both
-stamped by the host clock), the total time (migrate to RESUME) and the destination's query-migrate
+stamped by the host clock), for the relay the STOP to its incoming completion (its log line's
+millisecond stamp: QEMU's last pass arriving and loaded), the total time (migrate to RESUME) and the destination's query-migrate
 status. The guest counter's gap cannot show downtime: it counts ticks of QEMU's virtual clock,
 which stops with the guest; the bench checks it continues from the stopped value instead.
 """
@@ -19,10 +20,12 @@ which stops with the guest; the bench checks it continues from the stopped value
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,16 @@ def parse_size(text: str) -> int:
 def stamp(event: dict[str, Any]) -> float:
     ts = event["timestamp"]
     return float(ts["seconds"]) + float(ts["microseconds"]) / 1e6
+
+
+def log_stamp(log: str, text: str) -> float | None:
+    """The host-clock time of the first migd log line containing ``text``."""
+    for line in log.splitlines():
+        if text in line:
+            m = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})", line)
+            if m:
+                return datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(m.group(2)) / 1000
+    return None
 
 
 def one_run(work: Path, floppy: Path, accel: str, relay: bool, bandwidth: int, return_path: bool,
@@ -72,13 +85,16 @@ def one_run(work: Path, floppy: Path, accel: str, relay: bool, bandwidth: int, r
         mid_info = mid.wait_for(lambda: mid.cmd("query-migrate") if mid.cmd("query-migrate").get("status")
                                 in ("completed", "failed") else {}, 60, "the relay") if mid is not None else {}
         dst_info = dst.cmd("query-migrate")
+        loaded = log_stamp(mid.log(), "incoming migration status=completed") if mid is not None else None
         stopped_at = src.counter()
         continues = dst.wait_for_counter(stopped_at + 2) >= stopped_at + 2
         return {"kind": "relay" if relay else "direct", "src-downtime": src_info.get("downtime"),
                 "relay-downtime": mid_info.get("downtime"), "guest-downtime": (stamp(resume) - stamp(stop)) * 1000,
                 "total": total * 1000, "dst-status": dst_info.get("status"), "live": live,
                 "counter-continues": continues, "src-status": src_info.get("status"),
-                "relay-status": mid_info.get("status")}
+                "relay-status": mid_info.get("status"),
+                # the source's STOP to the relay's incoming completion: QEMU's last pass arriving and loaded
+                "stop-to-loaded": None if loaded is None else (loaded - stamp(stop)) * 1000}
     finally:
         for vm in (src, dst):
             vm.kill()
@@ -110,7 +126,9 @@ def main() -> int:
                 print(f"{row['kind']:6}  source downtime {row['src-downtime']!s:>4} ms  "
                       f"migd downtime {row['relay-downtime']!s:>4} ms  "
                       f"guest STOP->RESUME {row['guest-downtime']:7.1f} ms  total {row['total']:7.1f} ms  "
-                      f"dst {row['dst-status']}  live {row['live']}  counter continues {row['counter-continues']}",
+                      f"dst {row['dst-status']}  live {row['live']}  counter continues {row['counter-continues']}"
+                      + ("" if row["stop-to-loaded"] is None else
+                         f"  STOP->relay loaded {row['stop-to-loaded']:.0f} ms"),
                       flush=True)
         print(f"\naccel {accel}, max-bandwidth {args.bandwidth}/s, return-path {args.return_path}, "
               f"{args.runs} runs each; medians:")
