@@ -61,8 +61,12 @@ def test_live_relay_qemu_to_migd_to_qemu(source: Qemu, migd_factory: Callable[..
         relay.wait_for(lambda: holding(relay), 30, "the relay to receive the QEMU machine")
         assert relay.cmd("query-migrate")["status"] == "active"  # the incoming side, still loading
         assert relay.status() == "inmigrate"
-        relay.cmd("migrate", uri=f"unix:{tmp_path / 'out.sock'}")
+        relay.cmd("migrate", uri=f"unix:{tmp_path / 'out.sock'}")  # at once: maybe before the block list
         assert source.cmd("query-migrate")["status"] == "active"  # the relay sends on while receiving
+        arriving: dict[str, Any] = relay.wait_for(  # the machine as received so far
+            lambda: (m := relay.cmd("x-migd-query-machine"))["ram"]["blocks"] and m, 30, "the block list")
+        assert arriving["foreign"] is True and arriving["loaded"] is False and arriving["status"] == "inmigrate"
+        assert "pc.ram" in [b["name"] for b in arriving["ram"]["blocks"]]
         # the relay forwards before the source finished: the destination has pages already
         relay.wait_for(lambda: relay.cmd("query-migrate").get("ram", {}).get("transferred", 0) > 256 << 10, 60,
                        "the relay to forward pages")
