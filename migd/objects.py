@@ -44,11 +44,11 @@ class AuthzSimple:
 UserObject = TlsCredsX509 | AuthzSimple
 
 
-def _bool(name: str, value: Any) -> bool:
-    """A property value from the command line ("on"/"off") or from QMP (a JSON boolean)."""
+def _bool(name: str, value: Any, keyval: bool) -> bool:
+    """A property value: a JSON boolean from QMP; also "on"/"off" from the command line (``keyval``)."""
     if isinstance(value, bool):
         return value
-    if isinstance(value, str):
+    if isinstance(value, str) and keyval:
         if value.lower() in _TRUE:
             return True
         if value.lower() in _FALSE:
@@ -63,14 +63,15 @@ def _str(name: str, value: Any) -> str:
     return value
 
 
-def create(qom_type: str, obj_id: str, props: Mapping[str, Any]) -> UserObject:
-    """Build (and check) one object from its type, id and properties. Raises ObjectError."""
+def create(qom_type: str, obj_id: str, props: Mapping[str, Any], keyval: bool = False) -> UserObject:
+    """Build (and check) one object from its type, id and properties (``keyval``: from the command
+    line, where every value is a string). Raises ObjectError."""
     if not _ID_RE.match(obj_id):
         raise ObjectError("Parameter 'id' expects an identifier")
     if qom_type == "tls-creds-psk":
         raise ObjectError(PSK_UNSUPPORTED)
     if qom_type == "tls-creds-x509":
-        return _x509(obj_id, props)
+        return _x509(obj_id, props, keyval)
     if qom_type == "authz-simple":
         unknown = sorted(set(props) - {"identity"})
         if unknown:
@@ -81,7 +82,7 @@ def create(qom_type: str, obj_id: str, props: Mapping[str, Any]) -> UserObject:
     raise ObjectError(f"invalid object type: {qom_type}")
 
 
-def _x509(obj_id: str, props: Mapping[str, Any]) -> TlsCredsX509:
+def _x509(obj_id: str, props: Mapping[str, Any], keyval: bool) -> TlsCredsX509:
     known = {"dir", "endpoint", "verify-peer", "sanity-check", "loaded"}
     unknown = sorted(set(props) - known)
     if unknown:
@@ -89,10 +90,10 @@ def _x509(obj_id: str, props: Mapping[str, Any]) -> TlsCredsX509:
     endpoint = _str("endpoint", props.get("endpoint", "client"))
     if endpoint not in ENDPOINTS:
         raise ObjectError(f"Parameter 'endpoint' does not accept value '{endpoint}'")
-    verify_peer = _bool("verify-peer", props.get("verify-peer", True))
+    verify_peer = _bool("verify-peer", props.get("verify-peer", True), keyval)
     for name in ("sanity-check", "loaded"):  # Python's ssl checks the certificates it loads anyway
         if name in props:
-            _bool(name, props[name])
+            _bool(name, props[name], keyval)
     if "dir" not in props:
         raise ObjectError("Missing 'dir' property value")
     try:
@@ -131,12 +132,12 @@ class ObjectRegistry:
         self._objects: dict[str, UserObject] = {}
         self._lock = threading.Lock()
 
-    def add(self, qom_type: str, obj_id: str, props: Mapping[str, Any]) -> UserObject:
+    def add(self, qom_type: str, obj_id: str, props: Mapping[str, Any], keyval: bool = False) -> UserObject:
         """``object-add``: create and register; a duplicate id changes nothing."""
         with self._lock:
             if obj_id in self._objects:
                 raise ObjectError(f"attempt to add duplicate property '{obj_id}' to object (type 'container')")
-        obj = create(qom_type, obj_id, props)  # reads files: outside the lock
+        obj = create(qom_type, obj_id, props, keyval)  # reads files: outside the lock
         with self._lock:
             if obj_id in self._objects:
                 raise ObjectError(f"attempt to add duplicate property '{obj_id}' to object (type 'container')")
@@ -145,7 +146,7 @@ class ObjectRegistry:
 
     def add_spec(self, spec: str | Mapping[str, Any]) -> UserObject:
         """``--object SPEC`` / a TOML ``object`` entry."""
-        return self.add(*parse_spec(spec))
+        return self.add(*parse_spec(spec), keyval=True)
 
     def delete(self, obj_id: str) -> None:
         """``object-del``. A migration that already holds the credentials keeps them."""

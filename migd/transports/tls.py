@@ -61,11 +61,15 @@ def describe(exc: BaseException, hostname: str | None = None) -> str:
         reason = exc.reason or ""
         if reason in ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "TLSV13_ALERT_CERTIFICATE_REQUIRED"):
             return "No certificate was found."
-        words = reason.replace("_", " ").lower() if reason else str(exc)
-        return f"TLS handshake failed: {words}"
+        return f"TLS handshake failed: {_words(exc)}"
     if isinstance(exc, OSError) and exc.strerror:
         return f"TLS handshake failed: {exc.strerror}"
     return f"TLS handshake failed: {exc or type(exc).__name__}"
+
+
+def _words(exc: ssl.SSLError) -> str:
+    """OpenSSL's reason code in words: ``TLSV1_ALERT_UNKNOWN_CA`` -> ``tlsv1 alert unknown ca``."""
+    return exc.reason.replace("_", " ").lower() if exc.reason else str(exc)
 
 
 def _handshake(sock: ssl.SSLSocket, waker: Waker, timeout: float, hostname: str | None) -> None:
@@ -157,18 +161,33 @@ class TlsChannel(SocketChannel):
                     events = select.POLLOUT
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                     if eof is None:
-                        raise OSError(errno.EPIPE, "Cannot write to TLS channel: the peer closed it") from None
+                        raise self._write_refused() from None
                     return eof
                 except ssl.SSLError as exc:
                     if self._waker.woken:
                         raise _shut_error() from exc
-                    raise OSError(errno.EPROTO, f"TLS channel error: {describe(exc).removeprefix('TLS handshake failed: ')}") from exc
-                except OSError:
+                    raise OSError(errno.EPROTO, f"TLS channel error: {_words(exc)}") from exc
+                except OSError as exc:
                     if self._waker.woken:
                         raise _shut_error() from None
+                    if eof is None and exc.errno in (errno.EPIPE, errno.ECONNRESET):
+                        raise self._write_refused() from exc
                     raise
             if self._waker.wait(self.sock.fileno(), events, timeout=POLL_SLICE) is False:
                 raise _shut_error()
+
+    def _write_refused(self) -> OSError:
+        """A write found the session closed. With TLS 1.3 a server refuses our certificate only after
+        our side of the handshake finished, so say why if its alert is waiting. (under the lock)"""
+        reason = "the peer closed it"
+        try:
+            self.sock.recv(1)
+        except ssl.SSLError as exc:
+            if "ALERT" in (exc.reason or ""):
+                reason = f"the peer refused the session ({_words(exc)})"
+        except OSError:
+            pass
+        return OSError(errno.EPIPE, f"Cannot write to TLS channel: {reason}")
 
     def write_vectored(self, bufs: Sequence[Any]) -> int:
         """(writing thread) One record-sized write: a large first buffer alone, small ones joined."""
