@@ -208,8 +208,24 @@ class TlsChannel(SocketChannel):
 
     def read_into(self, mv: Any) -> int:
         """(reading thread) What is available, at least one byte; 0 at the end of the stream."""
-        sock = self.sock
-        return self._run(lambda: sock.recv_into(mv), 0)
+        view = memoryview(mv)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        return self._run(lambda: self._read_records(view), 0)
+
+    def _read_records(self, view: memoryview) -> int:
+        """One SSL_read gives at most one record (16 KiB): go on while more is already here, so a
+        large read costs one trip through the lock, not one per record. (under the lock)"""
+        total = self.sock.recv_into(view)
+        while total and total < len(view):
+            try:
+                n = self.sock.recv_into(view[total:])
+            except (ssl.SSLError, OSError):  # nothing more now, or an error the next call reports
+                break
+            if not n:
+                break
+            total += n
+        return total
 
     def shutdown(self) -> None:
         """Wake blocked I/O and make later I/O fail; the raw socket is shut too. (any thread)"""
