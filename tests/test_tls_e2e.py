@@ -11,7 +11,9 @@ not exist or are for the wrong endpoint, and the objects from the command line a
 
 from __future__ import annotations
 
+import socket
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -210,3 +212,29 @@ def test_objects_from_the_command_line_and_toml(migd_factory, tmp_path: Path, ca
     bad = migd_factory("bad", "--object", f"tls-creds-x509,id=t,dir={tmp_path},endpoint=server", connect=False)
     assert bad.wait(30) == 2
     assert f"Unable to access credentials {tmp_path}/ca-cert.pem" in bad.log()
+
+
+def test_cancel_and_quit_end_a_handshake_with_a_silent_peer(migd_factory, tmp_path: Path, ca: Any) -> None:
+    """A peer that accepts (or connects) and then says nothing: ``migrate_cancel`` ends the source's
+    handshake at once, and ``quit`` the destination's, long before the 30 s handshake limit."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    src = _source(migd_factory, client_dir(tmp_path / "cli", ca))
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{silent.getsockname()[1]}")
+    peer, _ = silent.accept()  # connected: the source now waits in its handshake
+    assert src.cmd("query-migrate")["status"] == "setup"
+    started = time.monotonic()
+    src.cmd("migrate_cancel")
+    wait_status(src, "cancelled", 5)
+    assert time.monotonic() - started < 3
+    assert run_status(src) == "running"
+    peer.close()
+    silent.close()
+
+    dst, uri = _destination(migd_factory, server_dir(tmp_path / "srv", ca))
+    host, port = uri.removeprefix("tcp:").rsplit(":", 1)
+    mute = socket.create_connection((host, int(port)))
+    poll(lambda: dst.cmd("query-migrate")["status"] == "setup", 5, "the destination listening")
+    started = time.monotonic()
+    assert dst.quit(10) == 0
+    assert time.monotonic() - started < 5
+    mute.close()
