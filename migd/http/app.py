@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from migd.http.host import HttpHost
 from migd.http.hosts import HostCheck, host_middleware
 from migd.http.live import LiveFeed
-from migd.http.metrics import CONTENT_TYPE, make_registry, migration_info, render
+from migd.http.metrics import CONTENT_TYPE, api_info, make_registry, migration_info, render
 from migd.machine.runstate import RunState
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def migration(request: web.Request) -> web.Response:
-    return _json(migration_info(request.app[DAEMON_KEY]))
+    return _json(api_info(request.app[DAEMON_KEY]))
 
 
 def _sse(kind: str, data: Any) -> bytes:
