@@ -367,3 +367,37 @@ def test_headless_screenshot_of_a_migration(tmp_path, migd_factory):
     # the chart line (the accent blue #2f6fde) is drawn
     assert any(b"\x2f\x6f\xde" in row for row in rows), "no chart series in the screenshot"
     print(f"screenshot {shot} in {took:.1f} s: {len(counts)} colours, {inked} of {len(sampled)} samples inked")
+
+
+async def test_dashboard_shows_convergence_limit_and_a_late_pages_history(tmp_path):
+    """A page opened after the migration's first events lists them; the convergence state and ETA,
+    the downtime limit (as set) and its line on the log-scale chart show; the title says the state."""
+    daemon = DaemonParts()
+    daemon.migration_config.set_parameters({"downtime-limit": 50})
+    endpoint = await start_http(daemon, "127.0.0.1", 0, sample_interval=0.1)
+    try:
+        daemon.events.emit("MIGRATION", {"status": "setup"})
+        daemon.migration.info = {**active(400 << 20, 2), "expected-downtime": 20000,
+                                 "x-migd-convergence": {"state": "converging", "eta-ms": 3200}}
+        daemon.events.emit("MIGRATION", {"status": "active"})
+        async with chromium(tmp_path) as cdp:
+            await cdp.send("Page.navigate", url=endpoint.url + "/")
+            await until(cdp, "document.getElementById('convergence').dataset.state === 'converging'")
+            assert await cdp.evaluate("document.getElementById('convergence').textContent") == \
+                "converging · eta 3200 ms"
+            assert await cdp.evaluate("document.getElementById('limit').textContent") == "50 ms"
+            assert await cdp.evaluate("document.title") == "migd · active 60.9 %"
+            events = await cdp.evaluate("[...document.querySelectorAll('#events li')].map(li => li.textContent)")
+            assert any('"setup"' in e for e in events) and any('"active"' in e for e in events)
+            chart = "document.getElementById('chart-downtime')"
+            assert await cdp.evaluate(f"{chart}.dataset.scale") == "log"
+            assert await cdp.evaluate(f"{chart}.querySelector('text.limitlabel').textContent") == "limit 50 ms"
+            # log scale: 50 ms sits well up the chart although the estimate is 400 times larger
+            y_limit = float(await cdp.evaluate(f"{chart}.querySelector('line.limit').getAttribute('y1')"))
+            assert 30 < y_limit < 130  # the chart's plot area runs from y=14 (top) to y=152 (bottom)
+            daemon.migration.info = {**active(400 << 20, 3), "x-migd-convergence": {"state": "diverging"}}
+            await until(cdp, "document.getElementById('convergence').dataset.state === 'diverging'")
+            assert await cdp.evaluate("document.getElementById('convergence').textContent") == "diverging"
+            assert cdp.errors() == []
+    finally:
+        await endpoint.close()
