@@ -43,9 +43,11 @@ from migd.migration.ram import RAMLoader, prefault
 from migd.migration.savevm import load_commit, load_stream
 from migd.migration.status import MigrationStatus
 from migd.migration.stream import InStream
+from migd.objects import ObjectError
 from migd.threads import any_thread, loop_only, off_loop, on_thread
-from migd.transports import Listener, TransportError, URIError, listen, parse_uri
-from migd.transports.tcp import set_peer_timeout
+from migd.transports import Listener, TransportError, URIError, listen, parse_uri, tls
+from migd.transports.channel import Channel, SocketChannel
+from migd.transports.tcp import TcpListener, set_peer_timeout
 from migd.transports.uri import MigrationURI
 
 log = logging.getLogger("migd.migration")
@@ -53,6 +55,7 @@ log = logging.getLogger("migd.migration")
 M = MigrationStatus
 
 DEFER = "defer"
+TLS_TCP_ONLY = "TLS is only supported on tcp migration channels by migd"
 CLOSE_JOIN = 5.0  # seconds close() waits for the woken incoming thread
 
 
@@ -217,7 +220,7 @@ class IncomingMigration:
         listener = self._listener
         assert listener is not None
         try:
-            raw = listener.accept()
+            raw = self._accept(listener)
         except (TransportError, OSError) as exc:
             if self._closing:
                 return
@@ -252,6 +255,30 @@ class IncomingMigration:
             self._fail(self._describe(exc))
             return
         self._finish()
+
+    def _accept(self, listener: Listener) -> Channel:
+        """(incoming thread) The source's connection; with ``tls-creds``, each connection must pass
+        the TLS handshake (and ``tls-authz``): one that fails is logged and dropped and the listener
+        keeps waiting, as QEMU's does (a refused client must not end the incoming migration)."""
+        creds_id = str(self.config.param("tls-creds"))
+        if creds_id and not isinstance(listener, TcpListener):
+            raise TransportError(TLS_TCP_ONLY)
+        while True:  # bounded by the listener: close() ends accept and any handshake at once
+            raw = listener.accept()
+            if not creds_id:
+                return raw
+            try:
+                creds = self.config.objects.tls_creds(creds_id, "server")
+                authz_id = str(self.config.param("tls-authz"))
+                authz = self.config.objects.authz(authz_id).is_allowed if authz_id else None
+                if not isinstance(raw, SocketChannel) or not isinstance(listener, TcpListener):
+                    raise TransportError(TLS_TCP_ONLY)
+                return tls.server(raw, creds, authz, listener.waker)
+            except (TransportError, ObjectError) as exc:
+                raw.close()
+                if self._closing:
+                    raise
+                log.warning("incoming migration: TLS connection refused: %s", exc)
 
     def _describe(self, exc: BaseException) -> str:
         if self._closing:

@@ -34,10 +34,11 @@ from migd.migration.status import (
     MigrationStatus,
 )
 from migd.migration.stream import OutStream
-from migd.threads import any_thread, loop_only, on_thread
-from migd.transports.channel import Channel
+from migd.threads import any_thread, loop_only, off_loop, on_thread
+from migd.transports import tls
+from migd.transports.channel import Channel, SocketChannel
 from migd.transports.connecting import ConnectCancel
-from migd.transports.uri import FdURI, MigrationURI
+from migd.transports.uri import FdURI, MigrationURI, TcpURI
 
 log = logging.getLogger("migd.migration")
 
@@ -46,6 +47,7 @@ M = MigrationStatus
 IN_PROGRESS = "There's a migration process in progress"
 COMMITTED = ("The migration is committed: the destination owns the guest now, it can no longer be "
              "cancelled")
+TLS_TCP_ONLY = "TLS is only supported on tcp migration channels by migd"
 CANCEL_WAIT = 10.0  # seconds migrate_cancel waits for the thread to wind down before replying anyway
 
 
@@ -190,8 +192,6 @@ class MigrationState:
             raise MigrationError("Guest is waiting for an incoming migration")
         if runstate is RunState.POSTMIGRATE:
             raise MigrationError("Can't migrate the vm that was paused due to previous migration")
-        if self.config.param("tls-creds"):
-            raise MigrationError("TLS is not supported by migd")
 
     def _reset(self, uri: str) -> None:
         """QEMU's migrate_init: fresh counters, parameters and capabilities kept."""
@@ -231,6 +231,8 @@ class MigrationState:
             except TimeoutError:
                 raise MigrationError(IN_PROGRESS) from None
         self._prepare_checks(resume)
+        if self.config.param("tls-creds") and not isinstance(address, TcpURI):
+            raise MigrationError(TLS_TCP_ONLY)
         self._reset(uri if uri is not None else repr(channels))
         old = self._status
         if old in RUNNING_STATES or not self.set_state(old, M.SETUP):
@@ -254,7 +256,7 @@ class MigrationState:
                        generation: int) -> None:
         cancel = self._connect_cancel = ConnectCancel()  # migrate_cancel frees the thread
         try:
-            channel = await self.host.run_blocking(transports.connect, address, fds, cancel)
+            channel = await self.host.run_blocking(self._open, address, fds, cancel)
         except Exception as exc:
             if generation != self._generation:
                 return  # cancelled long ago; a newer migration owns the state now
@@ -267,6 +269,17 @@ class MigrationState:
             if generation == self._generation:
                 self._connect_task = None
         self._connected(channel, generation)
+
+    @off_loop
+    def _open(self, address: MigrationURI, fds: dict[str, int] | None, cancel: ConnectCancel) -> Channel:
+        """Connect, then (``tls-creds`` set) the TLS handshake as the client. (connect worker)"""
+        creds_id = str(self.config.param("tls-creds"))
+        creds = self.config.objects.tls_creds(creds_id, "client") if creds_id else None
+        channel = transports.connect(address, fds, cancel)
+        if creds is None or not isinstance(address, TcpURI) or not isinstance(channel, SocketChannel):
+            return channel
+        hostname = str(self.config.param("tls-hostname")) or address.host
+        return tls.client(channel, creds, hostname, cancel.waker)
 
     @loop_only
     def _connected(self, channel: Channel, generation: int) -> None:
