@@ -22,6 +22,7 @@ import logging
 import struct
 import sys
 import threading
+import time
 from typing import Any
 
 from migd.bql import BQL
@@ -38,7 +39,7 @@ from migd.migration.format import (
 from migd.migration.heartbeat import Watchdog, WatchedChannel, beat_interval, writable
 from migd.migration.host import MigrationHost
 from migd.migration.params import MigrationConfig
-from migd.migration.ram import prefault
+from migd.migration.ram import RAMLoader, prefault
 from migd.migration.savevm import load_commit, load_stream
 from migd.migration.status import MigrationStatus
 from migd.migration.stream import InStream
@@ -56,6 +57,10 @@ M = MigrationStatus
 DEFER = "defer"
 TLS_TCP_ONLY = "TLS is only supported on tcp migration channels by migd"
 CLOSE_JOIN = 5.0  # seconds close() waits for the woken incoming thread
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
 
 
 class IncomingError(Exception):
@@ -94,6 +99,13 @@ class IncomingMigration:
         self._thread: threading.Thread | None = None
         self.finished = threading.Event()  # set once the status is completed or failed
         self.foreign: foreign.ForeignMachine | None = None  # a machine of another type, held as data
+        # [migd] progress the loop reads without locks: plain ints and floats the incoming thread
+        # publishes (set once, or only ever grown), read as one attribute each
+        self._instream: InStream | None = None
+        self._loader: RAMLoader | None = None
+        self._listen_at: float | None = None  # monotonic: listening (setup)
+        self._accept_at: float | None = None  # the source connected (active)
+        self._end_at: float | None = None  # completed or failed
 
     # -- starting ------------------------------------------------------------------------------
 
@@ -133,6 +145,7 @@ class IncomingMigration:
         self._listener = listener
         self.exit_on_error = exit_on_error
         self.socket_address = list(listener.socket_address) or None
+        self._listen_at = time.monotonic()
         self._set_status(M.SETUP)
         log.info("incoming migration: listening on %s", uri.display())
         self._thread = threading.Thread(target=self._run, name="mig/dst/main", daemon=True)
@@ -165,6 +178,26 @@ class IncomingMigration:
             info["x-migd-commit"] = "waiting"  # everything loaded, the source's COMMIT not yet here
         return info
 
+    @any_thread
+    def progress(self) -> dict[str, int]:
+        """[migd] What arrived so far (the HTTP endpoint's ``x-migd-incoming``; query-migrate keeps
+        QEMU's members only): stream bytes consumed, RAM pages loaded (data and zero records),
+        and milliseconds listening (``setup-time``), loading (``load-time``) and in all (``total-time``)."""
+        now = time.monotonic()
+        instream, loader = self._instream, self._loader
+        listen_at, accept_at, end_at = self._listen_at, self._accept_at, self._end_at
+        out: dict[str, int] = {"received": instream.consumed if instream is not None else 0}
+        if loader is not None:
+            out["pages"] = loader.pages
+            out["zero-pages"] = loader.zero_pages
+        stop = end_at if end_at is not None else now
+        if listen_at is not None:
+            out["setup-time"] = _ms((accept_at if accept_at is not None else stop) - listen_at)
+            out["total-time"] = _ms(stop - listen_at)
+        if accept_at is not None:
+            out["load-time"] = _ms(stop - accept_at)
+        return out
+
     # -- the incoming thread -------------------------------------------------------------------
 
     @on_thread("mig/dst/main")
@@ -196,12 +229,13 @@ class IncomingMigration:
         finally:
             listener.close()
         channel = self._channel = WatchedChannel(raw)
+        self._accept_at = time.monotonic()
         self._rp = returnpath.ReturnPathWriter(channel)
         if self._closing:
             self._fail("Incoming migration was shut down")
             return
         self._set_status(M.ACTIVE)
-        instream = InStream(channel)
+        instream = self._instream = InStream(channel)
         try:
             if may_be_foreign and foreign.is_foreign(instream):
                 self.foreign = foreign.load_foreign(instream, on_command=self._on_command,
@@ -210,7 +244,9 @@ class IncomingMigration:
             else:
                 if may_be_foreign:
                     self._prefault(machine)
-                load_stream(instream, machine, on_command=self._on_command, on_config=self._on_config)
+                loader = self._loader = RAMLoader(machine.ram)
+                load_stream(instream, machine, on_command=self._on_command, on_config=self._on_config,
+                            ram=loader)
             if self.features & FEATURE_COMMIT:
                 self._rp.loaded()
                 self._loaded_sent = True
@@ -345,6 +381,7 @@ class IncomingMigration:
             self.socket_address = None
             if self.foreign is not None:
                 self.foreign.mark_loaded()  # a relay's outgoing migration switches over now
+            self._end_at = time.monotonic()
             self._set_status(M.COMPLETED)
         self._stop_watchdog()
         self._send_shut(0)
@@ -372,6 +409,7 @@ class IncomingMigration:
         half, self.foreign = self.foreign, None  # half a machine is not held
         if half is not None:
             half.mark_failed(desc)
+        self._end_at = time.monotonic()
         self._set_status(M.FAILED)
         self._send_shut(1)
         self._close_channel()

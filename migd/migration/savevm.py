@@ -198,10 +198,11 @@ class SaveVM:
 
 
 def load_stream(f: InStream, machine: Any, on_command: CommandHandler | None = None,
-                on_config: ConfigHandler | None = None) -> int:
+                on_config: ConfigHandler | None = None, ram: RAMLoader | None = None) -> int:
     """Load a whole stream into ``machine``; ``on_command(cmd, payload)`` sees the COMMANDs.
 
     ``on_config(features, peer_timeout_ms)`` hears what a migd source announced, before any section.
+    ``ram`` is the caller's loader when it wants to read its page counters while the load runs.
     Returns the announced features (0 for a QEMU source or a stream without them).
     """
     features = _load_header(f)
@@ -210,7 +211,8 @@ def load_stream(f: InStream, machine: Any, on_command: CommandHandler | None = N
     announced = features[0]
     if announced & FEATURE_CHECKSUM:
         f.start_digest()
-    ram = RAMLoader(machine.ram)
+    if ram is None:
+        ram = RAMLoader(machine.ram)
     devices = {(d.idstr, d.instance_id): d for d in machine.devices()}
     live: dict[int, str] = {}  # section id -> idstr of START-ed live sections
     covered: list[str] = []  # what the current checksum segment holds, for the error text

@@ -71,6 +71,7 @@ class MigrationState:
         # published by the thread, read by query()
         self.error_desc: str | None = None
         self.start_time = 0.0  # time.monotonic() at migrate
+        self._pass_logged_at = -1.0e9  # time.monotonic() of the last INFO pass line
         self.setup_time = 0  # ms
         self.total_time = 0  # ms, final (set at completion)
         self.downtime = 0  # ms, set at completion
@@ -167,9 +168,14 @@ class MigrationState:
         thread = self.thread
         if thread is not None:
             thread.on_sync(stats)
-        log.info("migration pass=%d remaining=%d mbps=%.1f expected_downtime=%d dirty_pages_rate=%d",
-                 stats.dirty_sync_count, stats.remaining, stats.mbps, self.expected_downtime,
-                 stats.dirty_pages_rate)
+        now = time.monotonic()
+        summary = now - self._pass_logged_at >= 1.0  # every pass at DEBUG, at most one a second at INFO
+        if summary:
+            self._pass_logged_at = now
+        log.log(logging.INFO if summary else logging.DEBUG,
+                "migration pass=%d remaining=%d mbps=%.1f expected_downtime=%d dirty_pages_rate=%d",
+                stats.dirty_sync_count, stats.remaining, stats.mbps, self.expected_downtime,
+                stats.dirty_pages_rate)
         if self.config.cap("events"):
             self.host.events.emit("MIGRATION_PASS", {"pass": stats.dirty_sync_count})
 
@@ -194,6 +200,7 @@ class MigrationState:
         self.error_desc = None
         self.start_time = time.monotonic()
         self.setup_time = self.total_time = self.downtime = 0
+        self._pass_logged_at = -1.0e9  # the first pass is logged at INFO
         self.expected_downtime = 0
         self.downtime_phases = {}
         self.throttle_percentage = 0
