@@ -14,6 +14,7 @@ from migd import __version__
 from migd.config import ConfigError, DaemonConfig, build, load_toml
 from migd.daemon import Daemon
 from migd.logsetup import setup_logging
+from migd.memtrim import fix_mmap_threshold
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         print("migd: error: --qmp: no QMP endpoint given (unix:PATH or tcp:HOST:PORT)", file=sys.stderr)
         return 2
     setup_logging(config.log_level)
+    fix_mmap_threshold()  # no RSS growth per migration (migd/memtrim.py)
     return Daemon(config).run()
 
 

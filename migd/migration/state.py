@@ -23,6 +23,7 @@ from typing import Any
 
 from migd import transports
 from migd.machine.runstate import RunState
+from migd.memtrim import release_free_memory
 from migd.migration.host import MigrationHost
 from migd.migration.outgoing import MigrationThread
 from migd.migration.params import MigrationConfig, ParamError
@@ -313,7 +314,8 @@ class MigrationState:
 
     @loop_only
     async def _cleanup(self, thread: MigrationThread) -> None:
-        """QEMU's migration_cleanup: join the thread off the loop, close, cancelling -> cancelled."""
+        """QEMU's migration_cleanup: join the thread off the loop, close, cancelling -> cancelled;
+        then the C heap's free pages go back to the kernel (no RSS growth per migration)."""
         await self.host.run_blocking(thread.join)
         try:
             thread.stream.close()
@@ -323,6 +325,7 @@ class MigrationState:
             self.thread = None
             self.set_state(M.CANCELLING, M.CANCELLED)
             self._finish_done()
+        await self.host.run_blocking(release_free_memory)  # the threads' arenas (migd/memtrim.py)
 
     def _finish_done(self) -> None:
         done = self._done
