@@ -62,7 +62,7 @@ from migd.migration.stats import MigrationStats
 from migd.migration.status import MigrationStatus as M
 from migd.migration.stream import OutStream, StreamError
 from migd.migration.throttle import AutoConverge
-from migd.threads import any_thread, on_thread
+from migd.threads import any_thread, loop_only, on_thread
 from migd.transports.channel import Channel
 from migd.transports.tcp import set_peer_timeout
 
@@ -249,6 +249,17 @@ class MigrationThread(threading.Thread):
             finally:
                 sys.setswitchinterval(old_interval)
                 self.ms.thread_exited(self)
+
+    @loop_only
+    def release(self) -> None:
+        """After the join: drop the parts that point back at this thread (the watchdog's and the
+        return path's callbacks are its bound methods), so that the thread, its stream buffers and
+        the RAM saver's bitmaps are freed when the last reference goes, not at the next full garbage
+        collection (a soak's RSS rose by the stream buffers of every migration in between)."""
+        self._watchdog = None
+        self._beat = None
+        self.rp = None
+        self.savevm = None
 
     def _peer_error(self) -> str | None:
         """The destination's own verdict (SHUT(error)), or the watchdog's on a silent destination."""

@@ -317,6 +317,7 @@ class MigrationState:
         """QEMU's migration_cleanup: join the thread off the loop, close, cancelling -> cancelled;
         then the C heap's free pages go back to the kernel (no RSS growth per migration)."""
         await self.host.run_blocking(thread.join)
+        thread.release()
         try:
             thread.stream.close()
         except OSError:
