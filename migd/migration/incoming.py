@@ -23,6 +23,7 @@ from migd.machine.runstate import LIVE_STATES, InvalidTransition, RunState
 from migd.migration import returnpath
 from migd.migration.format import Cmd
 from migd.migration.host import MigrationHost
+from migd.migration.multifd import NEEDS_SOCKETS, MultifdReceiver, supports
 from migd.migration.params import MigrationConfig
 from migd.migration.ram import prefault
 from migd.migration.savevm import load_stream
@@ -63,6 +64,7 @@ class IncomingMigration:
         self._listener: Listener | None = None
         self._channel: Channel | None = None
         self._thread: threading.Thread | None = None
+        self._multifd: MultifdReceiver | None = None
         self.finished = threading.Event()  # set once the status is completed or failed
 
     # -- starting ------------------------------------------------------------------------------
@@ -94,6 +96,9 @@ class IncomingMigration:
         if self._started:
             raise IncomingError("The incoming migration has already been started")
         self._started = True  # claimed before the await: a concurrent call is refused
+        if self.config.cap("multifd") and not supports(uri):
+            self._started = False
+            raise IncomingError(NEEDS_SOCKETS)
         try:
             # listening may spawn a command or resolve a name: keep it off the loop
             listener = await self.host.run_blocking(listen, uri, fds)
@@ -145,25 +150,40 @@ class IncomingMigration:
         self._prefault(machine)
         listener = self._listener
         assert listener is not None
+        mfd = None
         try:
             channel = listener.accept()
+            if self.config.cap("multifd"):  # the listener goes on accepting the multifd channels
+                p = self.config.params
+                mfd = MultifdReceiver(machine.ram, int(p["multifd-channels"]), str(p["multifd-compression"]),
+                                      lambda desc: channel.shutdown())
+                self._multifd = mfd
+                mfd.accept_from(listener)
         except (TransportError, OSError) as exc:
             if self._closing:
                 return
             self._fail(str(exc))
             return
         finally:
-            listener.close()
+            if mfd is None:
+                listener.close()
         self._channel = channel
         if self._closing:
             self._fail("Incoming migration was shut down")
             return
         self._set_status(M.ACTIVE)
         try:
-            load_stream(InStream(channel), machine, on_command=self._on_command)
+            load_stream(InStream(channel), machine, on_command=self._on_command,
+                        on_flush=mfd.sync_main if mfd is not None else None)
         except Exception as exc:  # noqa: BLE001 - StreamError or anything a bad stream provokes
-            self._fail(self._describe(exc))
+            mfd_error = mfd.error if mfd is not None else None
+            if mfd is not None:
+                mfd.close()
+            self._fail(f"load of migration failed: {mfd_error}" if mfd_error and not self._closing
+                       else self._describe(exc))
             return
+        if mfd is not None:
+            mfd.close()
         self._finish()
 
     def _describe(self, exc: BaseException) -> str:
@@ -263,6 +283,8 @@ class IncomingMigration:
         channel = self._channel
         if channel is not None:
             channel.shutdown()
+        if self._multifd is not None:
+            self._multifd.close()
         # the loader writes into guest RAM: let it stop before the daemon unmaps that RAM
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():

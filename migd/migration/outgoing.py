@@ -41,6 +41,7 @@ from migd.bql import BQL
 from migd.machine.runstate import LIVE_STATES, RunState
 from migd.migration.format import Cmd, command
 from migd.migration.host import MigrationHost
+from migd.migration.multifd import MultifdSender
 from migd.migration.params import MigrationConfig
 from migd.migration.ram import RAMError
 from migd.migration.returnpath import ReturnPathReader, sibling_error
@@ -148,6 +149,7 @@ class MigrationThread(threading.Thread):
         self.use_return_path = bool(ms.config.cap("return-path") and self.channel.has_return_path)
         self.rp: ReturnPathReader | None = None
         self.savevm: SaveVM | None = None
+        self.multifd: MultifdSender | None = None
         self.throttle = (AutoConverge(self.machine.vcpus, lambda: ms.config.params)
                          if ms.config.cap("auto-converge") else None)
         self._rate_lock = threading.Lock()
@@ -239,6 +241,8 @@ class MigrationThread(threading.Thread):
         ms, stream = self.ms, self.stream
         setup_start = time.monotonic()
         self.savevm = savevm = SaveVM(self.machine, self.stats, self.use_return_path)
+        if ms.config.cap("multifd"):  # the extra channels, before the stream begins (QEMU's order)
+            self.multifd = savevm.ram.pages_out = MultifdSender.open(self.channel, stream, ms.config.params)
         with BQL:
             self._expect(M.SETUP)
             savevm.save_header(stream)
@@ -493,6 +497,8 @@ class MigrationThread(threading.Thread):
                         self.runstate.set(self._vm_old_state)
         if self.rp is not None:
             self.rp.close()
+        if self.multifd is not None:
+            self.multifd.close(drain=ms.status is M.COMPLETED)
         if self.savevm is not None:
             try:
                 with BQL:

@@ -33,7 +33,9 @@ CAPABILITIES: tuple[str, ...] = (
     "background-snapshot", "zero-copy-send", "postcopy-preempt", "switchover-ack", "dirty-limit",
     "mapped-ram",
 )
-SUPPORTED_CAPABILITIES = frozenset({"events", "return-path", "pause-before-switchover", "auto-converge"})
+SUPPORTED_CAPABILITIES = frozenset({"events", "return-path", "pause-before-switchover", "auto-converge",
+                                    "multifd"})
+MULTIFD_COMPRESSION_SUPPORTED = ("none", "zlib", "zstd")  # qatzip, qpl, uadk: hardware migd lacks
 # migd differs from QEMU here on purpose: with a socket transport the source only reports `completed`
 # once the destination acknowledged a successful load (exec/file channels have no return path).
 DEFAULT_CAPABILITIES: dict[str, bool] = {name: name == "return-path" for name in CAPABILITIES}
@@ -180,6 +182,9 @@ def check_parameters(p: Mapping[str, Any]) -> None:
         raise _invalid("x-vcpu-dirty-limit-period", "a value between 1 and 1000")
     if p["vcpu-dirty-limit"] < 1:
         raise _invalid("vcpu_dirty_limit", "is invalid, it must greater then 1 MB/s")
+    if p["multifd-compression"] not in MULTIFD_COMPRESSION_SUPPORTED:
+        raise ParamError(f"multifd-compression '{p['multifd-compression']}' is not supported by migd "
+                         "(use none, zlib or zstd)")
     if p["mode"] != "normal":
         raise ParamError(f"Migration mode '{p['mode']}' is not supported by migd")
 

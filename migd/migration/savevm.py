@@ -145,10 +145,13 @@ class SaveVM:
 # -- loading --------------------------------------------------------------------------------------
 
 
-def load_stream(f: InStream, machine: Any, on_command: CommandHandler | None = None) -> None:
-    """Load a whole stream into ``machine``; ``on_command(cmd, payload)`` sees the COMMANDs."""
+def load_stream(f: InStream, machine: Any, on_command: CommandHandler | None = None,
+                on_flush: Callable[[], None] | None = None) -> None:
+    """Load a whole stream into ``machine``; ``on_command(cmd, payload)`` sees the COMMANDs,
+    ``on_flush()`` the multifd sync points."""
     _load_header(f)
     ram = RAMLoader(machine.ram)
+    ram.on_flush = on_flush
     devices = {(d.idstr, d.instance_id): d for d in machine.devices()}
     live: dict[int, str] = {}  # section id -> idstr of START-ed live sections
     while True:

@@ -23,6 +23,7 @@ from typing import Any
 
 from migd import transports
 from migd.machine.runstate import RunState
+from migd.migration import multifd
 from migd.migration.host import MigrationHost
 from migd.migration.outgoing import MigrationThread
 from migd.migration.params import MigrationConfig, ParamError
@@ -197,6 +198,8 @@ class MigrationState:
             address = transports.resolve(uri, channels)
         except (transports.URIError, ValueError) as exc:
             raise MigrationError(str(exc)) from exc
+        if self.config.cap("multifd") and not multifd.supports(address):
+            raise MigrationError(multifd.NEEDS_SOCKETS)
         done = self._done
         if done is not None and not done.done() and not self.is_running():
             # the last migration reached its terminal state but is still cleaning up: let it finish
