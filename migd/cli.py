@@ -31,7 +31,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--smp", metavar="N", help="number of vCPUs (default 1)")
     p.add_argument("--workload", metavar="SPEC", help="what the vCPUs run (default idle)")
     p.add_argument("--drive", metavar="file=PATH[,cache=MODE]", action="append", help="a drive (repeatable)")
-    p.add_argument("--mem-path", metavar="FILE", help="back guest RAM with this file")
+    p.add_argument("--mem-path", metavar="FILE[,share=on]",
+                   help="back guest RAM with this file (locked; share=on lets others map it too)")
     p.add_argument("--qmp", metavar="unix:PATH|tcp:HOST:PORT", action="append", help="QMP listener (repeatable)")
     p.add_argument("--incoming", metavar="URI|defer", help="wait for an incoming migration")
     p.add_argument("-S", dest="S", action="store_true", default=None, help="start paused (prelaunch)")

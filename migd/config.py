@@ -106,6 +106,7 @@ class MachineConfig(BaseModel):
     workload: str = "idle"
     drives: list[DriveConfig] = Field(default_factory=list)
     mem_path: Path | None = None
+    mem_share: bool = False  # --mem-path FILE,share=on: other processes may map the file too
     start_paused: bool = False
 
     @field_validator("memory", mode="before")
@@ -186,6 +187,8 @@ def build(values: dict[str, Any]) -> DaemonConfig:
             elif key == "drive":
                 items = value if isinstance(value, list) else [value]
                 machine["drives"] = [parse_drive(item) for item in items]
+            elif key == "mem-path":
+                machine.update(parse_mem_path(value))
             elif key in ("S", "start-paused"):
                 machine["start_paused"] = value
             elif key in _MACHINE_KEYS:
@@ -204,6 +207,18 @@ def build(values: dict[str, Any]) -> DaemonConfig:
         return DaemonConfig.model_validate({**daemon, "machine": mc})
     except ValidationError as exc:
         raise _config_error(exc) from None
+
+
+def parse_mem_path(value: Any) -> dict[str, Any]:
+    """``FILE[,share=on|off]`` (QEMU's spelling for memory-backend-file): the path and whether to share."""
+    if not isinstance(value, str):
+        return {"mem_path": value}
+    path, sep, option = value.rpartition(",share=")
+    if not sep:
+        return {"mem_path": value}
+    if option not in ("on", "off"):
+        raise ValueError(f"share= must be on or off, not '{option}'")
+    return {"mem_path": path, "mem_share": option == "on"}
 
 
 def load_toml(path: Path) -> dict[str, Any]:

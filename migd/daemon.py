@@ -26,6 +26,7 @@ from migd.events import EventSink
 from migd.http.app import HttpEndpoint, start_http
 from migd.machine.machine import Machine
 from migd.machine.runstate import RunState, RunStateMachine
+from migd.migration.foreign import ForeignMachine, may_hold_foreign
 from migd.migration.incoming import IncomingMigration
 from migd.migration.params import MigrationConfig
 from migd.migration.state import MigrationState
@@ -169,7 +170,8 @@ class Daemon:
         await self.qmp.start()
 
         if self.config.incoming is not None:
-            self.incoming = IncomingMigration(self, self.config.incoming, self.migration_config)
+            self.incoming = IncomingMigration(self, self.config.incoming, self.migration_config,
+                                              may_hold_foreign(self.config.machine))
             await self.incoming.start()
 
         address = self.config.http_address()
@@ -251,6 +253,10 @@ class Daemon:
             pass
 
     # -- helpers for the parts ----------------------------------------------------------------------
+
+    @any_thread
+    def held_machine(self) -> ForeignMachine | None:
+        return self.incoming.foreign if self.incoming is not None else None
 
     @loop_only
     def run_blocking(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:

@@ -39,6 +39,9 @@ class Harness:
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> bool:
         return self._handle.call_soon(fn, *args)
 
+    def held_machine(self) -> None:
+        return None
+
     def request_exit(self, code: int) -> None:
         self.exit_codes.append(code)
 

@@ -27,7 +27,10 @@ QEMU_10_PARAMETER_ORDER = [
 
 def test_query_parameters_lists_qemu_10_members_with_defaults() -> None:
     params = MigrationConfig().query_parameters()
-    assert list(params) == QEMU_10_PARAMETER_ORDER  # block-bitmap-mapping only once set
+    # block-bitmap-mapping only once set; migd's own x-migd-* members follow QEMU's
+    assert [k for k in params if not k.startswith("x-migd-")] == QEMU_10_PARAMETER_ORDER
+    assert list(params)[: len(QEMU_10_PARAMETER_ORDER)] == QEMU_10_PARAMETER_ORDER
+    assert params["x-migd-peer-timeout"] == 10
     assert params["max-bandwidth"] == 134217728
     assert params["downtime-limit"] == 300
     assert params["avail-switchover-bandwidth"] == 0

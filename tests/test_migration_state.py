@@ -250,8 +250,11 @@ def test_qmp_migration_commands_end_to_end(migd_factory) -> None:
         assert raw.reply() == {"return": {}, "id": 1}
     conn, _ = peer.accept()
     src.wait_for(lambda: src.cmd("query-migrate")["status"] == "active", what="active")
+    src.wait_for(lambda: "x-migd-convergence" in src.cmd("query-migrate"), what="a forecast")
     info = src.cmd("query-migrate")
-    assert {"status", "ram", "total-time", "expected-downtime", "setup-time"} == set(info)
+    # QEMU's members, plus migd's convergence forecast while active (issue 10)
+    assert {"status", "ram", "total-time", "expected-downtime", "setup-time", "x-migd-convergence"} == set(info)
+    assert info["x-migd-convergence"]["state"] in ("converging", "stalled", "diverging")
     assert src.cmd_error("migrate", uri="unix:/x")["desc"] == "There's a migration process in progress"
     assert src.cmd_error("migrate-set-capabilities",
                          capabilities=[{"capability": "events", "state": False}])["desc"] == \

@@ -22,7 +22,7 @@ from migd.events import EventSink
 from migd.machine.machine import Machine
 from migd.machine.runstate import RunState, RunStateMachine
 from migd.machine.vcpu import VCPUSet
-from migd.migration.outgoing import DEFAULT_OVERHEAD_MS, SWITCHOVER_SAFETY, MigrationThread, PhaseClock
+from migd.migration.outgoing import MigrationThread, PhaseClock
 from migd.migration.status import MigrationStatus as M
 from migd.migration.stream import OutStream
 from migd.migration.throttle import AutoConverge
@@ -114,50 +114,57 @@ async def test_counters_follow_qemu_formulas(h: Harness) -> None:
     try:
         ms, stats = h.migration, h.migration.stats
         ms.config.set_parameters({"downtime-limit": 300})
-        thread._iter_start, thread._iter_bytes, thread._iter_pages = 10.0, 0, 0
+        thread._iter_start, thread._iter_bytes, thread._iter_pages, thread._iter_busy = 10.0, 0, 0, 0.0
         thread.stream.transferred = 50_000_000  # 50 MB in 200 ms
-        stats.normal, stats.duplicate = 10_000, 2_000
+        thread.stream.write_busy = 0.05  # 50 ms of it inside channel writes: the link does 1 GB/s
+        stats.normal, stats.duplicate = 12_000, 0
         stats.dirty_pages = 5_000  # 20.48 MB remaining
         thread._update_counters(10.2)
         assert thread.bandwidth == pytest.approx(250_000)  # bytes/ms
         assert stats.mbps == pytest.approx(50_000_000 * 8 / 0.2 / 1e6)
         assert stats.pages_per_second == 60_000
-        assert thread.threshold == pytest.approx(250_000 * SWITCHOVER_SAFETY * (300 - DEFAULT_OVERHEAD_MS))
-        assert ms.expected_downtime == int(DEFAULT_OVERHEAD_MS + 5_000 * 4096 / 250_000)
+        policy = thread.policy
+        assert policy.capacity.value == pytest.approx(1e9)
+        # no rate-limit sleep: the final pass costs what the whole window cost per byte
+        assert policy.final_rate() == pytest.approx(250e6)
+        fixed = policy.fixed_ms()
+        # the decision lets the final pass run at least 25 % slower than estimated
+        assert policy.decision_rate() == pytest.approx(0.75 * 250e6)
+        assert thread.threshold == pytest.approx((300 - fixed) / 1000 * 0.75 * 250e6, abs=1)
+        assert ms.expected_downtime == round(fixed + 5_000 * 4096 / 250e6 * 1000)
         assert thread.stream._window_start == 50_000_000 and thread._iter_start == 10.2
-        # avail-switchover-bandwidth replaces the measured bandwidth (bytes/s -> bytes/ms)
+        # avail-switchover-bandwidth replaces the measured rate (bytes/s, QEMU's meaning)
         ms.config.set_parameters({"avail-switchover-bandwidth": 1_000_000_000})
         thread.stream.transferred += 1_000_000
         thread._update_counters(10.3)
-        assert thread.threshold == pytest.approx(1_000_000 * (300 - DEFAULT_OVERHEAD_MS))
-        # a measured final pass slower than the window caps the bandwidth a switch-over may count on
-        ms.config.set_parameters({"avail-switchover-bandwidth": 0})
-        ms.final_bw_hint = 1_000.0
-        thread.stream.transferred += 1_000_000
-        thread._update_counters(10.4)
-        assert thread.threshold == pytest.approx(1_000 * SWITCHOVER_SAFETY * (300 - DEFAULT_OVERHEAD_MS))
+        assert thread.threshold == pytest.approx((300 - fixed) / 1000 * 1e9, abs=1)
+        assert ms.expected_downtime == round(fixed + 5_000 * 4096 / 1e9 * 1000)
     finally:
         thread.stream.close()
         peer.close()
 
 
-async def test_switchover_counts_on_the_slowest_recent_window(h: Harness) -> None:
+async def test_a_capped_window_still_measures_the_link(h: Harness) -> None:
+    """32 MiB/s cap: 3.3 MB per window, 3 ms inside writes, 80 ms asleep. The final pass runs
+    uncapped, so the threshold is computed at the rate the thread works at, not at the cap."""
     thread, peer = _idle_thread(h)
     try:
+        ms, stats = h.migration, h.migration.stats
         t = 0.0
-        for nbytes in (30_000_000, 10_000_000, 30_000_000):  # 300, 100, 300 bytes/ms
-            thread._iter_start, thread._iter_bytes = t, thread.stream.transferred
-            thread.stream.transferred += nbytes
+        for _ in range(5):
+            thread._new_window(t)
+            thread.stream.transferred += 3_300_000
+            thread.stream.write_busy += 0.003
+            thread._iter_sleep = 0.08
+            stats.normal += 3_300_000 // 4096
             t += 0.1
             thread._update_counters(t)
-        assert thread.bandwidth == pytest.approx(300_000)
-        assert thread.threshold == pytest.approx(100_000 * SWITCHOVER_SAFETY * (300 - DEFAULT_OVERHEAD_MS))
-        for _ in range(5):  # the slow window ages out of the history
-            thread._iter_start, thread._iter_bytes = t, thread.stream.transferred
-            thread.stream.transferred += 30_000_000
-            t += 0.1
-            thread._update_counters(t)
-        assert thread.threshold == pytest.approx(300_000 * SWITCHOVER_SAFETY * (300 - DEFAULT_OVERHEAD_MS))
+        policy = thread.policy
+        assert thread.bandwidth == pytest.approx(33_000)  # bytes/ms: the cap
+        assert policy.capacity.value == pytest.approx(1.1e9)
+        assert policy.final_rate() == pytest.approx(3_300_000 / 0.02)
+        assert thread.threshold > 3 * 33_000 * 300  # QEMU's capped threshold would be 33_000 * 300
+        assert "state" in ms.convergence and ms.convergence["link-capacity"] == int(policy.capacity.value)
     finally:
         thread.stream.close()
         peer.close()
@@ -513,7 +520,12 @@ async def test_auto_converge_throttles_a_hot_guest_and_stops_at_the_end(tmp_path
         h.machine.start()
         ms = h.migration
         ms.config.set_capabilities([("auto-converge", True)])
-        ms.config.set_parameters({"max-bandwidth": 4 << 20})
+        # the final pass runs uncapped, so 16 MiB would fit in the downtime at once: the switch-over
+        # is told it has only the 4 MB/s too (QEMU's avail-switchover-bandwidth), so it never fits
+        ms.config.set_parameters({"max-bandwidth": 4 << 20, "avail-switchover-bandwidth": 4 << 20})
+        # hot before the migration starts: a first pass of untouched RAM takes milliseconds, and with
+        # nothing dirty at its end the switch-over would rightly go ahead at once
+        await h.wait_for(lambda: sum(v.stats.bytes_written for v in h.machine.vcpus) > 4 << 20, timeout=30)
         peer = Peer(read=True)
         try:
             await ms.start(peer.listen(str(tmp_path / "mig.sock")))

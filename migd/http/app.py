@@ -1,7 +1,8 @@
 """The aiohttp application: ``/metrics``, ``/healthz``, ``/api/v1/migration``, ``/api/v1/events`` and ``/``.
 
 It runs on the daemon's event loop next to QMP and only reads what QMP reads (published counters), so
-a scrape or an open dashboard can never slow the migration; it listens on loopback unless told otherwise.
+a scrape or an open dashboard can never slow the migration; it listens on loopback unless told otherwise,
+and answers only for its own Host names (migd.http.hosts).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from migd.http.host import HttpHost
+from migd.http.hosts import HostCheck, host_middleware
 from migd.http.live import LiveFeed
 from migd.http.metrics import CONTENT_TYPE, make_registry, migration_info, render
 from migd.machine.runstate import RunState
@@ -124,8 +126,9 @@ async def static(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type=ctype, headers={"Cache-Control": "no-cache"})
 
 
-def make_app(daemon: HttpHost, feed: LiveFeed) -> web.Application:
-    app = web.Application()
+def make_app(daemon: HttpHost, feed: LiveFeed, hosts: HostCheck | None = None) -> web.Application:
+    """The routes; with ``hosts``, a request for a Host name that is not ours gets 421."""
+    app = web.Application(middlewares=[host_middleware(hosts)] if hosts is not None else [])
     app[DAEMON_KEY] = daemon
     app[FEED_KEY] = feed
     app[REGISTRY_KEY] = make_registry(daemon)
@@ -142,7 +145,8 @@ async def start_http(daemon: HttpHost, host: str = "127.0.0.1", port: int = 0, *
                      sample_interval: float = 1.0) -> HttpEndpoint:
     """Serve the endpoint on the running loop; raises OSError if the address is taken."""
     feed = LiveFeed(daemon, sample_interval)
-    runner = web.AppRunner(make_app(daemon, feed), access_log=None, shutdown_timeout=1.0)
+    hosts = HostCheck()
+    runner = web.AppRunner(make_app(daemon, feed, hosts), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:
@@ -152,5 +156,6 @@ async def start_http(daemon: HttpHost, host: str = "127.0.0.1", port: int = 0, *
         raise
     feed.start()
     real_port = runner.addresses[0][1] if runner.addresses else port
+    hosts.configure(host, real_port)
     log.info("http endpoint on http://%s:%d/", host, real_port)
     return HttpEndpoint(runner, feed, host, real_port)

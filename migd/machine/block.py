@@ -20,8 +20,15 @@ _CACHED = ("writeback", "unsafe")
 _SYNC_EACH = ("writethrough", "directsync")
 
 
-class DriveError(RuntimeError):
-    """An I/O or locking failure, worded like QEMU's block layer."""
+class DriveError(OSError):
+    """An I/O or locking failure, worded like QEMU's block layer.
+
+    An OSError because that is what it is: a refusal the daemon reports in one line (a locked image
+    at start-up is a bad setting, not a bug to print a traceback for). ``str()`` is the message.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
 
 
 class Drive:

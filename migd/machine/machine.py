@@ -52,7 +52,8 @@ class Machine:
         self.runstate = runstate
         self.events = events
         self.ram = RAMList()
-        self.ram.add(RAMList.MAIN, int(config.memory), mem_path=getattr(config, "mem_path", None))
+        self.ram.add(RAMList.MAIN, int(config.memory), mem_path=getattr(config, "mem_path", None),
+                     share=bool(getattr(config, "mem_share", False)))
         self.vcpus = VCPUSet(int(config.smp), self._run_slice)
         incoming = runstate.state is RunState.INMIGRATE
         self.drives: list[Drive] = []
@@ -217,10 +218,14 @@ class Machine:
             d.drain()
 
     def inactivate_drives(self) -> None:
+        """Switch-over: flush and unlock the drive images, and unlock the mem-path file."""
         for d in self.drives:
             d.inactivate()
+        self.ram.unlock_files()
 
     def activate_drives(self) -> None:
+        """Take the mem-path and drive locks back (a failed migration's source, or a destination)."""
+        self.ram.lock_files()
         for d in self.drives:
             d.activate()
 
@@ -283,7 +288,8 @@ class Machine:
 
     def machine_info(self) -> dict[str, Any]:
         blocks = [{"name": b.name, "size": b.size, "page-size": b.page_size,
-                   **({"mem-path": b.mem_path} if b.mem_path else {})} for b in self.ram.blocks()]
+                   **({"mem-path": b.mem_path, "share": b.share, "locked": b.locked} if b.mem_path else {})}
+                  for b in self.ram.blocks()]
         wl = self.workload_info()
         return {"name": self.name, "status": str(self.runstate.state),
                 "ram": {"version": self.ram.version, "total": self.ram.total_bytes(), "blocks": blocks,

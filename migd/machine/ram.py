@@ -1,7 +1,8 @@
 """Guest RAM: blocks of host memory mapped once and viewed through numpy, never copied.
 
 A block is an ``mmap`` (private anonymous, or a shared mapping of a file like QEMU's
-``memory-backend-file,share=on``) plus a dirty bitmap. The bitmap follows the one rule that live
+``memory-backend-file,share=on``) plus a dirty bitmap. A file is locked (``flock``) while its block
+is active, exclusively unless ``share`` was asked for: two guests in one RAM file corrupt each other. The bitmap follows the one rule that live
 migration rests on: a writer writes the data first and marks the page after, and ``take_dirty`` swaps
 the bitmap out atomically, so a page written after a take started is always in the next take.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import mmap
 import os
 import threading
@@ -34,6 +36,23 @@ _libc.madvise.restype = ctypes.c_int
 POPULATE_CHUNK = 64 << 20  # bytes per madvise call: a long populate stays interruptible between calls
 
 
+class MemPathError(OSError):
+    """Guest RAM cannot be set up (its ``--mem-path`` file is locked or unusable, no memory).
+
+    An OSError (errno and strerror kept when there is one) whose ``str()`` is the one-line refusal.
+    """
+
+    def __init__(self, message: str, cause: OSError | None = None) -> None:
+        if cause is not None and cause.errno is not None:
+            super().__init__(cause.errno, cause.strerror)
+        else:
+            super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def _swap_enabled() -> bool:
     """Whether a non-resident anonymous page could be in swap rather than never touched."""
     try:
@@ -47,7 +66,7 @@ class RAMBlock:
     """One named region of guest RAM with its dirty bitmap."""
 
     def __init__(self, name: str, size: int, *, mem_path: str | os.PathLike[str] | None = None,
-                 page_size: int = PAGE_SIZE) -> None:
+                 share: bool = False, page_size: int = PAGE_SIZE) -> None:
         validate_block(name, size, page_size)
         mem_path = os.fspath(mem_path) if mem_path is not None else None
         self.name = name
@@ -55,8 +74,30 @@ class RAMBlock:
         self.page_size = page_size
         self.npages = size // page_size
         self.mem_path = mem_path
-        self.mem = _map_file(mem_path, size) if mem_path else mmap.mmap(
-            -1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.share = share
+        self.locked = False
+        self._file_fd = -1  # the mem-path file, kept open for its lock
+        if mem_path:
+            try:
+                self._file_fd = _open_file(mem_path, size)
+            except OSError as exc:
+                raise MemPathError(f"--mem-path {mem_path}: {exc.strerror or exc}", exc) from None
+            try:
+                self.lock_file()
+                self.mem = mmap.mmap(self._file_fd, size, flags=mmap.MAP_SHARED,
+                                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            except MemPathError:
+                os.close(self._file_fd)
+                raise
+            except OSError as exc:
+                os.close(self._file_fd)
+                raise MemPathError(f"--mem-path {mem_path}: cannot map {size} bytes: {exc.strerror}", exc) from None
+        else:
+            try:
+                self.mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            except OSError as exc:
+                raise MemPathError(f"cannot allocate {size} bytes of guest RAM for '{name}': {exc.strerror}",
+                                   exc) from None
         self.buf: np.ndarray = np.frombuffer(self.mem, dtype=np.uint8)
         self.pages: np.ndarray = self.buf.reshape(self.npages, page_size)
         self.words: np.ndarray = self.buf.view(np.uint64).reshape(self.npages, page_size // 8)
@@ -66,6 +107,30 @@ class RAMBlock:
         if mem_path:  # map the file's pages in now, off every hot path, not during a migration pass
             threading.Thread(target=self.populate, args=(False,), name=f"populate/{name}",
                              daemon=True).start()
+
+    # -- the mem-path lock -----------------------------------------------------------------------
+
+    def lock_file(self) -> None:
+        """Take the mem-path file's lock (exclusive; shared with ``share``) (any thread, BQL held).
+
+        Raises :class:`MemPathError` if another process holds it; no file, nothing to lock.
+        """
+        if self._file_fd < 0 or self.locked:
+            return
+        mode = fcntl.LOCK_SH if self.share else fcntl.LOCK_EX
+        try:
+            fcntl.flock(self._file_fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            hint = "" if self.share else " (--mem-path FILE,share=on shares it on purpose)"
+            raise MemPathError(f'--mem-path {self.mem_path}: Failed to get "{"shared" if self.share else "write"}" '
+                               f"lock: Is another process using the file?{hint}") from None
+        self.locked = True
+
+    def unlock_file(self) -> None:
+        """Release the mem-path lock (migrated away: the guest's RAM is the destination's now)."""
+        if self._file_fd >= 0 and self.locked:
+            fcntl.flock(self._file_fd, fcntl.LOCK_UN)
+        self.locked = False
 
     # -- dirty logging -------------------------------------------------------------------------
 
@@ -164,6 +229,10 @@ class RAMBlock:
             self.mem.close()
         except BufferError:
             pass
+        fd, self._file_fd = self._file_fd, -1
+        if fd >= 0:  # closing the descriptor releases the lock
+            os.close(fd)
+        self.locked = False
 
     def __repr__(self) -> str:
         return f"RAMBlock({self.name!r}, {self.size})"
@@ -179,18 +248,19 @@ def validate_block(name: str, size: int, page_size: int = PAGE_SIZE) -> None:
         raise ValueError(f"RAM block size {size} must be a positive multiple of {page_size}")
 
 
-def _map_file(path: str, size: int) -> mmap.mmap:
-    """A shared mapping of ``path``: existing contents are the RAM, a missing file is created."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+def _open_file(path: str, size: int) -> int:
+    """The descriptor of a mem-path file: existing contents are the RAM, a missing file is created."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         actual = os.fstat(fd).st_size
         if actual == 0:
             os.ftruncate(fd, size)
         elif actual != size:
             raise ValueError(f"mem-path '{path}' is {actual} bytes, but the machine has {size} bytes of RAM")
-        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
 
 
 class RAMList:
@@ -216,13 +286,14 @@ class RAMList:
     def __contains__(self, name: str) -> bool:
         return self.get(name) is not None
 
-    def add(self, name: str, size: int, *, mem_path: str | os.PathLike[str] | None = None) -> RAMBlock:
+    def add(self, name: str, size: int, *, mem_path: str | os.PathLike[str] | None = None,
+            share: bool = False) -> RAMBlock:
         """Create and map a block. While dirty logging is on, a new block starts fully dirty."""
         validate_block(name, size)
         with self.lock:
             if name in self._blocks:
                 raise ValueError(f"RAM block '{name}' already exists")
-            block = RAMBlock(name, size, mem_path=mem_path)
+            block = RAMBlock(name, size, mem_path=mem_path, share=share)
             if self._logging:
                 block.set_logging(True, all_dirty=True)
             self._blocks[name] = block
@@ -253,6 +324,15 @@ class RAMList:
             self._logging = on
             for block in self._blocks.values():
                 block.set_logging(on)
+
+    def lock_files(self) -> None:
+        """Take every block's mem-path lock (see RAMBlock.lock_file)."""
+        for block in self.blocks():
+            block.lock_file()
+
+    def unlock_files(self) -> None:
+        for block in self.blocks():
+            block.unlock_file()
 
     def close(self) -> None:
         with self.lock:

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from migd.migctl import commands
 from migd.migctl.address import AddressError, parse_address
+from migd.migctl.analyze_cmd import add_analyze_arguments, run_analyze
 from migd.migctl.client import Client, CommandFailed, MigctlError, quiet_library_logs
 from migd.migctl.demo import add_demo_arguments, run_demo
 from migd.migctl.output import Output
@@ -62,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("shell", None, "interactive QMP prompt with history and completion")
     p = add("raw", commands.raw, "send one QMP command written as JSON")
     p.add_argument("message", metavar="JSON", help='e.g. \'{"execute": "query-status"}\'')
+    p = add("analyze", None, "read a saved migration stream (file): sections, RAM blocks, devices")
+    add_analyze_arguments(p)
     p = add("demo", None, "migrate a running machine between two local migd processes")
     add_demo_arguments(p)
     return parser
@@ -82,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_library_logs(args.verbose)
     out = Output(json_mode=getattr(args, "json", False))
     try:
+        if args.command == "analyze":
+            return run_analyze(args, out)
         if args.command == "demo":
             return run_demo(args, out)
         if not args.socket:

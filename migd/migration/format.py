@@ -51,9 +51,27 @@ class Cmd(IntEnum):
     SWITCHOVER_START = 11
 
 
+# [migd] commands of migd's own, far above QEMU's numbers; sent only to a destination that accepted
+# the feature (docs/FORMAT.md §1.1)
+CMD_X_MIGD_HEARTBEAT = 0x4D00  # the source is alive (it sent nothing else for about a second)
+CMD_X_MIGD_COMMIT = 0x4D01  # the source committed: the destination may run the guest
+
 # commands migd understands, with their fixed payload length
-CMD_LENGTHS: dict[int, int] = {Cmd.OPEN_RETURN_PATH: 0, Cmd.PING: 4, Cmd.SWITCHOVER_START: 0}
+CMD_LENGTHS: dict[int, int] = {Cmd.OPEN_RETURN_PATH: 0, Cmd.PING: 4, Cmd.SWITCHOVER_START: 0,
+                               CMD_X_MIGD_HEARTBEAT: 0, CMD_X_MIGD_COMMIT: 0}
 CMD_NAMES: dict[int, str] = {c.value: c.name for c in Cmd}
+CMD_NAMES.update({CMD_X_MIGD_HEARTBEAT: "X_MIGD_HEARTBEAT", CMD_X_MIGD_COMMIT: "X_MIGD_COMMIT"})
+MIGD_COMMANDS = frozenset({CMD_X_MIGD_HEARTBEAT, CMD_X_MIGD_COMMIT})
+
+# [migd] features a migd source announces in its configuration subsection ``configuration/x-migd``
+# and a migd destination accepts on the return path (MSG_X_MIGD_FEATURES)
+FEATURE_COMMIT = 0x1  # LOADED, then COMMIT: the destination runs only after the source committed
+FEATURE_HEARTBEAT = 0x2  # heartbeats both ways; each side gives up on a silent peer
+FEATURE_CHECKSUM = 0x4  # an xxh3-64 checksum record after every section (file: saves too)
+FEATURES_SUPPORTED = FEATURE_COMMIT | FEATURE_HEARTBEAT | FEATURE_CHECKSUM
+CONFIG_SUBSECTION = "configuration/x-migd"
+CONFIG_SUBSECTION_VERSION = 1
+_CONFIG_FIELDS = struct.Struct(">II")  # features, peer timeout in ms
 
 
 # RAM record flags: the low bits (below the page size) of each record's be64 header
@@ -104,6 +122,66 @@ def section_footer(section_id: int) -> bytes:
 
 def command(cmd: int, payload: bytes = b"") -> bytes:
     return bytes((Section.COMMAND,)) + struct.pack(">HH", cmd, len(payload)) + payload
+
+
+def config_subsection(features: int, peer_timeout_ms: int) -> bytes:
+    """[migd] ``0x05, str8 name, be32 version, be32 features, be32 peer-timeout-ms`` (QEMU's layout)."""
+    return (bytes((Section.SUBSECTION,)) + idstr_bytes(CONFIG_SUBSECTION)
+            + _BE32.pack(CONFIG_SUBSECTION_VERSION) + _CONFIG_FIELDS.pack(features, peer_timeout_ms))
+
+
+def config_subsection_desc() -> dict[str, object]:
+    """The subsection's VMDESCRIPTION entry, so QEMU's analysis script can walk over it."""
+    return {"vmsd_name": CONFIG_SUBSECTION, "version": CONFIG_SUBSECTION_VERSION,
+            "fields": [{"name": "features", "type": "uint32", "size": 4},
+                       {"name": "peer-timeout-ms", "type": "uint32", "size": 4}]}
+
+
+def read_config_subsection(f: InStream) -> tuple[int, int]:
+    """After the machine type: an optional ``configuration/x-migd`` subsection -> (features, timeout ms).
+
+    (0, 0) when there is none (a QEMU source, an older migd, a file: save without features).
+    """
+    if f.at_eof() or f.peek(1)[0] != Section.SUBSECTION:
+        return 0, 0
+    f.get_u8()
+    name = read_idstr(f)
+    if name != CONFIG_SUBSECTION:
+        raise StreamError(f"Unknown configuration subsection '{name}'")
+    version = f.get_be32()
+    if version > CONFIG_SUBSECTION_VERSION:
+        raise StreamError(f"savevm: unsupported version {version} for '{name}' v{CONFIG_SUBSECTION_VERSION}")
+    features = f.get_be32()
+    timeout_ms = f.get_be32()
+    return features, timeout_ms
+
+
+# [migd] checksum records: a FULL section of a pseudo-device, described in the VMDESCRIPTION so QEMU's
+# analysis script reads them as device state (docs/FORMAT.md §1.2)
+CHECKSUM_IDSTR = "x-migd/checksum"
+CHECKSUM_SECTION_ID = 0x7FFFFFFF
+CHECKSUM_VERSION = 1
+_CHECKSUM = struct.Struct(">QQ")  # xxh3-64 of the segment, its length in bytes
+
+
+def checksum_record(digest: int, length: int) -> bytes:
+    """FULL x-migd/checksum: ``be64 xxh3-64, be64 length`` of the bytes since the previous record."""
+    return (section_start(Section.FULL, CHECKSUM_SECTION_ID, CHECKSUM_IDSTR, 0, CHECKSUM_VERSION)
+            + _CHECKSUM.pack(digest, length) + section_footer(CHECKSUM_SECTION_ID))
+
+
+def checksum_desc() -> dict[str, object]:
+    return {"name": CHECKSUM_IDSTR, "instance_id": 0, "vmsd_name": CHECKSUM_IDSTR,
+            "version": CHECKSUM_VERSION,
+            "fields": [{"name": "xxh3-64", "type": "uint64", "size": 8},
+                       {"name": "length", "type": "uint64", "size": 8}]}
+
+
+def read_checksum(f: InStream) -> tuple[int, int]:
+    """The record's payload and footer (after its section header)."""
+    digest, length = _CHECKSUM.unpack(f.read(_CHECKSUM.size))
+    read_footer(f, CHECKSUM_SECTION_ID, CHECKSUM_IDSTR)
+    return digest, length
 
 
 def put_header(f: OutStream) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Protocol, TypeVar
 from migd.events import EventSink
 from migd.machine.machine import Machine
 from migd.machine.runstate import RunStateMachine
+from migd.migration.foreign import ForeignMachine
 
 T = TypeVar("T")
 
@@ -39,6 +40,11 @@ class MigrationHost(Protocol):
 
     def run_blocking(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
         """(event loop) Run ``fn(*args)`` on a worker thread; await its result."""
+        ...
+
+    def held_machine(self) -> ForeignMachine | None:
+        """A machine of another type (QEMU's) the destination side received and holds as data; a
+        ``migrate`` then sends it on instead of migd's own machine."""
         ...
 
     def request_exit(self, code: int) -> None:

@@ -7,6 +7,13 @@ keeps answering QMP; drives are activated (image locks taken) only after a succe
 starts unless ``-S``, and ``completed`` is set after that run-state change; the source learns the outcome
 through SHUT on the return path. A failed load never runs the half-loaded guest; with ``exit-on-error``
 (default true) the process then exits with status 1, otherwise it stays up reporting ``failed``.
+
+[migd] With a migd source that announced it (docs/SWITCHOVER.md §2), the destination answers FEATURES,
+sends heartbeats on the return path and watches the source's, and after the load sends LOADED and
+runs nothing until the source's COMMIT arrives. Losing the source after LOADED by silence or a reset
+leaves the guest loaded and paused, status ``failed`` with the reason, and the process up: the COMMIT
+may have been what was lost. A clean EOF instead of COMMIT is an ordinary failure (nothing committed
+can precede a FIN the source sent after it).
 """
 
 from __future__ import annotations
@@ -20,18 +27,25 @@ from typing import Any
 from migd.bql import BQL
 from migd.machine.machine import Machine
 from migd.machine.runstate import LIVE_STATES, InvalidTransition, RunState
-from migd.migration import returnpath
-from migd.migration.format import Cmd
+from migd.migration import foreign, returnpath
+from migd.migration.format import (
+    CMD_X_MIGD_HEARTBEAT,
+    FEATURE_COMMIT,
+    FEATURE_HEARTBEAT,
+    FEATURES_SUPPORTED,
+    Cmd,
+)
+from migd.migration.heartbeat import Watchdog, WatchedChannel, beat_interval, writable
 from migd.migration.host import MigrationHost
 from migd.migration.multifd import NEEDS_SOCKETS, MultifdReceiver, supports
 from migd.migration.params import MigrationConfig
 from migd.migration.ram import prefault
-from migd.migration.savevm import load_stream
+from migd.migration.savevm import load_commit, load_stream
 from migd.migration.status import MigrationStatus
 from migd.migration.stream import InStream
 from migd.threads import any_thread, loop_only, off_loop, on_thread
 from migd.transports import Listener, TransportError, URIError, listen, parse_uri
-from migd.transports.channel import Channel
+from migd.transports.tcp import set_peer_timeout
 from migd.transports.uri import MigrationURI
 
 log = logging.getLogger("migd.migration")
@@ -48,11 +62,15 @@ class IncomingError(Exception):
 
 class IncomingMigration:
     """One process's destination state (QEMU's MigrationIncomingState). ``config`` is the same
-    MigrationConfig the source side uses (the ``events`` capability, parameters)."""
+    MigrationConfig the source side uses (the ``events`` capability, parameters); ``may_be_foreign``
+    says the daemon was started without machine options, so it may hold a QEMU machine as data."""
 
-    def __init__(self, host: MigrationHost, uri: str | None, config: MigrationConfig) -> None:
+    def __init__(self, host: MigrationHost, uri: str | None, config: MigrationConfig,
+                 may_be_foreign: bool = False) -> None:
         self.host = host
         self.config = config
+        # started without machine options: the stream may bring a machine of another type (QEMU's)
+        self.may_be_foreign = may_be_foreign
         self.uri = uri  # the --incoming value: a URI or "defer"
         self.status = M.NONE
         self.error_desc: str | None = None
@@ -62,10 +80,19 @@ class IncomingMigration:
         self._started = False
         self._closing = False
         self._listener: Listener | None = None
-        self._channel: Channel | None = None
+        self._channel: WatchedChannel | None = None
+        self._rp: returnpath.ReturnPathWriter | None = None
+        self._src_features = 0  # [migd] what the source announced in its configuration subsection
+        self._src_timeout_ms = 0
+        self.features = 0  # [migd] what this destination accepted (and told the source)
+        self._watchdog: Watchdog | None = None
+        self._silence: str | None = None  # why the watchdog gave up on the source
+        self._loaded_sent = False
+        self._shut_sent = False
         self._thread: threading.Thread | None = None
         self._multifd: MultifdReceiver | None = None
         self.finished = threading.Event()  # set once the status is completed or failed
+        self.foreign: foreign.ForeignMachine | None = None  # a machine of another type, held as data
 
     # -- starting ------------------------------------------------------------------------------
 
@@ -133,6 +160,11 @@ class IncomingMigration:
             info["socket-address"] = [dict(a) for a in self.socket_address]
         if self.status is M.FAILED and self.error_desc:
             info["error-desc"] = self.error_desc
+        channel = self._channel
+        if self._watchdog is not None and channel is not None and self.status is M.ACTIVE:
+            info["x-migd-peer-silent-ms"] = int(channel.silent_for() * 1000)
+        if self._loaded_sent and self.status is M.ACTIVE:
+            info["x-migd-commit"] = "waiting"  # everything loaded, the source's COMMIT not yet here
         return info
 
     # -- the incoming thread -------------------------------------------------------------------
@@ -146,17 +178,23 @@ class IncomingMigration:
             self._fail(f"Incoming migration failed: {exc}")
 
     def _accept_and_load(self) -> None:
+        """(incoming thread) Accept, load, then (commit protocol) LOADED and wait for COMMIT."""
         machine = self.host.machine
-        self._prefault(machine)
+        # without machine options the stream may bring a machine of its own: migd's placeholder RAM is
+        # then faulted in only once the stream says it is migd's (faulting 256 MiB for nothing cost a
+        # QEMU source ~50 ms of downtime on a busy host)
+        may_be_foreign = self.may_be_foreign
+        if not may_be_foreign:
+            self._prefault(machine)
         listener = self._listener
         assert listener is not None
         mfd = None
         try:
-            channel = listener.accept()
+            raw = listener.accept()
             if self.config.cap("multifd"):  # the listener goes on accepting the multifd channels
                 p = self.config.params
                 mfd = MultifdReceiver(machine.ram, int(p["multifd-channels"]), str(p["multifd-compression"]),
-                                      lambda desc: channel.shutdown())
+                                      lambda desc: raw.shutdown())
                 self._multifd = mfd
                 mfd.accept_from(listener)
         except (TransportError, OSError) as exc:
@@ -167,14 +205,27 @@ class IncomingMigration:
         finally:
             if mfd is None:
                 listener.close()
-        self._channel = channel
+        channel = self._channel = WatchedChannel(raw)
+        self._rp = returnpath.ReturnPathWriter(channel)
         if self._closing:
             self._fail("Incoming migration was shut down")
             return
         self._set_status(M.ACTIVE)
+        instream = InStream(channel)
         try:
-            load_stream(InStream(channel), machine, on_command=self._on_command,
-                        on_flush=mfd.sync_main if mfd is not None else None)
+            if may_be_foreign and foreign.is_foreign(instream):
+                self.foreign = foreign.load_foreign(instream, on_command=self._on_command)
+                machine.incoming_runstate = RunState.PAUSED  # held, not run: it ends paused
+            else:
+                if may_be_foreign:
+                    self._prefault(machine)
+                load_stream(instream, machine, on_command=self._on_command, on_config=self._on_config,
+                            on_flush=mfd.sync_main if mfd is not None else None)
+            if self.features & FEATURE_COMMIT:
+                self._rp.loaded()
+                self._loaded_sent = True
+                log.info("incoming migration: loaded, waiting for the source's COMMIT")
+                load_commit(instream, self.features, on_command=self._on_command)
         except Exception as exc:  # noqa: BLE001 - StreamError or anything a bad stream provokes
             mfd_error = mfd.error if mfd is not None else None
             if mfd is not None:
@@ -189,6 +240,8 @@ class IncomingMigration:
     def _describe(self, exc: BaseException) -> str:
         if self._closing:
             return "Incoming migration was shut down"
+        if self._silence is not None:
+            return self._silence
         text = str(exc) or type(exc).__name__
         if isinstance(exc, OSError) and not str(exc).strip():
             text = exc.strerror or type(exc).__name__
@@ -201,15 +254,59 @@ class IncomingMigration:
         except Exception:  # noqa: BLE001 - an optimisation only
             log.warning("incoming migration: prefaulting RAM failed", exc_info=True)
 
+    def _on_config(self, features: int, peer_timeout_ms: int) -> None:
+        """(incoming thread) What a migd source announced in its configuration subsection."""
+        self._src_features = features
+        self._src_timeout_ms = peer_timeout_ms
+
     def _on_command(self, cmd: int, payload: bytes = b"") -> None:
         """Stream COMMANDs the loader hands up: the return path opens, PINGs get their PONG."""
-        channel = self._channel
+        channel, rp = self._channel, self._rp
         if cmd == Cmd.OPEN_RETURN_PATH:
-            if channel is not None and channel.has_return_path:
+            if channel is not None and rp is not None and channel.has_return_path:
                 self.return_path_open = True
-        elif cmd == Cmd.PING and len(payload) == 4 and channel is not None and self.return_path_open:
+                if self._src_features:
+                    self._accept_features(channel, rp)
+        elif cmd == Cmd.PING and len(payload) == 4 and rp is not None and self.return_path_open:
             (value,) = struct.unpack(">I", payload)
-            returnpath.send_pong(channel, value)
+            rp.pong(value)
+        elif cmd == CMD_X_MIGD_HEARTBEAT:
+            pass  # the channel already noted that the source is alive
+
+    def _accept_features(self, channel: WatchedChannel, rp: returnpath.ReturnPathWriter) -> None:
+        """[migd] Answer the source's announcement; start heartbeats and the silence watch."""
+        self.features = self._src_features & FEATURES_SUPPORTED
+        timeout = int(self.config.param("x-migd-peer-timeout"))  # this side's own
+        rp.features(self.features, timeout * 1000)
+        log.info("incoming migration: migd source, features 0x%x, peer timeout %d s", self.features, timeout)
+        if not self.features & FEATURE_HEARTBEAT:
+            return
+        set_peer_timeout(channel.inner, timeout)
+        interval = beat_interval(self._src_timeout_ms)
+
+        def beat() -> None:
+            if writable(channel):
+                rp.heartbeat()
+
+        self._watchdog = Watchdog("mig/dst/beat", timeout, beat, lambda: interval,
+                                  channel.silent_for, self._on_silence)
+        self._watchdog.start()
+
+    def _on_silence(self, seconds: float) -> None:
+        """(watchdog thread) The source said nothing for too long: end the load."""
+        timeout = self._watchdog.timeout if self._watchdog is not None else 0
+        self._silence = (f"The source has been silent for {seconds:.1f} s "
+                         f"(x-migd-peer-timeout is {timeout:g} s)")
+        log.warning("incoming migration: %s", self._silence)
+        self._send_shut(1)  # before the FIN: a source still listening learns this side will not run
+        channel = self._channel
+        if channel is not None:
+            channel.shutdown()
+
+    def _stop_watchdog(self) -> None:
+        watchdog = self._watchdog
+        if watchdog is not None:
+            watchdog.stop()
 
     def _finish(self) -> None:
         """Success: late drive activation, run (or stay paused with -S), completed, SHUT(0)."""
@@ -234,27 +331,44 @@ class IncomingMigration:
                     self.host.runstate.set(RunState.PAUSED)
             self.socket_address = None
             self._set_status(M.COMPLETED)
+        self._stop_watchdog()
         self._send_shut(0)
         self._close_channel()
         self.finished.set()
 
     def _fail(self, desc: str) -> None:
-        """The guest stays stopped (inmigrate); the source hears SHUT(1); maybe exit(1)."""
+        """The guest stays stopped (inmigrate); the source hears SHUT(1); maybe exit(1).
+
+        After LOADED, a source lost by silence or a reset may have sent a COMMIT that never arrived:
+        the loaded guest is kept (paused) and the process stays up whatever ``exit-on-error`` says.
+        """
+        self._stop_watchdog()
+        channel = self._channel
+        held = self._loaded_sent and not self._closing and not (channel is not None and channel.eof
+                                                               and self._silence is None)
+        if held:
+            desc = (f"{desc}; the whole state was loaded but the source's COMMIT did not arrive, and "
+                    "the source may have committed: the guest stays paused here (check the source "
+                    "before running either side)")
+        elif self._loaded_sent and channel is not None and channel.eof:
+            desc = "The source closed the migration stream after the load without committing it"
         self.error_desc = desc
         self.socket_address = None
         self._set_status(M.FAILED)
         self._send_shut(1)
         self._close_channel()
         self.finished.set()
-        if self.exit_on_error and not self._closing:
+        if self.exit_on_error and not self._closing and not held:
             self._exit_failure(desc)
 
     def _send_shut(self, error: int) -> None:
-        channel = self._channel
-        if channel is None or not self.return_path_open:
+        """SHUT once (the watchdog and the incoming thread may both want to say it)."""
+        rp = self._rp
+        if rp is None or not self.return_path_open or self._shut_sent:
             return
+        self._shut_sent = True
         try:
-            returnpath.send_shut(channel, error)
+            rp.shut(error)
         except OSError as exc:  # the source is gone: nothing to tell it
             log.info("incoming migration: could not send SHUT(%d): %s", error, exc)
 

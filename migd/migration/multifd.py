@@ -27,6 +27,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -235,9 +236,13 @@ class MultifdSender:
 
     def _put(self, t: _SendChannel, item: Any) -> None:
         with self.cond:
-            while len(t.queue) >= QUEUE_DEPTH:
-                self._check()
-                self.cond.wait(POLL)
+            if len(t.queue) >= QUEUE_DEPTH:
+                t0 = time.monotonic()
+                while len(t.queue) >= QUEUE_DEPTH:
+                    self._check()
+                    self.cond.wait(POLL)
+                # waiting for a channel is waiting for the link: the policy counts it as time in writes
+                self.stream.write_busy += time.monotonic() - t0
             self._check()
             t.queue.append(item)
             self.cond.notify_all()

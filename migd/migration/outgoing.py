@@ -4,24 +4,25 @@ It takes the big lock only where the machine must hold still — stream header a
 bitmap sync, stopping the guest, saving device state — and never while it writes to the channel, so
 the event loop (QMP, HTTP) keeps answering, through the switch-over included.
 
-The loop is QEMU's control law (reference §1.4–1.6): cheap pending estimate; exact pending (a bitmap
-sync) only when the estimate is below the threshold; switch over when pending <= threshold; otherwise
-iterate while the 100 ms window has budget and sleep to its end. Every >= 100 ms the bandwidth, the
-threshold, ``mbps`` and ``expected-downtime`` are recomputed from bytes really written.
+The loop is QEMU's control law with the decisions moved into a pure ``SwitchoverPolicy``
+(``migration/policy.py``, docs/SWITCHOVER.md §1): this thread only measures — bytes, time inside
+channel writes and time asleep per >= 100 ms window, dirty pages per bitmap sync, PING round trips,
+the cost of a device-state dry run at setup — and executes what the policy answers (iterate, sync,
+switch over, throttle, abort). ``expected-downtime`` is the policy's ``fixed costs + final pass /
+final-pass rate`` (the final pass the policy plans; at the switch-over, the remaining) from the first
+window on, the same number in the log and in ``query-migrate``.
 
-Deliberate differences from QEMU, all about telling the truth on downtime:
-- the threshold reserves the switch-over's fixed costs (stopping vCPUs, drain, devices, EOF, the
-  destination's acknowledgement: learned from the previous completed migration, 20 ms before any),
-  counts on the slowest of the last five windows rather than the last one, only on half of it (a final
-  pass here can run at half the speed of the windows before it), and, once a final pass was measured,
-  never on more bandwidth than that final pass really had;
-- below the threshold, the switch-over still waits while each live round halves what is left (the
-  limit is a ceiling, not a target: QEMU here spends almost its whole 300 ms stopped);
-- with a return path, the switch-over waits (guest still running) until the destination answered a
-  PING, so data sitting in socket buffers is loaded before the downtime starts, not during it;
-- ``expected-downtime`` is ``fixed costs + remaining / bandwidth`` from the first window on: the downtime
-  a switch-over started now would cost. QEMU only updates it after a second bitmap sync, so it shows the
-  limit itself during the whole first pass. Ours reaches the limit exactly when the switch-over is decided.
+With a return path a PING goes out about once a second and its PONG is only *timed* (an input of the
+model: the destination's round trip, queueing behind the stream included). Only the first switch-over
+waits until one PING was answered (in bounded waits, the guest running, given up after PONG_TIMEOUT);
+no window is restarted by it, so a 100 ms round trip cannot stall a migration.
+
+The completion is the commit protocol of docs/SWITCHOVER.md §2 between migd peers (LOADED, then the
+point of no return ``ms.commit()``, then COMMIT, then SHUT): before it every failure resumes the guest,
+after it nothing does. With a destination that did not accept it, the point of no return is the EOF
+(such a destination may run as soon as it has everything). Heartbeats (``heartbeat.py``) go out while
+the thread waits with the stream idle, and a destination silent for ``x-migd-peer-timeout`` fails the
+migration.
 
 The completion is timed phase by phase (``x-migd-downtime-phases``); consecutive phases share their
 boundaries, so they add up to ``downtime``.
@@ -33,16 +34,28 @@ import logging
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Collection
-from typing import Protocol
+from contextlib import nullcontext
+from typing import Any, Protocol
 
 from migd.bql import BQL
 from migd.machine.runstate import LIVE_STATES, RunState
-from migd.migration.format import Cmd, command
+from migd.migration.foreign_save import savevm_for
+from migd.migration.format import (
+    CMD_X_MIGD_COMMIT,
+    CMD_X_MIGD_HEARTBEAT,
+    FEATURE_CHECKSUM,
+    FEATURE_COMMIT,
+    FEATURE_HEARTBEAT,
+    FEATURES_SUPPORTED,
+    Cmd,
+    command,
+)
+from migd.migration.heartbeat import IdleStream, Watchdog, beat_interval
 from migd.migration.host import MigrationHost
 from migd.migration.multifd import MultifdSender
 from migd.migration.params import MigrationConfig
+from migd.migration.policy import Action, Convergence, Decision, Step, SwitchoverPolicy
 from migd.migration.ram import RAMError
 from migd.migration.returnpath import ReturnPathReader, sibling_error
 from migd.migration.savevm import SaveVM
@@ -52,30 +65,20 @@ from migd.migration.stream import OutStream, StreamError
 from migd.migration.throttle import AutoConverge
 from migd.threads import any_thread, on_thread
 from migd.transports.channel import Channel
+from migd.transports.tcp import set_peer_timeout
 
 log = logging.getLogger("migd.migration")
 
 WINDOW = 0.1  # seconds: QEMU's BUFFER_DELAY
-DEFAULT_OVERHEAD_MS = 20.0  # fixed switch-over cost assumed before one was measured
-MIN_FINAL_PASS_BYTES = 8 << 20  # a final pass smaller than this says nothing about bandwidth
 ACK_TIMEOUT = 600.0  # seconds to wait for the destination's SHUT (a cancel ends the wait at once)
 # While a migration runs, the GIL changes hands every 1 ms instead of 5: the event loop needs it a few
 # times per QMP answer, and the page loop would otherwise make each of those waits up to 5 ms long.
 SWITCH_INTERVAL = 0.001
-PONG_TIMEOUT = 30.0  # seconds a catch-up PING may take before the switch-over goes ahead anyway
-BW_HISTORY = 5  # windows: the switch-over counts on the slowest of the last 0.5 s
-# The final pass may run at half the speed measured just before it (measured on this noisy 2-core
-# kind of machine: other processes take the CPU at any moment), so a measured bandwidth is only half
-# trusted for the decision. A user-given avail-switchover-bandwidth is trusted as given.
-SWITCHOVER_SAFETY = 0.5
-# With auto-converge, a bitmap sync at least this often once past the first pass (QEMU's
-# CPU_THROTTLE_DIRTY_SYNC_TIMESLICE_MS): throttling is decided at syncs, which are otherwise rare
-# while a big dirty set is still far above the threshold.
-THROTTLE_SYNC_INTERVAL = 5.0
-# The downtime-limit is a ceiling, not a target: while each live round still halves what is left,
-# another round costs the guest nothing, so the switch-over waits until the rest is this small a
-# fraction of what the limit allows, or until rounds stop converging.
-TINY_FRACTION = 0.05
+PING_INTERVAL = 1.0  # seconds between PINGs that time the destination's round trip
+PONG_TIMEOUT = 30.0  # seconds after which an unanswered PING is given up and another one sent
+# the switch-over's framing outside RAM and devices (state changes, events, EOF) on top of the
+# measured VMDESCRIPTION build: a small constant, measured once on this kind of machine
+FRAMING_MS = 0.5
 
 
 class SourceSide(Protocol):
@@ -95,8 +98,10 @@ class SourceSide(Protocol):
     expected_downtime: int
     downtime_phases: dict[str, float]
     throttle_percentage: int
-    overhead_ms_hint: float
-    final_bw_hint: float
+    convergence: dict[str, Any]  # x-migd-convergence, published at every sync
+    policy_actions: list[dict[str, Any]]
+    error_desc: str | None
+    committed: bool  # past the point of no return (docs/SWITCHOVER.md §2)
 
     @property
     def status(self) -> M: ...
@@ -104,6 +109,8 @@ class SourceSide(Protocol):
     def set_state(self, old: M | Collection[M], new: M) -> bool: ...
 
     def fail(self, desc: str, old: M | Collection[M] | None = None) -> bool: ...
+
+    def commit(self) -> bool: ...
 
     def thread_exited(self, thread: MigrationThread) -> None: ...
 
@@ -154,24 +161,35 @@ class MigrationThread(threading.Thread):
                          if ms.config.cap("auto-converge") else None)
         self._rate_lock = threading.Lock()
         self._unlimited = False
-        # control law
-        self.threshold = 0.0  # bytes
+        # control law: measurements go to the policy, its answers are executed here
+        self.policy = SwitchoverPolicy(lambda: ms.config.params, 0, ms.start_time,
+                                       peer_answers=self.use_return_path)
+        self.threshold = 0.0  # bytes, as the policy last computed it
         self.bandwidth = 0.0  # bytes/ms over the last window
         self._iter_start = 0.0
         self._iter_bytes = 0
+        self._iter_busy = 0.0
+        self._iter_sleep = 0.0
         self._iter_pages = 0
         self._pre_sync_dirty = 0
-        self._last_sync = time.monotonic()
         self._completing = False
-        self._bw_history: deque[float] = deque(maxlen=BW_HISTORY)
         self._ping = 1  # PING 1 goes out with the header
-        self._dest_synced = False
-        self._round: tuple[int, int] | None = None  # (pending, transferred) when the round began
+        self._ping_sent: tuple[int, float] | None = None  # (value, time) of the PING being timed
+        self._last_ping = 0.0
+        self._computed_throttle = 0  # % set by the built-in policy (auto-converge off)
+        self._published_state: Convergence | None = None  # the convergence state last announced
         # what completion changed, to undo on failure/cancel
         self._vm_stopped = False
         self._vm_was_live = False
         self._vm_old_state: RunState | None = None
         self._drives_inactive = False
+        # commit protocol and heartbeats
+        self._beat: IdleStream | None = None
+        self._watchdog: Watchdog | None = None
+        self._silence: str | None = None  # why the destination was given up on
+        # past the commit point, but the destination provably will not run (it said SHUT(error), or
+        # not one byte of the COMMIT left): resuming is safe
+        self._peer_refused = False
 
     # -- called from other threads --------------------------------------------------------------
 
@@ -187,15 +205,27 @@ class MigrationThread(threading.Thread):
             self._unlimited = True
             self.stream.set_rate_limit(0)
 
+    @any_thread
+    def peer_silent_ms(self) -> int | None:
+        """How long the destination has been silent, once heartbeats were agreed."""
+        rp = self.rp
+        if rp is None or self._watchdog is None or rp.features is None or not rp.features & FEATURE_HEARTBEAT:
+            return None
+        return int(rp.silent_for() * 1000)
+
     @on_thread("mig/src/main")
     def on_sync(self, stats: MigrationStats) -> None:
-        """After each bitmap sync: feed auto-converge with the newly dirtied pages."""
-        self._last_sync = time.monotonic()
-        if self.throttle is None or self._completing:
+        """After each bitmap sync (migration thread): feed the policy and auto-converge, publish."""
+        if self._completing:
             return
+        now = time.monotonic()
         new_pages = max(0, stats.dirty_pages - self._pre_sync_dirty)
-        self.throttle.note_sync(new_pages, self.stream.transferred, stats.page_size, time.monotonic())
-        self.ms.throttle_percentage = self.throttle.percentage
+        self.policy.on_sync(now, stats.remaining, new_pages * stats.page_size)
+        self._publish_expected_downtime(stats.remaining)
+        self._publish_forecast(now)
+        if self.throttle is not None:
+            self.throttle.note_sync(new_pages, self.stream.transferred, stats.page_size, now)
+            self.ms.throttle_percentage = self.throttle.percentage
 
     # -- the thread -----------------------------------------------------------------------------
 
@@ -216,17 +246,18 @@ class MigrationThread(threading.Thread):
             self.ms.fail(self.stream.error or f"Migration thread error: {exc or type(exc).__name__}")
         finally:
             try:
+                self._unthrottle()
                 self._finish()
             finally:
                 sys.setswitchinterval(old_interval)
                 self.ms.thread_exited(self)
 
     def _peer_error(self) -> str | None:
-        """The destination's own verdict, when it sent SHUT(error) before we finished."""
+        """The destination's own verdict (SHUT(error)), or the watchdog's on a silent destination."""
         rp = self.rp
         if rp is not None and rp.shut:
             return sibling_error(rp.shut)
-        return None
+        return self._silence
 
     def _expect(self, status: M) -> None:
         if self.ms.status is not status:
@@ -238,112 +269,146 @@ class MigrationThread(threading.Thread):
             raise MigrationFailed(self.stream.error)
 
     def _migrate(self) -> None:
-        ms, stream = self.ms, self.stream
+        """Setup, then the loop: measure, ask the policy, execute (migration thread)."""
+        ms, stream, policy = self.ms, self.stream, self.policy
         setup_start = time.monotonic()
-        self.savevm = savevm = SaveVM(self.machine, self.stats, self.use_return_path)
-        if ms.config.cap("multifd"):  # the extra channels, before the stream begins (QEMU's order)
+        self.savevm = savevm = savevm_for(ms.host.held_machine(), self.machine, self.stats, self.use_return_path,
+                                          *self._announce())
+        if ms.config.cap("multifd") and ms.host.held_machine() is None:  # before the stream (QEMU's order)
             self.multifd = savevm.ram.pages_out = MultifdSender.open(self.channel, stream, ms.config.params)
         with BQL:
             self._expect(M.SETUP)
             savevm.save_header(stream)
             savevm.save_setup(stream)
+            self._dry_run(savevm)
         stream.flush()
+        policy.ram_total = self.stats.total
         if self.use_return_path:
             self.rp = ReturnPathReader(self.channel)
             self.rp.start()
+            self._start_watchdog()
         if not ms.set_state(M.SETUP, M.ACTIVE):
             raise Cancelled()
         ms.setup_time = int((time.monotonic() - setup_start) * 1000)
         self._new_window(time.monotonic())
         while True:
             self._expect(M.ACTIVE)
+            self._time_pong()
             if not stream.rate_limit_exceeded():
+                self._send_ping()
                 pending = savevm.pending_estimate()
-                if pending <= self.threshold or self._throttle_sync_due():
-                    self._pre_sync_dirty = self.stats.dirty_pages
-                    with BQL:
-                        pending = savevm.pending_exact()
-                    self._publish_expected_downtime(pending)
-                if pending > self.threshold:
-                    self._round = None
-                elif self._converged(pending):
-                    if self.rp is not None and not self._dest_synced:
-                        self._catch_up()
-                        continue  # re-evaluate with a fresh sync: the guest ran meanwhile
+                decision = self._decide(pending, exact=False)
+                if decision.step is Step.SYNC:
+                    decision = self._decide(self._sync(), exact=True)
+                if decision.step is Step.SWITCHOVER:
+                    log.info("migration switch-over decided: pending=%d expected_downtime=%d final-rate=%.0f MB/s "
+                             "fixed=%s", self.stats.remaining, ms.expected_downtime, policy.final_rate() / 1e6,
+                             {k: round(v, 2) for k, v in policy.fixed_parts().items()})
                     self._complete()
                     return
+                if policy.waiting_for_peer:
+                    self._wait_pong(WINDOW / 10)
                 savevm.save_iterate(stream)
-                self._dest_synced = False
             self._rate_limit()
 
-    def _throttle_sync_due(self) -> bool:
-        return (self.throttle is not None and self.stats.dirty_sync_count > 1
-                and time.monotonic() - self._last_sync >= THROTTLE_SYNC_INTERVAL)
-
-    def _converged(self, pending: int) -> bool:
-        """Below the threshold: switch over now, or first send one more round with the guest running?
-
-        A round is the pending bytes of its start, sent once. If the round after it was at most half as
-        big, the guest dirties slowly enough that another round shrinks the final pass further, at no
-        cost in downtime; stop when the rest is tiny or a round no longer halves it.
-        """
-        if pending == 0 or pending <= self.threshold * TINY_FRACTION:
-            return True
-        sent = self.stream.transferred
-        if self._round is None:
-            self._round = (pending, sent)
-            return False
-        start_pending, start_sent = self._round
-        if sent - start_sent < start_pending:
-            return False  # this round is still being sent
-        if pending <= start_pending / 2:
-            self._round = (pending, sent)
-            return False
-        return True
-
-    def _catch_up(self) -> None:
-        """PING the destination and wait for its PONG while the guest still runs.
-
-        Bytes count as transferred once the kernel took them, but socket buffers hold megabytes —
-        millions of ZERO records — that the destination has not loaded yet. Without this, that backlog
-        would be loaded during the downtime (as wait-ack). Not QEMU's behaviour: a migd addition.
-        """
-        assert self.rp is not None
-        self._ping += 1
+    def _dry_run(self, savevm: SaveVM) -> None:
+        """Time what the switch-over will do outside RAM, without doing it: every device's save and
+        the VMDESCRIPTION (migration thread, BQL held)."""
         t0 = time.monotonic()
+        for dev in self.machine.devices():
+            dev.save()
+        t1 = time.monotonic()
+        savevm.vmdesc()
+        t2 = time.monotonic()
+        self.policy.on_phase("device-state", (t1 - t0) * 1000)
+        self.policy.on_phase("other", (t2 - t1) * 1000 + FRAMING_MS)
+
+    def _sync(self) -> int:
+        """A bitmap sync, timed (the final pass starts with one): the exact pending bytes."""
+        self._pre_sync_dirty = self.stats.dirty_pages
+        t0 = time.monotonic()
+        assert self.savevm is not None  # made in setup
+        with BQL:
+            pending = int(self.savevm.pending_exact())
+        self.policy.on_phase("sync", (time.monotonic() - t0) * 1000)
+        return pending
+
+    def _decide(self, pending: int, exact: bool) -> Decision:
+        decision = self.policy.decide(time.monotonic(), pending, exact)
+        for action in decision.actions:
+            self._execute(action)
+        self.threshold = float(self.policy.threshold())
+        return decision
+
+    def _execute(self, action: Action) -> None:
+        """One act of the built-in policy: an event, then the act itself (migration thread)."""
+        ms = self.ms
+        log.info("migration policy: %s %d (%s)", action.action, action.value, action.reason)
+        ms.policy_actions = list(self.policy.actions)
+        if ms.config.cap("events"):
+            ms.host.events.emit("X_MIGD_POLICY_ACTION", {"action": action.action, "value": action.value,
+                                                            "reason": action.reason})
+        if action.action == "throttle" and self.throttle is None:  # auto-converge keeps QEMU's rule
+            self._computed_throttle = action.value
+            self.machine.vcpus.throttle(action.value)
+            ms.throttle_percentage = action.value
+        elif action.action == "abort":
+            raise MigrationFailed(action.reason)
+
+    def _unthrottle(self) -> None:
+        if self._computed_throttle:
+            self.machine.vcpus.throttle(0)
+            self._computed_throttle = 0
+            self.ms.throttle_percentage = 0
+
+    # -- the destination's round trip ---------------------------------------------------------------
+
+    def _send_ping(self) -> None:
+        """About once a second, a PING whose PONG is timed; nothing ever waits for it."""
+        if self.rp is None:
+            return
+        now = time.monotonic()
+        if self._ping_sent is not None:
+            if now - self._ping_sent[1] < PONG_TIMEOUT:
+                return
+            log.info("migration: PING %d unanswered after %.0f s", self._ping_sent[0], PONG_TIMEOUT)
+            self.policy.peer_silent()
+        if now - self._last_ping < PING_INTERVAL and self._ping_sent is None and self._last_ping:
+            return
+        self._ping += 1
         self.stream.put(command(Cmd.PING, self._ping.to_bytes(4, "big")))
         self.stream.flush()
-        ok = self.rp.wait_for_pong(self._ping, PONG_TIMEOUT)
-        self._expect(M.ACTIVE)
-        if not ok and (self.rp.error is not None or self.rp.shut is not None):
-            raise MigrationFailed(self.rp.error or sibling_error(self.rp.shut or 1))
-        log.info("migration catch-up: destination answered PING %d after %.1f ms%s", self._ping,
-                 (time.monotonic() - t0) * 1000, "" if ok else " (timed out)")
-        self._dest_synced = True
-        self._new_window(time.monotonic())  # the wait says nothing about the channel's bandwidth
+        self._ping_sent = (self._ping, time.monotonic())
+        self._last_ping = now
+
+    def _wait_pong(self, timeout: float) -> None:
+        """Nothing left to decide before the first PONG: wait for it a little (bounded), not spin."""
+        rp, sent = self.rp, self._ping_sent
+        if rp is not None and sent is not None:
+            rp.wait_for_pong(sent[0], timeout)
+            self._time_pong()
+
+    def _time_pong(self) -> None:
+        """The PING's round trip, once its PONG came (arrival time stamped by the reader)."""
+        rp, sent = self.rp, self._ping_sent
+        if rp is None or sent is None:
+            return
+        arrived = rp.pong_at.get(sent[0])
+        if arrived is None:
+            self.policy.on_rtt(time.monotonic() - sent[1], lower_bound=True)
+            return
+        self._ping_sent = None
+        self.policy.on_rtt(arrived - sent[1])
 
     # -- counters (QEMU's migration_update_counters / migration_rate_limit) -----------------------
 
     def _new_window(self, now: float) -> None:
         self._iter_start = now
         self._iter_bytes = self.stream.transferred
+        self._iter_busy = self.stream.write_busy
+        self._iter_sleep = 0.0
         self._iter_pages = self.stats.normal + self.stats.duplicate
         self.stream.reset_window()
-
-    def _overhead_ms(self) -> float:
-        hint = self.ms.overhead_ms_hint
-        return hint if hint > 0 else DEFAULT_OVERHEAD_MS
-
-    def _switchover_bandwidth(self) -> float:
-        """Bytes/ms a switch-over could count on: avail-switchover-bandwidth if set, else the slowest
-        recent window (single windows swing 2-3x with socket buffering and CPU contention), capped by
-        the final-pass bandwidth measured last time."""
-        avail = int(self.ms.config.param("avail-switchover-bandwidth"))
-        if avail:
-            return avail / 1000
-        bw = min(self._bw_history) if self._bw_history else self.bandwidth
-        final = self.ms.final_bw_hint
-        return min(bw, final) if final > 0 else bw
 
     def _rate_limit(self) -> None:
         now = time.monotonic()
@@ -352,42 +417,114 @@ class MigrationThread(threading.Thread):
         if self.stream.rate_limit_exceeded() and self.stream.error is None:
             delay = self._iter_start + WINDOW - time.monotonic()
             if delay > 0:
-                self.ms.wake_event.wait(delay)
+                t0 = time.monotonic()
+                woken = self.ms.wake_event.wait(delay)
+                slept = time.monotonic() - t0
+                self._iter_sleep += slept
+                if not woken:  # how late a sleeping thread wakes: the vCPU stop's prior
+                    self.policy.on_phase("wake", max(0.0, slept - delay) * 1000)
 
     def _update_counters(self, now: float) -> None:
         stats = self.stats
         transferred = self.stream.transferred - self._iter_bytes
-        spent_ms = (now - self._iter_start) * 1000
-        self.bandwidth = transferred / spent_ms
-        if transferred > 10000:
-            self._bw_history.append(self.bandwidth)
-        bw = self._switchover_bandwidth()
-        limit_ms = int(self.ms.config.param("downtime-limit"))
-        overhead = self._overhead_ms()
-        trust = 1.0 if int(self.ms.config.param("avail-switchover-bandwidth")) else SWITCHOVER_SAFETY
-        self.threshold = bw * trust * max(0.0, limit_ms - overhead)
-        stats.mbps = transferred * 8 / (spent_ms / 1000) / 1e6
+        busy = self.stream.write_busy - self._iter_busy
+        spent = now - self._iter_start
+        spent_ms = spent * 1000
         pages = stats.normal + stats.duplicate
+        self.bandwidth = transferred / spent_ms
+        self.policy.on_window(now, transferred, busy, max(busy, spent - self._iter_sleep), spent,
+                              (pages - self._iter_pages) * stats.page_size)
+        self.threshold = float(self.policy.threshold())
+        stats.mbps = transferred * 8 / (spent_ms / 1000) / 1e6
         stats.pages_per_second = int((pages - self._iter_pages) / (spent_ms / 1000))
         if transferred > 10000:
             self._publish_expected_downtime(stats.remaining)
+        self._publish_forecast(now)
         self._new_window(now)
 
     def _publish_expected_downtime(self, pending: int) -> None:
-        """Fixed switch-over costs + pending / bandwidth: the downtime of a switch-over started now.
+        """The policy's downtime of a switch-over started now; before the first window closed, the
+        average rate since the migration began stands in for the final-pass rate."""
+        elapsed = time.monotonic() - self.ms.start_time
+        fallback = self.stream.transferred / elapsed if elapsed > 0 else 0.0
+        self.ms.expected_downtime = self.policy.expected_downtime_ms(pending, fallback)
 
-        Before the first 100 ms window closed there is no window bandwidth: nothing pending then costs
-        only the fixed part, and anything else is judged on the average since the migration began
-        (leaving the downtime limit, QEMU's first guess, in place would report 300 for a 2 ms stop).
-        """
-        bw = self._switchover_bandwidth()
-        if bw <= 0 and pending:
-            elapsed_ms = (time.monotonic() - self.ms.start_time) * 1000
-            bw = self.stream.transferred / elapsed_ms if elapsed_ms > 0 else 0.0
-        if pending == 0:
-            self.ms.expected_downtime = int(self._overhead_ms())
-        elif bw > 0:
-            self.ms.expected_downtime = int(self._overhead_ms() + pending / bw)
+    def _publish_forecast(self, now: float) -> None:
+        """``x-migd-convergence`` for query-migrate, and X_MIGD_CONVERGENCE when the state changed."""
+        ms = self.ms
+        ms.convergence = self.policy.forecast(now, self.stats.remaining)
+        after = self.policy.state
+        if after is not self._published_state:
+            self._published_state = after
+            log.info("migration convergence: %s %s", after, ms.convergence)
+            if ms.config.cap("events"):
+                ms.host.events.emit("X_MIGD_CONVERGENCE", dict(ms.convergence))
+
+    # -- heartbeats and the silence watch (docs/SWITCHOVER.md §2) -----------------------------------
+
+    def _peer_timeout(self) -> int:
+        return int(self.ms.config.param("x-migd-peer-timeout"))
+
+    def _announce(self) -> tuple[int, int]:
+        """(features, peer timeout ms) for the configuration subsection. Checksums go everywhere (a
+        ``file:`` save is checked when restored); commit and heartbeats need a return path."""
+        if not self.use_return_path:
+            return FEATURE_CHECKSUM, 0
+        return FEATURES_SUPPORTED, self._peer_timeout() * 1000
+
+    def _accepted(self) -> int:
+        rp = self.rp
+        return rp.features or 0 if rp is not None else 0
+
+    def _start_watchdog(self) -> None:
+        """(migration thread) Heartbeats into the stream while it is idle; the destination's silence."""
+        assert self.rp is not None
+        rp = self.rp
+        timeout = self._peer_timeout()
+        self._beat = IdleStream(self.stream, command(CMD_X_MIGD_HEARTBEAT))
+        tcp_timeout_set = False
+
+        def agreed() -> bool:
+            return rp.features is not None and bool(rp.features & FEATURE_HEARTBEAT)
+
+        def interval() -> float | None:
+            nonlocal tcp_timeout_set
+            if not agreed():
+                return None
+            if not tcp_timeout_set:  # a migd destination: TCP may give up on it as fast as we do
+                tcp_timeout_set = True
+                set_peer_timeout(self.channel, timeout)
+            return beat_interval(rp.peer_timeout_ms)
+
+        def silent_for() -> float | None:
+            if not agreed():
+                return None
+            if rp.stopped:  # the return path ended without SHUT: gone, whatever state we wait in
+                return float("inf") if rp.shut is None and rp.error is not None else None
+            return rp.silent_for()
+
+        assert self._beat is not None
+        self._watchdog = Watchdog("mig/src/beat", timeout, self._beat.beat, interval, silent_for,
+                                  self._on_silence)
+        self._watchdog.start()
+
+    def _on_silence(self, seconds: float) -> None:
+        """(watchdog thread) The destination said nothing for too long: fail (or, committed, stay paused)."""
+        if seconds == float("inf"):
+            self._silence = self.rp.error if self.rp is not None and self.rp.error else "Return path closed"
+        else:
+            self._silence = (f"The destination has been silent for {seconds:.1f} s "
+                             f"(x-migd-peer-timeout is {self._peer_timeout()} s)")
+        log.warning("migration: %s", self._silence)
+        self.stream.shutdown()  # wakes a blocked write and the return-path reader
+        self.ms.wake_event.set()
+        self.ms.continue_event.set()
+        if self.rp is not None:
+            self.rp.wake()
+
+    def _idle(self) -> Any:
+        """A block in which the stream is left alone, so heartbeats may go out."""
+        return self._beat.idle() if self._beat is not None else nullcontext()
 
     # -- completion (QEMU's migration_completion_precopy, reordered for downtime) -------------------
 
@@ -396,7 +533,7 @@ class MigrationThread(threading.Thread):
         self._completing = True
         log.info("migration switch-over: pending=%d threshold=%d expected_downtime=%d",
                  self.stats.remaining, int(self.threshold), ms.expected_downtime)
-        with BQL:  # flush while the guest still runs: the slow part of a flush stays out of downtime
+        with self._idle(), BQL:  # flush while the guest still runs: the slow part stays out of downtime
             machine.flush_drives()
         with BQL:
             self._expect(M.ACTIVE)
@@ -415,8 +552,11 @@ class MigrationThread(threading.Thread):
             ms.continue_event.clear()
             if not ms.set_state(M.ACTIVE, M.PRE_SWITCHOVER):
                 raise Cancelled()
-            ms.continue_event.wait()  # migrate-continue or migrate_cancel; the BQL is not held
+            self._expect(M.PRE_SWITCHOVER)  # a silent destination noticed before the clear
+            with self._idle():
+                ms.continue_event.wait()  # migrate-continue, migrate_cancel or a silent destination
             clock.mark("pre-switchover")
+            self._expect(M.PRE_SWITCHOVER)
             if not ms.set_state(M.PRE_SWITCHOVER, M.DEVICE):
                 raise Cancelled()
         elif not ms.set_state(M.ACTIVE, M.DEVICE):
@@ -426,22 +566,13 @@ class MigrationThread(threading.Thread):
             self._drives_inactive = True
         self._set_unlimited()
         clock.mark("inactivate-drives")
-        downtime_bytes0 = self.stats.downtime_bytes
         self._final_pass(clock)
-        ram_final_ms = clock.phases.get("ram-final", 0.0)
         if self.rp is not None:
-            self._expect(M.DEVICE)
-            try:
-                flag = self.rp.wait_for_shut(ACK_TIMEOUT)
-            except Exception as exc:
-                self._expect(M.DEVICE)
-                raise MigrationFailed(str(exc)) from exc
-            if flag:
-                raise MigrationFailed(sibling_error(flag))
-            clock.mark("wait-ack")
+            self._handshake(clock)
         with BQL:
             end = time.monotonic()
-            self._expect(M.DEVICE)
+            if ms.status is not M.DEVICE:
+                raise Cancelled()
             ms.downtime = int(round(clock.total_ms()))
             ms.downtime_phases = {k: round(v, 3) for k, v in clock.phases.items()}
             ms.total_time = int((end - ms.start_time) * 1000)
@@ -451,16 +582,15 @@ class MigrationThread(threading.Thread):
             if not ms.set_state(M.DEVICE, M.COMPLETED):
                 raise Cancelled()
             self.runstate.set(RunState.POSTMIGRATE)
-        # what this switch-over taught us, for the next decision
-        ms.overhead_ms_hint = max(1.0, clock.total_ms() - ram_final_ms - clock.phases.get("pre-switchover", 0.0))
-        final_bytes = self.stats.downtime_bytes - downtime_bytes0
-        if final_bytes >= MIN_FINAL_PASS_BYTES and ram_final_ms > 0:
-            ms.final_bw_hint = final_bytes / ram_final_ms
         log.info("migration completed: downtime=%d ms phases=%s total=%d ms", ms.downtime,
                  ms.downtime_phases, ms.total_time)
 
     def _final_pass(self, clock: PhaseClock) -> None:
-        """Rest of RAM (no rate limit), device state, EOF and description, flushed."""
+        """Rest of RAM (no rate limit), device state, EOF and description, flushed.
+
+        With a return path the destination's features must be known before EOF: a destination without
+        the commit protocol may run once it has the EOF, so for it the EOF is the point of no return.
+        """
         savevm, stream = self.savevm, self.stream
         assert savevm is not None  # made in setup, before any switch-over
         savevm.save_complete_ram(stream)
@@ -469,9 +599,78 @@ class MigrationThread(threading.Thread):
         with BQL:  # devices are read while nothing else may touch them
             savevm.save_complete_devices(stream)
         clock.mark("device-state")
+        if self.rp is not None:
+            stream.flush()
+            # FEATURES comes before any PONG: once anything came, the features are known
+            self._wait_rp(lambda rp: rp.answered)
+            self._expect(M.DEVICE)
+            if not self.rp.answered:
+                raise MigrationFailed(self.rp.error or "The destination did not answer before the end of "
+                                      "the stream")
+            if not self._accepted() & FEATURE_COMMIT and not self.ms.commit():
+                raise Cancelled()
         savevm.save_eof(stream)
         stream.flush()
         clock.mark("eof-flush")
+
+    def _wait_rp(self, done: Any) -> None:
+        """(migration thread) Wait, stream idle, until ``done(rp)``, the reader stopped, the state left
+        ``device``, the destination went silent, or ACK_TIMEOUT passed."""
+        rp = self.rp
+        assert rp is not None
+        deadline = time.monotonic() + ACK_TIMEOUT
+        with self._idle():
+            while not done(rp) and not rp.stopped and self.ms.status is M.DEVICE and self._silence is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                rp.wait_for(lambda: bool(done(rp)), min(left, 0.5))
+
+    def _handshake(self, clock: PhaseClock) -> None:
+        """After EOF: LOADED, then the point of no return, COMMIT, SHUT(0) (or a legacy SHUT alone)."""
+        ms, rp = self.ms, self.rp
+        assert rp is not None
+        self._wait_rp(lambda r: r.loaded or r.shut is not None)
+        clock.mark("wait-ack")
+        if rp.shut is not None and rp.shut != 0:
+            self._peer_refused = True  # the destination will not run the guest: resuming is safe
+            raise MigrationFailed(sibling_error(rp.shut))
+        if ms.committed:  # a destination without the commit protocol: the EOF was the point of no return
+            if rp.shut == 0:
+                return
+            raise MigrationFailed(self._committed_desc(self._silence or rp.error or
+                                                       "Timed out waiting for the destination to "
+                                                       "acknowledge the load"))
+        self._expect(M.DEVICE)
+        if not rp.loaded:
+            raise MigrationFailed(rp.error or "Timed out waiting for the destination to load the state")
+        if rp.stopped:  # LOADED, then the return path closed: the destination cannot confirm a COMMIT
+            raise MigrationFailed(rp.error or "Return path closed after the destination loaded the state")
+        if not ms.commit():  # a cancel won the race: COMMIT is never sent, the destination never runs
+            raise Cancelled()
+        sent = self.stream.transferred
+        try:
+            self.stream.put(command(CMD_X_MIGD_COMMIT))
+            self.stream.flush()
+        except StreamError as exc:
+            if self.stream.transferred == sent:  # not one byte of it left: the destination cannot run
+                self._peer_refused = True
+                raise MigrationFailed(f"{self._silence or exc}; the COMMIT could not be sent") from exc
+            raise MigrationFailed(self._committed_desc(self._silence or str(exc))) from exc
+        self._wait_rp(lambda r: r.shut is not None)
+        clock.mark("commit")
+        if rp.shut == 0:
+            return
+        if rp.shut is not None:
+            self._peer_refused = True
+            raise MigrationFailed(sibling_error(rp.shut))
+        raise MigrationFailed(self._committed_desc(self._silence or rp.error or
+                                                   "Timed out waiting for the destination to start"))
+
+    @staticmethod
+    def _committed_desc(reason: str) -> str:
+        return (f"{reason}; the migration was committed, so the guest stays paused here: the "
+                "destination may be running it")
 
     # -- the end, whatever it was (QEMU's migration_iteration_finish) -----------------------------
 
@@ -480,7 +679,15 @@ class MigrationThread(threading.Thread):
         if self.throttle is not None:
             self.throttle.stop()
         ms.throttle_percentage = 0
-        if ms.status is not M.COMPLETED:
+        if self._watchdog is not None:
+            self._watchdog.stop()
+        if ms.status is not M.COMPLETED and ms.committed and not self._peer_refused:
+            # past the point of no return: the destination may own the guest, never resume it here
+            with BQL:
+                if self.runstate.state is RunState.FINISH_MIGRATE:
+                    self.runstate.set(RunState.POSTMIGRATE)
+            log.error("migration: committed but not confirmed; the guest stays paused: %s", ms.error_desc)
+        elif ms.status is not M.COMPLETED:
             with BQL:
                 if self._drives_inactive:
                     try:

@@ -17,6 +17,7 @@ from migd.units import PAGE_SIZE as TARGET_PAGE_SIZE
 
 SIZE_MAX = (1 << 64) - 1
 MAX_MIGRATE_DOWNTIME_MS = 2_000_000
+MAX_PEER_TIMEOUT = 86400  # [migd] x-migd-peer-timeout, seconds
 
 
 class ParamError(Exception):
@@ -86,6 +87,16 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("mode", "enum", "normal", MIGRATION_MODES),
     ParamSpec("zero-page-detection", "enum", "multifd", ZERO_PAGE_DETECTION),
     ParamSpec("direct-io", "bool", False),
+    # migd's built-in convergence policy (issue 10; migration/policy.py), all off by default
+    ParamSpec("x-migd-progress-timeout", "uint64", 0),  # s without a new low of remaining; 0 = off
+    ParamSpec("x-migd-progress-action", "enum", "abort", ("abort", "escalate")),
+    ParamSpec("x-migd-downtime-steps", "uint8", 0),  # Nova-like downtime schedule; 0 = off
+    ParamSpec("x-migd-downtime-step-delay", "uint64", 75),  # s per GiB of guest RAM between steps
+    ParamSpec("x-migd-downtime-max", "uint64", 0),  # ms the policy may raise the limit to; 0 = derived
+    ParamSpec("x-migd-auto-throttle", "bool", False),  # the throttle the dirty rate needs
+    ParamSpec("x-migd-completion-timeout", "uint64", 0),  # s per GiB of guest RAM; 0 = off
+    # [migd] seconds of silence after which a migd peer is given up on (heartbeats, docs/SWITCHOVER.md §2)
+    ParamSpec("x-migd-peer-timeout", "uint32", 10),
 )
 SPECS: dict[str, ParamSpec] = {spec.name: spec for spec in PARAMS}
 DEFAULT_PARAMETERS: dict[str, Any] = {spec.name: spec.default for spec in PARAMS}
@@ -182,6 +193,10 @@ def check_parameters(p: Mapping[str, Any]) -> None:
         raise _invalid("x-vcpu-dirty-limit-period", "a value between 1 and 1000")
     if p["vcpu-dirty-limit"] < 1:
         raise _invalid("vcpu_dirty_limit", "is invalid, it must greater then 1 MB/s")
+    if p["x-migd-downtime-max"] > MAX_MIGRATE_DOWNTIME_MS:
+        raise _invalid("x-migd-downtime-max", f"an integer in the range of 0 to {MAX_MIGRATE_DOWNTIME_MS} ms")
+    if not 1 <= p["x-migd-peer-timeout"] <= MAX_PEER_TIMEOUT:
+        raise _invalid("x-migd-peer-timeout", f"a value between 1 and {MAX_PEER_TIMEOUT} seconds")
     if p["multifd-compression"] not in MULTIFD_COMPRESSION_SUPPORTED:
         raise ParamError(f"multifd-compression '{p['multifd-compression']}' is not supported by migd "
                          "(use none, zlib or zstd)")

@@ -313,6 +313,7 @@ class RAMSaver:
         self.stats.normal += normal
         self.stats.duplicate += zero
         self.stats.count_ram_bytes(nbytes, self.guest_running)
+        self.stats.multifd_bytes += nbytes
         f.transferred += nbytes  # QEMU's transferred includes the multifd bytes
 
     def _emit(self, f: OutStream, t: _Tracked, idx: np.ndarray) -> None:

@@ -4,6 +4,11 @@ With it the source calls a migration ``completed`` only once the destination sai
 (SHUT 0), and resumes its own guest when the destination failed. Framing is QEMU's: ``be16 type,
 be16 length, payload``. migd sends SHUT and PONG; the source's reader accepts exactly those and rejects
 anything else, so a confused or hostile peer cannot make it allocate or wait on garbage.
+
+[migd] Between migd peers three messages of migd's own are added (docs/FORMAT.md §6): FEATURES (the
+answer to the source's configuration subsection), LOADED (everything loaded, waiting for COMMIT) and
+HEARTBEAT. The reader accepts LOADED and HEARTBEAT only after FEATURES, and notes when it last heard
+anything, so the source can give up on a silent destination.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -26,13 +33,19 @@ MSG_REQ_PAGES = 4
 MSG_RECV_BITMAP = 5
 MSG_RESUME_ACK = 6
 MSG_SWITCHOVER_ACK = 7
+# [migd] far above QEMU's numbers; sent only to a source that announced migd features
+MSG_X_MIGD_FEATURES = 0x4D00  # be32 accepted features, be32 the destination's peer timeout (ms)
+MSG_X_MIGD_LOADED = 0x4D01  # the whole stream loaded; the guest waits for COMMIT
+MSG_X_MIGD_HEARTBEAT = 0x4D02  # the destination is alive
 
 MAX_LENGTH = 512  # QEMU's bound on any return-path payload
 _HEADER = struct.Struct(">HH")
 _U32 = struct.Struct(">I")
+_FEATURES = struct.Struct(">II")
 
 # the messages a migd source understands, with their fixed payload length
-_ACCEPTED = {MSG_SHUT: 4, MSG_PONG: 4}
+_ACCEPTED = {MSG_SHUT: 4, MSG_PONG: 4, MSG_X_MIGD_FEATURES: 8}
+_ACCEPTED_AFTER_FEATURES = {**_ACCEPTED, MSG_X_MIGD_LOADED: 0, MSG_X_MIGD_HEARTBEAT: 0}
 
 
 class ReturnPathError(RuntimeError):
@@ -56,6 +69,34 @@ def send_pong(channel: Channel, value: int) -> None:
     _send(channel, MSG_PONG, _U32.pack(value & 0xFFFFFFFF))
 
 
+class ReturnPathWriter:
+    """Destination side: every message through one lock, so the heartbeat thread and the incoming thread
+    never interleave their bytes (any thread)."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self._lock = threading.Lock()
+
+    def _send(self, kind: int, payload: bytes = b"") -> None:
+        with self._lock:
+            _send(self.channel, kind, payload)
+
+    def shut(self, error: int | bool) -> None:
+        self._send(MSG_SHUT, _U32.pack(1 if error is True else int(error) & 0xFFFFFFFF))
+
+    def pong(self, value: int) -> None:
+        self._send(MSG_PONG, _U32.pack(value & 0xFFFFFFFF))
+
+    def features(self, features: int, peer_timeout_ms: int) -> None:
+        self._send(MSG_X_MIGD_FEATURES, _FEATURES.pack(features & 0xFFFFFFFF, peer_timeout_ms & 0xFFFFFFFF))
+
+    def loaded(self) -> None:
+        self._send(MSG_X_MIGD_LOADED)
+
+    def heartbeat(self) -> None:
+        self._send(MSG_X_MIGD_HEARTBEAT)
+
+
 def sibling_error(flag: int) -> str:
     """The source's error-desc for a non-zero SHUT (QEMU's words)."""
     return f"Sibling indicated error {flag}"
@@ -67,16 +108,32 @@ class ReturnPathReader:
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
         self.pongs: list[int] = []
+        self.pong_at: dict[int, float] = {}  # PONG value -> time.monotonic() it arrived (last 16)
         self.shut: int | None = None
         self.error: str | None = None  # why the reader stopped without a SHUT
+        self.features: int | None = None  # [migd] what the destination accepted (None: not heard)
+        self.peer_timeout_ms = 0  # [migd] the destination's own peer timeout
+        self.loaded = False  # [migd] LOADED arrived
+        self.answered = False  # the destination sent anything at all (it reads the stream)
+        self.last_heard = time.monotonic()  # any message, or the start
         self._done = threading.Event()
         self._pong = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closing = False
 
     def start(self) -> None:
+        self.last_heard = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="mig/src/rp", daemon=True)
         self._thread.start()
+
+    @property
+    def stopped(self) -> bool:
+        """The reader ended (SHUT, EOF, an error or close)."""
+        return self._done.is_set()
+
+    def silent_for(self) -> float:
+        """Seconds since the destination last sent anything (any thread)."""
+        return max(0.0, time.monotonic() - self.last_heard)
 
     def _read_exact(self, n: int) -> bytes | None:
         """n bytes, or None at a clean EOF before the first byte; raises on EOF inside a message."""
@@ -93,6 +150,7 @@ class ReturnPathReader:
         return bytes(buf)
 
     def _run(self) -> None:
+        """(return-path thread)"""
         try:
             while True:
                 header = self._read_exact(_HEADER.size)
@@ -100,20 +158,36 @@ class ReturnPathReader:
                     self.error = "Return path closed before the destination acknowledged the load"
                     return
                 kind, length = _HEADER.unpack(header)
-                expected = _ACCEPTED.get(kind)
+                accepted = _ACCEPTED if self.features is None else _ACCEPTED_AFTER_FEATURES
+                expected = accepted.get(kind)
                 if expected is None or length != expected or length > MAX_LENGTH:
                     self.error = f"Received invalid message 0x{kind:04x} length 0x{length:04x}"
                     return
                 payload = self._read_exact(length) if length else b""
                 if payload is None:
                     raise ReturnPathError("Return path truncated inside a message")
-                (value,) = _U32.unpack(payload)
-                if kind == MSG_SHUT:
-                    self.shut = value
-                    return
+                self.last_heard = time.monotonic()
+                self.answered = True
+                if kind == MSG_X_MIGD_HEARTBEAT:
+                    continue
                 with self._pong:
-                    self.pongs.append(value)
-                    del self.pongs[:-16]
+                    if kind == MSG_SHUT:
+                        (self.shut,) = _U32.unpack(payload)
+                        return
+                    if kind == MSG_X_MIGD_FEATURES:
+                        if self.features is not None:
+                            self.error = "Received a second X_MIGD_FEATURES message"
+                            return
+                        self.features, self.peer_timeout_ms = _FEATURES.unpack(payload)
+                    elif kind == MSG_X_MIGD_LOADED:
+                        self.loaded = True
+                    else:
+                        (value,) = _U32.unpack(payload)
+                        self.pongs.append(value)
+                        del self.pongs[:-16]
+                        self.pong_at[value] = time.monotonic()
+                        for old in list(self.pong_at)[:-16]:
+                            del self.pong_at[old]
                     self._pong.notify_all()
         except ReturnPathError as exc:
             self.error = str(exc)
@@ -126,12 +200,20 @@ class ReturnPathReader:
             with self._pong:
                 self._pong.notify_all()
 
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait until ``predicate()`` holds or the reader stopped; returns ``predicate()`` (any thread)."""
+        with self._pong:
+            self._pong.wait_for(lambda: predicate() or self._done.is_set(), timeout)
+            return predicate()
+
+    def wake(self) -> None:
+        """Wake every waiter so it re-checks its condition (any thread)."""
+        with self._pong:
+            self._pong.notify_all()
+
     def wait_for_pong(self, value: int, timeout: float) -> bool:
         """True once PONG ``value`` arrived (False on timeout or when the reader stopped)."""
-        with self._pong:
-            return self._pong.wait_for(lambda: value in self.pongs or self._done.is_set(), timeout) and (
-                value in self.pongs
-            )
+        return self.wait_for(lambda: value in self.pongs, timeout)
 
     def wait_for_shut(self, timeout: float | None = None) -> int:
         """The destination's SHUT flag (0 = load succeeded); raises if it never comes."""

@@ -4,6 +4,10 @@ Source, as QEMU: header and configuration, [OPEN_RETURN_PATH + PING(1)], START o
 (only ``ram``), one PART per iteration, [SWITCHOVER_START], END, the devices as FULL sections, EOF,
 then the JSON description. Every section carries a footer.
 
+[migd] Between migd peers the configuration carries a ``configuration/x-migd`` subsection announcing
+migd's features (commit, heartbeats); the loader accepts migd's own COMMANDs only when they were
+announced, and ``load_commit`` reads what follows the description: heartbeats until COMMIT.
+
 Destination: ``load_stream`` checks everything it reads against this machine and raises
 ``StreamError`` with QEMU's words for anything wrong. It never allocates from a length it has not
 bounded. It may leave RAM half written on failure; the caller only runs the machine on success.
@@ -17,8 +21,15 @@ from collections.abc import Callable
 from typing import Any
 
 from migd.migration.format import (
+    CHECKSUM_IDSTR,
+    CHECKSUM_VERSION,
     CMD_LENGTHS,
     CMD_NAMES,
+    CMD_X_MIGD_COMMIT,
+    CMD_X_MIGD_HEARTBEAT,
+    FEATURE_CHECKSUM,
+    FEATURE_COMMIT,
+    FEATURE_HEARTBEAT,
     MACHINE_TYPE,
     MAGIC,
     MAX_MACHINE_NAME,
@@ -30,7 +41,13 @@ from migd.migration.format import (
     VERSION_COMPAT,
     Cmd,
     Section,
+    checksum_desc,
+    checksum_record,
     command,
+    config_subsection,
+    config_subsection_desc,
+    read_checksum,
+    read_config_subsection,
     read_footer,
     read_idstr,
     section_footer,
@@ -42,32 +59,42 @@ from migd.migration.ram import RAMLoader, RAMSaver
 from migd.migration.stats import MigrationStats
 from migd.migration.stream import InStream, OutStream, StreamError
 
-__all__ = ["SaveVM", "StreamError", "load_stream", "CommandHandler"]
+__all__ = ["SaveVM", "StreamError", "load_stream", "load_commit", "CommandHandler", "ConfigHandler"]
 
 RAM_SECTION_ID = 0  # devices follow with 1, 2, ...
 MAX_VMDESC_SKIP = 64 << 20
 
 CommandHandler = Callable[[int, bytes], None]
+ConfigHandler = Callable[[int, int], None]  # (features, peer timeout ms) the source announced
 
 
-def _configuration() -> bytes:
+def _configuration(features: int, peer_timeout_ms: int) -> bytes:
     name = MACHINE_TYPE.encode()
-    return bytes((Section.CONFIGURATION,)) + struct.pack(">I", len(name)) + name
+    out = bytes((Section.CONFIGURATION,)) + struct.pack(">I", len(name)) + name
+    if features:
+        out += config_subsection(features, peer_timeout_ms)
+    return out
 
 
-def _configuration_desc() -> dict[str, Any]:
-    return {"vmsd_name": "configuration", "version": 1,
-            "fields": [{"name": "len", "type": "uint32", "size": 4},
-                       {"name": "name", "type": "buffer", "size": len(MACHINE_TYPE.encode())}]}
+def _configuration_desc(features: int) -> dict[str, Any]:
+    desc: dict[str, Any] = {"vmsd_name": "configuration", "version": 1,
+                            "fields": [{"name": "len", "type": "uint32", "size": 4},
+                                       {"name": "name", "type": "buffer", "size": len(MACHINE_TYPE.encode())}]}
+    if features:
+        desc["subsections"] = [config_subsection_desc()]
+    return desc
 
 
 class SaveVM:
     """The source's view of the stream. Methods take the OutStream; the caller flushes between phases."""
 
-    def __init__(self, machine: Any, stats: MigrationStats, return_path: bool) -> None:
+    def __init__(self, machine: Any, stats: MigrationStats, return_path: bool, features: int = 0,
+                 peer_timeout_ms: int = 0) -> None:
         self.machine = machine
         self.stats = stats
         self.return_path = return_path
+        self.features = features  # [migd] announced in the configuration subsection (0: none written)
+        self.peer_timeout_ms = peer_timeout_ms
         self.ram = RAMSaver(machine.ram, stats)
 
     @property
@@ -79,7 +106,10 @@ class SaveVM:
         self.ram.guest_running = value
 
     def save_header(self, f: OutStream) -> None:
-        f.put(MAGIC.to_bytes(4, "big") + VERSION.to_bytes(4, "big") + _configuration())
+        f.put(MAGIC.to_bytes(4, "big") + VERSION.to_bytes(4, "big")
+              + _configuration(self.features, self.peer_timeout_ms))
+        if self.features & FEATURE_CHECKSUM:
+            f.start_digest()
         if self.return_path:
             f.put(command(Cmd.OPEN_RETURN_PATH))
             f.put(command(Cmd.PING, (1).to_bytes(4, "big")))
@@ -88,6 +118,13 @@ class SaveVM:
         f.put(section_start(Section.START, RAM_SECTION_ID, RAM_IDSTR, RAM_INSTANCE, RAM_VERSION))
         self.ram.save_setup(f)
         f.put(section_footer(RAM_SECTION_ID))
+        self._checksum(f)
+
+    def _checksum(self, f: OutStream) -> None:
+        """[migd] The checksum record of everything since the previous one (feature CHECKSUM)."""
+        if self.features & FEATURE_CHECKSUM:
+            f.put(checksum_record(*f.digest()))
+            f.reset_digest()
 
     def pending_estimate(self) -> int:
         return self.ram.pending_estimate()
@@ -103,6 +140,7 @@ class SaveVM:
         f.put(section_part(Section.PART, RAM_SECTION_ID))
         done = self.ram.save_iterate(f)
         f.put(section_footer(RAM_SECTION_ID))
+        self._checksum(f)
         f.flush()
         return done
 
@@ -114,6 +152,7 @@ class SaveVM:
         f.put(section_part(Section.END, RAM_SECTION_ID))
         self.ram.save_complete(f)
         f.put(section_footer(RAM_SECTION_ID))
+        self._checksum(f)
 
     def save_complete_devices(self, f: OutStream) -> None:
         """Every device as a FULL section. Call with the BQL held and the vCPUs stopped."""
@@ -121,6 +160,7 @@ class SaveVM:
             f.put(section_start(Section.FULL, RAM_SECTION_ID + i, dev.idstr, dev.instance_id, dev.version_id))
             f.put(dev.save())
             f.put(section_footer(RAM_SECTION_ID + i))
+        self._checksum(f)
 
     def save_eof(self, f: OutStream) -> None:
         """EOF, then the VMDESCRIPTION (for analysis tools; the destination skips it)."""
@@ -134,8 +174,11 @@ class SaveVM:
         f.flush()
 
     def vmdesc(self) -> bytes:
-        doc = {"configuration": _configuration_desc(), "page_size": PAGE_SIZE,
-               "devices": [dev.describe() for dev in self.machine.devices()]}
+        devices = [dev.describe() for dev in self.machine.devices()]
+        if self.features & FEATURE_CHECKSUM:
+            devices.append(checksum_desc())
+        doc = {"configuration": _configuration_desc(self.features), "page_size": PAGE_SIZE,
+               "devices": devices}
         return json.dumps(doc, separators=(",", ":")).encode()
 
     def cleanup(self) -> None:
@@ -146,21 +189,41 @@ class SaveVM:
 
 
 def load_stream(f: InStream, machine: Any, on_command: CommandHandler | None = None,
-                on_flush: Callable[[], None] | None = None) -> None:
+                on_config: ConfigHandler | None = None, on_flush: Callable[[], None] | None = None) -> int:
     """Load a whole stream into ``machine``; ``on_command(cmd, payload)`` sees the COMMANDs,
-    ``on_flush()`` the multifd sync points."""
-    _load_header(f)
+    ``on_flush()`` the multifd sync points (MULTIFD_FLUSH records).
+
+    ``on_config(features, peer_timeout_ms)`` hears what a migd source announced, before any section.
+    Returns the announced features (0 for a QEMU source or a stream without them).
+    """
+    features = _load_header(f)
+    if on_config is not None:
+        on_config(*features)
+    announced = features[0]
+    if announced & FEATURE_CHECKSUM:
+        f.start_digest()
     ram = RAMLoader(machine.ram)
     ram.on_flush = on_flush
     devices = {(d.idstr, d.instance_id): d for d in machine.devices()}
     live: dict[int, str] = {}  # section id -> idstr of START-ed live sections
+    covered: list[str] = []  # what the current checksum segment holds, for the error text
     while True:
+        segment = f.digest() if f.digesting else None
         kind = f.get_u8()
         if kind in (Section.START, Section.FULL):
             section_id = f.get_be32()
             idstr = read_idstr(f)
             instance_id = f.get_be32()
             version_id = f.get_be32()
+            if idstr == CHECKSUM_IDSTR and kind == Section.FULL and segment is not None:
+                if version_id > CHECKSUM_VERSION:
+                    raise StreamError(f"savevm: unsupported version {version_id} for '{idstr}' "
+                                      f"v{CHECKSUM_VERSION}")
+                _verify(segment, read_checksum(f), f, covered, ram)
+                f.reset_digest()
+                covered.clear()
+                continue
+            covered.append(idstr)
             if (idstr, instance_id) == (RAM_IDSTR, RAM_INSTANCE):
                 if kind != Section.START:
                     raise StreamError(f"Section '{idstr}' is iterative but arrived as a FULL section")
@@ -183,18 +246,50 @@ def load_stream(f: InStream, machine: Any, on_command: CommandHandler | None = N
             live_idstr = live.get(section_id)
             if live_idstr is None:
                 raise StreamError(f"Unknown savevm section {section_id}")
+            covered.append(live_idstr)
             ram.load(f, kind)
             read_footer(f, section_id, live_idstr)
         elif kind == Section.COMMAND:
-            _load_command(f, on_command)
+            cmd = _load_command(f, on_command, announced)
+            if cmd == CMD_X_MIGD_COMMIT:
+                raise StreamError("X_MIGD_COMMIT received before the end of the device state")
         elif kind == Section.EOF:
             break
         else:
             raise StreamError(f"Unknown savevm section type {kind}")
     _skip_vmdesc(f)
+    return announced
 
 
-def _load_header(f: InStream) -> None:
+def _verify(segment: tuple[int, int], record: tuple[int, int], f: InStream, covered: list[str],
+            ram: RAMLoader) -> None:
+    """[migd] A checksum record against what was really read: a mismatch names what it covered."""
+    (digest, length), (want, want_length) = segment, record
+    if (digest, length) == (want, want_length):
+        return
+    start = f.digest_start
+    what = ", ".join(dict.fromkeys(covered)) or "no section"
+    block = getattr(getattr(ram, "_block", None), "name", None)
+    where = f"; RAM block '{block}'" if block and RAM_IDSTR in covered else ""
+    raise StreamError(f"Checksum mismatch in the migration stream at offset {start}..{start + length} "
+                      f"({what}{where}): xxh3 0x{digest:016x} over {length} bytes, the source sent "
+                      f"0x{want:016x} over {want_length} bytes")
+
+
+def load_commit(f: InStream, features: int, on_command: CommandHandler | None = None) -> None:
+    """[migd] After the description: heartbeats (and nothing else) until the source's COMMIT.
+
+    Raises ``StreamError`` on anything else, or when the stream ends first.
+    """
+    while True:
+        kind = f.get_u8()
+        if kind != Section.COMMAND:
+            raise StreamError(f"Unexpected section type {kind} while waiting for X_MIGD_COMMIT")
+        if _load_command(f, on_command, features) == CMD_X_MIGD_COMMIT:
+            return
+
+
+def _load_header(f: InStream) -> tuple[int, int]:
     if f.get_be32() != MAGIC:
         raise StreamError("Not a migration stream")
     version = f.get_be32()
@@ -210,6 +305,7 @@ def _load_header(f: InStream) -> None:
     name = f.read(n).decode(errors="replace")
     if name != MACHINE_TYPE:
         raise StreamError(f"Machine type received is '{name}' and local is '{MACHINE_TYPE}'")
+    return read_config_subsection(f)
 
 
 def _load_device(f: InStream, dev: Any, idstr: str, instance_id: int, version_id: int) -> None:
@@ -222,11 +318,15 @@ def _load_device(f: InStream, dev: Any, idstr: str, instance_id: int, version_id
                           f"'{idstr}': {exc}") from None
 
 
-def _load_command(f: InStream, on_command: CommandHandler | None) -> None:
+def _load_command(f: InStream, on_command: CommandHandler | None, features: int) -> int:
     cmd = f.get_be16()
     length = f.get_be16()
     expected = CMD_LENGTHS.get(cmd)
     name = CMD_NAMES.get(cmd, f"0x{cmd:x}")
+    if cmd == CMD_X_MIGD_HEARTBEAT and not features & FEATURE_HEARTBEAT:
+        expected = None
+    if cmd == CMD_X_MIGD_COMMIT and not features & FEATURE_COMMIT:
+        expected = None
     if expected is None:
         raise StreamError(f"VM_COMMAND {name} is not supported by migd")
     if length != expected:
@@ -234,6 +334,7 @@ def _load_command(f: InStream, on_command: CommandHandler | None) -> None:
     payload = f.read(length)
     if on_command is not None:
         on_command(cmd, payload)
+    return cmd
 
 
 def _skip_vmdesc(f: InStream) -> None:

@@ -37,6 +37,7 @@ from migd.migration.status import (
 from migd.migration.stream import OutStream
 from migd.threads import any_thread, loop_only, on_thread
 from migd.transports.channel import Channel
+from migd.transports.connecting import ConnectCancel
 from migd.transports.uri import FdURI, MigrationURI
 
 log = logging.getLogger("migd.migration")
@@ -44,6 +45,8 @@ log = logging.getLogger("migd.migration")
 M = MigrationStatus
 
 IN_PROGRESS = "There's a migration process in progress"
+COMMITTED = ("The migration is committed: the destination owns the guest now, it can no longer be "
+             "cancelled")
 CANCEL_WAIT = 10.0  # seconds migrate_cancel waits for the thread to wind down before replying anyway
 
 
@@ -73,6 +76,8 @@ class MigrationState:
         self.expected_downtime = 0  # ms
         self.downtime_phases: dict[str, float] = {}
         self.throttle_percentage = 0  # auto-converge, 0 = not throttling
+        self.convergence: dict[str, Any] = {}  # x-migd-convergence, the policy's forecast
+        self.policy_actions: list[dict[str, Any]] = []  # x-migd-policy-actions, the built-in policy's acts
         # per migration
         self.uri: str = ""
         self.channel: Channel | None = None
@@ -81,12 +86,11 @@ class MigrationState:
         self.continue_event = threading.Event()  # QEMU's pause_sem: migrate-continue / cancel
         self.wake_event = threading.Event()  # breaks the thread's rate-limit sleep
         self._connect_task: asyncio.Task[None] | None = None
+        self._connect_cancel: ConnectCancel | None = None  # of the connect in flight: cancel frees its thread
         self._generation = 0  # which migrate a late connect callback belongs to
         self._done: asyncio.Future[None] | None = None
         self._cleanups: set[asyncio.Task[None]] = set()  # strong references while they run
-        # learned from the last completed migration, so the next switch-over decision is honest
-        self.overhead_ms_hint = 0.0  # non-RAM downtime (stop, drain, devices, EOF, ack)
-        self.final_bw_hint = 0.0  # bytes/ms the last sizeable final RAM pass really reached
+        self.committed = False  # [migd] past the point of no return (docs/SWITCHOVER.md §2)
 
     # -- status -----------------------------------------------------------------------------------
 
@@ -113,7 +117,7 @@ class MigrationState:
         concurrent transitions are seen by every client in the order they won."""
         expected = (old,) if isinstance(old, MigrationStatus) else old
         with self._cas:
-            if self._status not in expected:
+            if self._status not in expected or (new is M.CANCELLING and self.committed):
                 return False
             self._status = new
             if error is not None and self.error_desc is None:
@@ -124,6 +128,17 @@ class MigrationState:
                  self.stats.remaining, self.stats.mbps, self.expected_downtime,
                  f" error={self.error_desc!r}" if new is M.FAILED and self.error_desc else "")
         self.host.events.emit_queued()
+        return True
+
+    @on_thread("mig/src/main")
+    def commit(self) -> bool:
+        """[migd] The point of no return: True if no cancel came first; from here on
+        ``migrate_cancel`` is refused and the source never resumes its guest on its own."""
+        with self._cas:
+            if self._status is not M.DEVICE:
+                return False
+            self.committed = True
+        log.info("migration committed: the destination may run the guest from now on")
         return True
 
     # -- parameters and capabilities ----------------------------------------------------------------
@@ -146,15 +161,16 @@ class MigrationState:
 
     @on_thread("mig/src/main")
     def _on_sync(self, stats: MigrationStats) -> None:
-        """After every bitmap sync: MIGRATION_PASS, a log line, auto-converge."""
+        """After every bitmap sync: the thread's model first (so the log line prints the estimate
+        query-migrate shows), then a log line and MIGRATION_PASS."""
+        thread = self.thread
+        if thread is not None:
+            thread.on_sync(stats)
         log.info("migration pass=%d remaining=%d mbps=%.1f expected_downtime=%d dirty_pages_rate=%d",
                  stats.dirty_sync_count, stats.remaining, stats.mbps, self.expected_downtime,
                  stats.dirty_pages_rate)
         if self.config.cap("events"):
             self.host.events.emit("MIGRATION_PASS", {"pass": stats.dirty_sync_count})
-        thread = self.thread
-        if thread is not None:
-            thread.on_sync(stats)
 
     # -- migrate ------------------------------------------------------------------------------------
 
@@ -182,6 +198,8 @@ class MigrationState:
         self.expected_downtime = 0
         self.downtime_phases = {}
         self.throttle_percentage = 0
+        self.convergence = {}
+        self.policy_actions = []
         self.uri = uri
         self._generation += 1
         self.channel = None
@@ -189,6 +207,7 @@ class MigrationState:
         self.thread = None
         self.continue_event.clear()
         self.wake_event.clear()
+        self.committed = False
 
     @loop_only
     async def start(self, uri: str | None = None, channels: list[Any] | None = None,
@@ -229,8 +248,9 @@ class MigrationState:
 
     async def _connect(self, address: MigrationURI, fds: dict[str, int] | None,
                        generation: int) -> None:
+        cancel = self._connect_cancel = ConnectCancel()  # migrate_cancel frees the thread
         try:
-            channel = await self.host.run_blocking(transports.connect, address, fds)
+            channel = await self.host.run_blocking(transports.connect, address, fds, cancel)
         except Exception as exc:
             if generation != self._generation:
                 return  # cancelled long ago; a newer migration owns the state now
@@ -305,6 +325,8 @@ class MigrationState:
                 break
             if self.set_state(cur, M.CANCELLING):
                 break
+            if self.committed:
+                raise MigrationError(COMMITTED)
         if self._status is not M.CANCELLING:
             return
         self.continue_event.set()
@@ -317,6 +339,8 @@ class MigrationState:
             channel.shutdown()
         if self.thread is None and self.channel is None:
             # still connecting: nothing to wind down (the connect callback closes a late channel)
+            if self._connect_cancel is not None:
+                self._connect_cancel.cancel()
             self.set_state(M.CANCELLING, M.CANCELLED)
             self._finish_done()
             return
@@ -359,7 +383,7 @@ class MigrationState:
             "dirty-sync-count": s.dirty_sync_count,
             "postcopy-requests": 0,
             "page-size": s.page_size,
-            "multifd-bytes": 0,
+            "multifd-bytes": s.multifd_bytes,
             "pages-per-second": s.pages_per_second,
             "precopy-bytes": s.precopy_bytes,
             "downtime-bytes": s.downtime_bytes,
@@ -382,13 +406,21 @@ class MigrationState:
             info["setup-time"] = self.setup_time
             if self.throttle_percentage:
                 info["cpu-throttle-percentage"] = self.throttle_percentage
+            if self.convergence and status is M.ACTIVE:
+                info["x-migd-convergence"] = dict(self.convergence)
         elif status is M.COMPLETED:
             info["ram"] = self._ram_info(status)
             info["total-time"] = self.total_time
             info["downtime"] = self.downtime
             info["setup-time"] = self.setup_time
+        if self.policy_actions:
+            info["x-migd-policy-actions"] = list(self.policy_actions)
         if self.error_desc is not None and status is not M.COMPLETED:
             info["error-desc"] = self.error_desc
+        thread = self.thread
+        silent = thread.peer_silent_ms() if thread is not None and status in RUNNING_STATES else None
+        if silent is not None:
+            info["x-migd-peer-silent-ms"] = silent
         if status is M.COMPLETED:
             # the estimate as it stood at the switch-over, to hold against the measured downtime
             info["x-migd-expected-downtime"] = self.expected_downtime

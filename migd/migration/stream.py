@@ -8,13 +8,21 @@ migration thread resets windows. Any write failure, or ``shutdown()`` from anoth
 
 ``InStream`` reads through one buffer; bulk parsers look at the buffered bytes with ``peek`` and
 consume them with ``skip``, so records are decoded straight out of the buffer without per-record copies.
+
+[migd] Both can keep a running xxh3-64 of every byte put (source) or consumed (destination) since
+``start_digest``/``reset_digest``: the checksum records of docs/FORMAT.md §1.2 compare the two.
+Hashing at put time is exact because everything put stays unchanged until it is written (pages are
+copied into staging arrays first).
 """
 
 from __future__ import annotations
 
 import struct
 import threading
+import time
 from typing import Any
+
+import xxhash
 
 from migd.threads import any_thread
 from migd.transports.channel import IOV_MAX, Channel
@@ -44,6 +52,7 @@ class OutStream:
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
         self.transferred = 0  # bytes really written to the channel
+        self.write_busy = 0.0  # seconds spent inside channel writes (the link's side of the time)
         self.error: str | None = None
         self._small = bytearray()
         self._iov: list[memoryview] = []
@@ -51,6 +60,25 @@ class OutStream:
         self._limit = 0  # bytes per window; 0 = unlimited
         self._window_start = 0
         self._error_lock = threading.Lock()  # error is set by the writer and by shutdown()
+        self._hash: Any = None  # xxh3_64 of the bytes put since the last reset, when on
+        self._hashed = 0
+
+    # -- checksum -------------------------------------------------------------------------------
+
+    def start_digest(self) -> None:
+        """From now on, hash every byte put."""
+        self._hash = xxhash.xxh3_64()
+        self._hashed = 0
+
+    def digest(self) -> tuple[int, int]:
+        """(xxh3-64, byte count) of what was put since the start or the last reset."""
+        assert self._hash is not None
+        return self._hash.intdigest(), self._hashed
+
+    def reset_digest(self) -> None:
+        assert self._hash is not None
+        self._hash.reset()
+        self._hashed = 0
 
     # -- putting data ---------------------------------------------------------------------------
 
@@ -60,6 +88,9 @@ class OutStream:
         if len(data) >= SMALL_BUF:
             self.put_nocopy(bytes(data))
             return
+        if self._hash is not None:
+            self._hash.update(data)
+            self._hashed += len(data)
         self._small += data
         if len(self._small) >= SMALL_BUF:
             self._seal_small()
@@ -82,6 +113,9 @@ class OutStream:
         view = memoryview(mv).cast("B") if not isinstance(mv, memoryview) or mv.format != "B" else mv
         if not len(view):
             return
+        if self._hash is not None:
+            self._hash.update(view)
+            self._hashed += len(view)
         self._seal_small()
         self._iov.append(view)
         self._queued += len(view)
@@ -112,7 +146,11 @@ class OutStream:
         try:
             while pos < len(iov):
                 batch = iov[pos : pos + IOV_MAX]
-                n = self.channel.write_vectored(batch)
+                t0 = time.monotonic()
+                try:
+                    n = self.channel.write_vectored(batch)
+                finally:
+                    self.write_busy += time.monotonic() - t0
                 if n <= 0:
                     raise OSError("write returned no progress")
                 self.transferred += n
@@ -207,6 +245,33 @@ class InStream:
         self._end = 0
         self.consumed = 0  # bytes handed to the parser so far (offset in the stream)
         self._eof = False
+        self._hash: Any = None  # xxh3_64 of the bytes consumed since the last reset, when on
+        self.digest_start = 0  # stream offset where the current digest began
+
+    # -- checksum -------------------------------------------------------------------------------
+
+    def start_digest(self) -> None:
+        """From now on, hash every byte consumed."""
+        self._hash = xxhash.xxh3_64()
+        self.digest_start = self.consumed
+
+    @property
+    def digesting(self) -> bool:
+        return self._hash is not None
+
+    def digest(self) -> tuple[int, int]:
+        """(xxh3-64, byte count) of what was consumed since the start or the last reset."""
+        assert self._hash is not None
+        return self._hash.intdigest(), self.consumed - self.digest_start
+
+    def reset_digest(self) -> None:
+        assert self._hash is not None
+        self._hash.reset()
+        self.digest_start = self.consumed
+
+    def _hash_buf(self, start: int, end: int) -> None:
+        if self._hash is not None and end > start:
+            self._hash.update(self._mv[start:end])
 
     @property
     def available(self) -> int:
@@ -256,6 +321,7 @@ class InStream:
             if self._start == self._end:
                 self._fill(1)
             step = min(n, self._end - self._start)
+            self._hash_buf(self._start, self._start + step)
             self._start += step
             self.consumed += step
             n -= step
@@ -266,6 +332,7 @@ class InStream:
             raise StreamError(f"Invalid read length {n} in migration stream")
         if n <= self.available:
             out = bytes(self._mv[self._start : self._start + n])
+            self._hash_buf(self._start, self._start + n)
             self._start += n
             self.consumed += n
             return out
@@ -274,6 +341,7 @@ class InStream:
             self._fill(1)
             step = min(n - len(parts), self._end - self._start)
             parts += self._mv[self._start : self._start + step]
+            self._hash_buf(self._start, self._start + step)
             self._start += step
             self.consumed += step
         return bytes(parts)
@@ -285,6 +353,7 @@ class InStream:
         have = min(n, self.available)
         if have:
             dst[:have] = self._mv[self._start : self._start + have]
+            self._hash_buf(self._start, self._start + have)
             self._start += have
             self.consumed += have
         pos = have
@@ -293,6 +362,7 @@ class InStream:
                 self._fill(1)
                 step = min(n - pos, self.available)
                 dst[pos : pos + step] = self._mv[self._start : self._start + step]
+                self._hash_buf(self._start, self._start + step)
                 self._start += step
             else:
                 if self._eof:
@@ -301,12 +371,15 @@ class InStream:
                 if step == 0:
                     self._eof = True
                     continue
+                if self._hash is not None:
+                    self._hash.update(dst[pos : pos + step])
             pos += step
             self.consumed += step
 
     def get_u8(self) -> int:
         self._fill(1)
         v = self._buf[self._start]
+        self._hash_buf(self._start, self._start + 1)
         self._start += 1
         self.consumed += 1
         return v
@@ -314,6 +387,7 @@ class InStream:
     def _unpack(self, s: struct.Struct) -> int:
         self._fill(s.size)
         (v,) = s.unpack_from(self._buf, self._start)
+        self._hash_buf(self._start, self._start + s.size)
         self._start += s.size
         self.consumed += s.size
         return int(v)

@@ -99,8 +99,13 @@ def _decode_string(raw: bytes) -> str:
     return "".join(out)
 
 
+_MAX_INT_DIGITS = 20  # 2**64 has 20 digits; longer integers become floats (and Python's int() would refuse past 4300)
+
+
 def _number(raw: bytes) -> int | float:
-    if raw.lstrip(b"-").isdigit():
+    """A number token's value: an int if it fits int64/uint64, else a float (inf if huge), as QEMU."""
+    digits = raw.lstrip(b"-")
+    if digits.isdigit() and len(digits) <= _MAX_INT_DIGITS:
         value = int(raw)
         if -(1 << 63) <= value < (1 << 64):
             return value
@@ -246,6 +251,18 @@ class JSONStreamParser:
         """Bytes held: the unfinished token (at most MAX_TOKEN_SIZE plus one read)."""
         return len(self._buf)
 
+    @property
+    def pending(self) -> int:
+        """Bytes of the unfinished message: its token still being read plus the ones already lexed."""
+        return len(self._buf) + self._size
+
+    def discard(self) -> None:
+        """Drop the unfinished message (a limit outside the parser was hit) and skip to a restart point."""
+        self._buf.clear()
+        self._resume = None
+        self._reset()
+        self._recovering = True
+
     def feed(self, data: bytes) -> list[Any]:
         self._buf += data
         out: list[Any] = []
@@ -343,6 +360,8 @@ class JSONStreamParser:
                 return n
             return _INCOMPLETE
         self._resume = None
+        if end >= n:  # EOF inside the string: what was read of it is the stray token
+            return self._lex_error(buf, pos, n, out)
         bad = end + 2 if buf[end] == 0x5C else end + 1  # a bad escape: the backslash and what follows
         return self._lex_error(buf, pos, bad, out)
 

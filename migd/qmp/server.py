@@ -22,9 +22,11 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from migd.backoff import TRANSIENT_ERRNOS, Backoff, LogLimiter
 from migd.config import split_host_port
 from migd.events import Event
 from migd.qmp import protocol
+from migd.qmp.budget import MAX_INPUT_TOTAL, InputBudget
 from migd.qmp.commands import load_all
 from migd.qmp.registry import REGISTRY, CommandContext, CommandHost, QMPError
 from migd.qmp.schema import dump, validate
@@ -133,7 +135,15 @@ class Session:
         try:
             while not self.closed:
                 data = await self._recv()
-                items = self._parser.feed(data) if data else self._parser.feed_eof()
+                items = self._parse(data)
+                if items is None:
+                    break
+                if not self.server.input_budget.update(self.id, self._parser.pending):
+                    log.warning("QMP session %d: over the daemon's input budget of %d bytes; message dropped",
+                                self.id, self.server.input_budget.limit)
+                    self._parser.discard()
+                    self.server.input_budget.update(self.id, 0)
+                    items.append(protocol.ParseError("JSON token size limit exceeded"))
                 for item in items:
                     if self.closed:
                         break
@@ -155,6 +165,19 @@ class Session:
         finally:
             await self.flush(1.0)
             self.close()
+
+    def _parse(self, data: bytes) -> list[Any] | None:
+        """The messages ``data`` completes (b"" = EOF), or None: the lexer failed, close (event loop).
+
+        The lexer turns every bad input into QEMU's error reply; this is the net under a bug in it,
+        so one client's odd bytes end its own session with one log line, not a traceback.
+        """
+        try:
+            return self._parser.feed(data) if data else self._parser.feed_eof()
+        except Exception as exc:  # noqa: BLE001 - see above
+            log.warning("QMP session %d: input not understood (%s: %s); closing it", self.id,
+                        type(exc).__name__, exc)
+            return None
 
     async def _recv(self) -> bytes:
         fd = self.sock.fileno()
@@ -253,6 +276,7 @@ class Session:
         self._close_fds(list(self.fds.values()))
         self.received_fds = []
         self.fds.clear()
+        self.server.input_budget.release(self.id)
         self.server.sessions.discard(self)
 
     @staticmethod
@@ -282,6 +306,17 @@ async def _wait_fd(loop: asyncio.AbstractEventLoop, fd: int, write: bool) -> Non
             loop.remove_reader(fd)
 
 
+class ListenError(OSError):
+    """A ``--qmp`` address cannot be listened on; ``str()`` names it (one line at start-up)."""
+
+    def __init__(self, uri: str, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror)
+        self.uri = uri
+
+    def __str__(self) -> str:
+        return f"--qmp {self.uri}: cannot listen: {self.strerror}"
+
+
 class Listener:
     """One ``--qmp`` socket. A unix socket is created mode 0600 and removed again on close."""
 
@@ -305,7 +340,10 @@ class Listener:
             except OSError:
                 self.sock.close()
                 raise
-            self.sock.setblocking(False)
+        self.sock.setblocking(False)
+        self.backoff = Backoff()
+        self.errors = LogLimiter(log)
+        self.paused: asyncio.TimerHandle | None = None  # accepting again after an error, at this timer
 
     @property
     def address(self) -> str:
@@ -316,6 +354,9 @@ class Listener:
         return f"tcp:{host}:{port}"
 
     def close(self) -> None:
+        if self.paused is not None:
+            self.paused.cancel()
+            self.paused = None
         self.sock.close()
         if self.path is not None:
             with contextlib.suppress(OSError):
@@ -326,11 +367,13 @@ class Listener:
 class QMPServer:
     """Every QMP listener of one daemon, their sessions, and the event broadcast to them."""
 
-    def __init__(self, daemon: CommandHost, uris: list[str], max_pending: int = MAX_PENDING_OUTPUT) -> None:
+    def __init__(self, daemon: CommandHost, uris: list[str], max_pending: int = MAX_PENDING_OUTPUT,
+                 max_input: int = MAX_INPUT_TOTAL) -> None:
         load_all()
         self.daemon = daemon
         self.uris = list(uris)
         self.max_pending = max_pending
+        self.input_budget = InputBudget(max_input)  # bytes of unfinished messages, all sessions together
         self.listeners: list[Listener] = []
         self.sessions: set[Session] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -338,12 +381,12 @@ class QMPServer:
     async def start(self) -> None:
         """Bind and listen on every socket (connections wait in the backlog until ``serve``)."""
         self._loop = asyncio.get_running_loop()
-        try:
-            for uri in self.uris:
+        for uri in self.uris:
+            try:
                 self.listeners.append(Listener(uri))
-        except OSError:
-            self._close_listeners()
-            raise
+            except OSError as exc:
+                self._close_listeners()
+                raise ListenError(uri, exc) from None
 
     def serve(self) -> None:
         """Start accepting: called once the whole daemon is up, so a greeting means "ready"."""
@@ -353,18 +396,42 @@ class QMPServer:
             self._loop.add_reader(listener.sock.fileno(), self._accept, listener)
 
     def _accept(self, listener: Listener) -> None:
+        """Take every waiting connection (event loop); on an error, stop reading the socket a while.
+
+        Out of descriptors, the connection stays queued and the socket readable: retrying at once
+        would spin, so the listener pauses (10 ms doubling to 1 s) and logs at most once a second.
+        """
         while True:
             try:
                 sock, _addr = listener.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.warning("QMP accept on %s failed: %s", listener.uri, exc)
+                if exc.errno in TRANSIENT_ERRNOS:
+                    continue
+                self._pause(listener, exc)
                 return
+            listener.backoff.reset()
             sock.setblocking(False)
             session = Session(self, sock)
             self.sessions.add(session)
             session.task = asyncio.create_task(session.run())
+
+    def _pause(self, listener: Listener, exc: OSError) -> None:
+        """Stop accepting on ``listener`` for the next back-off delay (event loop)."""
+        assert self._loop is not None
+        delay = listener.backoff.next()
+        listener.errors.warning("QMP accept on %s failed: %s; retrying in %.2f s", listener.uri, exc, delay)
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(listener.sock.fileno())
+        listener.paused = self._loop.call_later(delay, self._resume, listener)
+
+    def _resume(self, listener: Listener) -> None:
+        """Accept again after a pause (event loop), unless the listener was closed meanwhile."""
+        listener.paused = None
+        if listener in self.listeners and self._loop is not None:
+            self._loop.add_reader(listener.sock.fileno(), self._accept, listener)
+            self._accept(listener)
 
     def _broadcast(self, event: Event) -> None:
         line = protocol.encode(event)

@@ -13,6 +13,7 @@ from migd.transports import exec as exec_transport
 from migd.transports import fd, file, tcp, unix
 from migd.transports.base import Fds, Listener, SocketListener, TransportError
 from migd.transports.channel import Channel
+from migd.transports.connecting import CONNECT_TIMEOUT, ConnectCancel
 from migd.transports.uri import (
     ExecURI,
     FdURI,
@@ -26,6 +27,8 @@ from migd.transports.uri import (
 )
 
 __all__ = [
+    "CONNECT_TIMEOUT",
+    "ConnectCancel",
     "Listener",
     "MigrationURI",
     "SocketListener",
@@ -53,13 +56,22 @@ def _as_uri(uri: str | MigrationURI) -> MigrationURI:
     return parse_uri(uri) if isinstance(uri, str) else uri
 
 
-def connect(uri: str | MigrationURI, fds: Fds | None = None) -> Channel:
-    """Open the source end of a migration (blocking). ``fds`` are the QMP session's getfd names."""
+def connect(
+    uri: str | MigrationURI,
+    fds: Fds | None = None,
+    cancel: ConnectCancel | None = None,
+    timeout: float = CONNECT_TIMEOUT,
+) -> Channel:
+    """Open the source end of a migration (blocking). ``fds`` are the QMP session's getfd names.
+
+    A socket connect gives up after ``timeout`` seconds, and at once when ``cancel.cancel()`` is
+    called from another thread (so a cancelled migration never keeps its worker thread).
+    """
     parsed = _as_uri(uri)
     if isinstance(parsed, TcpURI):
-        return tcp.connect(parsed)
+        return tcp.connect(parsed, cancel, timeout)
     if isinstance(parsed, UnixURI):
-        return unix.connect(parsed)
+        return unix.connect(parsed, cancel, timeout)
     if isinstance(parsed, ExecURI):
         return exec_transport.connect(parsed)
     if isinstance(parsed, FdURI):

@@ -6,14 +6,17 @@ dispatches an address to its module.
 
 from __future__ import annotations
 
+import logging
 import select
 import socket
 from collections.abc import MutableMapping
 
+from migd.backoff import RESOURCE_ERRNOS, TRANSIENT_ERRNOS, Backoff, LogLimiter
 from migd.transports.channel import Channel, SocketChannel
 from migd.transports.wake import Waker
 
 Fds = MutableMapping[str, int]
+log = logging.getLogger(__name__)
 
 
 class TransportError(OSError):
@@ -43,7 +46,8 @@ class SocketListener(Listener):
     """A listening socket whose blocking accept can be interrupted from another thread.
 
     Closing a socket does not wake a thread blocked in accept(2) on Linux, so accept waits in poll(2)
-    on the socket and on a Waker that ``close()`` wakes.
+    on the socket and on a Waker that ``close()`` wakes. Out of descriptors, it waits (back-off up to 1 s, logged at most
+    once a second) and tries again rather than spinning or failing.
     """
 
     def __init__(self, sock: socket.socket) -> None:
@@ -53,6 +57,7 @@ class SocketListener(Listener):
     def accept(self) -> Channel:
         """Wait for the source and return its connection. (incoming thread)"""
         fd = self._sock.fileno()  # -1 once closed; close() wakes before it closes the socket
+        backoff, errors = Backoff(), LogLimiter(log)
         while True:
             if fd < 0 or not self._waker.wait(fd, select.POLLIN):
                 raise TransportError("Listener closed before a connection arrived")
@@ -63,7 +68,16 @@ class SocketListener(Listener):
             except OSError as exc:
                 if self._waker.woken:  # closed between the poll and the accept
                     raise TransportError("Listener closed before a connection arrived") from exc
-                raise TransportError(f"Failed to accept connection: {exc.strerror or exc}") from exc
+                if exc.errno in TRANSIENT_ERRNOS:
+                    continue
+                if exc.errno not in RESOURCE_ERRNOS:
+                    raise TransportError(f"Failed to accept connection: {exc.strerror or exc}") from exc
+                # out of descriptors: the connection stays queued; wait (woken by close) and retry
+                delay = backoff.next()
+                errors.warning("incoming accept failed: %s; retrying in %.2f s", exc.strerror, delay)
+                self._waker.wait(None, timeout=delay)
+                continue
+            backoff.reset()
             conn.setblocking(True)
             tune_socket(conn)
             return SocketChannel(conn)

@@ -1,26 +1,84 @@
-"""``tcp:HOST:PORT``: IPv4 and IPv6; port 0 on the destination picks a free port."""
+"""``tcp:HOST:PORT``: IPv4 and IPv6; port 0 on the destination picks a free port.
+
+Both ends of a migration connection use TCP keepalive (a dead or unreachable peer is noticed even while
+nothing is sent), and ``set_peer_timeout`` bounds with ``TCP_USER_TIMEOUT`` how long sent data may stay
+unacknowledged: migd's heartbeats see a stopped peer, these see a vanished one.
+"""
 
 from __future__ import annotations
 
 import socket
+import time
 
 from migd.transports.base import SocketListener, TransportError, tune_socket
 from migd.transports.channel import Channel, SocketChannel
+from migd.transports.connecting import CONNECT_TIMEOUT, ConnectCancel, ConnectCancelled, connect_socket
 from migd.transports.uri import TcpURI
 
+KEEPALIVE_IDLE = 5  # seconds of silence before the first probe
+KEEPALIVE_INTERVAL = 1  # seconds between probes
+KEEPALIVE_COUNT = 5  # unanswered probes before the kernel drops the connection
 
-def connect(uri: TcpURI) -> Channel:
+
+def _is_tcp(sock: socket.socket) -> bool:
+    return sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
+
+
+def keepalive(sock: socket.socket) -> None:
+    """Keepalive probes on a migration connection (best effort). TCP_USER_TIMEOUT is only set between
+    migd peers (``set_peer_timeout``): a QEMU peer keeps QEMU's patience with a slow reader."""
+    if not _is_tcp(sock):
+        return
+    for level, opt, value in ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+                              (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), KEEPALIVE_IDLE),
+                              (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), KEEPALIVE_INTERVAL),
+                              (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), KEEPALIVE_COUNT)):
+        if opt is None:
+            continue
+        try:
+            sock.setsockopt(level, opt, value)
+        except OSError:
+            pass  # an option this kernel lacks: the heartbeats still notice a silent peer
+
+
+def set_peer_timeout(channel: Channel, seconds: float) -> None:
+    """TCP_USER_TIMEOUT = the migration's peer timeout, on a tcp channel (no-op for anything else)."""
+    opt = getattr(socket, "TCP_USER_TIMEOUT", None)
+    inner = getattr(channel, "inner", channel)  # a wrapped channel (migd.migration.heartbeat)
+    if opt is None or not isinstance(inner, SocketChannel) or not _is_tcp(inner.sock):
+        return
+    try:
+        inner.sock.setsockopt(socket.IPPROTO_TCP, opt, max(1, int(seconds * 1000)))
+    except OSError:
+        pass
+
+
+def connect(uri: TcpURI, cancel: ConnectCancel | None = None, timeout: float = CONNECT_TIMEOUT) -> Channel:
+    """Connect to every address ``uri.host`` resolves to in turn (calling thread; cancellable)."""
     if not uri.host:
         raise TransportError(f"Failed to connect to '{uri.display()}': host not specified")
     try:
-        sock = socket.create_connection((uri.host, uri.port))
+        infos = socket.getaddrinfo(uri.host, uri.port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise TransportError(f"address resolution failed for {uri.display()}: {exc.strerror}") from exc
-    except OSError as exc:
-        raise TransportError(f"Failed to connect to '{uri.display()}': {exc.strerror or exc}") from exc
-    sock.setblocking(True)
-    tune_socket(sock)
-    return SocketChannel(sock)
+    deadline = time.monotonic() + timeout
+    error: OSError | None = None
+    for family, kind, proto, _, addr in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            connect_socket(sock, addr, cancel, deadline - time.monotonic())
+        except ConnectCancelled as exc:
+            sock.close()
+            raise TransportError(f"Failed to connect to '{uri.display()}': {exc.strerror}") from exc
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        tune_socket(sock)
+        keepalive(sock)
+        return SocketChannel(sock)
+    reason = error.strerror if error is not None and error.strerror else str(error)
+    raise TransportError(f"Failed to connect to '{uri.display()}': {reason}")
 
 
 class TcpListener(SocketListener):
@@ -28,6 +86,12 @@ class TcpListener(SocketListener):
         super().__init__(sock)
         host, port = sock.getsockname()[:2]
         self.socket_address = [{"type": "inet", "host": host, "port": str(port)}]
+
+    def accept(self) -> Channel:
+        channel = super().accept()
+        if isinstance(channel, SocketChannel):
+            keepalive(channel.sock)
+        return channel
 
 
 def listen(uri: TcpURI) -> TcpListener:

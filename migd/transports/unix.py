@@ -12,13 +12,15 @@ import stat
 
 from migd.transports.base import SocketListener, TransportError
 from migd.transports.channel import Channel, SocketChannel
+from migd.transports.connecting import CONNECT_TIMEOUT, ConnectCancel, connect_socket
 from migd.transports.uri import UnixURI
 
 
-def connect(uri: UnixURI) -> Channel:
+def connect(uri: UnixURI, cancel: ConnectCancel | None = None, timeout: float = CONNECT_TIMEOUT) -> Channel:
+    """Connect to the socket file (calling thread; a full backlog is retried until cancel or timeout)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.connect(uri.path)
+        connect_socket(sock, uri.path, cancel, timeout)
     except OSError as exc:
         sock.close()
         raise TransportError(f"Failed to connect to '{uri.path}': {exc.strerror or exc}") from exc

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import select
 import threading
+import time
 
 
 class Waker:
@@ -23,17 +24,27 @@ class Waker:
         self._released = False
         self.woken = False
 
-    def wait(self, fd: int, events: int = select.POLLIN) -> bool:
-        """Block until ``fd`` reports one of ``events`` (or an error/hang-up): True; or until woken: False.
+    def wait(self, fd: int | None, events: int = select.POLLIN, timeout: float | None = None) -> bool | None:
+        """Block until ``fd`` reports one of ``events`` (or an error/hang-up): True; until woken: False;
+        or, with a ``timeout`` in seconds, until it passed: None. ``fd`` None waits for the wake alone.
 
-        (the waiting thread: migration, incoming or a transport's accept)
+        (the waiting thread: migration, incoming, a transport's accept or connect)
         """
         poller = select.poll()
-        poller.register(fd, events)
+        if fd is not None:
+            poller.register(fd, events)
         poller.register(self._r, select.POLLIN)
+        deadline = None if timeout is None else time.monotonic() + timeout
         while not self.woken:
+            if deadline is None:
+                wait_ms = None
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                wait_ms = int(left * 1000) + 1
             try:
-                ready = poller.poll()
+                ready = poller.poll(wait_ms)
             except InterruptedError:
                 continue
             if self.woken or any(ready_fd == self._r for ready_fd, _ in ready):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from migd.qmp.commands import incoming, machine, migration, misc
+from migd.qmp.commands import dirtyrate, foreign, incoming, machine, migration, misc
 from migd.qmp.registry import REGISTRY, Command
 
-FAMILIES = (misc, machine, migration, incoming)
+FAMILIES = (misc, machine, migration, incoming, foreign, dirtyrate)
 
 
 def load_all() -> dict[str, Command]:

@@ -1,0 +1,518 @@
+"""The switch-over policy: when to stop the guest, what that will cost, and what to do when it won't.
+
+A pure object (docs/SWITCHOVER.md §1): no threads, no I/O, no clock of its own — every call carries
+``now`` — so it is tested by replaying traces. The migration thread feeds it what it measured and
+executes what it answers.
+
+The model:
+- **the link**: ``capacity`` = bytes / seconds spent *inside* channel writes, measured even while the
+  rate limit holds the stream back, kept apart from the capped ``throughput`` (bytes / window);
+- **the final pass** runs uncapped: it costs the write time at link capacity plus the thread's own
+  work per byte (finding, reading and framing pages: the window's active time outside writes), so
+  ``final_rate = 1 / (1/capacity + cpu_per_byte)`` — or ``avail-switchover-bandwidth`` when set
+  (QEMU's meaning: the bandwidth the switch-over may count on);
+- **fixed costs** are measured in this migration: the vCPU stop (real, else twice the thread's
+  measured wake-up latency), the drive flush, the final bitmap sync, the device-state save (a dry run
+  at setup), the destination's round trip (PONGs), and the rest of the switch-over's framing;
+- **the guest**: the dirty rate (bytes newly dirtied per second between bitmap syncs) and the
+  writable working set (the largest dirty set a sync found after the first pass).
+
+``expected_downtime_ms(remaining) = fixed + remaining / final_rate``; the threshold is the remaining
+that fits in the downtime limit. Below it the switch-over goes ahead unless one more live round is
+predicted to at least halve what is left and the RAM part still matters next to the fixed costs (a
+round costs the guest nothing; the limit is a ceiling, not a target).
+
+The built-in convergence policy (off by default: every ``x-migd-…`` parameter at 0) comes back as
+``Action``s in the ``Decision``: progress timeout (abort, or escalate), downtime steps (Nova's
+schedule), a computed throttle (what the dirty rate needs against the link), and a completion timeout
+per GiB of guest RAM.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+GIB = 1 << 30
+EWMA = 0.3  # weight of a new window in the bandwidth averages
+MIN_WINDOW_BYTES = 64 << 10  # a window with fewer bytes says nothing about bandwidth
+MIN_BUSY_S = 0.0005  # a window with less time in writes says nothing about the link
+SYNC_INTERVAL = 1.0  # s: past the first pass, a bitmap sync at least this often (dirty-rate samples)
+HALVING = 0.5  # another live round must leave at most this fraction of what is left
+RAM_MATTERS = 0.25  # ... and the RAM part of the downtime must be at least this much of the fixed part
+RATE_SAMPLES = 10  # windows whose spread the threshold allows for
+MIXED_SHARE = 0.1  # a window whose wire bytes are at least this share of its RAM bytes has data pages
+PLAN_ROUNDS = 30  # rounds the expected downtime looks ahead at most
+STALL_S = 5.0  # s without a new low of remaining before a forecast says stalled
+PROGRESS_STEP = 0.05  # a new low of remaining must be this much below the last one
+SAMPLE_SPACING = 0.9  # s between the remaining samples the trend is judged on
+THROTTLE_TARGET = 0.5  # a computed throttle aims at a dirty rate of half the throughput
+# priors, used only until this migration measured the cost
+PRIOR_STOP_MS = 1.0
+PRIOR_OTHER_MS = 1.0
+# How much slower than its estimate the decision lets a final pass run, at least: the windows' spread
+# does not show that a long final pass competes for the CPU with the destination's load, which the
+# short capped bursts do not (measured: 254 MB at 738 MB/s against 944 estimated, 2 shared cores).
+MIN_SPREAD = 0.25  # framing of the switch-over outside RAM and devices (EOF, vmdesc, state changes)
+PHASES = ("stop-vcpus", "drive-flush", "sync", "device-state", "other")
+
+
+class Step(StrEnum):
+    ITERATE = "iterate"  # send another batch of pages
+    SYNC = "sync"  # ask for an exact pending (bitmap sync), then decide again
+    SWITCHOVER = "switchover"
+
+
+class Convergence(StrEnum):
+    CONVERGING = "converging"
+    STALLED = "stalled"
+    DIVERGING = "diverging"
+
+
+@dataclass(frozen=True)
+class Action:
+    """One act of the built-in policy; the thread executes it and emits one event."""
+
+    action: str  # "throttle" | "downtime-limit" | "abort"
+    value: int  # throttle %, downtime limit in ms, 0 for abort
+    reason: str
+
+    def as_dict(self, time_ms: int) -> dict[str, Any]:
+        return {"time-ms": time_ms, "action": self.action, "value": self.value, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Decision:
+    step: Step
+    actions: tuple[Action, ...] = ()
+
+
+@dataclass
+class _Ewma:
+    value: float = 0.0
+    samples: int = 0
+
+    def add(self, x: float) -> None:
+        self.value = x if not self.samples else self.value + EWMA * (x - self.value)
+        self.samples += 1
+
+
+@dataclass
+class _Guest:
+    """What the syncs told about the guest's writes."""
+
+    last_sync: float | None = None
+    syncs: int = 0
+    dirty_rate: _Ewma = field(default_factory=_Ewma)  # bytes/s newly dirtied
+    raw_rate: _Ewma = field(default_factory=_Ewma)  # the same, as the guest would dirty unthrottled
+    working_set: int = 0  # bytes: the largest dirty set found after the first pass
+    low: int | None = None  # the smallest remaining seen (a new low must beat it by PROGRESS_STEP)
+    low_time: float = 0.0
+    samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=3))  # (t, remaining)
+
+
+def nova_schedule(limit_ms: int, max_ms: int, steps: int, delay_s: float) -> list[tuple[float, int]]:
+    """Nova's downtime steps: ``steps + 1`` limits growing geometrically from ``max/(steps+1)`` to
+    ``max``, ``delay_s`` apart (Nova's delay is 75 s per GiB of guest RAM). Never below ``limit_ms``."""
+    offset = max_ms / (steps + 1)
+    base = (max_ms - offset) ** (1 / steps) if max_ms > offset else 1.0
+    return [(delay_s * i, max(limit_ms, int(offset + base ** i))) for i in range(steps + 1)]
+
+
+class SwitchoverPolicy:
+    """Decisions and estimates for one outgoing migration. Called from the migration thread only;
+    ``forecast`` and the published numbers may be read from any thread (plain attributes)."""
+
+    def __init__(self, params: Callable[[], Mapping[str, Any]], ram_total: int, start: float,
+                 peer_answers: bool = False) -> None:
+        self._params = params
+        # with a return path the first switch-over waits until one PING was answered (or given up
+        # on): until then the round trip, and the backlog the destination still has to load, are
+        # unknown. Once is enough: later PINGs only refresh the estimate.
+        self.peer_answers = peer_answers
+        self.waiting_for_peer = False
+        self.ram_total = ram_total
+        self.start = start
+        self.capacity = _Ewma()  # bytes/s inside channel writes: the link
+        self._link_bytes, self._link_busy = 0, 0.0  # windows not yet counted in capacity
+        self.throughput = _Ewma()  # RAM bytes/s over whole windows: what the rate limit lets through
+        self.cpu_per_byte = _Ewma()  # s of the thread's own work per byte sent, outside writes
+        self.data_throughput = _Ewma()  # bytes/s over windows of data pages: a live round's pace
+        self._cpu_mixed = _Ewma()  # per guest RAM byte, over windows with some data pages
+        self._cpu_any = _Ewma()  # the same over zero-page windows, until a data window was seen
+        self._rtt: deque[float] = deque(maxlen=5)  # s, the last round trips
+        self._rtt_floor = 0.0  # s, the age of the PING still unanswered
+        self._rates: deque[float] = deque(maxlen=RATE_SAMPLES)  # per-window final-pass rates, bytes/s
+        self.phases: dict[str, float] = {}  # ms, measured fixed costs
+        self._wake_ms: deque[float] = deque(maxlen=16)
+        self.guest = _Guest()
+        self.limit_override: int | None = None  # ms, set by downtime steps / escalation
+        self.throttle = 0  # % the computed throttle asked for
+        self.actions: list[dict[str, Any]] = []  # every action so far, for query-migrate
+        self._step_index = 0
+        self._aborted = False
+        self.state: Convergence | None = None
+        self._verdict: Convergence | None = None  # the last judgement, not yet confirmed
+
+    # -- inputs -----------------------------------------------------------------------------------
+
+    def on_window(self, now: float, sent_bytes: int, busy_s: float, active_s: float | None = None,
+                  window_s: float | None = None, ram_bytes: int | None = None) -> None:
+        """One rate window: bytes written, seconds inside channel writes, seconds the thread worked
+        (the window minus rate-limit sleeps), the window's length, guest RAM bytes it covered.
+
+        The thread's cost per byte is only learnt from windows of mostly data pages: zero pages cost a
+        scan and almost no wire bytes, and the final pass carries the pages the guest wrote."""
+        if sent_bytes < MIN_WINDOW_BYTES:
+            return
+        # a fast link with little to send spends microseconds in writes: add windows up until the
+        # time inside writes says something
+        self._link_bytes += sent_bytes
+        self._link_busy += busy_s
+        if self._link_busy >= MIN_BUSY_S:
+            self.capacity.add(self._link_bytes / self._link_busy)
+            self._link_bytes, self._link_busy = 0, 0.0
+        data_heavy = ram_bytes is None or sent_bytes >= ram_bytes / 2
+        if active_s is not None and active_s >= busy_s and not data_heavy:
+            # until a window of data pages was seen: in windows with some data, the work per guest
+            # RAM byte (finding a page costs about the same whatever it holds; copying is in the
+            # writes); in windows of zero pages only, the work per wire byte (pessimistic: their scan
+            # is charged to few bytes), so that the final pass never looks free
+            assert ram_bytes is not None
+            if sent_bytes >= ram_bytes * MIXED_SHARE:
+                self._cpu_mixed.add((active_s - busy_s) / ram_bytes)
+            self._cpu_any.add((active_s - busy_s) / sent_bytes)
+        if active_s is not None and active_s >= busy_s and data_heavy:
+            self.cpu_per_byte.add((active_s - busy_s) / sent_bytes)
+            if self.capacity.samples:
+                self._rates.append(1 / (1 / self.capacity.value + (active_s - busy_s) / sent_bytes))
+        if window_s is not None and window_s > 0 and data_heavy:
+            self.data_throughput.add(sent_bytes / window_s)
+        if window_s is not None and window_s > 0:  # remaining counts guest RAM: so does the progress
+            self.throughput.add((ram_bytes if ram_bytes is not None else sent_bytes) / window_s)
+
+    def on_sync(self, now: float, remaining_bytes: int, new_dirty_bytes: int) -> None:
+        """After a bitmap sync: what is left, and what the guest dirtied since the previous sync."""
+        g = self.guest
+        if g.last_sync is not None and g.syncs >= 1:
+            dt = now - g.last_sync
+            if dt > 0.01:
+                g.dirty_rate.add(new_dirty_bytes / dt)
+                g.raw_rate.add(new_dirty_bytes / dt / max(0.01, 1 - self.throttle / 100))
+        if g.syncs >= 1:  # the first sync is the whole RAM
+            g.working_set = max(g.working_set, remaining_bytes)
+            if g.low is None or remaining_bytes < g.low * (1 - PROGRESS_STEP):
+                g.low, g.low_time = remaining_bytes, now
+            if not g.samples or now - g.samples[-1][0] >= SAMPLE_SPACING:
+                g.samples.append((now, remaining_bytes))
+                self._judge(now, remaining_bytes)
+        g.last_sync = now
+        g.syncs += 1
+
+    def on_rtt(self, seconds: float, lower_bound: bool = False) -> None:
+        """A PING's round trip (queueing behind the stream included, as the final pass will be); with
+        ``lower_bound``, the age of a PING not answered yet: the round trip is at least that."""
+        if lower_bound:
+            self._rtt_floor = max(0.0, seconds)
+        else:
+            self._rtt.append(max(0.0, seconds))
+            self._rtt_floor = 0.0
+
+    def on_phase(self, name: str, ms: float) -> None:
+        """A measured fixed cost: ``stop-vcpus``, ``drive-flush``, ``sync``, ``device-state``,
+        ``other``, or ``wake`` (a thread wake-up latency sample, the stop's prior)."""
+        if name == "wake":
+            self._wake_ms.append(max(0.0, ms))
+        else:
+            self.phases[name] = max(0.0, ms)
+
+    # -- the model --------------------------------------------------------------------------------
+
+    def limit_ms(self) -> int:
+        limit = int(self._params()["downtime-limit"])
+        return max(limit, self.limit_override) if self.limit_override is not None else limit
+
+    def final_rate(self) -> float:
+        """Bytes/s the final pass will run at (0 = not known yet)."""
+        avail = int(self._params()["avail-switchover-bandwidth"])
+        if avail:
+            return float(avail)
+        if not self.capacity.samples:
+            return 0.0
+        cpu = next((e for e in (self.cpu_per_byte, self._cpu_mixed, self._cpu_any) if e.samples), self._cpu_any)
+        per_byte = 1 / self.capacity.value + max(0.0, cpu.value)
+        return 1 / per_byte
+
+    def fixed_parts(self) -> dict[str, float]:
+        """The switch-over's fixed costs (ms) as the model sees them now, by name."""
+        p = self.phases
+        if "stop-vcpus" in p:
+            stop = p["stop-vcpus"]
+        elif self._wake_ms:
+            stop = 2 * sorted(self._wake_ms)[len(self._wake_ms) // 2]
+        else:
+            stop = PRIOR_STOP_MS
+        return {"stop-vcpus": stop, "drive-flush": p.get("drive-flush", 0.0), "sync": p.get("sync", 0.0),
+                "device-state": p.get("device-state", 0.0), "other": p.get("other", PRIOR_OTHER_MS),
+                "round-trip": self.rtt_ms()}
+
+    def rtt_ms(self) -> float:
+        """The median of the last round trips (one slow PONG is a hiccup, not the link)."""
+        median = sorted(self._rtt)[len(self._rtt) // 2] if self._rtt else 0.0
+        return max(median, self._rtt_floor) * 1000
+
+    def fixed_ms(self) -> float:
+        """The switch-over's cost with nothing left to send."""
+        return sum(self.fixed_parts().values())
+
+    def expected_downtime_ms(self, remaining_bytes: int, fallback_rate: float = 0.0) -> int:
+        """The downtime of the switch-over this policy plans (the number the log and query-migrate
+        both print): ``fixed + final pass / final-pass rate``, where the final pass is what the model
+        predicts will be left when the decision comes (``planned_final``) — at the switch-over, the
+        remaining itself. Before the first window, ``fallback_rate`` (bytes/s, e.g. the average since
+        the start) stands in for the final-pass rate; with neither, the limit is QEMU's first guess."""
+        fixed = self.fixed_ms()
+        if remaining_bytes <= 0:
+            return int(round(fixed))
+        rate = self.final_rate() or fallback_rate
+        if rate <= 0:
+            return self.limit_ms()
+        return int(round(fixed + self.planned_final(remaining_bytes) / rate * 1000))
+
+    def planned_final(self, remaining: int) -> float:
+        """What will be left at the switch-over, if the guest keeps its dirty rate: the decision
+        replayed on the model, round by round. A remaining that does not shrink is its own answer."""
+        r = float(remaining)
+        if self.guest.dirty_rate.samples < 2:
+            return r  # the guest's pace is not known yet: the switch-over as if it came now
+        threshold = self.threshold()
+        for _ in range(PLAN_ROUNDS):
+            if r <= threshold and not self._another_round_pays(int(r)):
+                return r
+            following = self._next_round(int(r))
+            if not following < r:
+                return r
+            r = following
+        return r
+
+    def decision_rate(self) -> float:
+        """The final-pass rate the switch-over decision counts on: the slower quartile of the recent
+        windows (a noisy machine), and at least MIN_SPREAD below the estimate, so that a downtime
+        the estimate puts at the limit does not end above it. A user-given rate is taken as given."""
+        rate = self.final_rate()
+        if int(self._params()["avail-switchover-bandwidth"]):
+            return rate
+        floor = rate * (1 - MIN_SPREAD)
+        if len(self._rates) < 4:
+            return floor
+        return min(floor, sorted(self._rates)[len(self._rates) // 4])
+
+    def threshold(self) -> int:
+        """Bytes a final pass may carry within the downtime limit."""
+        return int(max(0.0, self.limit_ms() - self.fixed_ms()) / 1000 * self.decision_rate())
+
+    def _round_s(self, remaining: int) -> float:
+        """A live round's length: sending ``remaining`` at the throughput, and never less than the
+        bitmap sync that ends it."""
+        if self.data_throughput.samples:
+            rate = self.data_throughput.value
+        else:  # no round of data pages yet: the final pass's pace, held to the rate limit
+            cap = int(self._params()["max-bandwidth"])
+            rate = min(self.final_rate(), float(cap)) if cap else self.final_rate()
+        if rate <= 0:
+            return math.inf
+        return max(remaining / rate, self.phases.get("sync", 0.0) / 1000)
+
+    def _next_round(self, remaining: int) -> float:
+        """What one more live round is predicted to leave."""
+        g = self.guest
+        if not g.dirty_rate.samples:
+            return math.inf
+        dirtied = g.dirty_rate.value * self._round_s(remaining)
+        return min(dirtied, float(g.working_set)) if g.working_set else dirtied
+
+    # -- the decision -----------------------------------------------------------------------------
+
+    def decide(self, now: float, remaining_bytes: int, exact: bool) -> Decision:
+        """Every loop turn: iterate, ask for a sync, or switch over; plus the built-in policy's acts."""
+        actions = tuple(self._builtin(now, remaining_bytes))
+        if any(a.action == "abort" for a in actions):
+            return Decision(Step.ITERATE, actions)
+        threshold = self.threshold()
+        if remaining_bytes > threshold:
+            g = self.guest
+            if not exact and g.syncs >= 2 and g.last_sync is not None and now - g.last_sync >= SYNC_INTERVAL:
+                return Decision(Step.SYNC, actions)
+            return Decision(Step.ITERATE, actions)
+        if not exact:
+            return Decision(Step.SYNC, actions)
+        if remaining_bytes and self._another_round_pays(remaining_bytes):
+            return Decision(Step.ITERATE, actions)
+        self.waiting_for_peer = self.peer_answers and not self._rtt
+        if self.waiting_for_peer:
+            return Decision(Step.ITERATE, actions)
+        return Decision(Step.SWITCHOVER, actions)
+
+    def peer_silent(self) -> None:
+        """The PING went unanswered for too long: stop waiting for a round trip before switching."""
+        self.peer_answers = False
+
+    def _another_round_pays(self, remaining: int) -> bool:
+        rate = self.final_rate()
+        ram_ms = remaining / rate * 1000 if rate > 0 else 0.0
+        if ram_ms < RAM_MATTERS * self.fixed_ms():
+            return False
+        return self._next_round(remaining) <= HALVING * remaining
+
+    # -- the forecast -----------------------------------------------------------------------------
+
+    def asymptote(self) -> float | None:
+        """Where remaining is heading, from its last three samples (about a second apart): the limit
+        of a geometric approach (Aitken's extrapolation) when the steps shrink, -inf when it falls
+        steadily, None when it does not fall."""
+        pts = self.guest.samples
+        if len(pts) < 3:
+            return None
+        (_, r0), (_, r1), (_, r2) = pts
+        d1, d2 = r1 - r0, r2 - r1
+        if d1 >= 0 or d2 >= 0:
+            return None
+        if d2 / d1 >= 0.95:
+            return -math.inf
+        return r2 - d2 * d2 / (d2 - d1)
+
+    def _judge(self, now: float, remaining: int) -> None:
+        """At a sync: converging, stalled or diverging; a change needs two judgements in a row."""
+        threshold = self.threshold()
+        send = self.throughput.value if self.throughput.samples else 0.0
+        limit_of = self.asymptote()
+        if remaining <= threshold:
+            verdict = Convergence.CONVERGING
+        elif send <= 0 or (self.guest.low is not None and now - self.guest.low_time >= STALL_S
+                           and limit_of is not None and limit_of <= threshold):
+            verdict = Convergence.STALLED  # nothing moves, or the trend says yes and the data says no
+        elif len(self.guest.samples) < 3:
+            verdict = self.state or Convergence.CONVERGING
+        elif limit_of is None or limit_of > threshold:
+            verdict = Convergence.DIVERGING  # not falling, or falling towards a level that never fits
+        else:
+            verdict = Convergence.CONVERGING
+        if verdict is self._verdict or self.state is None or (
+                verdict is Convergence.CONVERGING and remaining <= threshold):
+            self.state = verdict
+        self._verdict = verdict
+
+    def forecast(self, now: float, remaining_bytes: int) -> dict[str, Any]:
+        """``x-migd-convergence``: state, eta-ms, dirty-rate (bytes/s), working-set (bytes), and what
+        they were judged against (throughput, threshold, link capacity, final-pass rate)."""
+        g = self.guest
+        dirty = g.dirty_rate.value if g.dirty_rate.samples else 0.0
+        send = self.throughput.value if self.throughput.samples else self.final_rate()
+        threshold = self.threshold()
+        state = self.state or Convergence.CONVERGING
+        if remaining_bytes <= threshold:
+            state = Convergence.CONVERGING
+        self.state = state
+        out: dict[str, Any] = {"state": str(state), "dirty-rate": int(dirty), "working-set": g.working_set,
+                               "throughput": int(send),
+                               "threshold": threshold, "link-capacity": int(self.capacity.value),
+                               "final-rate": int(self.final_rate())}
+        if state is Convergence.CONVERGING:
+            net = send - dirty
+            if remaining_bytes <= threshold:
+                out["eta-ms"] = 0
+            elif net > 0:
+                out["eta-ms"] = int((remaining_bytes - threshold) / net * 1000)
+        return out
+
+    # -- the built-in convergence policy --------------------------------------------------------
+
+    def _builtin(self, now: float, remaining: int) -> list[Action]:
+        p = self._params()
+        acts: list[Action] = []
+        if self._aborted:
+            return acts
+        gib = max(self.ram_total / GIB, 1 / 1024)
+        elapsed = now - self.start
+        completion = int(p.get("x-migd-completion-timeout", 0))
+        if completion and elapsed > completion * gib:
+            acts.append(self._record(now, Action("abort", 0, f"Migration did not complete within "
+                                                 f"{completion} s per GiB (x-migd-completion-timeout)")))
+            self._aborted = True
+            return acts
+        steps = int(p.get("x-migd-downtime-steps", 0))
+        if steps:
+            max_ms = int(p.get("x-migd-downtime-max", 0)) or 500
+            delay = int(p.get("x-migd-downtime-step-delay", 0)) or 75
+            schedule = nova_schedule(int(p["downtime-limit"]), max_ms, steps, delay * gib)
+            while self._step_index < len(schedule) and elapsed >= schedule[self._step_index][0]:
+                value = schedule[self._step_index][1]
+                self._step_index += 1
+                if value > self.limit_ms():
+                    self.limit_override = value
+                    acts.append(self._record(now, Action("downtime-limit", value,
+                                                         f"downtime step {self._step_index - 1}/{steps}")))
+        progress = int(p.get("x-migd-progress-timeout", 0))
+        g = self.guest
+        if progress and g.low is not None and now - g.low_time >= progress and remaining > self.threshold():
+            g.low_time = now  # one act per timeout
+            if p.get("x-migd-progress-action", "abort") == "abort":
+                acts.append(self._record(now, Action("abort", 0, f"Migration made no progress for "
+                                                     f"{progress} s (x-migd-progress-timeout)")))
+                self._aborted = True
+                return acts
+            acts.extend(self._escalate(now, remaining, p))
+        if p.get("x-migd-auto-throttle", False):
+            act = self._computed_throttle(now, p)
+            if act is not None:
+                acts.append(act)
+        return acts
+
+    def _escalate(self, now: float, remaining: int, p: Mapping[str, Any]) -> list[Action]:
+        """No progress: raise the throttle to what the dirty rate needs, and the downtime limit to
+        what the working set needs (at most x-migd-downtime-max, default 2 × the limit)."""
+        acts: list[Action] = []
+        act = self._computed_throttle(now, p, force=True)
+        if act is not None:
+            acts.append(act)
+        cap = int(p.get("x-migd-downtime-max", 0)) or 2 * int(p["downtime-limit"])
+        rate = self.final_rate()
+        need = self.fixed_ms() + (min(remaining, self.guest.working_set or remaining) / rate * 1000
+                                  if rate > 0 else 0)
+        value = int(min(cap, max(need, 2 * self.limit_ms())))
+        if value > self.limit_ms():
+            self.limit_override = value
+            acts.append(self._record(now, Action("downtime-limit", value, "no progress: downtime raised")))
+        return acts
+
+    def needed_throttle(self, p: Mapping[str, Any]) -> int:
+        """The throttle % that brings the guest's (unthrottled) dirty rate to THROTTLE_TARGET of the
+        throughput the link gives, capped at max-cpu-throttle."""
+        g = self.guest
+        send = self.throughput.value if self.throughput.samples else 0.0
+        if not g.dirty_rate.samples or send <= 0:
+            return self.throttle
+        raw = g.raw_rate.value
+        if raw <= THROTTLE_TARGET * send:
+            return 0
+        need = round((1 - THROTTLE_TARGET * send / raw) * 100)
+        return max(0, min(int(p.get("max-cpu-throttle", 99)), need))
+
+    def _computed_throttle(self, now: float, p: Mapping[str, Any], force: bool = False) -> Action | None:
+        """Only ever raised while the migration runs (the thread removes it at the end); only when the
+        forecast is not converging, unless ``force``."""
+        if not force and self.state is Convergence.CONVERGING:
+            return None
+        need = self.needed_throttle(p)
+        if need <= self.throttle:
+            return None
+        self.throttle = need
+        return self._record(now, Action("throttle", need, "computed from the dirty rate and the link"))
+
+    def _record(self, now: float, act: Action) -> Action:
+        self.actions.append(act.as_dict(int((now - self.start) * 1000)))
+        return act
