@@ -194,3 +194,23 @@ def test_multifd_refused_on_exec_and_file_and_unsupported_compression(migd_facto
     assert err["desc"] == "multifd-compression 'qpl' is not supported by migd (use none, zlib or zstd)"
     assert src.cmd("query-migrate-parameters")["multifd-compression"] == "none"
     assert src.cmd("query-status")["status"] == "running"
+
+
+def test_multifd_follows_a_block_hot_plugged_mid_way(migd_factory: Any) -> None:
+    """The main channel announces the block; channel packets naming it wait until it exists."""
+    src, dst, uri = _pair(migd_factory, _unix, workload="random,rate=32M")
+    for vm in (src, dst):
+        _setup(vm, 2)
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 16 << 20})
+    src.cmd("migrate", uri=uri)
+    wait_for(lambda: src.cmd("query-migrate").get("ram", {}).get("normal", 0) > 100, timeout=30,
+             what="pages flowing")
+    assert "return" in src.cmd_raw("x-migd-ram-add", {"name": "hot0", "size": 8 << 20})
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
+    info = src.wait_for(lambda: (lambda i: i if i["status"] in ("completed", "failed") else None)(
+        src.cmd("query-migrate")), timeout=120, what="migration end")
+    assert info["status"] == "completed", info
+    wait_for(lambda: dst.cmd("query-migrate").get("status") == "completed", timeout=30, what="landed")
+    digest = src.cmd("x-migd-ram-digest")
+    assert [b["name"] for b in digest["blocks"]] == ["ram0", "hot0"]
+    assert digest == dst.cmd("x-migd-ram-digest")
