@@ -59,6 +59,7 @@ MAX_PAGES = 1 << 16  # offsets per packet, normal and zero together
 QUEUE_DEPTH = 2  # batches waiting per sender channel
 JOIN_TIMEOUT = 10.0  # seconds close() gives a channel thread
 POLL = 0.05  # seconds between checks of a wait that a failure elsewhere may have to end
+ZERO_CHUNK = 4096  # zero pages a receiver checks at once (16 MiB)
 BLOCK_WAIT = 10.0  # seconds a receiver waits for a hot-plugged block the main channel announces
 
 NEEDS_SOCKETS = "Migration requires multi-channel URIs (e.g. tcp)"  # QEMU's text
@@ -446,10 +447,15 @@ class _RecvChannel(threading.Thread):
             except CompressError as exc:
                 raise StreamError(f"multifd {self.id}: {exc}") from None
             block.pages[normal] = np.frombuffer(data, dtype=np.uint8).reshape(n, PAGE_SIZE)
-        if zero.size:
-            dirty = zero[block.words[zero].any(axis=1)]  # reading is cheaper than writing zeros
-            if dirty.size:
-                block.pages[dirty] = 0
+        for i in range(0, zero.size, ZERO_CHUNK):  # in chunks: a packet may list 65536 zero pages
+            part = zero[i : i + ZERO_CHUNK]
+            first, last = int(part.min()), int(part.max())
+            if last - first + 1 == part.size:  # distinct pages filling a range: a view, no copy
+                nz = np.flatnonzero(block.words[first : last + 1].any(axis=1)) + first
+            else:
+                nz = part[block.words[part].any(axis=1)]
+            if nz.size:  # reading is cheaper than writing zeros over zeros
+                block.pages[nz] = 0
 
 
 class MultifdReceiver:
