@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"migd: error: {exc}", file=sys.stderr)
         return 2
+    if not config.qmp:  # a daemon nobody can reach
+        print("migd: error: --qmp: no QMP endpoint given (unix:PATH or tcp:HOST:PORT)", file=sys.stderr)
+        return 2
     setup_logging(config.log_level)
     return Daemon(config).run()
 

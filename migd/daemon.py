@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import uvloop
 
-from migd import sdnotify
+from migd import sdnotify, startup
 from migd.config import DaemonConfig
 from migd.events import EventSink
 from migd.http.app import HttpEndpoint, start_http
@@ -31,6 +31,7 @@ from migd.migration.incoming import IncomingMigration
 from migd.migration.params import MigrationConfig
 from migd.migration.state import MigrationState
 from migd.qmp.server import QMPServer
+from migd.startup import StartupError
 from migd.threads import LoopHandle, any_thread, loop_only
 
 log = logging.getLogger(__name__)
@@ -141,11 +142,11 @@ class Daemon:
         try:
             await self.start()
         except Exception as exc:
-            if not isinstance(exc, OSError | ValueError):  # a bug rather than a bad setting: keep the trace
+            if not isinstance(exc, OSError | ValueError | StartupError):  # a bug, not a setting: keep the trace
                 log.exception("cannot start")
             print(f"migd: error: {exc}", file=sys.stderr, flush=True)
             await self.stop()
-            return 1
+            return exc.status if isinstance(exc, StartupError) else startup.status_for(exc)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # QEMU: all three are "host-signal"
             loop.add_signal_handler(sig, self.request_shutdown, "host-signal")
@@ -162,8 +163,9 @@ class Daemon:
         self.events.bind(loop)
         self.runstate.add_notifier(self._on_runstate)
 
-        self._machine = Machine(self.config.machine, self.runstate, self.events)
-        self._machine.start()
+        with startup.machine_step(self.config.machine):
+            self._machine = Machine(self.config.machine, self.runstate, self.events)
+            self._machine.start()
         self._migration = MigrationState(self, self.migration_config)
 
         self.qmp = QMPServer(self, self.config.qmp)
@@ -172,11 +174,13 @@ class Daemon:
         if self.config.incoming is not None:
             self.incoming = IncomingMigration(self, self.config.incoming, self.migration_config,
                                               may_hold_foreign(self.config.machine))
-            await self.incoming.start()
+            with startup.step("--incoming", self.config.incoming):
+                await self.incoming.start()
 
         address = self.config.http_address()
         if address is not None:
-            self.http = await start_http(self, *address)
+            with startup.step("--http", self.config.http):
+                self.http = await start_http(self, *address)
 
         self.qmp.serve()
         sdnotify.notify("READY=1", f"STATUS={self.runstate.state}")

@@ -204,9 +204,9 @@ def test_migrate_incoming_after_command_line_uri_is_refused(migd_factory) -> Non
     assert err == {"class": "GenericError", "desc": "The incoming migration has already been started"}
 
 
-def test_bad_incoming_uri_on_the_command_line_exits_1(tmp_path: Path) -> None:
+def test_bad_incoming_uri_on_the_command_line_exits_2(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "migd", "--qmp", f"unix:{tmp_path}/q.sock", "-m", "16M", "--incoming", "bogus:x"],
         capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # bad configuration
     assert "unknown migration protocol: bogus:x" in proc.stdout + proc.stderr

@@ -96,7 +96,7 @@ def test_incoming_on_a_deferred_destination(migd_factory, tmp_path):
     sock = dst.sock_path("mig")
     r = migctl(dst.qmp_path, "incoming", f"unix:{sock}", "--json")
     assert r.returncode == 0, r.stderr
-    assert json_lines(r.stdout) == [{}]
+    assert json_lines(r.stdout) == [{"socket-address": [{"type": "unix", "path": str(sock)}]}]
     dst.wait_for(lambda: sock.exists(), what="the incoming socket")
     r = migctl(dst.qmp_path, "incoming", f"unix:{sock}")
     assert r.returncode == 1 and "The incoming migration has already been started" in r.stderr

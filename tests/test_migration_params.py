@@ -153,7 +153,7 @@ def test_capability_argument_model() -> None:
     assert args.capabilities[0].capability == "events"
     with pytest.raises(QMPError) as err:
         validate(MigrateSetCapabilitiesArgs, {"capabilities": [{"capability": "turbo", "state": True}]})
-    assert err.value.desc == "Parameter 'capabilities[0].capability' does not accept value 'turbo'"
+    assert err.value.desc == "Parameter 'capability' does not accept value 'turbo'"
     with pytest.raises(QMPError) as err:
         validate(MigrateSetCapabilitiesArgs, {"capabilities": [{"capability": "events"}]})
     assert err.value.desc == "Parameter 'capabilities[0].state' is missing"

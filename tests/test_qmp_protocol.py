@@ -216,7 +216,7 @@ class _Args(QMPArgs):
         ({"uri": "u", "caps": {}}, "Invalid parameter type for 'caps', expected: array"),
         ({"uri": "u", "caps": [1]}, "Invalid parameter type for 'caps[0]', expected: object"),
         ({"uri": "u", "caps": [{"capability": "nope", "state": True}]},
-         "Parameter 'caps[0].capability' does not accept value 'nope'"),
+         "Parameter 'capability' does not accept value 'nope'"),
         ({"uri": "u", "caps": [{"capability": "events"}]}, "Parameter 'caps[0].state' is missing"),
     ],
 )

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from helpers import Migd
 
+from migd.startup import EXIT_CONFIG, EXIT_RUNTIME
+
 sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
 
 from e2e_util import run_status, wait_status  # noqa: E402
@@ -22,9 +24,10 @@ from e2e_util import run_status, wait_status  # noqa: E402
 pytestmark = pytest.mark.e2e
 
 
-def refused(vm: Migd, needle: str) -> str:
-    """The daemon exited 1 with exactly one line naming ``needle`` and no traceback; that line."""
-    assert vm.wait(30) == 1
+def refused(vm: Migd, needle: str, status: int = EXIT_RUNTIME) -> str:
+    """The daemon exited with ``status`` (migd/startup.py: 3 for a lock held elsewhere, 2 for bad
+    configuration) and exactly one line naming ``needle`` and no traceback; that line."""
+    assert vm.wait(30) == status
     log = vm.log()
     assert "Traceback" not in log, log
     lines = [line for line in log.splitlines() if needle in line]
@@ -39,7 +42,7 @@ def test_drive_locked_by_another_daemon_is_one_line(migd_factory, tmp_path: Path
     first = migd_factory("one", "-m", "16M", "--drive", f"file={image}")
     second = migd_factory("two", "-m", "16M", "--drive", f"file={image}", connect=False)
     line = refused(second, "lock")
-    assert line == f'migd: error: Failed to get "write" lock: Is another process using the image [{image}]?'
+    assert line == f'migd: error: --drive: Failed to get "write" lock: Is another process using the image [{image}]?'
     assert first.status() == "running"
 
 
@@ -128,10 +131,11 @@ def test_failed_switchover_gives_the_source_its_mem_path_lock_back(migd_factory,
     (["--mem-path", "/nonexistent/ram"], "migd: error: --mem-path /nonexistent/ram: No such file or directory"),
     (["--mem-path", "{tmp}"], "migd: error: --mem-path {tmp}: Is a directory"),
     (["--qmp", "unix:/nonexistent/q.sock"],
-     "migd: error: --qmp unix:/nonexistent/q.sock: cannot listen: No such file or directory"),
-    (["--drive", "file=/nonexistent"], "migd: error: Could not open '/nonexistent': No such file or directory"),
+     "migd: error: --qmp unix:/nonexistent/q.sock: No such file or directory"),
+    (["--drive", "file=/nonexistent"],
+     "migd: error: --drive: Could not open '/nonexistent': No such file or directory"),
 ])
 def test_start_up_refusals_are_one_line_naming_the_option(migd_factory, tmp_path: Path, args, line) -> None:
     args = [a.format(tmp=tmp_path) for a in args]
     vm = migd_factory("bad", "-m", "16M", *args, connect=False)
-    assert refused(vm, "error") == line.format(tmp=tmp_path)
+    assert refused(vm, "error", EXIT_CONFIG) == line.format(tmp=tmp_path)

@@ -2,6 +2,9 @@
 
 ``main(argv)`` parses the command line, connects, runs one subcommand and returns its exit status:
 0 success, 1 the daemon refused or the migration failed/was cancelled, 2 bad usage, 130 interrupted.
+SIGTERM is handled exactly like Ctrl-C (what migctl started is cancelled, its daemons and files are
+removed, the terminal is restored). The global options (``-s``, ``--json``, ...) may come before or
+after the subcommand.
 """
 
 from __future__ import annotations
@@ -15,23 +18,39 @@ from migd.migctl import commands
 from migd.migctl.address import AddressError, parse_address
 from migd.migctl.analyze_cmd import add_analyze_arguments, run_analyze
 from migd.migctl.client import Client, CommandFailed, MigctlError, quiet_library_logs
+from migd.migctl.convergence import STALL_AFTER
 from migd.migctl.demo import add_demo_arguments, run_demo
 from migd.migctl.output import Output
 from migd.migctl.shell import run_shell
+from migd.migctl.signals import sigterm_like_ctrl_c
 
 Handler = Callable[[Client, argparse.Namespace, Output], Awaitable[int]]
 
 DEFAULT_SOCKET_ENV = "MIGCTL_SOCKET"
 
 
+def _global_options(p: argparse.ArgumentParser, top: bool) -> None:
+    """The options accepted on both sides of the subcommand; only the top level has defaults, so a
+    subcommand's parser leaves an option given before it alone."""
+
+    def default(value: object) -> object:
+        return value if top else argparse.SUPPRESS
+
+    p.add_argument("-s", "--socket", default=default(os.environ.get(DEFAULT_SOCKET_ENV)),
+                   help=f"QMP socket: unix path, unix:PATH, or tcp:HOST:PORT (default ${DEFAULT_SOCKET_ENV})")
+    p.add_argument("--connect-timeout", type=float, default=default(10.0),
+                   help="seconds to wait for the connection")
+    p.add_argument("-v", "--verbose", action="store_true", default=default(False),
+                   help="show the QMP library's own log")
+    p.add_argument("--json", action="store_true", default=default(False),
+                   help="machine-readable output, one JSON per line")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="migctl", description="Control a migd (or QEMU) over QMP.")
-    parser.add_argument("-s", "--socket", default=os.environ.get(DEFAULT_SOCKET_ENV),
-                        help=f"QMP socket: unix path, unix:PATH, or tcp:HOST:PORT (default ${DEFAULT_SOCKET_ENV})")
-    parser.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for the connection")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show the QMP library's own log")
+    _global_options(parser, top=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="machine-readable output, one JSON per line")
+    _global_options(common, top=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, handler: Handler | None, help_text: str) -> argparse.ArgumentParser:
@@ -47,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auto-converge", action="store_true", help="enable the auto-converge capability")
     p.add_argument("--wait", action="store_true",
                    help="follow the migration with a live display and a final summary; exit 1 if it fails or is "
-                        "cancelled, Ctrl-C cancels it (with --json: progress lines, then query-migrate)")
+                        "cancelled, Ctrl-C or SIGTERM cancels it (with --json: progress lines, then query-migrate)")
+    p.add_argument("--stall-warn", type=float, default=STALL_AFTER, metavar="S",
+                   help=f"warn when remaining makes no new low for S seconds (default {STALL_AFTER:.0f})")
+    p.add_argument("--time-limit", type=float, metavar="S", help="cancel the migration if it runs longer than S s")
     p.add_argument("--interval", type=float, default=0.2, help=argparse.SUPPRESS)
     add("cancel", commands.cancel, "cancel the running migration (migrate_cancel)")
     p = add("set", commands.set_parameters, "set migration parameters")
@@ -83,7 +105,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet_library_logs(args.verbose)
-    out = Output(json_mode=getattr(args, "json", False))
+    out = Output(json_mode=args.json)
+    with sigterm_like_ctrl_c():
+        return _main(parser, args, out)
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, out: Output) -> int:
     try:
         if args.command == "analyze":
             return run_analyze(args, out)

@@ -16,7 +16,7 @@ from migd.migctl.client import Client, CommandFailed, MigctlError
 from migd.migctl.display import status_table, summary_table
 from migd.migctl.output import Output
 from migd.migctl.values import ValueParseError, parse_capabilities, parse_parameters, parse_size
-from migd.migctl.watch import WaitResult, wait_for_migration
+from migd.migctl.watch import NO_LIMITS, Limits, WaitResult, wait_for_migration
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -51,13 +51,15 @@ async def migrate(client: Client, args: argparse.Namespace, out: Output) -> int:
         else:
             out.line(f"migration to {args.uri} started")
         return EXIT_OK
-    code, _ = await follow(client, out, interval=args.interval)
+    limits = Limits(stall_warn=args.stall_warn, time_limit=args.time_limit)
+    code, _ = await follow(client, out, interval=args.interval, limits=limits)
     return code
 
 
-async def follow(client: Client, out: Output, interval: float = 0.2) -> tuple[int, WaitResult]:
+async def follow(client: Client, out: Output, interval: float = 0.2,
+                 limits: Limits = NO_LIMITS) -> tuple[int, WaitResult]:
     """Wait for the running migration to end, then print the summary; shared with the demo."""
-    result = await wait_for_migration(client, out, interval=interval)
+    result = await wait_for_migration(client, out, interval=interval, limits=limits)
     info, interrupted = result.info, result.interrupted
     status_name = info.get("status")
     if status_name not in ("completed", "failed", "cancelled"):
@@ -69,7 +71,10 @@ async def follow(client: Client, out: Output, interval: float = 0.2) -> tuple[in
         limit = await _downtime_limit(client)
         out.show(summary_table(info, limit))
     if status_name != "completed":
-        reason = info.get("error-desc", "cancelled by the operator" if interrupted else status_name)
+        if result.gave_up is not None:
+            reason = result.gave_up
+        else:
+            reason = info.get("error-desc", "cancelled by the operator" if interrupted else status_name)
         out.error(f"migration {status_name}: {reason}")
         return EXIT_FAILED, result
     return EXIT_OK, result
@@ -126,12 +131,31 @@ async def capabilities(client: Client, args: argparse.Namespace, out: Output) ->
 
 
 async def incoming(client: Client, args: argparse.Namespace, out: Output) -> int:
+    """Start listening; print the address really listened on (``tcp:HOST:0`` gets its port)."""
     await client.execute("migrate-incoming", {"uri": args.uri})
+    info = await client.execute("query-migrate")
+    addresses = info.get("socket-address") if isinstance(info, dict) else None
+    shown = [socket_uri(a) for a in addresses or [] if isinstance(a, dict)] or [args.uri]
     if out.json_mode:
-        out.data({})
+        out.data({"socket-address": addresses} if addresses else {})
     else:
-        out.line(f"waiting for an incoming migration on {args.uri}")
+        out.line(f"waiting for an incoming migration on {', '.join(shown)}")
     return EXIT_OK
+
+
+def socket_uri(addr: dict[str, Any]) -> str:
+    """A SocketAddress from query-migrate as a migration URI (``tcp:127.0.0.1:45123``)."""
+    kind = addr.get("type")
+    if kind == "inet":
+        host = str(addr.get("host"))
+        return f"tcp:[{host}]:{addr.get('port')}" if ":" in host else f"tcp:{host}:{addr.get('port')}"
+    if kind == "unix":
+        return f"unix:{addr.get('path')}"
+    if kind == "vsock":
+        return f"vsock:{addr.get('cid')}:{addr.get('port')}"
+    if kind == "fd":
+        return f"fd:{addr.get('str')}"
+    return str(addr)
 
 
 def format_event(event: dict[str, Any]) -> str:

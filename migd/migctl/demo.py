@@ -23,25 +23,47 @@ from migd.migctl.display import human_bytes, human_ms
 from migd.migctl.output import Output
 from migd.migctl.procs import DaemonProcess
 from migd.migctl.values import ValueParseError, parse_size
+from migd.migctl.watch import Limits
 from migd.units import MiB
+
+DEFAULT_RATE = 64 << 20  # the workload's dirty rate on an unlimited link
+MIN_RATE = 256 << 10
+STALL_CANCEL = 20.0  # seconds without a new low of remaining before the demo gives up
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", default="1G", help="guest RAM of the demo machine (default 1G)")
-    p.add_argument("--workload", default="random,rate=64M", help="workload spec (default random,rate=64M)")
+    p.add_argument("--workload", help="workload spec (default random,rate=64M, or a quarter of --bandwidth)")
     p.add_argument("--bandwidth", default="0", help="max-bandwidth, bytes/s with K/M/G (default 0 = unlimited)")
     p.add_argument("--downtime", type=int, metavar="MS", help="downtime-limit in ms (default: migd's, 300)")
     p.add_argument("--transport", choices=("unix", "tcp"), default="unix", help="migration channel")
+    p.add_argument("--time-limit", type=float, metavar="S",
+                   help="cancel the migration after S seconds (default 30 s + 3 x RAM / bandwidth)")
     p.add_argument("--keep-going", type=float, default=1.0, metavar="S", help=argparse.SUPPRESS)
+
+
+def demo_workload(bandwidth: int) -> str:
+    """A workload the link can outrun: a quarter of the bandwidth (the default rate when unlimited)."""
+    rate = DEFAULT_RATE if bandwidth <= 0 else max(MIN_RATE, min(DEFAULT_RATE, bandwidth // 4))
+    return f"random,rate={rate}"
+
+
+def demo_time_limit(memory: int, bandwidth: int) -> float:
+    """Generous for a converging migration (three full copies of RAM), finite for one that is not."""
+    return 30.0 + (3.0 * memory / bandwidth if bandwidth > 0 else 30.0)
 
 
 def run_demo(args: argparse.Namespace, out: Output) -> int:
     try:
-        parse_size(args.memory, MiB)  # checked as migd's -m reads it: a bare number is MiB
-        parse_size(args.bandwidth)
+        memory = parse_size(args.memory, MiB)  # checked as migd's -m reads it: a bare number is MiB
+        bandwidth = parse_size(args.bandwidth)
     except ValueParseError as exc:
         out.error(str(exc))
         return 2
+    if args.workload is None:
+        args.workload = demo_workload(bandwidth)
+    if args.time_limit is None:
+        args.time_limit = demo_time_limit(memory, bandwidth)
     try:
         return asyncio.run(Demo(args, out).run())
     except KeyboardInterrupt:
@@ -100,10 +122,12 @@ class Demo:
         self.step(f"migrating to {uri}")
         started = time.monotonic()
         await src.execute("migrate", {"uri": uri})
-        code, result = await follow(src, self.out)
+        limits = Limits(time_limit=args.time_limit, stall_cancel=STALL_CANCEL)
+        code, result = await follow(src, self.out, limits=limits)
         wall = time.monotonic() - started
         if code != 0:
-            raise DemoFailed(f"the migration ended '{result.info.get('status')}'")
+            why = f" ({result.gave_up})" if result.gave_up else ""
+            raise DemoFailed(f"the migration ended '{result.info.get('status')}'{why}")
         await self._wait_status(dst, "completed")
         await self._verify_digest(src, dst)
         run = await dst.execute("query-status")

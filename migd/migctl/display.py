@@ -49,14 +49,19 @@ def _rate(bps: float | None) -> str:
     return "-" if bps is None else f"{human_bytes(bps)}/s"
 
 
-def progress_view(info: dict[str, Any], percent: float) -> Group:
-    """The live panel: a bar and the figures an operator watches while a migration converges."""
+def progress_view(info: dict[str, Any], percent: float, elapsed: float | None = None, eta: str | None = None,
+                  warning: str | None = None) -> Group:
+    """The live panel: a bar, the figures an operator watches while a migration converges, elapsed
+    time and ETA, and the not-converging warning when there is one."""
     ram = info.get("ram") or {}
     status = info.get("status", "none")
     bar = ProgressBar(total=100.0, completed=percent, width=50)
     head = Text.assemble((f"{status:<10}", "bold"), f" {percent:5.1f}%  ")
     line = Table.grid(padding=(0, 1))
-    line.add_row(head, bar)
+    timing = Text("")
+    if elapsed is not None:
+        timing = Text(f" elapsed {elapsed:.1f} s" + (f"  ETA {eta}" if eta is not None else ""))
+    line.add_row(head, bar, timing)
     figures = Table.grid(padding=(0, 2))
     figures.add_row(
         f"transferred {human_bytes(ram.get('transferred'))}",
@@ -70,6 +75,8 @@ def progress_view(info: dict[str, Any], percent: float) -> Group:
         f"expected downtime {human_ms(info.get('expected-downtime'))}"
         + (f"  throttle {throttle}%" if throttle is not None else ""),
     )
+    if warning is not None:
+        return Group(line, figures, Text(f"warning: {warning}", style="bold yellow"))
     return Group(line, figures)
 
 

@@ -1,7 +1,9 @@
 """Local migd processes for the demo: start, reach over QMP, stop, and never leave one behind.
 
-Each daemon runs as ``sys.executable -m migd`` with its log in the demo's temporary directory, so a
-failure can show the daemon's own last words.
+Each daemon runs as ``sys.executable -P -m migd`` in the demo's temporary directory, with the folder
+that holds the very ``migd`` package migctl runs from first on ``PYTHONPATH``: whatever the operator's
+working directory holds (a clone's parent, another checkout) cannot shadow it. Its log is kept there
+too, so a failure can show the daemon's own last words.
 """
 
 from __future__ import annotations
@@ -13,7 +15,18 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import migd
 from migd.migctl.client import Client, MigctlError
+
+# The directory holding the migd package this process imported (a checkout or site-packages).
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(migd.__file__)))
+
+
+def daemon_environment() -> dict[str, str]:
+    """This environment with PACKAGE_ROOT first on PYTHONPATH."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
+    return env
 
 
 @dataclass
@@ -31,10 +44,11 @@ class DaemonProcess:
         self.log_path = os.path.join(self.workdir, f"{self.name}.log")
 
     def start(self) -> None:
-        cmd = [sys.executable, "-m", "migd", "--name", self.name, "--qmp", f"unix:{self.qmp_path}", *self.args]
+        cmd = [sys.executable, "-P", "-m", "migd", "--name", self.name, "--qmp", f"unix:{self.qmp_path}",
+               *self.args]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+                                         start_new_session=True, cwd=self.workdir, env=daemon_environment())
 
     async def connect(self, timeout: float = 60.0) -> Client:
         """Connect once the daemon listens; fail early, with its log, if it exits instead."""

@@ -27,7 +27,7 @@ def raw_percent(info: dict[str, Any]) -> float | None:
     if total <= 0 or remaining is None:
         return None
     remaining = min(max(remaining, 0), total)
-    return 100.0 - remaining / total * 100.0
+    return float(100.0 - remaining / total * 100.0)
 
 
 def next_percent(previous: float, info: dict[str, Any]) -> float:

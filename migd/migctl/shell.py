@@ -20,6 +20,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from migd.migctl.address import QMPAddress
 from migd.migctl.client import MigctlError
 from migd.migctl.commands import format_event
+from migd.migctl.signals import Terminated
 from migd.migctl.values import ValueParseError, parse_command_line
 
 PROMPT = "(migd) "
@@ -98,6 +99,8 @@ def run_shell(address: QMPAddress, json_mode: bool = False, stdin: TextIO | None
                     line = input(PROMPT) if interactive else stdin.readline()
                 except EOFError:
                     break
+                except Terminated:
+                    raise  # SIGTERM ends the shell; Ctrl-C only clears the line
                 except KeyboardInterrupt:
                     stdout.write("\n")
                     continue

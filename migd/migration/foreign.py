@@ -28,13 +28,11 @@ from migd.analyze import described_size
 from migd.machine.ram import RAMList
 from migd.migration.format import (
     CMD_LENGTHS,
-    CMD_NAMES,
     MACHINE_TYPE,
     MAGIC,
     MAX_MACHINE_NAME,
     MAX_VMDESC,
     PAGE_BITS,
-    PAGE_SIZE,
     RAM_IDSTR,
     RAM_INSTANCE,
     RAM_VERSION,
@@ -45,7 +43,7 @@ from migd.migration.format import (
     read_idstr,
 )
 from migd.migration.ram import RAMLoader
-from migd.migration.savevm import CommandHandler
+from migd.migration.savevm import CommandHandler, load_command
 from migd.migration.stream import IN_BUF, InStream, StreamError
 
 __all__ = ["DeviceSection", "ForeignMachine", "is_foreign", "load_foreign", "may_hold_foreign", "peek_machine_type"]
@@ -115,19 +113,7 @@ class ForeignMachine:
 class _ForeignRAMLoader(RAMLoader):
     """migd's ram loader, except that the START's block list creates the blocks it names."""
 
-    def _mem_size(self, f: InStream, total: int, section_type: int) -> None:
-        remaining = total
-        while remaining > 0:
-            name = read_idstr(f)
-            length = f.get_be64()
-            if length == 0 or length % PAGE_SIZE or length > remaining:
-                raise StreamError(f"Invalid length 0x{length:x} of RAM block \"{name}\" in the block list")
-            block = self.ramlist.get(name)
-            if block is None:
-                self._create(name, length)
-            elif block.size != length:
-                raise StreamError(f"Length mismatch: {name}: 0x{length:x} in != 0x{block.size:x}")
-            remaining -= length
+    CREATE_ON_START = True
 
 
 def load_foreign(f: InStream, on_command: CommandHandler | None = None) -> ForeignMachine:
@@ -163,7 +149,7 @@ def load_foreign(f: InStream, on_command: CommandHandler | None = None) -> Forei
             ram.load(f, kind)
             read_footer(f, section_id, name)
         elif kind == Section.COMMAND:
-            if _load_command(f, on_command) == Cmd.SWITCHOVER_START:
+            if load_command(f, on_command) == Cmd.SWITCHOVER_START:
                 machine.switchover_start = True
         elif kind == Section.EOF:
             break
@@ -284,21 +270,6 @@ def _plausible_next(chunk: bytes, i: int, live: dict[int, str], at_end: bool) ->
         cmd, length = struct.unpack(">HH", chunk[i + 1 : i + 5])
         return bool(CMD_LENGTHS.get(cmd) == length)
     return False
-
-
-def _load_command(f: InStream, on_command: CommandHandler | None) -> int:
-    cmd = f.get_be16()
-    length = f.get_be16()
-    expected = CMD_LENGTHS.get(cmd)
-    name = CMD_NAMES.get(cmd, f"0x{cmd:x}")
-    if expected is None:
-        raise StreamError(f"VM_COMMAND {name} is not supported by migd")
-    if length != expected:
-        raise StreamError(f"{name} received with bad length - expecting {expected}, received {length}")
-    payload = f.read(length)
-    if on_command is not None:
-        on_command(cmd, payload)
-    return cmd
 
 
 def _read_vmdesc(f: InStream) -> bytes | None:

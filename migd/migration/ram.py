@@ -435,6 +435,7 @@ class RAMLoader:
     """The destination side of the ``ram`` section; one instance per incoming stream."""
 
     BULK_MAX = {RAM_PAGE: 1024, RAM_ZERO: 1 << 16}  # records examined per run search, at most
+    CREATE_ON_START = False  # a START's block list must name our blocks (a foreign machine's creates them)
 
     def __init__(self, ramlist: Any) -> None:
         self.ramlist = ramlist
@@ -593,7 +594,7 @@ class RAMLoader:
                 raise StreamError(f"Invalid length 0x{length:x} of RAM block \"{name}\" in the block list")
             block = self.ramlist.get(name)
             if block is None:
-                if section_type == Section.START:
+                if section_type == Section.START and not self.CREATE_ON_START:
                     raise StreamError(f'Unknown ramblock "{name}", cannot accept migration')
                 self._create(name, length)
             elif block.size != length:

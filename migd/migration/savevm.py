@@ -250,7 +250,7 @@ def load_stream(f: InStream, machine: Any, on_command: CommandHandler | None = N
             ram.load(f, kind)
             read_footer(f, section_id, live_idstr)
         elif kind == Section.COMMAND:
-            cmd = _load_command(f, on_command, announced)
+            cmd = load_command(f, on_command, announced)
             if cmd == CMD_X_MIGD_COMMIT:
                 raise StreamError("X_MIGD_COMMIT received before the end of the device state")
         elif kind == Section.EOF:
@@ -285,7 +285,7 @@ def load_commit(f: InStream, features: int, on_command: CommandHandler | None = 
         kind = f.get_u8()
         if kind != Section.COMMAND:
             raise StreamError(f"Unexpected section type {kind} while waiting for X_MIGD_COMMIT")
-        if _load_command(f, on_command, features) == CMD_X_MIGD_COMMIT:
+        if load_command(f, on_command, features) == CMD_X_MIGD_COMMIT:
             return
 
 
@@ -318,7 +318,9 @@ def _load_device(f: InStream, dev: Any, idstr: str, instance_id: int, version_id
                           f"'{idstr}': {exc}") from None
 
 
-def _load_command(f: InStream, on_command: CommandHandler | None, features: int) -> int:
+def load_command(f: InStream, on_command: CommandHandler | None, features: int = 0) -> int:
+    """One COMMAND section (after its type byte): checked, handed to ``on_command``; its number.
+    migd's own commands are accepted only when ``features`` announced them (never from a QEMU)."""
     cmd = f.get_be16()
     length = f.get_be16()
     expected = CMD_LENGTHS.get(cmd)

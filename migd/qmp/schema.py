@@ -130,7 +130,7 @@ def describe(err: ErrorDetails, model: type[BaseModel] | None = None) -> str:
     if kind == "extra_forbidden":
         return f"Parameter '{name}' is unexpected"
     if kind in ("enum", "literal_error"):
-        return f"Parameter '{name}' does not accept value '{_text(err.get('input'))}'"
+        return f"Parameter '{enum_member_name(err['loc'])}' does not accept value '{_text(err.get('input'))}'"
     if kind in _TYPE_NAMES:
         return f"Invalid parameter type for '{name}', expected: {_TYPE_NAMES[kind]}"
     if kind in _RANGE_ERRORS:
@@ -152,6 +152,18 @@ def member_name(loc: tuple[int | str, ...]) -> str:
         else:
             out += f".{part}" if out else part
     return out or "null"
+
+
+def enum_member_name(loc: tuple[int | str, ...]) -> str:
+    """QEMU's name in an enum error: the member alone (``capability``), ``null`` for a list element.
+
+    QEMU's enum visitor knows only the name it was called with, not the path to it; type errors
+    (reported by the input visitor) carry the full path, see :func:`member_name`.
+    """
+    names = [part for part in loc if isinstance(part, int) or not (part in _UNION_TAGS or "[" in part)]
+    if not names or isinstance(names[-1], int):
+        return "null"
+    return names[-1]
 
 
 def _text(value: Any) -> str:

@@ -22,6 +22,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from migd import startup
 from migd.backoff import TRANSIENT_ERRNOS, Backoff, LogLimiter
 from migd.config import split_host_port
 from migd.events import Event
@@ -30,6 +31,7 @@ from migd.qmp.budget import MAX_INPUT_TOTAL, InputBudget
 from migd.qmp.commands import load_all
 from migd.qmp.registry import REGISTRY, CommandContext, CommandHost, QMPError
 from migd.qmp.schema import dump, validate
+from migd.startup import StartupError
 from migd.transports.unix import listen_unix
 
 log = logging.getLogger(__name__)
@@ -306,15 +308,6 @@ async def _wait_fd(loop: asyncio.AbstractEventLoop, fd: int, write: bool) -> Non
             loop.remove_reader(fd)
 
 
-class ListenError(OSError):
-    """A ``--qmp`` address cannot be listened on; ``str()`` names it (one line at start-up)."""
-
-    def __init__(self, uri: str, cause: OSError) -> None:
-        super().__init__(cause.errno, cause.strerror)
-        self.uri = uri
-
-    def __str__(self) -> str:
-        return f"--qmp {self.uri}: cannot listen: {self.strerror}"
 
 
 class Listener:
@@ -381,12 +374,13 @@ class QMPServer:
     async def start(self) -> None:
         """Bind and listen on every socket (connections wait in the backlog until ``serve``)."""
         self._loop = asyncio.get_running_loop()
-        for uri in self.uris:
-            try:
-                self.listeners.append(Listener(uri))
-            except OSError as exc:
-                self._close_listeners()
-                raise ListenError(uri, exc) from None
+        try:
+            for uri in self.uris:
+                with startup.step("--qmp", uri):
+                    self.listeners.append(Listener(uri))
+        except StartupError:
+            self._close_listeners()
+            raise
 
     def serve(self) -> None:
         """Start accepting: called once the whole daemon is up, so a greeting means "ready"."""

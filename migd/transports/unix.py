@@ -6,6 +6,8 @@ a stale socket file the same way and fail with the same (QEMU's) texts.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import socket
 import stat
@@ -49,32 +51,76 @@ class UnixListener(SocketListener):
                 pass
 
 
+_SUN_PATH_MAX = 107  # bytes of a unix socket path, without the final NUL
+
+
 def listen_unix(path: str, *, backlog: int = 1, mode: int | None = None) -> socket.socket:
     """A non-blocking unix socket listening at ``path``, its file created with ``mode`` if given.
 
-    Like QEMU, a stale socket file left by an earlier run is replaced (any other file is not: the bind
-    fails). Raises TransportError with QEMU's text. (any thread)
+    A stale socket file left by an earlier run is replaced; a live one (something accepts on it) is
+    never taken over, nor is any other file. The socket is bound and listening under a temporary name
+    and then renamed into place, so ``path`` never exists without accepting connections. Raises
+    TransportError with QEMU's text. (any thread)
     """
-    try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise TransportError(f"Failed to unlink socket {path}: {exc.strerror}") from exc
+    _refuse_live_socket(path)
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    if len(os.fsencode(tmp)) > _SUN_PATH_MAX:
+        tmp = path  # no room for a temporary name: bind in place (the path appears just before listen)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         if mode is not None:
             os.fchmod(sock.fileno(), mode)  # Linux: bind creates the file with the socket's mode
-        sock.bind(path)
-        if mode is not None:
-            os.chmod(path, mode)  # elsewhere the umask decides at bind: set it on the file too
-        sock.listen(backlog)
+        sock.bind(tmp)
+        try:
+            if mode is not None:
+                os.chmod(tmp, mode)  # elsewhere the umask decides at bind: set it on the file too
+            sock.listen(backlog)
+            if tmp != path:
+                os.rename(tmp, path)  # atomic: the path appears already accepting
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
     except OSError as exc:
         sock.close()
         raise TransportError(f"Failed to bind socket to {path}: {exc.strerror or exc}") from exc
     sock.setblocking(False)
     return sock
+
+
+def _refuse_live_socket(path: str) -> None:
+    """Remove ``path`` if it is a socket nobody accepts on; refuse if it is live or not a socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise TransportError(f"Failed to bind socket to {path}: {exc.strerror}") from exc
+    if not stat.S_ISSOCK(st.st_mode):  # what bind(2) itself says of an existing file
+        raise TransportError(f"Failed to bind socket to {path}: {os.strerror(errno.EADDRINUSE)}") from \
+            FileExistsError(errno.EEXIST, "the path exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        pass  # stale: its daemon is gone
+    except OSError as exc:
+        raise TransportError(f"Failed to bind socket to {path}: {exc.strerror or exc}") from exc
+    else:
+        raise TransportError(f"Failed to bind socket to {path}: {os.strerror(errno.EADDRINUSE)} "
+                             "(another process serves this socket)") from \
+            OSError(errno.EADDRINUSE, "Address already in use (another process serves this socket)")
+    finally:
+        probe.close()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise TransportError(f"Failed to unlink socket {path}: {exc.strerror}") from exc
 
 
 def listen(uri: UnixURI) -> UnixListener:
