@@ -80,7 +80,7 @@ def run_once(workdir: Path, size: int, channels: int, compression: str, compress
         wait_done(dst)
         same = src.cmd("x-migd-ram-digest") == dst.cmd("x-migd-ram-digest")
         gib = size / (1 << 30)
-        return {"gbps": size / (info["total-time"] / 1000) / 1e9, "total_ms": info["total-time"],
+        return {"gbps": size / (info["total-time"] / 1000) / 1e9, "total_ms": info["total-time"], "downtime_ms": info.get("downtime"),
                 "wire_mb": info["ram"]["transferred"] / 1e6, "digest_equal": same,
                 "src_cpu": (cpu1[0] - cpu0[0]) / gib, "dst_cpu": (cpu1[1] - cpu0[1]) / gib}
     finally:
@@ -104,8 +104,8 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"{args.size} RAM, pages {args.compress:g} compressible, {args.transport}, max-bandwidth {args.bandwidth}, "
           f"load average {os.getloadavg()[0]:.2f}")
-    print("| channels | compression | GB/s (median) | total ms | wire MB | CPU s/GiB src / dst | digest |")
-    print("|---|---|---|---|---|---|---|")
+    print("| channels | compression | GB/s (median) | total ms | downtime ms | wire MB | CPU s/GiB src / dst | digest |")
+    print("|---|---|---|---|---|---|---|---|")
     for channels in args.channels:
         for compression in args.compression if channels > 1 else ["none"]:
             runs = [run_once(workdir, size, channels, compression, args.compress, args.transport, bandwidth)
@@ -113,7 +113,7 @@ def main() -> None:
             med = statistics.median(r["gbps"] for r in runs)
             r = min(runs, key=lambda x: abs(x["gbps"] - med))
             label = str(channels) if channels > 1 else "1 (no multifd)"
-            print(f"| {label} | {compression} | {med:.2f} | {r['total_ms']} | {r['wire_mb']:.0f} | "
+            print(f"| {label} | {compression} | {med:.2f} | {r['total_ms']} | {r['downtime_ms']} | {r['wire_mb']:.0f} | "
                   f"{r['src_cpu']:.2f} / {r['dst_cpu']:.2f} | {'equal' if all(x['digest_equal'] for x in runs) else 'DIFFERENT'} |",
                   flush=True)
 
