@@ -24,7 +24,6 @@ import ctypes
 import itertools
 import logging
 import os
-import socket
 import struct
 import threading
 import time
@@ -40,7 +39,7 @@ from migd.migration.ram import _runs, _zero_pages
 from migd.migration.stream import InStream, OutStream, StreamError
 from migd.threads import any_thread, on_thread
 from migd.transports import Listener, TransportError, connect
-from migd.transports.channel import Channel, SocketChannel
+from migd.transports.channel import Channel
 from migd.transports.uri import MigrationURI, TcpURI, UnixURI
 
 log = logging.getLogger("migd.migration")
@@ -71,19 +70,6 @@ _SYNC = "sync"
 def supports(address: MigrationURI) -> bool:
     """Whether multifd can run over this address (QEMU: socket transports only; migd: tcp, unix)."""
     return isinstance(address, TcpURI | UnixURI)
-
-
-def peer_address(channel: Channel) -> MigrationURI:
-    """The address the main channel is connected to: the extra channels go to the same place."""
-    sock = channel.sock if isinstance(channel, SocketChannel) else None
-    if sock is None:
-        raise StreamError(NEEDS_SOCKETS)
-    peer = sock.getpeername()
-    if sock.family == socket.AF_UNIX and isinstance(peer, str) and peer:
-        return UnixURI(peer)
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        return TcpURI(str(peer[0]), int(peer[1]))
-    raise StreamError(NEEDS_SOCKETS)
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
@@ -206,9 +192,10 @@ class MultifdSender:
 
     @classmethod
     @on_thread("mig/src/main")
-    def open(cls, main: Channel, stream: OutStream, params: Mapping[str, Any]) -> MultifdSender:
-        """Connect ``multifd-channels`` more channels to the main channel's peer and start them."""
-        address = peer_address(main)
+    def open(cls, address: MigrationURI | None, stream: OutStream, params: Mapping[str, Any]) -> MultifdSender:
+        """Connect ``multifd-channels`` more channels to the main channel's address and start them."""
+        if address is None or not supports(address):
+            raise StreamError(NEEDS_SOCKETS)
         method = str(params["multifd-compression"])
         level = int(params["multifd-zstd-level"] if method == "zstd" else params["multifd-zlib-level"])
         channels: list[Channel] = []

@@ -66,6 +66,7 @@ from migd.migration.throttle import AutoConverge
 from migd.threads import any_thread, on_thread
 from migd.transports.channel import Channel
 from migd.transports.tcp import set_peer_timeout
+from migd.transports.uri import MigrationURI
 
 log = logging.getLogger("migd.migration")
 
@@ -86,6 +87,7 @@ class SourceSide(Protocol):
 
     host: MigrationHost
     config: MigrationConfig
+    address: MigrationURI | None  # where the main channel went (multifd opens its channels there too)
     stats: MigrationStats
     stream: OutStream | None
     channel: Channel | None
@@ -275,7 +277,7 @@ class MigrationThread(threading.Thread):
         self.savevm = savevm = savevm_for(ms.host.held_machine(), self.machine, self.stats, self.use_return_path,
                                           *self._announce())
         if ms.config.cap("multifd") and ms.host.held_machine() is None:  # before the stream (QEMU's order)
-            self.multifd = savevm.ram.pages_out = MultifdSender.open(self.channel, stream, ms.config.params)
+            self.multifd = savevm.ram.pages_out = MultifdSender.open(ms.address, stream, ms.config.params)
         with BQL:
             self._expect(M.SETUP)
             savevm.save_header(stream)

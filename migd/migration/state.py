@@ -80,6 +80,7 @@ class MigrationState:
         self.policy_actions: list[dict[str, Any]] = []  # x-migd-policy-actions, the built-in policy's acts
         # per migration
         self.uri: str = ""
+        self.address: MigrationURI | None = None  # the parsed destination (multifd connects to it again)
         self.channel: Channel | None = None
         self.stream: OutStream | None = None
         self.thread: MigrationThread | None = None
@@ -228,6 +229,7 @@ class MigrationState:
                 raise MigrationError(IN_PROGRESS) from None
         self._prepare_checks(resume)
         self._reset(uri if uri is not None else repr(channels))
+        self.address = address
         old = self._status
         if old in RUNNING_STATES or not self.set_state(old, M.SETUP):
             raise MigrationError(IN_PROGRESS)
