@@ -112,6 +112,7 @@ class _SendChannel(threading.Thread):
         self.zero = 0
         self.bytes = 0
         self.syncs = 0
+        self.outstanding = 0  # batches given and not yet written (under the owner's cond)
 
     @on_thread("mig/src/mfd")
     def run(self) -> None:
@@ -130,6 +131,9 @@ class _SendChannel(threading.Thread):
                         owner.cond.notify_all()
                 else:
                     self._pages(*item)
+                    with owner.cond:
+                        self.outstanding -= 1
+                        owner.cond.notify_all()
         except Exception as exc:  # noqa: BLE001 - an I/O error or a bug: the migration fails either way
             owner._channel_failed(self, exc)
 
@@ -243,7 +247,15 @@ class MultifdSender:
             order = threads[self._next :] + threads[: self._next]
             t = min(order, key=lambda c: len(c.queue))
             self._next = (t.index + 1) % len(threads)
+            t.outstanding += 1
         self._put(t, (block, candidates, zero))
+        if self.stream.rate_limit:
+            # under max-bandwidth, bytes count against the window only once written: wait for them,
+            # so the limit is overshot by one batch at most (as with one channel), not by every queue
+            with self.cond:
+                while any(c.outstanding for c in threads):
+                    self._check()
+                    self.cond.wait(POLL)
 
     @on_thread("mig/src/main")
     def sync(self, wait: bool = False) -> None:
