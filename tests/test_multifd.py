@@ -164,3 +164,32 @@ def test_supports_only_socket_transports() -> None:
     assert multifd.supports(parse_uri("tcp:127.0.0.1:1")) and multifd.supports(parse_uri("unix:/x"))
     for uri in ("exec:cat", "file:/tmp/x", "fd:3"):
         assert not multifd.supports(parse_uri(uri))
+
+
+def test_a_compression_other_than_the_destinations_is_refused(tmp_path: Path) -> None:
+    dst, src = RAMList(), RAMList()
+    dblock = dst.add("pc.ram", 16 * 4096)
+    sblock = src.add("pc.ram", 16 * 4096)
+    sblock.pages[:] = 7
+    uri = f"unix:{tmp_path}/c.sock"
+    errors: list[str] = []
+    receiver = MultifdReceiver(dst, 1, "none", errors.append)
+    receiver.accept_from(listen(uri))
+    a, b = socket.socketpair()
+    main = SocketChannel(a)
+    stream = OutStream(main)
+    sender = MultifdSender([connect(uri)], stream, "zstd", 1)
+    sender.start()
+    on_thread("mig/src/main", lambda: sender.queue(sblock, np.arange(16), np.arange(0)))
+    for _ in range(600):
+        if errors:
+            break
+        threading.Event().wait(0.05)
+    assert errors and "multifd 0: flags received 4 flags expected 0" in errors[0], errors
+    assert not dblock.pages.any()  # nothing of the refused packet was written
+    sender.close()
+    receiver.close()
+    main.close()
+    b.close()
+    dst.remove("pc.ram")
+    src.remove("pc.ram")
