@@ -121,8 +121,9 @@ def test_bad_initial_packets_fail_the_receiver_with_qemu_words(tmp_path: Path) -
     uri = f"unix:{tmp_path}/bad.sock"
     for packet, text in (
         (b"\x12" * 64, "multifd: received packet magic 12121212 and expected magic 11223344"),
-        (multifd.INIT.pack(multifd.MAGIC, 2, bytes(16), 0), "received packet version 2 and expected version 1"),
+        (multifd.INIT.pack(multifd.MAGIC, 2, bytes(16), 0, 0), "received packet version 2 and expected version 1"),
         (multifd.init_packet(bytes(16), 9), "received channel id 9 is greater than number of channels 2"),
+        (multifd.init_packet(bytes(16), 0, 3), "the source opens 3 channels and this destination expects 2"),
     ):
         errors: list[str] = []
         receiver = MultifdReceiver(dst, 2, "none", errors.append)

@@ -214,3 +214,16 @@ def test_multifd_follows_a_block_hot_plugged_mid_way(migd_factory: Any) -> None:
     digest = src.cmd("x-migd-ram-digest")
     assert [b["name"] for b in digest["blocks"]] == ["ram0", "hot0"]
     assert digest == dst.cmd("x-migd-ram-digest")
+
+
+def test_multifd_channel_counts_that_differ_fail_at_once(migd_factory: Any) -> None:
+    src, dst, uri = _pair(migd_factory, _unix, workload="idle")
+    _setup(src, 2)
+    _setup(dst, 4)
+    src.cmd("migrate", uri=uri)
+    info = src.wait_for(lambda: (lambda i: i if i["status"] == "failed" else None)(src.cmd("query-migrate")),
+                        timeout=30, what="failed")
+    assert info.get("error-desc"), info
+    assert dst.wait(timeout=30) == 1
+    assert "the source opens 2 channels and this destination expects 4" in dst.log()
+    assert src.cmd("query-status")["status"] == "running"

@@ -46,8 +46,9 @@ log = logging.getLogger("migd.migration")
 
 MAGIC = 0x11223344  # QEMU's MULTIFD_MAGIC
 VERSION = 1  # QEMU's MULTIFD_VERSION
-# initial packet: magic, version, uuid[16], channel id, 7 + 32 reserved bytes (64 bytes, as QEMU's)
-INIT = struct.Struct(">II16sB39x")
+# initial packet: magic, version, uuid[16], channel id, 7 + 32 reserved bytes (64 bytes, as QEMU's);
+# [migd] the first reserved byte carries the source's channel count (0 = not said, as from QEMU)
+INIT = struct.Struct(">II16sBB38x")
 # packet header: magic, version, flags, pages_alloc, normal_pages, next_packet_size, packet_num,
 # zero_pages, 28 reserved bytes, ramblock[256]; then (normal + zero) be64 offsets, then the payload
 HDR = struct.Struct(">IIIIIIQI28x256s")
@@ -84,8 +85,8 @@ def name_os_thread() -> None:
         pass
 
 
-def init_packet(uuid: bytes, channel_id: int) -> bytes:
-    return INIT.pack(MAGIC, VERSION, uuid, channel_id)
+def init_packet(uuid: bytes, channel_id: int, channels: int = 0) -> bytes:
+    return INIT.pack(MAGIC, VERSION, uuid, channel_id, channels)
 
 
 def _name_field(name: str) -> bytes:
@@ -119,7 +120,7 @@ class _SendChannel(threading.Thread):
         owner = self.owner
         name_os_thread()
         try:
-            self._write([init_packet(owner.uuid, self.index)])
+            self._write([init_packet(owner.uuid, self.index, len(owner.threads))])
             while True:
                 item = owner._take(self)
                 if item is _STOP:
@@ -366,11 +367,14 @@ class _RecvChannel(threading.Thread):
 
     def _init(self) -> None:
         owner = self.owner
-        magic, version, uuid, cid = INIT.unpack(self.stream.read(INIT.size))
+        magic, version, uuid, cid, count = INIT.unpack(self.stream.read(INIT.size))
         if magic != MAGIC:
             raise StreamError(f"multifd: received packet magic {magic:x} and expected magic {MAGIC:x}")
         if version != VERSION:
             raise StreamError(f"multifd: received packet version {version} and expected version {VERSION}")
+        if count and count != owner.count:  # [migd] otherwise the first sync point would wait forever
+            raise StreamError(f"multifd: the source opens {count} channels and this destination expects "
+                              f"{owner.count} (set the same multifd-channels on both sides)")
         if cid >= owner.count:
             raise StreamError(f"multifd: received channel id {cid} is greater than number of channels "
                               f"{owner.count}")
