@@ -194,3 +194,25 @@ def test_a_compression_other_than_the_destinations_is_refused(tmp_path: Path) ->
     b.close()
     dst.remove("pc.ram")
     src.remove("pc.ram")
+
+
+def test_known_zero_pages_are_rewritten_once_they_held_data(tmp_path: Path) -> None:
+    """A fresh destination skips zero pages it knows are zero, but not once a round wrote data there."""
+    e = Ends(tmp_path, 2, "none")
+    try:
+        fresh = e.dst.add("fresh", 64 * 4096)  # untouched: every page known zero
+        src = e.src.add("fresh", 64 * 4096)
+        src.pages[3] = 9
+        for cand in (np.array([3]), np.array([3])):
+            def send(cand: np.ndarray = cand) -> None:
+                e.sender.queue(src, cand, np.arange(0))
+                e.sender.sync(wait=True)
+            on_thread("mig/src/main", send)
+            on_thread("mig/dst/main", e.receiver.sync_main)
+            assert int(fresh.pages[3][0]) == int(src.pages[3][0])
+            src.pages[3] = 0  # the second round finds it zero on the source
+        assert not fresh.pages.any() and e.errors == []
+        e.dst.remove("fresh")
+        e.src.remove("fresh")
+    finally:
+        e.close()

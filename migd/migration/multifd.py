@@ -35,7 +35,7 @@ import numpy as np
 
 from migd.migration.compress import FLAG_MASK, METHOD_FLAGS, CompressError, Compressor, Decompressor
 from migd.migration.format import PAGE_SIZE
-from migd.migration.ram import _runs, _zero_pages
+from migd.migration.ram import _runs, _zero_hints, _zero_pages
 from migd.migration.stream import InStream, OutStream, StreamError
 from migd.threads import any_thread, on_thread
 from migd.transports import Listener, TransportError, connect
@@ -450,6 +450,14 @@ class _RecvChannel(threading.Thread):
             except CompressError as exc:
                 raise StreamError(f"multifd {self.id}: {exc}") from None
             block.pages[normal] = np.frombuffer(data, dtype=np.uint8).reshape(n, PAGE_SIZE)
+        kz = self.owner.known_zero(block)
+        if kz is not None:
+            if n:
+                kz[normal] = False
+            if zero.size:
+                todo = zero[~kz[zero]]
+                kz[zero] = True  # after this packet, whatever happens below
+                zero = todo
         for i in range(0, zero.size, ZERO_CHUNK):  # in chunks: a packet may list 65536 zero pages
             part = zero[i : i + ZERO_CHUNK]
             first, last = int(part.min()), int(part.max())
@@ -479,8 +487,21 @@ class MultifdReceiver:
         self.released = 0
         self._flushes = 0
         self._threads: list[_RecvChannel] = []
+        self._known_zero: dict[str, np.ndarray | None] = {}
         self._listener: Listener | None = None
         self._acceptor: threading.Thread | None = None
+
+    @on_thread("mig/dst/mfd")
+    def known_zero(self, block: Any) -> np.ndarray | None:
+        """Pages of ``block`` known to be zero (untouched before ``ram.prefault``, or zeroed since): a
+        zero page there needs neither a read nor a write. Channels touch distinct pages in a round."""
+        with self.cond:
+            if block.name not in self._known_zero:
+                hint = _zero_hints.pop(block, None)
+                if hint is None:
+                    hint = block.untouched_pages()
+                self._known_zero[block.name] = None if hint is None else hint.copy()
+            return self._known_zero[block.name]
 
     @any_thread
     def accept_from(self, listener: Listener) -> None:
