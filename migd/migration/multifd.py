@@ -60,6 +60,9 @@ QUEUE_DEPTH = 2  # batches waiting per sender channel
 JOIN_TIMEOUT = 10.0  # seconds close() gives a channel thread
 POLL = 0.05  # seconds between checks of a wait that a failure elsewhere may have to end
 ZERO_CHUNK = 4096  # zero pages a receiver checks at once (16 MiB)
+# the main channel has just connected to the same address, so the others come at once or not at all;
+# bounded well below the transports' 60 s so a cancel during setup is never held up for long
+CONNECT_TIMEOUT = 10.0
 BLOCK_WAIT = 10.0  # seconds a receiver waits for a hot-plugged block the main channel announces
 
 NEEDS_SOCKETS = "Migration requires multi-channel URIs (e.g. tcp)"  # QEMU's text
@@ -206,7 +209,7 @@ class MultifdSender:
         channels: list[Channel] = []
         try:
             for _ in range(int(params["multifd-channels"])):
-                channels.append(connect(address))
+                channels.append(connect(address, None, None, CONNECT_TIMEOUT))
             sender = cls(channels, stream, method, level)
         except (TransportError, ValueError) as exc:
             for ch in channels:
