@@ -9,7 +9,7 @@ something to gain. The destination waits with -S; its RAM digest is checked afte
 guest RAM bytes / the source's total-time; CPU seconds per GiB of each process from /proc.
 
     python3 bench/bench_multifd.py [--size 1G] [--channels 1 2 4] [--compression none zstd]
-                                   [--compress 0.5] [--repeat 1] [--transport unix] [--bandwidth 0]
+                                   [--compress 0.5] [--repeat 1] [--transport unix] [--bandwidth 0] [--zero]
 """
 
 from __future__ import annotations
@@ -52,10 +52,11 @@ def ram_file(size: int, compress: float) -> Path:
 
 
 def run_once(workdir: Path, size: int, channels: int, compression: str, compress: float,
-             transport: str, bandwidth: int = 0) -> dict[str, Any]:
+             transport: str, bandwidth: int = 0, zero: bool = False) -> dict[str, Any]:
     mem = f"{size >> 20}M"
     incoming = f"unix:{workdir}/mig.sock" if transport == "unix" else "tcp:127.0.0.1:0"
-    src = Daemon(workdir, "src", "-m", mem, "--mem-path", str(ram_file(size, compress)))
+    backing = [] if zero else ["--mem-path", str(ram_file(size, compress))]
+    src = Daemon(workdir, "src", "-m", mem, *backing)
     dst = Daemon(workdir, "dst", "-m", mem, "-S", "--incoming", incoming)
     try:
         for d in (src, dst):
@@ -96,19 +97,21 @@ def main() -> None:
     ap.add_argument("--compress", type=float, default=0.5, help="compressible fraction of each page")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--transport", default="unix", choices=["unix", "tcp"])
+    ap.add_argument("--zero", action="store_true", help="untouched (zero) guest RAM instead of the file")
     ap.add_argument("--bandwidth", default="0", help="max-bandwidth (wire bytes/s): a slow link's stand-in")
     args = ap.parse_args()
     size = parse_size(args.size)
     bandwidth = parse_size(args.bandwidth)
     workdir = Path(f"/tmp/migd-bench-multifd-{os.getpid()}")
     workdir.mkdir(parents=True, exist_ok=True)
-    print(f"{args.size} RAM, pages {args.compress:g} compressible, {args.transport}, max-bandwidth {args.bandwidth}, "
+    what = "untouched RAM" if args.zero else f"pages {args.compress:g} compressible"
+    print(f"{args.size} RAM, {what}, {args.transport}, max-bandwidth {args.bandwidth}, "
           f"load average {os.getloadavg()[0]:.2f}")
     print("| channels | compression | GB/s (median) | total ms | downtime ms | wire MB | CPU s/GiB src / dst | digest |")
     print("|---|---|---|---|---|---|---|---|")
     for channels in args.channels:
         for compression in args.compression if channels > 1 else ["none"]:
-            runs = [run_once(workdir, size, channels, compression, args.compress, args.transport, bandwidth)
+            runs = [run_once(workdir, size, channels, compression, args.compress, args.transport, bandwidth, args.zero)
                     for _ in range(args.repeat)]
             med = statistics.median(r["gbps"] for r in runs)
             r = min(runs, key=lambda x: abs(x["gbps"] - med))
