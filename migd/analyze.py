@@ -23,8 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import xxhash
+
 from migd.migration.format import (
+    CHECKSUM_IDSTR,
+    CHECKSUM_SECTION_ID,
     CMD_NAMES,
+    CONFIG_SUBSECTION,
     MAGIC,
     MAX_VMDESC,
     RAM_CONTINUE,
@@ -113,16 +118,21 @@ class Analysis:
     vmdesc: dict[str, Any] | None = None
     eof_offset: int | None = None
     devices: list[dict[str, Any]] = field(default_factory=list)  # decoded device state, in stream order
+    # [migd] checksum records: (offset, bytes covered, whether the xxh3-64 matched)
+    checksums: list[tuple[int, int, bool]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         desc_devices = [] if self.vmdesc is None else [
             {"name": d.get("name"), "instance_id": d.get("instance_id"), "vmsd_name": d.get("vmsd_name"),
-             "version": d.get("version"), "size": description_size(d)} for d in self.vmdesc.get("devices", [])]
+             "version": d.get("version"), "size": description_size(d)} for d in self.vmdesc.get("devices", [])
+            if d.get("name") != CHECKSUM_IDSTR]  # described for QEMU's script; checksums, not a device
         return {"file": self.path, "file_size": self.file_size, "machine_type": self.machine_type,
                 "configuration": self.configuration, "commands": self.commands,
                 "sections": [s.as_dict() for s in self.sections],
                 "ram_blocks": [b.as_dict() for b in self.blocks.values()],
-                "vmdesc_devices": desc_devices, "has_vmdesc": self.vmdesc is not None}
+                "vmdesc_devices": desc_devices, "has_vmdesc": self.vmdesc is not None,
+                "checksums": {"records": len(self.checksums),
+                              "bad": [at for at, _, ok in self.checksums if not ok]}}
 
 
 # -- the description ------------------------------------------------------------------------------
@@ -223,6 +233,7 @@ class _Walker:
         self.ram_dir = ram_dir
         self.page = PAGE
         self.ignore_shared = False
+        self.segment = 0  # where the bytes the next checksum record covers begin
         self.live: dict[int, SectionInfo] = {}
         self.block: BlockStats | None = None
         self.fds: dict[str, int] = {}
@@ -254,6 +265,9 @@ class _Walker:
                 idstr = c.name("section idstr")
                 inst = c.be32("instance id")
                 ver = c.be32("version id")
+                if kind == Section.FULL and idstr == CHECKSUM_IDSTR:
+                    self._checksum(at)
+                    continue
                 info = SectionInfo(SECTION_NAMES[kind], sid, idstr, inst, ver, at, 0)
                 if kind == Section.START:
                     self.live[sid] = info
@@ -292,6 +306,10 @@ class _Walker:
                 self.ignore_shared = "x-ignore-shared" in caps
             elif name == "configuration/uuid":
                 self.a.configuration["uuid"] = c.take(16, "uuid").hex()
+            elif name == CONFIG_SUBSECTION:  # migd's features (docs/FORMAT.md §1.1)
+                self.a.configuration["x-migd-features"] = c.be32("features")
+                self.a.configuration["x-migd-peer-timeout-ms"] = c.be32("peer timeout")
+                self.segment = c.pos  # checksums cover what follows the configuration
             else:
                 raise AnalyzeError(f"unknown configuration subsection '{name}' at offset {c.pos}")
 
@@ -307,6 +325,18 @@ class _Walker:
             raise AnalyzeError(f"{name} received with bad length - expecting {expected}, received {length}")
         c.take(length, name)
         self.a.commands.append(name)
+
+    def _checksum(self, at: int) -> None:
+        """[migd] A checksum record: the xxh3-64 and length of the bytes since the previous one (or the
+        end of the configuration), checked here; records are not device sections."""
+        c = self.c
+        digest, length = c.be64("checksum"), c.be64("checksum length")
+        if c.u8("section footer") != Section.FOOTER or c.be32("footer id") != CHECKSUM_SECTION_ID:
+            raise AnalyzeError(f"Missing section footer for {CHECKSUM_IDSTR} at offset {at}")
+        covered = c.data[self.segment:at]
+        ok = len(covered) == length and xxhash.xxh3_64_intdigest(covered) == digest
+        self.a.checksums.append((at, at - self.segment, ok))
+        self.segment = c.pos
 
     def _section_body(self, info: SectionInfo) -> None:
         c = self.c

@@ -37,6 +37,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--incoming", metavar="URI|defer", help="wait for an incoming migration")
     p.add_argument("-S", dest="S", action="store_true", default=None, help="start paused (prelaunch)")
     p.add_argument("--http", metavar="HOST:PORT", help="HTTP status/metrics endpoint")
+    p.add_argument("--object", metavar="TYPE,id=ID[,PROP=VALUE...]", action="append",
+                   help="tls-creds-x509 or authz-simple object, as QEMU's -object (repeatable)")
     p.add_argument("--config", metavar="FILE", type=Path, help="TOML file with the same keys")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
     p.add_argument("--version", action="version", version=f"migd {__version__}")

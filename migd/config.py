@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from migd import units
 from migd.machine.workloads import parse_workload
+from migd.objects import parse_spec
 
 CacheMode = Literal["writeback", "writethrough", "none", "directsync", "unsafe"]
 
@@ -136,6 +137,7 @@ class DaemonConfig(BaseModel):
     incoming: str | None = None
     http: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    objects: list[str | dict[str, Any]] = Field(default_factory=list)  # --object / TOML object
 
     @field_validator("qmp")
     @classmethod
@@ -162,7 +164,7 @@ class DaemonConfig(BaseModel):
 
 # The long option names (also the TOML keys), by the model they configure.
 _MACHINE_KEYS = {"name", "memory", "smp", "workload", "drive", "mem-path", "S", "start-paused"}
-_DAEMON_KEYS = {"qmp", "incoming", "http", "log-level"}
+_DAEMON_KEYS = {"qmp", "incoming", "http", "log-level", "object"}
 
 
 def _option_of(key: str) -> str:
@@ -195,6 +197,11 @@ def build(values: dict[str, Any]) -> DaemonConfig:
                 machine[key.replace("-", "_")] = value
             elif key == "qmp":
                 daemon["qmp"] = value if isinstance(value, list) else [value]
+            elif key == "object":
+                items = value if isinstance(value, list) else [value]
+                for item in items:
+                    parse_spec(item)  # the syntax now; the files are read at start-up
+                daemon["objects"] = items
             else:
                 daemon[key.replace("-", "_")] = value
         except (ValueError, ValidationError) as exc:

@@ -166,6 +166,9 @@ class Daemon:
         with startup.machine_step(self.config.machine):
             self._machine = Machine(self.config.machine, self.runstate, self.events)
             self._machine.start()
+        for spec in self.config.objects:
+            with startup.step("--object", spec):
+                self.migration_config.objects.add_spec(spec)
         self._migration = MigrationState(self, self.migration_config)
 
         self.qmp = QMPServer(self, self.config.qmp)

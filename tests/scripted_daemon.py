@@ -11,6 +11,7 @@ from typing import Any
 
 from migd.events import EventSink
 from migd.machine.runstate import RunState, RunStateMachine
+from migd.migration.params import MigrationConfig
 
 
 class ScriptedMigration:
@@ -30,3 +31,4 @@ class DaemonParts:
         self.migration = ScriptedMigration()
         self.machine = None
         self.incoming = None
+        self.migration_config = MigrationConfig()

@@ -6,13 +6,17 @@ the final state shows, and the console stays free of errors. Skips where Chromiu
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
 import os
 import re
 import shutil
+import struct
+import subprocess
 import time
+import zlib
 from typing import Any
 
 import aiohttp
@@ -215,3 +219,185 @@ def test_dashboard_of_a_real_migration(tmp_path, migd_factory):
             assert cdp.errors() == []
 
     asyncio.run(browse())
+
+
+# -- event history, bounded streams, and a headless screenshot --------------------------------------
+
+
+async def _read_sse(url: str, timeout: float = 30) -> tuple[list[tuple[str, Any]], float]:
+    """Every (event, data) of one event stream until the server ends it, and how long that took."""
+    start = time.monotonic()
+    out: list[tuple[str, Any]] = []
+    async with aiohttp.ClientSession() as session, session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+        assert r.status == 200
+        kind = None
+        async for raw in r.content:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                out.append((kind, json.loads(line[6:])))
+    return out, time.monotonic() - start
+
+
+async def test_event_stream_history_and_bounds(tmp_path):
+    """Events from before a page opened come first (those of the last migration); ?once=1 and
+    ?duration=S end the stream with an ``end`` event; a bad duration is a 400 naming the parameter."""
+    daemon = DaemonParts()
+    endpoint = await start_http(daemon, "127.0.0.1", 0, sample_interval=0.1)
+    try:
+        daemon.events.emit("STOP", {})  # before the migration: not part of its history
+        daemon.events.emit("MIGRATION", {"status": "setup"})
+        daemon.events.emit("MIGRATION", {"status": "active"})
+        daemon.events.emit("MIGRATION_PASS", {"pass": 1})
+        daemon.events.emit("SOMETHING_ELSE", {})  # not forwarded, not kept
+        got, took = await _read_sse(endpoint.url + "/api/v1/events?once=1")
+        kinds = [k for k, _ in got]
+        assert kinds == ["history", "events", "end"] and took < 10
+        assert [(e["event"], e.get("data")) for e in got[1][1]] == [
+            ("MIGRATION", {"status": "setup"}), ("MIGRATION", {"status": "active"}),
+            ("MIGRATION_PASS", {"pass": 1})]
+        assert got[0][1] and got[0][1][-1]["downtime_limit"] == 300  # the parameter's default
+        got, took = await _read_sse(endpoint.url + "/api/v1/events?duration=1.5")
+        kinds = [k for k, _ in got]
+        assert kinds[:2] == ["history", "events"] and kinds[-1] == "end" and "sample" in kinds
+        assert 1.4 <= took < 10
+        async with aiohttp.ClientSession() as session:
+            for bad in ("-1", "abc", "nan", "1e9"):
+                async with session.get(endpoint.url + f"/api/v1/events?duration={bad}") as r:
+                    assert r.status == 400 and "'duration'" in await r.text()
+    finally:
+        await endpoint.close()
+
+
+def _png_pixels(data: bytes) -> tuple[int, int, list[bytes]]:
+    """Width, height and unfiltered rows of an 8-bit RGB/RGBA PNG (what Chromium writes)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, width = 8, b"", 0
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        if kind == b"IHDR":
+            width, height, depth, color = struct.unpack(">IIBB", body[:10])
+            assert depth == 8 and color in (2, 6), (depth, color)
+            bpp = 3 if color == 2 else 4
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    raw = zlib.decompress(idat)
+    stride = width * bpp
+    rows: list[bytes] = []
+    prev = bytearray(stride)
+    for r in range(height):
+        f, line = raw[r * (stride + 1)], bytearray(raw[r * (stride + 1) + 1:(r + 1) * (stride + 1)])
+        for i in range(stride):
+            a = line[i - bpp] if i >= bpp else 0
+            b = prev[i]
+            c = prev[i - bpp] if i >= bpp else 0
+            if f == 1:
+                line[i] = (line[i] + a) & 0xFF
+            elif f == 2:
+                line[i] = (line[i] + b) & 0xFF
+            elif f == 3:
+                line[i] = (line[i] + (a + b) // 2) & 0xFF
+            elif f == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 0xFF
+        rows.append(bytes(line))
+        prev = line
+    return width, height, rows
+
+
+HEADLESS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--hide-scrollbars",
+            "--window-size=1200,900", "--virtual-time-budget=5000"]
+
+
+def test_headless_screenshot_of_a_migration(tmp_path, migd_factory):
+    """``chromium --headless --virtual-time-budget --screenshot`` of ``/?once=1`` during a real
+    migration returns (the event stream ends), and the picture and the DOM show the migration: its
+    status in the title and badge, the events from before the page opened, the downtime limit on a
+    log-scale chart and the convergence state."""
+    dst = migd_factory("dst", "-m", "32M", "--incoming", "defer")
+    sock = dst.sock_path("mig")
+    dst.cmd("migrate-incoming", uri=f"unix:{sock}")
+    src = migd_factory("src", "-m", "32M", "--workload", "random,rate=64M,wss=4M", "--http", "127.0.0.1:0")
+    from test_http_e2e import http_port
+    port = http_port(src)
+    src.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
+    src.wait_for(lambda: sum(v["bytes-written"] for v in src.cmd("x-migd-query-workload")["vcpus"]) > 8 << 20,
+                 what="the guest to dirty its working set")
+    # never converges (see test_pass_logging): the migration is active for as long as the test needs
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 24 << 20, "downtime-limit": 1})
+    src.cmd("migrate", uri=f"unix:{sock}")
+    try:
+        src.wait_for(lambda: "x-migd-convergence" in src.cmd("query-migrate")
+                     and src.cmd("query-migrate")["total-time"] > 2500, what="a forecast and a few samples")
+        shot = tmp_path / "dashboard.png"
+        url = f"http://127.0.0.1:{port}/?once=1"
+        start = time.monotonic()
+        done = subprocess.run([CHROMIUM, *HEADLESS, f"--user-data-dir={tmp_path / 'p1'}", f"--screenshot={shot}",
+                               url], capture_output=True, timeout=120)
+        took = time.monotonic() - start
+        assert done.returncode == 0 and shot.exists(), done.stderr[-2000:]
+        dom = subprocess.run([CHROMIUM, *HEADLESS, f"--user-data-dir={tmp_path / 'p2'}", "--dump-dom", url],
+                             capture_output=True, timeout=120, text=True)
+        assert dom.returncode == 0, dom.stderr[-2000:]
+        assert src.cmd("query-migrate")["status"] == "active"  # still migrating after both
+    finally:
+        src.cmd("migrate_cancel")
+    html = dom.stdout
+    assert re.search(r"<title>migd · active \d+\.\d %</title>", html), html[:500]
+    assert 'id="status" class="badge" data-status="active"' in html
+    assert 'data-ended="1"' in html and 'data-state="closed"' in html  # the stream ended, no reconnect
+    assert re.search(r'id="convergence" data-state="(converging|stalled|diverging)"', html)
+    assert 'id="limit">1 ms<' in html
+    assert 'class="limit"' in html and 'data-scale="log"' in html
+    events = re.findall(r"<li>([^<]*)</li>", html)
+    assert any("MIGRATION" in e and '"setup"' in e for e in events), events  # from before the page
+    width, height, rows = _png_pixels(shot.read_bytes())
+    assert (width, height) == (1200, 900)
+    bpp = len(rows[0]) // width
+    sampled = [row[i:i + 3] for row in rows[::4] for i in range(0, len(row), bpp * 4)]
+    counts = collections.Counter(sampled)
+    background, _ = counts.most_common(1)[0]
+    inked = len(sampled) - counts[background]
+    assert len(counts) > 20 and inked > len(sampled) // 20, (len(counts), inked, len(sampled))
+    # the chart line (the accent blue #2f6fde) is drawn
+    assert any(b"\x2f\x6f\xde" in row for row in rows), "no chart series in the screenshot"
+    print(f"screenshot {shot} in {took:.1f} s: {len(counts)} colours, {inked} of {len(sampled)} samples inked")
+
+
+async def test_dashboard_shows_convergence_limit_and_a_late_pages_history(tmp_path):
+    """A page opened after the migration's first events lists them; the convergence state and ETA,
+    the downtime limit (as set) and its line on the log-scale chart show; the title says the state."""
+    daemon = DaemonParts()
+    daemon.migration_config.set_parameters({"downtime-limit": 50})
+    endpoint = await start_http(daemon, "127.0.0.1", 0, sample_interval=0.1)
+    try:
+        daemon.events.emit("MIGRATION", {"status": "setup"})
+        daemon.migration.info = {**active(400 << 20, 2), "expected-downtime": 20000,
+                                 "x-migd-convergence": {"state": "converging", "eta-ms": 3200}}
+        daemon.events.emit("MIGRATION", {"status": "active"})
+        async with chromium(tmp_path) as cdp:
+            await cdp.send("Page.navigate", url=endpoint.url + "/")
+            await until(cdp, "document.getElementById('convergence').dataset.state === 'converging'")
+            assert await cdp.evaluate("document.getElementById('convergence').textContent") == \
+                "converging · eta 3200 ms"
+            assert await cdp.evaluate("document.getElementById('limit').textContent") == "50 ms"
+            assert await cdp.evaluate("document.title") == "migd · active 60.9 %"
+            events = await cdp.evaluate("[...document.querySelectorAll('#events li')].map(li => li.textContent)")
+            assert any('"setup"' in e for e in events) and any('"active"' in e for e in events)
+            chart = "document.getElementById('chart-downtime')"
+            assert await cdp.evaluate(f"{chart}.dataset.scale") == "log"
+            assert await cdp.evaluate(f"{chart}.querySelector('text.limitlabel').textContent") == "limit 50 ms"
+            # log scale: 50 ms sits well up the chart although the estimate is 400 times larger
+            y_limit = float(await cdp.evaluate(f"{chart}.querySelector('line.limit').getAttribute('y1')"))
+            assert 30 < y_limit < 130  # the chart's plot area runs from y=14 (top) to y=152 (bottom)
+            daemon.migration.info = {**active(400 << 20, 3), "x-migd-convergence": {"state": "diverging"}}
+            await until(cdp, "document.getElementById('convergence').dataset.state === 'diverging'")
+            assert await cdp.evaluate("document.getElementById('convergence').textContent") == "diverging"
+            assert cdp.errors() == []
+    finally:
+        await endpoint.close()

@@ -79,3 +79,57 @@ def test_metrics_after_a_migration(migd_factory):
     for phase, ms in info.get("x-migd-downtime-phases", {}).items():
         assert m[("migd_migration_downtime_phase_seconds", (("phase", phase),))] == pytest.approx(ms / 1000)
     assert m[("migd_guest_runstate", (("state", "postmigrate"),))] == 1
+
+
+@pytest.mark.e2e
+def test_destination_exports_incoming_progress(migd_factory):
+    """A destination's /metrics and /api/v1/migration show the incoming migration: status, bytes received,
+    pages loaded (data and zero), and its timings, while it loads and after it completed."""
+    dst = migd_factory("dst", "-m", "64M", "--incoming", "defer", "--http", "127.0.0.1:0")
+    port = http_port(dst)
+    m = metrics(port)
+    assert not any(name.startswith("migd_incoming_") for name, _ in m)  # nothing before migrate-incoming
+    sock = dst.sock_path("mig")
+    dst.cmd("migrate-incoming", uri=f"unix:{sock}")
+    m = metrics(port)
+    assert m[("migd_incoming_status", (("status", "setup"),))] == 1
+    assert m[("migd_incoming_received_bytes_total", ())] == 0
+    status, body = get(port, "/api/v1/migration")
+    api = json.loads(body)
+    assert api["status"] == "setup" and api["x-migd-incoming"]["received"] == 0
+    assert dst.cmd("query-migrate") == {k: v for k, v in api.items() if k != "x-migd-incoming"}
+
+    src = migd_factory("src", "-m", "64M", "--workload", "random,rate=32M,wss=32M")
+    # pages with data to send (untouched ones go as 9-byte zero records), then ~2 s at 16 MiB/s
+    src.wait_for(lambda: sum(v["bytes-written"] for v in src.cmd("x-migd-query-workload")["vcpus"]) > 48 << 20,
+                 what="the guest to fill its working set")
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 16 << 20})
+    src.cmd("migrate", uri=f"unix:{sock}")
+    loading = dst.wait_for(lambda: (lambda m: m if m.get(("migd_incoming_status", (("status", "active"),))) == 1
+                                    and m[("migd_incoming_received_bytes_total", ())] > (1 << 20) else None)(
+        metrics(port)), what="the destination to show bytes received while active")
+    assert loading[("migd_incoming_pages_total", (("kind", "normal"),))] + \
+        loading[("migd_incoming_pages_total", (("kind", "zero"),))] > 0
+    assert loading[("migd_incoming_load_time_seconds", ())] > 0
+    assert loading[("migd_incoming_total_time_seconds", ())] >= loading[("migd_incoming_setup_time_seconds", ())]
+    src.wait_for(lambda: src.cmd("query-migrate").get("status") in ("completed", "failed"),
+                 timeout=120, what="the migration to end")
+    info = src.cmd("query-migrate")
+    assert info["status"] == "completed"
+    dst.wait_for(lambda: dst.cmd("query-migrate").get("status") == "completed", what="the destination to complete")
+    m = metrics(port)
+    assert m[("migd_incoming_status", (("status", "completed"),))] == 1
+    assert m[("migd_incoming_status", (("status", "active"),))] == 0
+    normal = m[("migd_incoming_pages_total", (("kind", "normal"),))]
+    zero = m[("migd_incoming_pages_total", (("kind", "zero"),))]
+    assert normal == info["ram"]["normal"] and zero == info["ram"]["duplicate"]  # every record the source sent
+    assert normal + zero >= (64 << 20) // 4096  # each page at least once
+    received = m[("migd_incoming_received_bytes_total", ())]
+    assert normal * 4096 < received <= info["ram"]["transferred"] + (1 << 20)
+    total = m[("migd_incoming_total_time_seconds", ())]
+    assert total == pytest.approx(m[("migd_incoming_setup_time_seconds", ())]
+                                  + m[("migd_incoming_load_time_seconds", ())], abs=0.002)
+    status, body = get(port, "/api/v1/migration")
+    api = json.loads(body)["x-migd-incoming"]
+    assert api["received"] == received and api["pages"] == normal and api["total-time"] == round(total * 1000)
+    assert metrics(port)[("migd_incoming_total_time_seconds", ())] == total  # stopped at the end

@@ -401,3 +401,34 @@ def test_rate_limited_iterations_spend_the_window_budget():
     assert np.array_equal(block.buf, dst_ram.get("ram0").buf)
     for sent in per_window:
         assert abs(sent - limit) / limit < 0.05, per_window
+
+
+@pytest.mark.parametrize("logging", [True, False], ids=["logging", "not-logging"])
+def test_loader_marks_the_pages_it_writes_dirty_while_logging(logging: bool) -> None:
+    """A relay sends a machine on while it loads: every page the loader writes (per-record and bulk
+    paths, PAGE and ZERO) is in the dirty log, and only those; nothing is marked without logging."""
+    dst = ramlist(ram0=MiB * 2)
+    block = dst.get("ram0")
+    block.pages[:] = 0xFF  # touched: ZERO records write
+    if logging:
+        dirty.log_start(dst)
+    stream = bytearray((0 | RAM_PAGE).to_bytes(8, "big") + bytes((4,)) + b"ram0" + bytes([1]) * PAGE_SIZE)
+    for i in range(1, 100):  # interleaved, one by one
+        stream += _records(RAM_PAGE if i % 2 else RAM_ZERO, [i], bytes([i]) * PAGE_SIZE)
+    stream += _records(RAM_PAGE, [200, 150, 170, 171, 172], bytes([9]) * PAGE_SIZE)  # scattered
+    stream += _records(RAM_PAGE, list(range(300, 400)), bytes([5]) * PAGE_SIZE)  # a bulk run
+    stream += _records(RAM_ZERO, list(range(400, 480)))
+    stream += (0x10).to_bytes(8, "big")
+    a, b = socket.socketpair()
+    writer = threading.Thread(target=SocketChannel(a).write_all, args=([bytes(stream)],))
+    writer.start()
+    RAMLoader(dst).load(InStream(SocketChannel(b)), 2)
+    writer.join(WAIT)
+    a.close()
+    b.close()
+    marked = set(np.flatnonzero(dirty.sync(dst)["ram0"]).tolist())
+    if logging:
+        assert marked == set(range(100)) | {150, 170, 171, 172, 200} | set(range(300, 480))
+    else:
+        assert marked == set()
+    assert (block.pages[350] == 5).all() and not block.pages[450].any()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -20,12 +21,13 @@ from prometheus_client import CollectorRegistry
 from migd.http.host import HttpHost
 from migd.http.hosts import HostCheck, host_middleware
 from migd.http.live import LiveFeed
-from migd.http.metrics import CONTENT_TYPE, make_registry, migration_info, render
+from migd.http.metrics import CONTENT_TYPE, api_info, make_registry, migration_info, render
 from migd.machine.runstate import RunState
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT = 15.0  # seconds between SSE comments, so proxies and browsers keep the stream open
+MAX_DURATION = 86400.0  # the largest ?duration= an event stream may ask for, seconds
 UNHEALTHY_RUNSTATES = frozenset({RunState.INTERNAL_ERROR, RunState.IO_ERROR, RunState.GUEST_PANICKED})
 STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
 
@@ -74,29 +76,57 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def migration(request: web.Request) -> web.Response:
-    return _json(migration_info(request.app[DAEMON_KEY]))
+    return _json(api_info(request.app[DAEMON_KEY]))
 
 
 def _sse(kind: str, data: Any) -> bytes:
     return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
+def _stream_limit(query: Mapping[str, str]) -> float | None:
+    """Seconds an event stream may last: ``?once=1`` 0 (the history only), ``?duration=S`` S, else
+    unbounded. A bad value is a 400 naming the parameter."""
+    if query.get("once", "") not in ("", "0"):
+        return 0.0
+    raw = query.get("duration")
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0.0 <= seconds <= MAX_DURATION:  # also refuses nan
+        raise web.HTTPBadRequest(text=f"Parameter 'duration' expects seconds between 0 and {MAX_DURATION:g}")
+    return seconds
+
+
 async def events(request: web.Request) -> web.StreamResponse:
-    """Server-Sent Events: the sample history first, then each new sample and forwarded QMP event."""
+    """Server-Sent Events: the sample history and the last migration's QMP events first, then each new
+    sample and forwarded QMP event. With ``?once=1`` or ``?duration=S`` the stream ends (after an
+    ``end`` event, so the page closes it instead of reconnecting): a headless browser can finish."""
     feed = request.app[FEED_KEY]
+    limit = _stream_limit(request.query)
+    loop = asyncio.get_running_loop()
+    deadline = None if limit is None else loop.time() + limit
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
     await response.prepare(request)
     queue = feed.subscribe()
     try:
-        await response.write(b"retry: 1000\n\n" + _sse("history", list(feed.history)))
+        await response.write(b"retry: 1000\n\n" + _sse("history", list(feed.history))
+                             + _sse("events", list(feed.events)))
         while True:
+            wait = HEARTBEAT if deadline is None else min(HEARTBEAT, deadline - loop.time())
+            if wait <= 0:
+                await response.write(_sse("end", {"reason": "duration"}))
+                break
             try:
-                item = await asyncio.wait_for(queue.get(), HEARTBEAT)
+                item = await asyncio.wait_for(queue.get(), wait)
             except TimeoutError:
                 if not feed.subscribed(queue):
                     break
-                await response.write(b": keep-alive\n\n")
+                if deadline is None or loop.time() < deadline:
+                    await response.write(b": keep-alive\n\n")
                 continue
             if item is None:
                 break

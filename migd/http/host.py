@@ -13,6 +13,7 @@ from migd.events import Event
 from migd.machine.machine import Machine
 from migd.machine.runstate import RunStateMachine
 from migd.migration.info import MigrationSide
+from migd.migration.params import MigrationConfig
 
 
 class EventSource(Protocol):
@@ -21,6 +22,12 @@ class EventSource(Protocol):
     def subscribe(self, listener: Callable[[Event], None]) -> None: ...
 
     def unsubscribe(self, listener: Callable[[Event], None]) -> None: ...
+
+
+class IncomingSide(MigrationSide, Protocol):
+    """The destination side: query-migrate's answer and its [migd] progress counters."""
+
+    def progress(self) -> dict[str, int]: ...
 
 
 class HttpHost(Protocol):
@@ -36,7 +43,10 @@ class HttpHost(Protocol):
     def migration(self) -> MigrationSide: ...
 
     @property
-    def incoming(self) -> MigrationSide | None: ...
+    def incoming(self) -> IncomingSide | None: ...
+
+    @property
+    def migration_config(self) -> MigrationConfig: ...
 
     @property
     def machine(self) -> Machine | None: ...

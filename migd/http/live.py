@@ -3,7 +3,8 @@
 Samples come from ``query-migrate`` (not from events), so the chart works whether or not the ``events``
 capability is on; a MIGRATION event only makes the next sample come at once. Passes are marked where
 ``dirty-sync-count`` grows. Each subscriber has a bounded queue: a page that stops reading is dropped,
-it never makes the daemon wait.
+it never makes the daemon wait. The forwarded QMP events of the last migration are kept too (bounded),
+so a page opened after the migration still lists what happened.
 """
 
 from __future__ import annotations
@@ -16,19 +17,23 @@ from collections import deque
 from typing import Any
 
 from migd.http.host import HttpHost
-from migd.http.metrics import migration_info
+from migd.http.metrics import api_info
 from migd.units import PAGE_SIZE
 
 log = logging.getLogger(__name__)
 
 HISTORY = 600  # samples kept for a page that opens mid-migration
+EVENT_HISTORY = 200  # forwarded QMP events kept (those of the last migration, from its setup on)
 QUEUE = 256
 FORWARDED_EVENTS = frozenset({"MIGRATION", "MIGRATION_PASS", "STOP", "RESUME", "SHUTDOWN"})
 
 
-def make_sample(info: dict[str, Any], runstate: str, now: float) -> dict[str, Any]:
-    """The figures the dashboard charts, in base units (bytes, bytes/s, milliseconds as QEMU gives them)."""
+def make_sample(info: dict[str, Any], runstate: str, now: float,
+                downtime_limit: int | None = None) -> dict[str, Any]:
+    """The figures the dashboard charts, in base units (bytes, bytes/s, milliseconds as QEMU gives them);
+    ``downtime_limit`` is the ``downtime-limit`` parameter (ms)."""
     ram = info.get("ram") or {}
+    incoming = info.get("x-migd-incoming") or {}
     page = ram.get("page-size", PAGE_SIZE)
     rate = ram.get("dirty-pages-rate")
     mbps = ram.get("mbps")
@@ -47,6 +52,9 @@ def make_sample(info: dict[str, Any], runstate: str, now: float) -> dict[str, An
         "throttle": info.get("cpu-throttle-percentage"),
         "phases": info.get("x-migd-downtime-phases"),
         "error": info.get("error-desc"),
+        "downtime_limit": downtime_limit,
+        "convergence": info.get("x-migd-convergence"),
+        "received": incoming.get("received"),
     }
 
 
@@ -57,6 +65,7 @@ class LiveFeed:
         self.daemon = daemon
         self.interval = interval
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
+        self.events: deque[dict[str, Any]] = deque(maxlen=EVENT_HISTORY)
         self._subscribers: set[asyncio.Queue[tuple[str, Any] | None]] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -84,13 +93,19 @@ class LiveFeed:
         self._subscribers.discard(queue)
 
     def sample_now(self) -> dict[str, Any]:
-        sample = make_sample(migration_info(self.daemon), str(self.daemon.runstate.state), time.time())
+        """(event loop) One sample, kept and published."""
+        limit = self.daemon.migration_config.param("downtime-limit")
+        sample = make_sample(api_info(self.daemon), str(self.daemon.runstate.state), time.time(),
+                             int(limit) if isinstance(limit, int | float) else None)
         self.history.append(sample)
         self._publish("sample", sample)
         return sample
 
     def _on_event(self, event: dict[str, Any]) -> None:
         if event.get("event") in FORWARDED_EVENTS:
+            if event.get("event") == "MIGRATION" and (event.get("data") or {}).get("status") == "setup":
+                self.events.clear()  # a new migration: the list is about it from now on
+            self.events.append(event)
             self._publish("qmp", event)
             self._wake.set()
 

@@ -33,6 +33,25 @@ def migration_info(daemon: HttpHost) -> dict[str, Any]:
     return query_migrate(daemon.migration, daemon.incoming)
 
 
+def incoming_info(daemon: HttpHost) -> dict[str, Any]:
+    """The destination's query-migrate answer with its progress as ``x-migd-incoming``; ``{}`` on a
+    daemon that never had an incoming migration."""
+    incoming = daemon.incoming
+    if incoming is None:
+        return {}
+    info = incoming.query()
+    if info:
+        info["x-migd-incoming"] = incoming.progress()
+    return info
+
+
+def api_info(daemon: HttpHost) -> dict[str, Any]:
+    """``/api/v1/migration``: query-migrate's answer; when that is the destination's (the source side
+    never ran), with the destination's progress as ``x-migd-incoming``."""
+    info = daemon.migration.query()
+    return info if info else incoming_info(daemon)
+
+
 def _gauge(name: str, doc: str, value: float | int | None) -> Iterator[Metric]:
     if value is not None:
         yield GaugeMetricFamily(name, doc, value=float(value))
@@ -101,6 +120,32 @@ def migration_metrics(info: dict[str, Any]) -> Iterator[Metric]:
         yield g
 
 
+def incoming_metrics(info: dict[str, Any]) -> Iterator[Metric]:
+    """The destination side (``incoming_info``): its status and what arrived; nothing without one."""
+    if not info:
+        return
+    status = info.get("status", "none")
+    g = GaugeMetricFamily("migd_incoming_status", "1 for the incoming migration's status (QEMU's names)",
+                          labels=["status"])
+    for name in MIGRATION_STATUSES:
+        g.add_metric([name], 1.0 if name == status else 0.0)
+    yield g
+    progress = info.get("x-migd-incoming") or {}
+    yield from _counter("migd_incoming_received_bytes", "migration stream bytes received and parsed",
+                        progress.get("received"))
+    if "pages" in progress:
+        pages = CounterMetricFamily("migd_incoming_pages", "RAM pages loaded, by record kind", labels=["kind"])
+        pages.add_metric(["normal"], float(progress.get("pages", 0)))
+        pages.add_metric(["zero"], float(progress.get("zero-pages", 0)))
+        yield pages
+    yield from _gauge("migd_incoming_setup_time_seconds", "time listening before the source connected",
+                      _seconds(progress.get("setup-time")))
+    yield from _gauge("migd_incoming_load_time_seconds", "time since the source connected (or until the end)",
+                      _seconds(progress.get("load-time")))
+    yield from _gauge("migd_incoming_total_time_seconds", "time since migrate-incoming (or until the end)",
+                      _seconds(progress.get("total-time")))
+
+
 def guest_metrics(daemon: HttpHost) -> Iterator[Metric]:
     state = str(daemon.runstate.state)
     g = GaugeMetricFamily("migd_guest_runstate", "1 for the current run state (QEMU's names)", labels=["state"])
@@ -137,6 +182,7 @@ class MigdCollector(Collector):
         yield info
         yield from guest_metrics(self.daemon)
         yield from migration_metrics(migration_info(self.daemon))
+        yield from incoming_metrics(incoming_info(self.daemon))
 
 
 def make_registry(daemon: HttpHost) -> CollectorRegistry:

@@ -15,12 +15,21 @@ the end); once the VMDESCRIPTION
 (after EOF) is read, every described section's size (fields and subsections) must equal what was cut,
 or the load fails. Any other live section than ``ram`` (block migration, dirty bitmaps) and postcopy
 are refused: their content could not be held faithfully.
+
+The live relay (docs/INTEROP.md): the ``ForeignMachine`` exists from the header on (``on_machine``),
+so a ``migrate`` may send it on while it is still arriving. ``ram_ready`` says the block list was
+created, ``loaded`` that the incoming side delivered everything (set by the destination once its
+load completed), ``failure`` why it never will. The loader marks the pages it writes in the blocks'
+dirty bitmaps while an outgoing migration logs them, so they are resent.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +54,7 @@ from migd.migration.format import (
 from migd.migration.ram import RAMLoader
 from migd.migration.savevm import CommandHandler, load_command
 from migd.migration.stream import IN_BUF, InStream, StreamError
+from migd.threads import any_thread, off_loop
 
 __all__ = ["DeviceSection", "ForeignMachine", "is_foreign", "load_foreign", "may_hold_foreign", "peek_machine_type"]
 
@@ -103,11 +113,40 @@ class ForeignMachine:
     devices: list[DeviceSection] = field(default_factory=list)
     vmdesc: bytes | None = None  # the VMDESCRIPTION's JSON as received
     switchover_start: bool = False  # the source sent SWITCHOVER_START (QEMU >= 9.x): send it on too
+    ram_ready: threading.Event = field(default_factory=threading.Event)  # the block list was created
+    loaded: threading.Event = field(default_factory=threading.Event)  # the incoming load completed
+    failure: str | None = None  # why the incoming load failed (then it never completes)
 
     def describe(self) -> dict[str, Any]:
         return {"machine-type": self.machine_type,
                 "ram-blocks": [{"name": b.name, "size": b.size} for b in self.ram.blocks()],
                 "devices": [d.describe() for d in self.devices]}
+
+    @any_thread
+    def mark_loaded(self) -> None:
+        """The incoming side delivered everything: a relay's outgoing migration may complete."""
+        self.loaded.set()
+
+    @any_thread
+    def mark_failed(self, desc: str) -> None:
+        """The incoming load failed: a relay's outgoing migration fails too."""
+        self.failure = desc
+        self.ram_ready.set()  # wake a waiter; it then finds the failure
+
+    @off_loop
+    def wait_ram(self, timeout: float) -> None:
+        """Wait until the block list was created; StreamError when the load failed or it timed out."""
+        deadline = time.monotonic() + timeout
+        while not self.ram_ready.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                raise StreamError(f"The incoming migration sent no RAM block list within {timeout:g} s")
+        self.check()
+
+    @any_thread
+    def check(self) -> None:
+        """StreamError with the incoming side's reason once its load failed."""
+        if self.failure is not None:
+            raise StreamError(f"The incoming migration failed: {self.failure}")
 
 
 class _ForeignRAMLoader(RAMLoader):
@@ -116,9 +155,13 @@ class _ForeignRAMLoader(RAMLoader):
     CREATE_ON_START = True
 
 
-def load_foreign(f: InStream, on_command: CommandHandler | None = None) -> ForeignMachine:
-    """Load a whole stream of another machine type into a new ForeignMachine (incoming thread)."""
+def load_foreign(f: InStream, on_command: CommandHandler | None = None,
+                 on_machine: Callable[[ForeignMachine], None] | None = None) -> ForeignMachine:
+    """Load a whole stream of another machine type into a new ForeignMachine (incoming thread);
+    ``on_machine`` is handed the machine as soon as the header named its type (the live relay)."""
     machine = _load_header(f)
+    if on_machine is not None:
+        on_machine(machine)
     ram = _ForeignRAMLoader(machine.ram)
     live: dict[int, str] = {}
     while True:
@@ -137,6 +180,7 @@ def load_foreign(f: InStream, on_command: CommandHandler | None = None) -> Forei
                 ram.load(f, Section.START, version_id)
                 live[section_id] = idstr
                 machine.ram_section_id = section_id
+                machine.ram_ready.set()
             else:
                 data = _read_device_state(f, section_id, idstr, live)
                 machine.devices.append(DeviceSection(section_id, idstr, instance_id, version_id, data))

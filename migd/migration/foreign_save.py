@@ -5,6 +5,12 @@ return-path COMMANDs], the ``ram`` section under its received section id with th
 list, then the pages by migd's RAM saver: every page once, PAGE or ZERO), [SWITCHOVER_START only if the
 source sent it: older QEMUs do not know the command], every device section exactly as received (its
 header fields, state bytes and footer), EOF, and the VMDESCRIPTION as received.
+
+The live relay: a machine still arriving is sent on as it arrives. The setup waits for the incoming
+block list; the pages the loader writes are dirty pages here (the loader marks them), so the usual
+passes resend them; a policy's switch-over waits until the incoming side completed, and once it did
+the switch-over comes at once: its final pass is what QEMU's last pass brought, then the devices as
+received. The guest is stopped at its QEMU source meanwhile, so nothing here runs it or waits longer.
 """
 
 from __future__ import annotations
@@ -30,8 +36,12 @@ from migd.migration.ram import RAMSaver
 from migd.migration.savevm import SaveVM
 from migd.migration.stats import MigrationStats
 from migd.migration.stream import OutStream
+from migd.threads import on_thread
 
 __all__ = ["ForeignSaveVM", "savevm_for"]
+
+RAM_WAIT = 30.0  # seconds a relay waits for the incoming block list (QEMU sends it right after the header)
+IDLE_WAIT = 0.05  # seconds a relay with nothing to resend waits for new pages or the end (and syncs no faster)
 
 
 class ForeignSaveVM(SaveVM):
@@ -46,6 +56,7 @@ class ForeignSaveVM(SaveVM):
         self.peer_timeout_ms = 0
         self.ram = RAMSaver(held.ram, stats)
         self.sid = held.ram_section_id
+        self.relaying = not held.loaded.is_set()  # sent on while it arrives: its end decides the switch-over
 
     def save_header(self, f: OutStream) -> None:
         """(migration thread) Magic, version, the configuration as received, [return path]."""
@@ -59,6 +70,17 @@ class ForeignSaveVM(SaveVM):
         self.ram.save_setup(f)
         f.put(section_footer(self.sid))
 
+    @on_thread("mig/src/main")
+    def switchover_ready(self) -> bool:
+        """(migration thread) Only once the incoming side delivered everything (EOF, device state)."""
+        self.held.check()
+        return self.held.loaded.is_set()
+
+    @on_thread("mig/src/main")
+    def switchover_due(self) -> bool:
+        """(migration thread) A relay switches over as soon as its incoming side completed."""
+        return self.relaying and self.switchover_ready()
+
     def save_iterate(self, f: OutStream) -> bool:
         if f.rate_limit_exceeded():
             return False
@@ -66,6 +88,8 @@ class ForeignSaveVM(SaveVM):
         done = self.ram.save_iterate(f)
         f.put(section_footer(self.sid))
         f.flush()
+        if done and self.relaying:  # nothing to resend: wait a little for pages or the end, not spin
+            self.held.loaded.wait(IDLE_WAIT)
         return done
 
     def save_complete_ram(self, f: OutStream, switchover_start: bool = True) -> None:
@@ -99,5 +123,6 @@ def savevm_for(held: ForeignMachine | None, machine: Machine, stats: MigrationSt
     """(migration thread) The held foreign machine's SaveVM if the daemon holds one (QEMU's format,
     no migd features), else migd's, announcing ``features``."""
     if held is not None:
+        held.wait_ram(RAM_WAIT)  # a relay: the incoming block list first (outside the big lock)
         return ForeignSaveVM(held, stats, return_path)
     return SaveVM(machine, stats, return_path, features, peer_timeout_ms)

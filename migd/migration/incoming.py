@@ -22,6 +22,7 @@ import logging
 import struct
 import sys
 import threading
+import time
 from typing import Any
 
 from migd.bql import BQL
@@ -37,15 +38,17 @@ from migd.migration.format import (
 )
 from migd.migration.heartbeat import Watchdog, WatchedChannel, beat_interval, writable
 from migd.migration.host import MigrationHost
-from migd.migration.multifd import NEEDS_SOCKETS, MultifdReceiver, supports
+from migd.migration.multifd import NEEDS_SOCKETS, NO_TLS, MultifdReceiver, supports
 from migd.migration.params import MigrationConfig
-from migd.migration.ram import prefault
+from migd.migration.ram import RAMLoader, prefault
 from migd.migration.savevm import load_commit, load_stream
 from migd.migration.status import MigrationStatus
 from migd.migration.stream import InStream
+from migd.objects import ObjectError
 from migd.threads import any_thread, loop_only, off_loop, on_thread
-from migd.transports import Listener, TransportError, URIError, listen, parse_uri
-from migd.transports.tcp import set_peer_timeout
+from migd.transports import Listener, TransportError, URIError, listen, parse_uri, tls
+from migd.transports.channel import Channel, SocketChannel
+from migd.transports.tcp import TcpListener, set_peer_timeout
 from migd.transports.uri import MigrationURI
 
 log = logging.getLogger("migd.migration")
@@ -53,7 +56,12 @@ log = logging.getLogger("migd.migration")
 M = MigrationStatus
 
 DEFER = "defer"
+TLS_TCP_ONLY = "TLS is only supported on tcp migration channels by migd"
 CLOSE_JOIN = 5.0  # seconds close() waits for the woken incoming thread
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
 
 
 class IncomingError(Exception):
@@ -93,6 +101,13 @@ class IncomingMigration:
         self._multifd: MultifdReceiver | None = None
         self.finished = threading.Event()  # set once the status is completed or failed
         self.foreign: foreign.ForeignMachine | None = None  # a machine of another type, held as data
+        # [migd] progress the loop reads without locks: plain ints and floats the incoming thread
+        # publishes (set once, or only ever grown), read as one attribute each
+        self._instream: InStream | None = None
+        self._loader: RAMLoader | None = None
+        self._listen_at: float | None = None  # monotonic: listening (setup)
+        self._accept_at: float | None = None  # the source connected (active)
+        self._end_at: float | None = None  # completed or failed
 
     # -- starting ------------------------------------------------------------------------------
 
@@ -126,6 +141,9 @@ class IncomingMigration:
         if self.config.cap("multifd") and not supports(uri):
             self._started = False
             raise IncomingError(NEEDS_SOCKETS)
+        if self.config.cap("multifd") and self.config.param("tls-creds"):
+            self._started = False
+            raise IncomingError(NO_TLS)
         try:
             # listening may spawn a command or resolve a name: keep it off the loop
             listener = await self.host.run_blocking(listen, uri, fds)
@@ -135,6 +153,7 @@ class IncomingMigration:
         self._listener = listener
         self.exit_on_error = exit_on_error
         self.socket_address = list(listener.socket_address) or None
+        self._listen_at = time.monotonic()
         self._set_status(M.SETUP)
         log.info("incoming migration: listening on %s", uri.display())
         self._thread = threading.Thread(target=self._run, name="mig/dst/main", daemon=True)
@@ -167,6 +186,26 @@ class IncomingMigration:
             info["x-migd-commit"] = "waiting"  # everything loaded, the source's COMMIT not yet here
         return info
 
+    @any_thread
+    def progress(self) -> dict[str, int]:
+        """[migd] What arrived so far (the HTTP endpoint's ``x-migd-incoming``; query-migrate keeps
+        QEMU's members only): stream bytes consumed, RAM pages loaded (data and zero records),
+        and milliseconds listening (``setup-time``), loading (``load-time``) and in all (``total-time``)."""
+        now = time.monotonic()
+        instream, loader = self._instream, self._loader
+        listen_at, accept_at, end_at = self._listen_at, self._accept_at, self._end_at
+        out: dict[str, int] = {"received": instream.consumed if instream is not None else 0}
+        if loader is not None:
+            out["pages"] = loader.pages
+            out["zero-pages"] = loader.zero_pages
+        stop = end_at if end_at is not None else now
+        if listen_at is not None:
+            out["setup-time"] = _ms((accept_at if accept_at is not None else stop) - listen_at)
+            out["total-time"] = _ms(stop - listen_at)
+        if accept_at is not None:
+            out["load-time"] = _ms(stop - accept_at)
+        return out
+
     # -- the incoming thread -------------------------------------------------------------------
 
     @on_thread("mig/dst/main")
@@ -190,7 +229,7 @@ class IncomingMigration:
         assert listener is not None
         mfd = None
         try:
-            raw = listener.accept()
+            raw = self._accept(listener)
             if self.config.cap("multifd"):  # the listener goes on accepting the multifd channels
                 p = self.config.params
                 mfd = MultifdReceiver(machine.ram, int(p["multifd-channels"]), str(p["multifd-compression"]),
@@ -206,21 +245,26 @@ class IncomingMigration:
             if mfd is None:
                 listener.close()
         channel = self._channel = WatchedChannel(raw)
+        self._accept_at = time.monotonic()
         self._rp = returnpath.ReturnPathWriter(channel)
         if self._closing:
             self._fail("Incoming migration was shut down")
             return
         self._set_status(M.ACTIVE)
-        instream = InStream(channel)
+        instream = self._instream = InStream(channel)
         try:
             if may_be_foreign and foreign.is_foreign(instream):
-                self.foreign = foreign.load_foreign(instream, on_command=self._on_command)
+                self.foreign = foreign.load_foreign(instream, on_command=self._on_command,
+                                                    on_machine=self._receiving)
                 machine.incoming_runstate = RunState.PAUSED  # held, not run: it ends paused
             else:
                 if may_be_foreign:
                     self._prefault(machine)
+                loader = self._loader = RAMLoader(machine.ram)
+                if mfd is not None:
+                    loader.on_flush = mfd.sync_main
                 load_stream(instream, machine, on_command=self._on_command, on_config=self._on_config,
-                            on_flush=mfd.sync_main if mfd is not None else None)
+                            ram=loader)
             if self.features & FEATURE_COMMIT:
                 self._rp.loaded()
                 self._loaded_sent = True
@@ -236,6 +280,30 @@ class IncomingMigration:
         if mfd is not None:
             mfd.close()
         self._finish()
+
+    def _accept(self, listener: Listener) -> Channel:
+        """(incoming thread) The source's connection; with ``tls-creds``, each connection must pass
+        the TLS handshake (and ``tls-authz``): one that fails is logged and dropped and the listener
+        keeps waiting, as QEMU's does (a refused client must not end the incoming migration)."""
+        creds_id = str(self.config.param("tls-creds"))
+        if creds_id and not isinstance(listener, TcpListener):
+            raise TransportError(TLS_TCP_ONLY)
+        while True:  # bounded by the listener: close() ends accept and any handshake at once
+            raw = listener.accept()
+            if not creds_id:
+                return raw
+            try:
+                creds = self.config.objects.tls_creds(creds_id, "server")
+                authz_id = str(self.config.param("tls-authz"))
+                authz = self.config.objects.authz(authz_id).is_allowed if authz_id else None
+                if not isinstance(raw, SocketChannel) or not isinstance(listener, TcpListener):
+                    raise TransportError(TLS_TCP_ONLY)
+                return tls.server(raw, creds, authz, listener.waker)
+            except (TransportError, ObjectError) as exc:
+                raw.close()
+                if self._closing:
+                    raise
+                log.warning("incoming migration: TLS connection refused: %s", exc)
 
     def _describe(self, exc: BaseException) -> str:
         if self._closing:
@@ -253,6 +321,11 @@ class IncomingMigration:
             prefault(machine.ram)
         except Exception:  # noqa: BLE001 - an optimisation only
             log.warning("incoming migration: prefaulting RAM failed", exc_info=True)
+
+    def _receiving(self, machine: foreign.ForeignMachine) -> None:
+        """(incoming thread) A foreign machine's header arrived: held from now on, so a ``migrate``
+        may send it on while it loads (the live relay)."""
+        self.foreign = machine
 
     def _on_config(self, features: int, peer_timeout_ms: int) -> None:
         """(incoming thread) What a migd source announced in its configuration subsection."""
@@ -330,6 +403,9 @@ class IncomingMigration:
                 except InvalidTransition:
                     self.host.runstate.set(RunState.PAUSED)
             self.socket_address = None
+            if self.foreign is not None:
+                self.foreign.mark_loaded()  # a relay's outgoing migration switches over now
+            self._end_at = time.monotonic()
             self._set_status(M.COMPLETED)
         self._stop_watchdog()
         self._send_shut(0)
@@ -354,6 +430,10 @@ class IncomingMigration:
             desc = "The source closed the migration stream after the load without committing it"
         self.error_desc = desc
         self.socket_address = None
+        half, self.foreign = self.foreign, None  # half a machine is not held
+        if half is not None:
+            half.mark_failed(desc)
+        self._end_at = time.monotonic()
         self._set_status(M.FAILED)
         self._send_shut(1)
         self._close_channel()

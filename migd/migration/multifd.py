@@ -66,6 +66,7 @@ CONNECT_TIMEOUT = 10.0
 BLOCK_WAIT = 10.0  # seconds a receiver waits for a hot-plugged block the main channel announces
 
 NEEDS_SOCKETS = "Migration requires multi-channel URIs (e.g. tcp)"  # QEMU's text
+NO_TLS = "multifd with TLS is not supported by migd yet (unset tls-creds or the multifd capability)"
 
 _STOP = "stop"
 _SYNC = "sync"

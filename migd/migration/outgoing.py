@@ -302,7 +302,7 @@ class MigrationThread(threading.Thread):
                 decision = self._decide(pending, exact=False)
                 if decision.step is Step.SYNC:
                     decision = self._decide(self._sync(), exact=True)
-                if decision.step is Step.SWITCHOVER:
+                if decision.step is Step.SWITCHOVER and savevm.switchover_ready() or savevm.switchover_due():
                     log.info("migration switch-over decided: pending=%d expected_downtime=%d final-rate=%.0f MB/s "
                              "fixed=%s", self.stats.remaining, ms.expected_downtime, policy.final_rate() / 1e6,
                              {k: round(v, 2) for k, v in policy.fixed_parts().items()})

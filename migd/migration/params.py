@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from migd.objects import ObjectRegistry
 from migd.units import PAGE_SIZE as TARGET_PAGE_SIZE
 
 SIZE_MAX = (1 << 64) - 1
@@ -210,6 +211,7 @@ class MigrationConfig:
     def __init__(self) -> None:
         self._params: dict[str, Any] = dict(DEFAULT_PARAMETERS)
         self._caps: dict[str, bool] = dict(DEFAULT_CAPABILITIES)
+        self.objects = ObjectRegistry()  # -object / object-add: what tls-creds and tls-authz name
 
     # parameters
     def param(self, name: str) -> Any:

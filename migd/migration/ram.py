@@ -11,7 +11,8 @@ they are never simply skipped (see docs/FORMAT.md).
 Destination (``RAMLoader``): runs of consecutive same-kind CONTINUE records are one strided numpy view
 (stride 4104 for PAGE, 9 for ZERO) scattered into RAM with one assignment; anything else (names,
 QEMU's interleaved order) takes a per-record path. ZERO records for pages known to be zero already
-(never touched before ``prefault``) cost nothing.
+(never touched before ``prefault``) cost nothing. Every page the loader writes is marked in its block's
+dirty bitmap (a no-op unless logging): a relay sending the machine on while it arrives resends it.
 """
 
 from __future__ import annotations
@@ -511,6 +512,7 @@ class RAMLoader:
         kz = self._zero_map(block)
         if kind == RAM_PAGE:
             f.read_into(block.pages[i])
+            block.mark_dirty(i)  # a relay's outgoing migration resends it (no-op unless logging)
             if kz is not None:
                 kz[i] = False
             self.pages += 1
@@ -520,6 +522,7 @@ class RAMLoader:
                 raise StreamError(f"Found a zero page with value {value}")
             if kz is None or not kz[i]:
                 block.pages[i] = 0
+                block.mark_dirty(i)
                 if kz is not None:
                     kz[i] = True
             self.zero_pages += 1
@@ -562,6 +565,7 @@ class RAMLoader:
         kz = self._zero_map(block)
         if kind == RAM_PAGE:
             block.pages[idx] = arr[:n, 8:]
+            block.mark_dirty(idx)
             if kz is not None:
                 kz[idx] = False
             self.pages += n
@@ -572,6 +576,7 @@ class RAMLoader:
                 raise StreamError(f"Found a zero page with value {int(zb[nz[0]])}")
             if kz is None:
                 block.pages[idx] = 0
+                block.mark_dirty(idx)
             else:
                 if isinstance(idx, slice):
                     need = np.flatnonzero(~kz[idx]) + idx.start
@@ -579,6 +584,7 @@ class RAMLoader:
                     need = idx[~kz[idx]]
                 if need.size:
                     block.pages[need] = 0
+                    block.mark_dirty(need)
                     kz[need] = True
             self.zero_pages += n
         del arr, hdr

@@ -133,6 +133,15 @@ class SaveVM:
         """Bitmap sync (takes the BQL) and the exact remaining bytes."""
         return self.ram.pending_exact()
 
+    def switchover_ready(self) -> bool:
+        """(migration thread) Whether a switch-over the policy decides may happen now (a relay's
+        waits for its incoming side; ``foreign_save.ForeignSaveVM``)."""
+        return True
+
+    def switchover_due(self) -> bool:
+        """(migration thread) Whether the switch-over must happen now, whatever the policy says."""
+        return False
+
     def save_iterate(self, f: OutStream) -> bool:
         """One PART of every live section (if the window has budget). True when all are done."""
         if f.rate_limit_exceeded():
@@ -189,11 +198,11 @@ class SaveVM:
 
 
 def load_stream(f: InStream, machine: Any, on_command: CommandHandler | None = None,
-                on_config: ConfigHandler | None = None, on_flush: Callable[[], None] | None = None) -> int:
-    """Load a whole stream into ``machine``; ``on_command(cmd, payload)`` sees the COMMANDs,
-    ``on_flush()`` the multifd sync points (MULTIFD_FLUSH records).
+                on_config: ConfigHandler | None = None, ram: RAMLoader | None = None) -> int:
+    """Load a whole stream into ``machine``; ``on_command(cmd, payload)`` sees the COMMANDs.
 
     ``on_config(features, peer_timeout_ms)`` hears what a migd source announced, before any section.
+    ``ram`` is the caller's loader when it wants to read its page counters while the load runs.
     Returns the announced features (0 for a QEMU source or a stream without them).
     """
     features = _load_header(f)
@@ -202,8 +211,8 @@ def load_stream(f: InStream, machine: Any, on_command: CommandHandler | None = N
     announced = features[0]
     if announced & FEATURE_CHECKSUM:
         f.start_digest()
-    ram = RAMLoader(machine.ram)
-    ram.on_flush = on_flush
+    if ram is None:
+        ram = RAMLoader(machine.ram)
     devices = {(d.idstr, d.instance_id): d for d in machine.devices()}
     live: dict[int, str] = {}  # section id -> idstr of START-ed live sections
     covered: list[str] = []  # what the current checksum segment holds, for the error text

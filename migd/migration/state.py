@@ -35,10 +35,11 @@ from migd.migration.status import (
     MigrationStatus,
 )
 from migd.migration.stream import OutStream
-from migd.threads import any_thread, loop_only, on_thread
-from migd.transports.channel import Channel
+from migd.threads import any_thread, loop_only, off_loop, on_thread
+from migd.transports import tls
+from migd.transports.channel import Channel, SocketChannel
 from migd.transports.connecting import ConnectCancel
-from migd.transports.uri import FdURI, MigrationURI
+from migd.transports.uri import FdURI, MigrationURI, TcpURI
 
 log = logging.getLogger("migd.migration")
 
@@ -47,6 +48,7 @@ M = MigrationStatus
 IN_PROGRESS = "There's a migration process in progress"
 COMMITTED = ("The migration is committed: the destination owns the guest now, it can no longer be "
              "cancelled")
+TLS_TCP_ONLY = "TLS is only supported on tcp migration channels by migd"
 CANCEL_WAIT = 10.0  # seconds migrate_cancel waits for the thread to wind down before replying anyway
 
 
@@ -70,6 +72,7 @@ class MigrationState:
         # published by the thread, read by query()
         self.error_desc: str | None = None
         self.start_time = 0.0  # time.monotonic() at migrate
+        self._pass_logged_at = -1.0e9  # time.monotonic() of the last INFO pass line
         self.setup_time = 0  # ms
         self.total_time = 0  # ms, final (set at completion)
         self.downtime = 0  # ms, set at completion
@@ -167,9 +170,14 @@ class MigrationState:
         thread = self.thread
         if thread is not None:
             thread.on_sync(stats)
-        log.info("migration pass=%d remaining=%d mbps=%.1f expected_downtime=%d dirty_pages_rate=%d",
-                 stats.dirty_sync_count, stats.remaining, stats.mbps, self.expected_downtime,
-                 stats.dirty_pages_rate)
+        now = time.monotonic()
+        summary = now - self._pass_logged_at >= 1.0  # every pass at DEBUG, at most one a second at INFO
+        if summary:
+            self._pass_logged_at = now
+        log.log(logging.INFO if summary else logging.DEBUG,
+                "migration pass=%d remaining=%d mbps=%.1f expected_downtime=%d dirty_pages_rate=%d",
+                stats.dirty_sync_count, stats.remaining, stats.mbps, self.expected_downtime,
+                stats.dirty_pages_rate)
         if self.config.cap("events"):
             self.host.events.emit("MIGRATION_PASS", {"pass": stats.dirty_sync_count})
 
@@ -182,12 +190,10 @@ class MigrationState:
         if self.is_running():
             raise MigrationError(IN_PROGRESS)
         runstate = self.host.runstate.state
-        if runstate is RunState.INMIGRATE:
+        if runstate is RunState.INMIGRATE and self.host.held_machine() is None:  # a relay may send on
             raise MigrationError("Guest is waiting for an incoming migration")
         if runstate is RunState.POSTMIGRATE:
             raise MigrationError("Can't migrate the vm that was paused due to previous migration")
-        if self.config.param("tls-creds"):
-            raise MigrationError("TLS is not supported by migd")
 
     def _reset(self, uri: str) -> None:
         """QEMU's migrate_init: fresh counters, parameters and capabilities kept."""
@@ -196,6 +202,7 @@ class MigrationState:
         self.error_desc = None
         self.start_time = time.monotonic()
         self.setup_time = self.total_time = self.downtime = 0
+        self._pass_logged_at = -1.0e9  # the first pass is logged at INFO
         self.expected_downtime = 0
         self.downtime_phases = {}
         self.throttle_percentage = 0
@@ -220,6 +227,8 @@ class MigrationState:
             raise MigrationError(str(exc)) from exc
         if self.config.cap("multifd") and not multifd.supports(address):
             raise MigrationError(multifd.NEEDS_SOCKETS)
+        if self.config.cap("multifd") and self.config.param("tls-creds"):  # its channels would be plain
+            raise MigrationError(multifd.NO_TLS)
         done = self._done
         if done is not None and not done.done() and not self.is_running():
             # the last migration reached its terminal state but is still cleaning up: let it finish
@@ -228,6 +237,8 @@ class MigrationState:
             except TimeoutError:
                 raise MigrationError(IN_PROGRESS) from None
         self._prepare_checks(resume)
+        if self.config.param("tls-creds") and not isinstance(address, TcpURI):
+            raise MigrationError(TLS_TCP_ONLY)
         self._reset(uri if uri is not None else repr(channels))
         self.address = address
         old = self._status
@@ -252,7 +263,7 @@ class MigrationState:
                        generation: int) -> None:
         cancel = self._connect_cancel = ConnectCancel()  # migrate_cancel frees the thread
         try:
-            channel = await self.host.run_blocking(transports.connect, address, fds, cancel)
+            channel = await self.host.run_blocking(self._open, address, fds, cancel)
         except Exception as exc:
             if generation != self._generation:
                 return  # cancelled long ago; a newer migration owns the state now
@@ -265,6 +276,17 @@ class MigrationState:
             if generation == self._generation:
                 self._connect_task = None
         self._connected(channel, generation)
+
+    @off_loop
+    def _open(self, address: MigrationURI, fds: dict[str, int] | None, cancel: ConnectCancel) -> Channel:
+        """Connect, then (``tls-creds`` set) the TLS handshake as the client. (connect worker)"""
+        creds_id = str(self.config.param("tls-creds"))
+        creds = self.config.objects.tls_creds(creds_id, "client") if creds_id else None
+        channel = transports.connect(address, fds, cancel)
+        if creds is None or not isinstance(address, TcpURI) or not isinstance(channel, SocketChannel):
+            return channel
+        hostname = str(self.config.param("tls-hostname")) or address.host
+        return tls.client(channel, creds, hostname, cancel.waker)
 
     @loop_only
     def _connected(self, channel: Channel, generation: int) -> None:

@@ -82,6 +82,11 @@ class SocketListener(Listener):
             tune_socket(conn)
             return SocketChannel(conn)
 
+    @property
+    def waker(self) -> Waker:
+        """Woken by ``close()``: a TLS handshake on an accepted socket waits on it too."""
+        return self._waker
+
     def close(self) -> None:
         """Stop listening and interrupt a waiting ``accept``. Idempotent. (any thread)"""
         if not self._waker.wake():

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from migd.qmp.commands import dirtyrate, foreign, hmp, incoming, introspect, machine, migration, misc
+from migd.qmp.commands import dirtyrate, foreign, hmp, incoming, introspect, machine, migration, misc, objects
 from migd.qmp.registry import REGISTRY, Command
 
-FAMILIES = (misc, machine, migration, incoming, foreign, dirtyrate, hmp, introspect)
+FAMILIES = (misc, machine, migration, incoming, foreign, dirtyrate, hmp, objects, introspect)
 
 
 def load_all() -> dict[str, Command]:

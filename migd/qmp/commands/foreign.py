@@ -1,6 +1,7 @@
 """Commands on a machine held as data (a QEMU guest received by a migd; ``migd/migration/foreign.py``).
 
-``x-migd-query-foreign`` shows what is held (machine type, RAM blocks, device sections);
+``x-migd-query-foreign`` shows what is held (machine type, RAM blocks, device sections; also what
+``x-migd-query-machine`` shows on such a daemon, ``foreign_machine_info``);
 ``x-migd-ram-save`` writes a range of a RAM block to a file, QEMU's ``memsave``/``pmemsave`` for
 blocks: it works on the held machine's blocks and, failing that, on migd's own machine's.
 """
@@ -22,15 +23,28 @@ class RamSaveArgs(QMPArgs):
     size: UInt64 | None = None
 
 
-def _held(ctx: CommandContext) -> ForeignMachine | None:
+def held_machine(ctx: CommandContext) -> ForeignMachine | None:
+    """The foreign machine the daemon holds or is receiving, if any."""
     incoming = ctx.daemon.incoming
     return incoming.foreign if incoming is not None else None
+
+
+def foreign_machine_info(ctx: CommandContext, held: ForeignMachine) -> dict[str, Any]:
+    """(event loop) ``x-migd-query-machine`` on a daemon holding a foreign machine: its type, RAM
+    blocks and device sections (what has arrived so far while it is still loading)."""
+    blocks = held.ram.blocks()
+    return {"name": held.machine_type, "machine-type": held.machine_type, "foreign": True,
+            "loaded": held.loaded.is_set(), "status": str(ctx.daemon.runstate.state),
+            "ram": {"version": held.ram.version, "total": held.ram.total_bytes(),
+                    "blocks": [{"name": b.name, "size": b.size, "page-size": b.page_size} for b in blocks],
+                    "dirty-logging": held.ram.logging},
+            "devices": [d.describe() for d in list(held.devices)]}
 
 
 @command("x-migd-query-foreign")
 def query_foreign(ctx: CommandContext, args: None) -> dict[str, Any]:
     """(event loop) The held machine's description; an error when none is held."""
-    held = _held(ctx)
+    held = held_machine(ctx)
     if held is None:
         raise QMPError("No foreign machine is held")
     result: dict[str, Any] = held.describe()
@@ -38,7 +52,7 @@ def query_foreign(ctx: CommandContext, args: None) -> dict[str, Any]:
 
 
 def _find_block(ctx: CommandContext, name: str) -> Any:
-    held = _held(ctx)
+    held = held_machine(ctx)
     block = held.ram.get(name) if held is not None else None
     if block is None:
         block = ctx.daemon.machine.ram.get(name)

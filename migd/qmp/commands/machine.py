@@ -1,14 +1,18 @@
 """Machine commands: RAM hot-plug, the workload, and introspection (all ``x-migd-`` extensions).
 
 ``query-status``/``stop``/``cont`` live with the daemon's commands; they go through
-``Machine.vm_stop``/``vm_start``, which is what makes ``stop`` freeze RAM.
+``Machine.vm_stop``/``vm_start``, which is what makes ``stop`` freeze RAM. On a daemon holding a
+foreign (QEMU) machine, ``x-migd-query-machine`` and ``x-migd-ram-digest`` describe that machine.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import xxhash
+
 from migd.machine.workloads import WorkloadError
+from migd.qmp.commands.foreign import foreign_machine_info, held_machine
 from migd.qmp.registry import CommandContext, QMPError, command, under_bql
 from migd.qmp.schema import QMPArgs, UInt64
 
@@ -89,10 +93,22 @@ async def query_workload(ctx: CommandContext, args: None) -> dict[str, Any]:
 
 @command("x-migd-query-machine")
 async def query_machine(ctx: CommandContext, args: None) -> dict[str, Any]:
+    held = held_machine(ctx)
+    if held is not None:
+        return foreign_machine_info(ctx, held)
     return await under_bql(ctx, _machine(ctx).machine_info)
+
+
+def _digest(blocks: list[Any]) -> list[dict[str, Any]]:
+    """(worker thread) xxh3-128 of every block's contents."""
+    return [{"name": b.name, "size": b.size, "digest": xxhash.xxh3_128_hexdigest(b.buf.data)} for b in blocks]
 
 
 @command("x-migd-ram-digest")
 async def ram_digest(ctx: CommandContext, args: None) -> dict[str, Any]:
-    """Per-block xxh3-128 of the contents, hashed on a worker thread so QMP stays responsive."""
+    """Per-block xxh3-128 of the contents (of the held foreign machine's blocks when there is one),
+    hashed on a worker thread so QMP stays responsive."""
+    held = held_machine(ctx)
+    if held is not None:
+        return {"blocks": await ctx.daemon.run_blocking(_digest, held.ram.blocks())}
     return {"blocks": await ctx.daemon.run_blocking(_machine(ctx).ram_digest)}
