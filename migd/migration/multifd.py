@@ -35,7 +35,7 @@ import numpy as np
 
 from migd.migration.compress import FLAG_MASK, METHOD_FLAGS, CompressError, Compressor, Decompressor
 from migd.migration.format import PAGE_SIZE
-from migd.migration.ram import _runs, _zero_hints, _zero_pages
+from migd.migration.ram import _runs, _zero_pages, known_zero_map
 from migd.migration.stream import InStream, OutStream, StreamError
 from migd.threads import any_thread, on_thread
 from migd.transports import Listener, TransportError, connect
@@ -500,12 +500,7 @@ class MultifdReceiver:
         """Pages of ``block`` known to be zero (untouched before ``ram.prefault``, or zeroed since): a
         zero page there needs neither a read nor a write. Channels touch distinct pages in a round."""
         with self.cond:
-            if block.name not in self._known_zero:
-                hint = _zero_hints.pop(block, None)
-                if hint is None:
-                    hint = block.untouched_pages()
-                self._known_zero[block.name] = None if hint is None else hint.copy()
-            return self._known_zero[block.name]
+            return known_zero_map(self._known_zero, block)
 
     @any_thread
     def accept_from(self, listener: Listener) -> None:

@@ -432,6 +432,18 @@ def prefault(ramlist: Any) -> threading.Thread:
     return thread
 
 
+def known_zero_map(cache: dict[str, np.ndarray | None], block: Any) -> np.ndarray | None:
+    """Pages of ``block`` known to be zero on this destination (untouched before ``prefault``, or
+    zeroed since), kept in ``cache`` per block name; None when that cannot be known. A ZERO record for
+    such a page costs neither a read nor a write."""
+    if block.name not in cache:
+        hint = _zero_hints.pop(block, None)
+        if hint is None:
+            hint = block.untouched_pages()
+        cache[block.name] = None if hint is None else hint.copy()
+    return cache[block.name]
+
+
 class RAMLoader:
     """The destination side of the ``ram`` section; one instance per incoming stream."""
 
@@ -449,12 +461,7 @@ class RAMLoader:
         self.on_flush: Callable[[], None] | None = None  # multifd: wait for the channels at a sync point
 
     def _zero_map(self, block: Any) -> np.ndarray | None:
-        if block.name not in self._known_zero:
-            hint = _zero_hints.pop(block, None)
-            if hint is None:
-                hint = block.untouched_pages()
-            self._known_zero[block.name] = None if hint is None else hint.copy()
-        return self._known_zero[block.name]
+        return known_zero_map(self._known_zero, block)
 
     def load(self, f: InStream, section_type: int, version_id: int = 4) -> None:
         """Read records of one START/PART/END section up to and including its EOS."""
