@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from migd.machine.workloads import (
     CounterCorrupt,
     WorkloadError,
     WorkloadSpec,
+    _make_pool,
     check_counter,
     counter_checksum,
     parse_workload,
@@ -47,6 +49,7 @@ def wait_for(pred, timeout: float = 15.0) -> None:
     ("counter,rate=1000", WorkloadSpec("counter", rate=1000)),
     ("counter,rate=1000B", WorkloadSpec("counter", rate=1000)),
     ("disk-rate=0.5KiB", WorkloadSpec(disk_rate=512)),
+    ("random,compress=0.5", WorkloadSpec("random", rate=64 * MiB, compress=0.5)),
 ])
 def test_parse(text, spec):
     assert parse_workload(text) == spec
@@ -72,6 +75,9 @@ def test_parse(text, spec):
     ("rate", "unknown kind 'rate'"),
     ("random,rate", "must be key=value"),
     ("random," + "x" * 200, "longer than 128"),
+    ("random,compress=1", "invalid compress '1' \\(expected a fraction, 0 <= R < 1\\)"),
+    ("random,compress=half", "invalid compress 'half'"),
+    ("counter,compress=0.5", "unknown option 'compress' for 'counter'"),
 ])
 def test_parse_errors(text, message):
     with pytest.raises(WorkloadError, match=message):
@@ -187,3 +193,12 @@ def test_counter_after_random_starts_clean_and_a_kept_counter_continues(tmp_path
     wait_for(lambda: getattr(again.vcpus[0].wstate, "counter", 0) > kept + 5)
     assert again.vcpus[0].error is None
     again.shutdown()
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5, 0.75])
+def test_random_compress_makes_pages_compressible_to_the_ratio(ratio: float) -> None:
+    pool = _make_pool(11, ratio)
+    page = pool[3].tobytes()
+    assert len(page) == 4096 and pool[3].all()  # never a zero byte, so never a zero page
+    size = len(zlib.compress(page, 1)) / 4096
+    assert ratio * 0.9 <= 1 - size + 0.02 <= ratio + 0.05, (ratio, size)

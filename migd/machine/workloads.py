@@ -8,6 +8,8 @@ number is bytes, binary K/M/G/T suffixes, ``1.5M`` and ``64MiB`` too):
     random[,rate=64M][,wss=SIZE][,seed=N] whole pages of non-zero random bytes at ``rate`` bytes/s
                                           (the machine's total, shared by its vCPUs) to pages drawn
                                           uniformly from the first ``wss`` bytes of ram0
+           [,compress=R]                  the last R (0 <= R < 1) of each page one repeated byte, so
+                                          a compressor shrinks pages by about that fraction
     counter[,rate=4M]                     a deterministic guest keeping a counter and checksum in RAM
     disk-rate=R                           combinable with any of them: R bytes/s to the drives
 
@@ -62,6 +64,7 @@ class WorkloadSpec:
     wss: int | None = None  # bytes; None = all of ram0
     seed: int = 0
     disk_rate: int = 0
+    compress: float = 0.0  # random: fraction of each page that compresses away
 
     def __str__(self) -> str:
         parts = [self.kind]
@@ -70,6 +73,8 @@ class WorkloadSpec:
             if self.wss is not None:
                 parts.append(f"wss={format_size(self.wss)}")
             parts.append(f"seed={self.seed}")
+            if self.compress:
+                parts.append(f"compress={self.compress:g}")
         elif self.kind == "counter":
             parts.append(f"rate={format_size(self.rate)}")
         if self.disk_rate:
@@ -78,7 +83,7 @@ class WorkloadSpec:
 
 
 _DEFAULT_RATE = {"idle": 0, "random": 64 << 20, "counter": 4 << 20}
-_OPTIONS = {"random": {"rate", "wss", "seed"}, "counter": {"rate"}, "idle": set()}
+_OPTIONS = {"random": {"rate", "wss", "seed", "compress"}, "counter": {"rate"}, "idle": set()}
 
 
 def parse_workload(text: str) -> WorkloadSpec:
@@ -119,6 +124,14 @@ def parse_workload(text: str) -> WorkloadSpec:
         if not opts["seed"].isdigit() or int(opts["seed"]) > _U64:
             raise WorkloadError(f"workload: invalid seed '{opts['seed']}' (expected an unsigned 64-bit integer)")
         spec = replace(spec, seed=int(opts["seed"]))
+    if "compress" in opts:
+        try:
+            ratio = float(opts["compress"])
+        except ValueError:
+            ratio = -1.0
+        if not 0 <= ratio < 1:
+            raise WorkloadError(f"workload: invalid compress '{opts['compress']}' (expected a fraction, 0 <= R < 1)")
+        spec = replace(spec, compress=ratio)
     if "disk-rate" in opts:
         spec = replace(spec, disk_rate=_size(opts["disk-rate"], "disk-rate"))
     return spec
@@ -161,6 +174,7 @@ class Workload:
         if spec.disk_rate and not drives:
             raise WorkloadError("workload: disk-rate needs at least one drive")
         self._pool_seed = spec.seed if spec.kind == "random" or spec.disk_rate else None
+        self._pool_compress = spec.compress if spec.kind == "random" else 0.0
         self.rate_per_vcpu = spec.rate / smp
         self.disk_rate_per_vcpu = spec.disk_rate / smp
 
@@ -168,7 +182,7 @@ class Workload:
     def pool(self) -> np.ndarray | None:
         """The random source pages, built by the first slice that needs them: a destination adopting
         the source's workload does so inside the downtime, where building them would cost 10-100 ms."""
-        return None if self._pool_seed is None else _make_pool(self._pool_seed)
+        return None if self._pool_seed is None else _make_pool(self._pool_seed, self._pool_compress)
 
     def attach(self, vcpu: VCPU, work: VCPUWork | None = None) -> None:
         """Start this workload on ``vcpu``, keeping ``work`` (incoming migration) or fresh state."""
@@ -320,10 +334,14 @@ def check_counter(block: RAMBlock, index: int, expect: int | None = None) -> int
 
 
 @lru_cache(maxsize=4)
-def _make_pool(seed: int) -> np.ndarray:
-    """Non-zero random bytes, twice over so any POOL_PAGES-long window is one contiguous slice."""
+def _make_pool(seed: int, compress: float = 0.0) -> np.ndarray:
+    """Non-zero random bytes, twice over so any POOL_PAGES-long window is one contiguous slice; with
+    ``compress`` the tail of each page is one repeated non-zero byte (compressible, never a zero page)."""
     rng = np.random.Generator(np.random.PCG64([seed, 0xB00F]))
     pool = rng.integers(1, 256, size=(POOL_PAGES, PAGE_SIZE), dtype=np.uint8)
+    tail = int(PAGE_SIZE * compress)
+    if tail:
+        pool[:, PAGE_SIZE - tail :] = 0x5A
     pool = np.concatenate([pool, pool])
     pool.flags.writeable = False  # shared by every workload of that seed
     return pool

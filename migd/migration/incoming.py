@@ -38,6 +38,7 @@ from migd.migration.format import (
 )
 from migd.migration.heartbeat import Watchdog, WatchedChannel, beat_interval, writable
 from migd.migration.host import MigrationHost
+from migd.migration.multifd import NEEDS_SOCKETS, NO_TLS, MultifdReceiver, supports
 from migd.migration.params import MigrationConfig
 from migd.migration.ram import RAMLoader, prefault
 from migd.migration.savevm import load_commit, load_stream
@@ -97,6 +98,7 @@ class IncomingMigration:
         self._loaded_sent = False
         self._shut_sent = False
         self._thread: threading.Thread | None = None
+        self._multifd: MultifdReceiver | None = None
         self.finished = threading.Event()  # set once the status is completed or failed
         self.foreign: foreign.ForeignMachine | None = None  # a machine of another type, held as data
         # [migd] progress the loop reads without locks: plain ints and floats the incoming thread
@@ -136,6 +138,12 @@ class IncomingMigration:
         if self._started:
             raise IncomingError("The incoming migration has already been started")
         self._started = True  # claimed before the await: a concurrent call is refused
+        if self.config.cap("multifd") and not supports(uri):
+            self._started = False
+            raise IncomingError(NEEDS_SOCKETS)
+        if self.config.cap("multifd") and self.config.param("tls-creds"):
+            self._started = False
+            raise IncomingError(NO_TLS)
         try:
             # listening may spawn a command or resolve a name: keep it off the loop
             listener = await self.host.run_blocking(listen, uri, fds)
@@ -219,15 +227,23 @@ class IncomingMigration:
             self._prefault(machine)
         listener = self._listener
         assert listener is not None
+        mfd = None
         try:
             raw = self._accept(listener)
+            if self.config.cap("multifd"):  # the listener goes on accepting the multifd channels
+                p = self.config.params
+                mfd = MultifdReceiver(machine.ram, int(p["multifd-channels"]), str(p["multifd-compression"]),
+                                      lambda desc: raw.shutdown())
+                self._multifd = mfd
+                mfd.accept_from(listener)
         except (TransportError, OSError) as exc:
             if self._closing:
                 return
             self._fail(str(exc))
             return
         finally:
-            listener.close()
+            if mfd is None:
+                listener.close()
         channel = self._channel = WatchedChannel(raw)
         self._accept_at = time.monotonic()
         self._rp = returnpath.ReturnPathWriter(channel)
@@ -245,6 +261,8 @@ class IncomingMigration:
                 if may_be_foreign:
                     self._prefault(machine)
                 loader = self._loader = RAMLoader(machine.ram)
+                if mfd is not None:
+                    loader.on_flush = mfd.sync_main
                 load_stream(instream, machine, on_command=self._on_command, on_config=self._on_config,
                             ram=loader)
             if self.features & FEATURE_COMMIT:
@@ -253,8 +271,14 @@ class IncomingMigration:
                 log.info("incoming migration: loaded, waiting for the source's COMMIT")
                 load_commit(instream, self.features, on_command=self._on_command)
         except Exception as exc:  # noqa: BLE001 - StreamError or anything a bad stream provokes
-            self._fail(self._describe(exc))
+            mfd_error = mfd.error if mfd is not None else None
+            if mfd is not None:
+                mfd.close()
+            self._fail(f"load of migration failed: {mfd_error}" if mfd_error and not self._closing
+                       else self._describe(exc))
             return
+        if mfd is not None:
+            mfd.close()
         self._finish()
 
     def _accept(self, listener: Listener) -> Channel:
@@ -453,6 +477,8 @@ class IncomingMigration:
         channel = self._channel
         if channel is not None:
             channel.shutdown()
+        if self._multifd is not None:
+            self._multifd.close()
         # the loader writes into guest RAM: let it stop before the daemon unmaps that RAM
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():

@@ -53,6 +53,7 @@ from migd.migration.format import (
 )
 from migd.migration.heartbeat import IdleStream, Watchdog, beat_interval
 from migd.migration.host import MigrationHost
+from migd.migration.multifd import MultifdSender
 from migd.migration.params import MigrationConfig
 from migd.migration.policy import Action, Convergence, Decision, Step, SwitchoverPolicy
 from migd.migration.ram import RAMError
@@ -65,6 +66,7 @@ from migd.migration.throttle import AutoConverge
 from migd.threads import any_thread, loop_only, on_thread
 from migd.transports.channel import Channel
 from migd.transports.tcp import set_peer_timeout
+from migd.transports.uri import MigrationURI
 
 log = logging.getLogger("migd.migration")
 
@@ -85,6 +87,7 @@ class SourceSide(Protocol):
 
     host: MigrationHost
     config: MigrationConfig
+    address: MigrationURI | None  # where the main channel went (multifd opens its channels there too)
     stats: MigrationStats
     stream: OutStream | None
     channel: Channel | None
@@ -155,6 +158,7 @@ class MigrationThread(threading.Thread):
         self.use_return_path = bool(ms.config.cap("return-path") and self.channel.has_return_path)
         self.rp: ReturnPathReader | None = None
         self.savevm: SaveVM | None = None
+        self.multifd: MultifdSender | None = None
         self.throttle = (AutoConverge(self.machine.vcpus, lambda: ms.config.params)
                          if ms.config.cap("auto-converge") else None)
         self._rate_lock = threading.Lock()
@@ -260,6 +264,7 @@ class MigrationThread(threading.Thread):
         self._beat = None
         self.rp = None
         self.savevm = None
+        self.multifd = None
 
     def _peer_error(self) -> str | None:
         """The destination's own verdict (SHUT(error)), or the watchdog's on a silent destination."""
@@ -283,6 +288,8 @@ class MigrationThread(threading.Thread):
         setup_start = time.monotonic()
         self.savevm = savevm = savevm_for(ms.host.held_machine(), self.machine, self.stats, self.use_return_path,
                                           *self._announce())
+        if ms.config.cap("multifd") and ms.host.held_machine() is None:  # before the stream (QEMU's order)
+            self.multifd = savevm.ram.pages_out = MultifdSender.open(ms.address, stream, ms.config.params)
         with BQL:
             self._expect(M.SETUP)
             savevm.save_header(stream)
@@ -711,6 +718,8 @@ class MigrationThread(threading.Thread):
                         self.runstate.set(self._vm_old_state)
         if self.rp is not None:
             self.rp.close()
+        if self.multifd is not None:
+            self.multifd.close(drain=ms.status is M.COMPLETED)
         if self.savevm is not None:
             try:
                 with BQL:

@@ -35,7 +35,9 @@ CAPABILITIES: tuple[str, ...] = (
     "background-snapshot", "zero-copy-send", "postcopy-preempt", "switchover-ack", "dirty-limit",
     "mapped-ram",
 )
-SUPPORTED_CAPABILITIES = frozenset({"events", "return-path", "pause-before-switchover", "auto-converge"})
+SUPPORTED_CAPABILITIES = frozenset({"events", "return-path", "pause-before-switchover", "auto-converge",
+                                    "multifd"})
+MULTIFD_COMPRESSION_SUPPORTED = ("none", "zlib", "zstd")  # qatzip, qpl, uadk: hardware migd lacks
 # migd differs from QEMU here on purpose: with a socket transport the source only reports `completed`
 # once the destination acknowledged a successful load (exec/file channels have no return path).
 DEFAULT_CAPABILITIES: dict[str, bool] = {name: name == "return-path" for name in CAPABILITIES}
@@ -196,6 +198,9 @@ def check_parameters(p: Mapping[str, Any]) -> None:
         raise _invalid("x-migd-downtime-max", f"an integer in the range of 0 to {MAX_MIGRATE_DOWNTIME_MS} ms")
     if not 1 <= p["x-migd-peer-timeout"] <= MAX_PEER_TIMEOUT:
         raise _invalid("x-migd-peer-timeout", f"a value between 1 and {MAX_PEER_TIMEOUT} seconds")
+    if p["multifd-compression"] not in MULTIFD_COMPRESSION_SUPPORTED:
+        raise ParamError(f"multifd-compression '{p['multifd-compression']}' is not supported by migd "
+                         "(use none, zlib or zstd)")
     if p["mode"] != "normal":
         raise ParamError(f"Migration mode '{p['mode']}' is not supported by migd")
 

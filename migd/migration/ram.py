@@ -20,8 +20,9 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -54,6 +55,7 @@ MAX_NEW_BLOCK = 64 << 30  # largest block a stream may create on the destination
 
 _ZREC = np.dtype([("h", ">u8"), ("z", "u1")])  # packed: 9 bytes
 _EOS = RAM_EOS.to_bytes(8, "big")
+_MULTIFD_FLUSH = RAM_MULTIFD_FLUSH.to_bytes(8, "big")
 _ADDR_MASK = np.uint64(~RAM_FLAG_MASK & 0xFFFFFFFFFFFFFFFF)
 _FLAG_MASK = np.uint64(RAM_FLAG_MASK)
 _STEPS = np.arange(1 << 16, dtype=np.uint64) * np.uint64(PAGE_SIZE)  # headers of consecutive pages
@@ -87,6 +89,16 @@ class _Tracked:
     hint: np.ndarray | None  # bool per page: untouched at setup and not sent yet
 
 
+class PageSink(Protocol):
+    """Where pages go instead of the main stream with multifd (``multifd.MultifdSender``)."""
+
+    def queue(self, block: Any, candidates: np.ndarray, zero: np.ndarray) -> None: ...
+
+    def sync(self, wait: bool = False) -> None: ...
+
+    def collect(self) -> tuple[int, int, int]: ...
+
+
 class RAMSaver:
     """The source side of the ``ram`` section. Used by one thread (the migration thread)."""
 
@@ -102,6 +114,7 @@ class RAMSaver:
         self._last_sent: str | None = None  # block of the last record (CONTINUE after it)
         self._stage = np.empty((batch_pages, PAGE_RECORD), dtype=np.uint8)
         self._logging = False
+        self.pages_out: PageSink | None = None  # multifd: pages go to the channels
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -182,6 +195,7 @@ class RAMSaver:
         """Send dirty pages until the rate limit or 50 ms; EOS. True when nothing is left to send."""
         self._follow_ramlist(f)
         done = self._send(f, deadline=time.monotonic() + MAX_WAIT, limited=True)
+        self._multifd_sync(f, wait=False)
         self._put_ram(f, _EOS)
         f.flush()
         return done
@@ -191,6 +205,7 @@ class RAMSaver:
         self._follow_ramlist(f)
         self.sync()
         self._send(f, deadline=None, limited=False)
+        self._multifd_sync(f, wait=True)
         self._put_ram(f, _EOS)
         f.flush()
 
@@ -285,9 +300,36 @@ class RAMSaver:
         self.stats.dirty_pages = 0  # a full circle found nothing: the count agrees with the bitmaps
         return None
 
+    def _multifd_sync(self, f: OutStream, wait: bool) -> None:
+        """A sync point: SYNC on every channel, MULTIFD_FLUSH on the main one; counters folded in."""
+        if self.pages_out is not None:
+            self.pages_out.sync(wait)
+            self._put_ram(f, _MULTIFD_FLUSH)
+            self._fold_multifd(f)
+
+    def _fold_multifd(self, f: OutStream) -> None:
+        """What the channel threads wrote, into the counters this thread owns (one writer each)."""
+        assert self.pages_out is not None
+        normal, zero, nbytes = self.pages_out.collect()
+        self.stats.normal += normal
+        self.stats.duplicate += zero
+        self.stats.count_ram_bytes(nbytes, self.guest_running)
+        self.stats.multifd_bytes += nbytes
+        f.transferred += nbytes  # QEMU's transferred includes the multifd bytes
+
     def _emit(self, f: OutStream, t: _Tracked, idx: np.ndarray) -> None:
         """One batch of one block: its PAGE records, then its ZERO records."""
         block = t.block
+        if self.pages_out is not None:  # multifd: zero detection happens on the channel threads
+            known = t.hint[idx] if t.hint is not None else None
+            if t.hint is not None and known is not None and known.any():
+                t.hint[idx[known]] = False
+                self.pages_out.queue(block, idx[~known], idx[known])
+            else:
+                self.pages_out.queue(block, idx, idx[:0])
+            self.stats.dirty_pages -= idx.size
+            self._fold_multifd(f)
+            return
         if t.hint is not None:
             known = t.hint[idx]
             zero_known = idx[known]
@@ -390,6 +432,18 @@ def prefault(ramlist: Any) -> threading.Thread:
     return thread
 
 
+def known_zero_map(cache: dict[str, np.ndarray | None], block: Any) -> np.ndarray | None:
+    """Pages of ``block`` known to be zero on this destination (untouched before ``prefault``, or
+    zeroed since), kept in ``cache`` per block name; None when that cannot be known. A ZERO record for
+    such a page costs neither a read nor a write."""
+    if block.name not in cache:
+        hint = _zero_hints.pop(block, None)
+        if hint is None:
+            hint = block.untouched_pages()
+        cache[block.name] = None if hint is None else hint.copy()
+    return cache[block.name]
+
+
 class RAMLoader:
     """The destination side of the ``ram`` section; one instance per incoming stream."""
 
@@ -404,14 +458,10 @@ class RAMLoader:
         self._slow = 0  # records to take the per-record path before trying bulk again
         self.pages = 0
         self.zero_pages = 0
+        self.on_flush: Callable[[], None] | None = None  # multifd: wait for the channels at a sync point
 
     def _zero_map(self, block: Any) -> np.ndarray | None:
-        if block.name not in self._known_zero:
-            hint = _zero_hints.pop(block, None)
-            if hint is None:
-                hint = block.untouched_pages()
-            self._known_zero[block.name] = None if hint is None else hint.copy()
-        return self._known_zero[block.name]
+        return known_zero_map(self._known_zero, block)
 
     def load(self, f: InStream, section_type: int, version_id: int = 4) -> None:
         """Read records of one START/PART/END section up to and including its EOS."""
@@ -446,7 +496,9 @@ class RAMLoader:
                 f.skip(8)
                 self._mem_size(f, addr, section_type)
             elif kind == RAM_MULTIFD_FLUSH:
-                f.skip(8)  # a sync marker between multifd channels: nothing to do with one channel
+                f.skip(8)  # a sync point: every multifd channel's pages of this round are applied first
+                if self.on_flush is not None:
+                    self.on_flush()
             elif kind & RAM_XBZRLE:
                 raise StreamError(f"XBZRLE pages are not supported by migd (flags 0x{flags:x})")
             else:

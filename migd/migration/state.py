@@ -24,6 +24,7 @@ from typing import Any
 from migd import transports
 from migd.machine.runstate import RunState
 from migd.memtrim import release_free_memory
+from migd.migration import multifd
 from migd.migration.host import MigrationHost
 from migd.migration.outgoing import MigrationThread
 from migd.migration.params import MigrationConfig, ParamError
@@ -83,6 +84,7 @@ class MigrationState:
         self.policy_actions: list[dict[str, Any]] = []  # x-migd-policy-actions, the built-in policy's acts
         # per migration
         self.uri: str = ""
+        self.address: MigrationURI | None = None  # the parsed destination (multifd connects to it again)
         self.channel: Channel | None = None
         self.stream: OutStream | None = None
         self.thread: MigrationThread | None = None
@@ -224,6 +226,10 @@ class MigrationState:
             address = transports.resolve(uri, channels)
         except (transports.URIError, ValueError) as exc:
             raise MigrationError(str(exc)) from exc
+        if self.config.cap("multifd") and not multifd.supports(address):
+            raise MigrationError(multifd.NEEDS_SOCKETS)
+        if self.config.cap("multifd") and self.config.param("tls-creds"):  # its channels would be plain
+            raise MigrationError(multifd.NO_TLS)
         done = self._done
         if done is not None and not done.done() and not self.is_running():
             # the last migration reached its terminal state but is still cleaning up: let it finish
@@ -235,6 +241,7 @@ class MigrationState:
         if self.config.param("tls-creds") and not isinstance(address, TcpURI):
             raise MigrationError(TLS_TCP_ONLY)
         self._reset(uri if uri is not None else repr(channels))
+        self.address = address
         old = self._status
         if old in RUNNING_STATES or not self.set_state(old, M.SETUP):
             raise MigrationError(IN_PROGRESS)
@@ -404,7 +411,7 @@ class MigrationState:
             "dirty-sync-count": s.dirty_sync_count,
             "postcopy-requests": 0,
             "page-size": s.page_size,
-            "multifd-bytes": 0,
+            "multifd-bytes": s.multifd_bytes,
             "pages-per-second": s.pages_per_second,
             "precopy-bytes": s.precopy_bytes,
             "downtime-bytes": s.downtime_bytes,

@@ -21,6 +21,7 @@ class MigrationStats:
     downtime_bytes: int = 0  # RAM bytes sent while it was stopped
     normal: int = 0  # pages sent as PAGE records
     duplicate: int = 0  # pages sent as ZERO records
+    multifd_bytes: int = 0  # bytes the multifd channels wrote (also counted in the stream's transferred)
     total: int = 0  # bytes of guest RAM (sum of block sizes)
     dirty_pages: int = 0  # pages still to send (QEMU's migration_dirty_pages)
     dirty_sync_count: int = 0

@@ -187,6 +187,13 @@ class OutStream:
         self._set_error("Channel was shut down")
         self.channel.shutdown()
 
+    @any_thread
+    def abort(self, desc: str) -> None:
+        """Fail the stream with ``desc`` (unless it already failed) and wake a blocked write: a
+        multifd channel that broke ends the migration like a broken main channel."""
+        self._set_error(desc)
+        self.channel.shutdown()
+
     def close(self) -> None:
         self.channel.close()
 
