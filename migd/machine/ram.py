@@ -211,6 +211,10 @@ class RAMBlock:
         advice = MADV_POPULATE_WRITE if write else MADV_POPULATE_READ
         addr = self.buf.ctypes.data
         for off in range(0, self.size, POPULATE_CHUNK):
+            # closed meanwhile: stop, before the addresses are reused by a new block whose untouched
+            # pages this would fault in (no view is held: it would keep close() from unmapping)
+            if self.buf.size == 0:
+                return
             n = min(POPULATE_CHUNK, self.size - off)
             if _libc.madvise(ctypes.c_void_p(addr + off), ctypes.c_size_t(n), advice) != 0:
                 if ctypes.get_errno() != errno.EINVAL:
