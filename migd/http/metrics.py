@@ -66,14 +66,18 @@ def _seconds(ms: Any) -> float | None:
     return ms / 1000.0 if isinstance(ms, int | float) else None
 
 
+def _status_gauge(name: str, doc: str, info: dict[str, Any]) -> Metric:
+    """One sample per QEMU status, 1 for the one ``info`` is in (a status panel needs no guessing)."""
+    status = info.get("status", "none")
+    g = GaugeMetricFamily(name, doc, labels=["status"])
+    for value in MIGRATION_STATUSES:
+        g.add_metric([value], 1.0 if value == status else 0.0)
+    return g
+
+
 def migration_metrics(info: dict[str, Any]) -> Iterator[Metric]:
     """The query-migrate answer as metrics; absent members give absent metrics (as in QEMU's answer)."""
-    status = info.get("status", "none")
-    g = GaugeMetricFamily("migd_migration_status", "1 for the current migration status (QEMU's names)",
-                          labels=["status"])
-    for name in MIGRATION_STATUSES:
-        g.add_metric([name], 1.0 if name == status else 0.0)
-    yield g
+    yield _status_gauge("migd_migration_status", "1 for the current migration status (QEMU's names)", info)
     ram = info.get("ram") or {}
     page = ram.get("page-size", PAGE_SIZE)
     yield from _gauge("migd_migration_remaining_bytes", "RAM still to send (query-migrate ram.remaining)",
@@ -124,12 +128,7 @@ def incoming_metrics(info: dict[str, Any]) -> Iterator[Metric]:
     """The destination side (``incoming_info``): its status and what arrived; nothing without one."""
     if not info:
         return
-    status = info.get("status", "none")
-    g = GaugeMetricFamily("migd_incoming_status", "1 for the incoming migration's status (QEMU's names)",
-                          labels=["status"])
-    for name in MIGRATION_STATUSES:
-        g.add_metric([name], 1.0 if name == status else 0.0)
-    yield g
+    yield _status_gauge("migd_incoming_status", "1 for the incoming migration's status (QEMU's names)", info)
     progress = info.get("x-migd-incoming") or {}
     yield from _counter("migd_incoming_received_bytes", "migration stream bytes received and parsed",
                         progress.get("received"))
