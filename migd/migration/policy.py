@@ -58,7 +58,10 @@ PLAN_ROUNDS = 30  # rounds the expected downtime looks ahead at most
 STALL_S = 5.0  # s without a new low of remaining before a forecast says stalled
 PROGRESS_STEP = 0.05  # a new low of remaining must be this much below the last one
 SAMPLE_SPACING = 0.9  # s between the remaining samples the trend is judged on
-THROTTLE_TARGET = 0.5  # a computed throttle aims at a dirty rate of half the throughput
+# a computed throttle aims at a dirty rate of this share of the throughput: well below HALVING (less
+# its band), so that the rounds of a throttled guest clearly drain, not by the measurement's noise
+THROTTLE_TARGET = 0.4
+FLOOR_AFTER_S = 0.5  # s: a PING unanswered for longer raises the round trip (before one PONG: any age)
 PEEKS = 1024  # dirty-log peeks kept since the last sync (one a window)
 PEEK_MIN_S = 0.2  # s of dirty log a fit needs at least
 # the convergence state's hysteresis: judgements in a row needed to leave a state, and how long a
@@ -129,6 +132,9 @@ class _Guest:
     samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=3))  # (t, remaining)
     peeks: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=PEEKS))  # (s since sync, bytes)
     fit: tuple[float, float] | None = None  # (rate bytes/s, working set bytes) from the dirty log's growth
+    fit_fresh: bool = False  # the fit is this interval's (a short interval between syncs makes none)
+    pace: _Ewma = field(default_factory=_Ewma)  # bytes/s the guest writes: per interval, its fit or distinct pages
+    hot_set: int = 0  # bytes: the set the last fit found (all RAM while its growth is linear; 0 = none)
 
 
 def fit_dirty_log(peeks: deque[tuple[float, int]] | list[tuple[float, int]],
@@ -208,9 +214,11 @@ class SwitchoverPolicy:
         self._rates: deque[float] = deque(maxlen=RATE_SAMPLES)  # per-window final-pass rates, bytes/s
         self.phases: dict[str, float] = {}  # ms, measured fixed costs
         self._wake_ms: deque[float] = deque(maxlen=16)
+        self._sync_ms: deque[float] = deque(maxlen=5)
         self.guest = _Guest()
         self.limit_override: int | None = None  # ms, set by downtime steps / escalation
         self.throttle = 0  # % the computed throttle asked for
+        self._throttle_since = start  # when it last changed
         self.actions: list[dict[str, Any]] = []  # every action so far, for query-migrate
         self._step_index = 0
         self._aborted = False
@@ -276,7 +284,7 @@ class SwitchoverPolicy:
         g.peeks.append((now - g.last_sync, max(0, unsynced_bytes)))
         fit = fit_dirty_log(g.peeks, float(self.ram_total or unsynced_bytes))
         if fit is not None:
-            g.fit = fit
+            g.fit, g.fit_fresh = fit, True
 
     def on_sync(self, now: float, remaining_bytes: int, new_dirty_bytes: int,
                 dirtied_bytes: int | None = None) -> None:
@@ -288,11 +296,19 @@ class SwitchoverPolicy:
         self._rec("on_sync", now, remaining_bytes, new_dirty_bytes, dirtied_bytes)
         g = self.guest
         dirtied = new_dirty_bytes if dirtied_bytes is None else max(new_dirty_bytes, dirtied_bytes)
+        fresh = g.fit if g.fit_fresh else None  # an interval too short makes no fit of its own
         if g.last_sync is not None and g.syncs >= 1:
             dt = now - g.last_sync
             if dt > 0.01:
                 g.dirty_rate.add(dirtied / dt)
-                g.raw_rate.add(dirtied / dt / max(0.01, 1 - self.throttle / 100))
+                # the guest's own pace: distinct pages over a second undercount a guest that
+                # rewrites its set within it (measured: 320 of 500 MiB/s), the fit does not
+                pace = fresh[0] if fresh is not None else dirtied / dt
+                g.pace.add(pace)
+                if self._throttle_since <= g.last_sync:  # one throttle all through the interval
+                    g.raw_rate.add(pace / max(0.01, 1 - self.throttle / 100))
+        if fresh is not None and fresh[1] > 0:
+            g.hot_set = int(fresh[1])
         if g.syncs >= 1:  # the first sync is the whole RAM
             g.working_set = max(g.working_set, remaining_bytes)
             if g.low is None or remaining_bytes < g.low * (1 - PROGRESS_STEP):
@@ -303,6 +319,7 @@ class SwitchoverPolicy:
         g.last_sync = now
         g.syncs += 1
         g.peeks.clear()
+        g.fit_fresh = False
 
     def in_first_pass(self) -> bool:
         """Before the sync that ends the first pass (the setup's sync is the first)."""
@@ -332,6 +349,9 @@ class SwitchoverPolicy:
         self._rec("on_phase", name, ms)
         if name == "wake":
             self._wake_ms.append(max(0.0, ms))
+        elif name == "sync":  # one descheduled sync is not what the final one will cost
+            self._sync_ms.append(max(0.0, ms))
+            self.phases[name] = sorted(self._sync_ms)[len(self._sync_ms) // 2]
         else:
             self.phases[name] = max(0.0, ms)
 
@@ -378,9 +398,13 @@ class SwitchoverPolicy:
     def rtt_ms(self) -> float:
         """The smallest of the last round trips: a PONG queued behind the stream waited for the
         destination to load a backlog that the final pass's own rate already counts (measured: 208 ms
-        on a loaded machine against a 0.8 ms wait for LOADED); never below an unanswered PING's age."""
-        least = min(self._rtt) if self._rtt else 0.0
-        return max(least, self._rtt_floor) * 1000
+        on a loaded machine against a 0.8 ms wait for LOADED); never below the age of a PING
+        unanswered for FLOOR_AFTER_S (or of the first one)."""
+        if not self._rtt:
+            return self._rtt_floor * 1000
+        # once a PONG came, a PING still out says something only when it is out for long
+        floor = self._rtt_floor if self._rtt_floor >= FLOOR_AFTER_S else 0.0
+        return max(min(self._rtt), floor) * 1000
 
     def fixed_ms(self) -> float:
         """The switch-over's cost with nothing left to send."""
@@ -413,21 +437,36 @@ class SwitchoverPolicy:
         elif self.guest.peeks:  # between syncs: the next one adds what the dirty log holds
             r += self.guest.peeks[-1][1]
         threshold = self.threshold()
+        final = self._plan(r, threshold, 1.0)
+        p = self._params()
+        if final > threshold and p.get("x-migd-auto-throttle", False) and not self._aborted:
+            # it will not fit as the guest goes: the computed throttle will slow it down
+            need = self.needed_throttle(p)
+            if need > self.throttle:
+                final = self._plan(r, threshold, (1 - need / 100) / max(0.01, 1 - self.throttle / 100))
+        return final
+
+    def _plan(self, r: float, threshold: int, scale: float) -> float:
+        """The decision replayed from ``r``, the guest's pace scaled by ``scale``."""
         for _ in range(PLAN_ROUNDS):
-            if r <= threshold and not self._another_round_pays(int(r)):
+            if r <= threshold and not self._another_round_pays(int(r), scale=scale):
                 return r
-            following = self._next_round(int(r))
+            following = self._next_round(int(r), scale)
             if not following < r:
                 return r
             r = following
         return r
 
     def guest_pace(self) -> tuple[float, int] | None:
-        """(dirty rate bytes/s, working set bytes, 0 = not bounded) the plan counts on: the syncs'
-        measure once two syncs past the first pass gave it, else the dirty log's fit, else one sync's."""
+        """(dirty rate bytes/s, working set bytes, 0 = not bounded) the plan counts on: the pace
+        averaged over the intervals between syncs (each one's fit of the dirty log, or its distinct
+        pages when too short for a fit), unthrottled and throttled again at the current throttle;
+        before the first of them the dirty log's fit."""
         g = self.guest
-        if g.dirty_rate.samples >= 2 or (g.dirty_rate.samples and g.fit is None):
-            return g.dirty_rate.value, g.working_set
+        if g.raw_rate.samples:  # as the guest goes under the throttle it has now
+            return g.raw_rate.value * (1 - self.throttle / 100), g.hot_set or g.working_set
+        if g.pace.samples:
+            return g.pace.value, g.hot_set or g.working_set
         if g.fit is not None:
             rate, wss = g.fit
             return rate, max(int(wss), g.working_set)
@@ -473,13 +512,17 @@ class SwitchoverPolicy:
             return math.inf
         return max(remaining / rate, self.phases.get("sync", 0.0) / 1000)
 
-    def _next_round(self, remaining: int) -> float:
-        """What one more live round is predicted to leave."""
+    def _next_round(self, remaining: int, scale: float = 1.0) -> float:
+        """What one more live round is predicted to leave (the guest's pace scaled by ``scale``):
+        the distinct pages a fitted guest dirties in it, else rate x time, at most the set."""
         pace = self.guest_pace()
         if pace is None:
             return math.inf
         rate, wss = pace
-        dirtied = rate * self._round_s(remaining)
+        seconds = self._round_s(remaining)
+        if wss:  # uniform writes over the set: distinct pages
+            return dirtied_by((rate * scale, float(wss)), seconds)
+        dirtied = rate * scale * seconds
         return min(dirtied, float(wss)) if wss else dirtied
 
     # -- the decision -----------------------------------------------------------------------------
@@ -510,7 +553,7 @@ class SwitchoverPolicy:
         self._rec("peer_silent")
         self.peer_answers = False
 
-    def _another_round_pays(self, remaining: int, commit: bool = False) -> bool:
+    def _another_round_pays(self, remaining: int, commit: bool = False, scale: float = 1.0) -> bool:
         """Whether one more live round leaves at most HALVING of ``remaining`` (and the RAM part of
         the downtime still matters). The verdict the decision last reached (``commit``) holds until
         the ratio is HALVING_BAND past HALVING the other way: a guest whose rounds shrink by about
@@ -522,7 +565,7 @@ class SwitchoverPolicy:
         bound = HALVING
         if self._halving is not None:
             bound *= 1 + HALVING_BAND if self._halving else 1 - HALVING_BAND
-        pays = self._next_round(remaining) <= bound * remaining
+        pays = self._next_round(remaining, scale) <= bound * remaining
         if commit:
             self._halving = pays
         return pays
@@ -657,10 +700,17 @@ class SwitchoverPolicy:
         """The throttle % that brings the guest's (unthrottled) dirty rate to THROTTLE_TARGET of the
         throughput the link gives, capped at max-cpu-throttle."""
         g = self.guest
-        send = self.throughput.value if self.throughput.samples else 0.0
-        if not g.dirty_rate.samples or send <= 0:
+        # the pace of rounds of data pages (what the guest's writes compete with), else any window's
+        tp = self.data_throughput if self.data_throughput.samples else self.throughput
+        send = tp.value if tp.samples else 0.0
+        if g.raw_rate.samples:
+            raw = g.raw_rate.value
+        elif g.fit is not None:  # the first pass: the dirty log's fit
+            raw = g.fit[0] / max(0.01, 1 - self.throttle / 100)
+        else:
             return self.throttle
-        raw = g.raw_rate.value
+        if send <= 0:
+            return self.throttle
         if raw <= THROTTLE_TARGET * send:
             return 0
         need = round((1 - THROTTLE_TARGET * send / raw) * 100)
@@ -674,7 +724,7 @@ class SwitchoverPolicy:
         need = self.needed_throttle(p)
         if need <= self.throttle:
             return None
-        self.throttle = need
+        self.throttle, self._throttle_since = need, now
         return self._record(now, Action("throttle", need, "computed from the dirty rate and the link"))
 
     def _record(self, now: float, act: Action) -> Action:
