@@ -20,7 +20,8 @@ The matrix: dirty rate {idle, 16M, 64M, 200M on a 64 MiB hot set, 500M} x max-ba
 workload may contain commas). Prints one table row per case: total time, downtime, expected at the
 switch-over and its ratio, the worst ratio after the first second (an estimate within 5 ms counts as
 exact, as in issue 10's bound), bytes sent, the convergence states seen, the policy actions that
-fired, the guest's largest stall. Writes a PNG (expected vs real downtime, time to converge) when
+fired, the guest's largest stall after the migration (and before it, in brackets: a stall the
+migration did not cause, e.g. while the destination started). Writes a PNG (expected vs real downtime, time to converge) when
 matplotlib is installed (``pip install 'migd[bench]'``). The TCP cases with 10 and 50 ms of delay each
 way need network namespaces and root: ``bench/bench_netdelay.py`` (``--netdelay`` runs it here).
 """
@@ -95,7 +96,7 @@ async def one_case(tmp: Path, memory: int, case: str, timeout: float,
                    extra: dict[str, Any]) -> dict[str, Any]:
     workload, bandwidth, limit = parse_case(case)
     src, dst = await start_pair(tmp, memory, workload, None)
-    stall = None
+    stall = before = None
     try:
         control, probe = await src.client(), await src.client()
         await control.execute("migrate-set-capabilities",
@@ -103,6 +104,7 @@ async def one_case(tmp: Path, memory: int, case: str, timeout: float,
         await control.execute("migrate-set-parameters",
                               {"max-bandwidth": bandwidth, "downtime-limit": limit, **extra})
         await asyncio.sleep(SETTLE)
+        before = (await control.execute("x-migd-query-machine")).get("workload", {}).get("largest-stall-ms")
         samples: list[tuple[float, int, dict[str, Any]]] = []
         t0 = time.monotonic()
         await control.execute("migrate", {"uri": f"unix:{tmp}/mig.sock"})
@@ -151,7 +153,7 @@ async def one_case(tmp: Path, memory: int, case: str, timeout: float,
         "worst_after_1s": round(worst, 2) if worst is not None else None,
         "sent_mb": round(info.get("ram", {}).get("transferred", 0) / 2**20),
         "states": ">".join(states), "actions": ",".join(actions[:4]) + (",…" if len(actions) > 4 else ""),
-        "stall_ms": stall, "phases": info.get("x-migd-downtime-phases"), "error": info.get("error-desc"),
+        "stall_ms": f"{stall} ({before})", "phases": info.get("x-migd-downtime-phases"), "error": info.get("error-desc"),
         "limit": limit, "bandwidth": bandwidth, "workload": workload,
         "trace": [(round(t, 2), e, c.get("state"), c.get("eta-ms")) for t, e, c in samples[::10]],
     }

@@ -396,7 +396,7 @@ class SwitchoverPolicy:
                 "round-trip": self.rtt_ms()}
 
     def rtt_ms(self) -> float:
-        """The smallest of the last round trips: a PONG queued behind the stream waited for the
+        """The lower quartile of the last five round trips: a PONG queued behind the stream waited for the
         destination to load a backlog that the final pass's own rate already counts (measured: 208 ms
         on a loaded machine against a 0.8 ms wait for LOADED); never below the age of a PING
         unanswered for FLOOR_AFTER_S (or of the first one)."""
@@ -404,7 +404,8 @@ class SwitchoverPolicy:
             return self._rtt_floor * 1000
         # once a PONG came, a PING still out says something only when it is out for long
         floor = self._rtt_floor if self._rtt_floor >= FLOOR_AFTER_S else 0.0
-        return max(min(self._rtt), floor) * 1000
+        low = sorted(self._rtt)[len(self._rtt) // 4]  # of five, the second smallest: a PONG can race its stamp
+        return max(low, floor) * 1000
 
     def fixed_ms(self) -> float:
         """The switch-over's cost with nothing left to send."""
@@ -719,7 +720,7 @@ class SwitchoverPolicy:
     def _computed_throttle(self, now: float, p: Mapping[str, Any], force: bool = False) -> Action | None:
         """Only ever raised while the migration runs (the thread removes it at the end); only when the
         forecast is not converging, unless ``force``."""
-        if not force and self.state is Convergence.CONVERGING:
+        if not force and self.state in (None, Convergence.CONVERGING):  # None: not judged yet
             return None
         need = self.needed_throttle(p)
         if need <= self.throttle:
