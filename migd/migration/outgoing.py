@@ -447,6 +447,8 @@ class MigrationThread(threading.Thread):
                 self.policy.on_rtt(age, lower_bound=True)
             return
         self._ping_sent = None
+        # the switch-over waits for LOADED, and with the commit protocol for SHUT after COMMIT too
+        self.policy.round_trips = 2 if self._accepted() & FEATURE_COMMIT else 1
         self.policy.on_rtt(arrived - sent[1], behind_bytes=sent[2])
 
     # -- counters (QEMU's migration_update_counters / migration_rate_limit) -----------------------
@@ -495,7 +497,7 @@ class MigrationThread(threading.Thread):
         self._new_window(now)
 
     def _publish_expected_downtime(self, pending: int) -> None:
-        """The policy's downtime of a switch-over started now; before the first window closed, the
+        """The policy's downtime of the switch-over it plans; before the first window closed, the
         average rate since the migration began stands in for the final-pass rate."""
         elapsed = time.monotonic() - self.ms.start_time
         fallback = self.stream.transferred / elapsed if elapsed > 0 else 0.0

@@ -210,6 +210,7 @@ class SwitchoverPolicy:
         self._cpu_any = _Ewma()  # the same over zero-page windows, until a data window was seen
         self._rtt: deque[float] = deque(maxlen=5)  # s, the last round trips
         self._rtt_floor = 0.0  # s, the age of the PING still unanswered
+        self.round_trips = 1  # the switch-over waits for LOADED (and for SHUT after COMMIT: 2)
         self._load_rates: deque[float] = deque(maxlen=5)  # bytes/s the destination loaded a burst at
         self._rates: deque[float] = deque(maxlen=RATE_SAMPLES)  # per-window final-pass rates, bytes/s
         self.phases: dict[str, float] = {}  # ms, measured fixed costs
@@ -393,7 +394,7 @@ class SwitchoverPolicy:
             stop = PRIOR_STOP_MS
         return {"stop-vcpus": stop, "drive-flush": p.get("drive-flush", 0.0), "sync": p.get("sync", 0.0),
                 "device-state": p.get("device-state", 0.0), "other": p.get("other", PRIOR_OTHER_MS),
-                "round-trip": self.rtt_ms()}
+                "round-trip": self.rtt_ms() * self.round_trips}
 
     def rtt_ms(self) -> float:
         """The lower quartile of the last five round trips: a PONG queued behind the stream waited for the

@@ -36,6 +36,7 @@ def save(policy: SwitchoverPolicy, params: Mapping[str, Any], outcome: Mapping[s
         return None
     path = Path(where) / f"policy-{os.getpid()}-{time.time_ns()}.json"
     doc = {"ram_total": policy.ram_total, "start": policy.start, "peer_answers": policy.peer_answers,
+           "round_trips": policy.round_trips,
            "params": {k: v for k, v in params.items() if isinstance(v, (int, float, str, bool))},
            "outcome": dict(outcome), "calls": policy.trace}
     try:
@@ -52,6 +53,7 @@ def replay(doc: Mapping[str, Any], params: Mapping[str, Any] | None = None,
     p = {**doc["params"], **(params or {})}
     policy = SwitchoverPolicy(lambda: p, int(doc["ram_total"]), float(doc["start"]),
                               peer_answers=bool(doc["peer_answers"]))
+    policy.round_trips = int(doc.get("round_trips", 1))
     out: list[tuple[float, int, Decision]] = []
     for name, *args in doc["calls"]:
         if name == "decide":
