@@ -140,6 +140,7 @@ async def one_case(tmp: Path, memory: int, case: str, timeout: float,
     expected = info.get("x-migd-expected-downtime")
     late = [e for t, e, _ in samples if t >= 1.0]
     worst = max((error_factor(e, downtime) for e in late), default=None) if downtime else None
+    worst_e = max(late, key=lambda e: error_factor(e, downtime)) if downtime and late else None
     states: list[str] = []
     for _, _, conv in samples:
         st = conv.get("state")
@@ -150,7 +151,7 @@ async def one_case(tmp: Path, memory: int, case: str, timeout: float,
         "case": case, "status": info.get("status"), "digest": digest_ok,
         "total": info.get("total-time"), "downtime": downtime, "expected": expected,
         "ratio": round(expected / downtime, 2) if expected and downtime else None,
-        "worst_after_1s": round(worst, 2) if worst is not None else None,
+        "worst_after_1s": round(worst, 2) if worst is not None else None, "worst_expected": worst_e,
         "sent_mb": round(info.get("ram", {}).get("transferred", 0) / 2**20),
         "states": ">".join(states), "actions": ",".join(actions[:4]) + (",…" if len(actions) > 4 else ""),
         "stall_ms": f"{stall} ({before})", "phases": info.get("x-migd-downtime-phases"), "error": info.get("error-desc"),
@@ -166,17 +167,23 @@ def draw(results: list[dict[str, Any]], path: Path, title: str) -> str:
         return "no picture: matplotlib is not installed (pip install 'migd[bench]', or pip install matplotlib)"
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5.5), dpi=80)
     done = [r for r in results if r["status"] == "completed" and r["downtime"]]
-    lo = max(0.5, min([min(r["downtime"], r["expected"] or r["downtime"]) for r in done] or [1]) / 1.5)
-    hi = max([max(r["downtime"], r["expected"] or 0) for r in done] or [300]) * 1.5
-    xs = [lo, hi]
+    values = [v for r in done for v in (r["downtime"], r["expected"], r["worst_expected"]) if v]
+    lo, hi = max(0.5, min(values or [1]) / 1.5), max(values or [300]) * 1.5
+    xs = [lo * 1.05 ** i for i in range(200) if lo * 1.05 ** i <= hi] + [hi]
     ax1.plot(xs, xs, "k-", lw=0.8, label="exact")
-    ax1.fill_between(xs, [x * 0.75 for x in xs], [x * 1.25 for x in xs], color="g", alpha=0.15, label="±25 %")
+    bound = [SMALL_MS if x < 20 else 0.25 * x for x in xs]
+    ax1.fill_between(xs, [max(lo / 2, x - b) for x, b in zip(xs, bound, strict=True)],
+                     [x + b for x, b in zip(xs, bound, strict=True)], color="g", alpha=0.15,
+                     label="±25 % (±5 ms below 20 ms)")
     ax1.plot(xs, [x * 2 for x in xs], "k:", lw=0.8, label="×2 / ÷2")
     ax1.plot(xs, [x / 2 for x in xs], "k:", lw=0.8)
     for limit, marker in ((300, "o"), (50, "s")):
         sel = [r for r in done if r["limit"] == limit]
         ax1.scatter([r["downtime"] for r in sel], [r["expected"] for r in sel], marker=marker,
                     label=f"at switch-over, limit {limit} ms")
+        late = [r for r in sel if r["worst_expected"]]
+        ax1.scatter([r["downtime"] for r in late], [r["worst_expected"] for r in late], marker="x",
+                    label=f"worst after 1 s, limit {limit} ms")
     ax1.set_xscale("log")
     ax1.set_yscale("log")
     ax1.set_xlabel("real downtime (ms)")
