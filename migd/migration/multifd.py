@@ -349,7 +349,7 @@ class _RecvChannel(threading.Thread):
         self.synced = 0
         self.ended = False  # set by the thread as it leaves (a thread not started yet is not ended)
         self.decomp = Decompressor(owner.method)
-        self.stream = InStream(channel, 1 << 20)
+        self.stream = InStream(channel, 1 << 20, readahead=False)  # pages land in RAM, not in its buffer
 
     @on_thread("mig/dst/mfd")
     def run(self) -> None:
@@ -443,9 +443,8 @@ class _RecvChannel(threading.Thread):
         if self.decomp.method == "none":
             if size != n * PAGE_SIZE:
                 raise StreamError(f"multifd {self.id}: payload of {size} bytes for {n} pages")
-            buf = memoryview(block.buf)
-            for a, b, _ in _runs(normal):
-                f.read_into(buf[a * PAGE_SIZE : b * PAGE_SIZE])
+            buf = memoryview(block.buf)  # straight into guest RAM: one scatter list of the page runs
+            f.read_into_iov([buf[a * PAGE_SIZE : b * PAGE_SIZE] for a, b, _ in _runs(normal)])
         elif n:
             if size > n * PAGE_SIZE + (n * PAGE_SIZE >> 6) + 4096:
                 raise StreamError(f"multifd {self.id}: compressed payload of {size} bytes for {n} pages")

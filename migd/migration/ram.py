@@ -1,9 +1,12 @@
 """The ``ram`` section (QEMU's version 4): every guest page, sent in bulk and loaded in bulk.
 
 Source (``RAMSaver``): a migration bitmap per block, all ones at setup, OR-ed with the guest's dirty
-log at every sync. Pages leave in batches: the batch's PAGE records first (one staging array of 8-byte
-headers and pages filled by numpy slice copies, written with one system call), then its ZERO records
-(one packed array of 9-byte records). Zero detection looks at the first and last word of each page and
+log at every sync. Pages leave in batches: the batch's PAGE records first, then its ZERO records (one
+packed array of 9-byte records). PAGE records go straight from guest RAM: a vectored write of each
+page's 8-byte header (from a small side array) and a view of the page itself, no copy. A page the
+guest writes during its send is dirty and goes again; but while a checksum digest is kept the bytes
+hashed must be the bytes sent, so then pages leave from RAM only while the vCPUs are held paused
+(``VCPUSet.hold_paused``: final pass, paused guest), and through a staging copy while the guest runs. Zero detection looks at the first and last word of each page and
 fully checks only the candidates. Pages that were never touched on the source (``untouched_pages``)
 are zero without being read and go out as ZERO records: the destination cannot be assumed fresh, so
 they are never simply skipped (see docs/FORMAT.md).
@@ -113,6 +116,8 @@ class RAMSaver:
         self._pos_page = 0
         self._last_sent: str | None = None  # block of the last record (CONTINUE after it)
         self._stage = np.empty((batch_pages, PAGE_RECORD), dtype=np.uint8)
+        self._headers = np.empty(batch_pages, dtype=">u8")  # PAGE headers of a batch sent from RAM
+        self.vcpus: Any = None  # the guest's VCPUSet: held paused while pages leave straight from RAM
         self._logging = False
         self.pages_out: PageSink | None = None  # multifd: pages go to the channels
 
@@ -361,25 +366,55 @@ class RAMSaver:
             self.stats.dirty_pages -= 1
 
         n = page_idx.size
-        if n:
-            stage = self._stage[:n]
-            stage[:, :8].view(">u8")[:, 0] = (page_idx.astype(np.uint64) << np.uint64(12)) | np.uint64(
-                RAM_PAGE | RAM_CONTINUE)
-            for a, b, pos in _runs(page_idx):
-                stage[pos : pos + (b - a), 8:] = block.pages[a:b]
-            f.put_nocopy(stage.reshape(-1))
-            nbytes += n * PAGE_RECORD
-            self.stats.normal += n
+        held = False
+        try:
+            if n:
+                headers = (page_idx.astype(np.uint64) << np.uint64(12)) | np.uint64(RAM_PAGE | RAM_CONTINUE)
+                held = f.hashing and self.vcpus is not None and self.vcpus.hold_paused()
+                if held or not f.hashing:
+                    # straight from guest RAM: a page the guest writes meanwhile is dirty and goes again
+                    # (no digest kept), or the guest is held paused until the flush (digest kept)
+                    hdr = self._headers[:n]
+                    hdr[:] = headers
+                    f.put_iov(_page_iov(hdr.view(np.uint8).data, block.buf.data, _runs(page_idx)))
+                else:  # the guest runs and the digest must be of what is sent: a staging copy
+                    stage = self._stage[:n]
+                    stage[:, :8].view(">u8")[:, 0] = headers
+                    for a, b, pos in _runs(page_idx):
+                        stage[pos : pos + (b - a), 8:] = block.pages[a:b]
+                    f.put_nocopy(stage.reshape(-1))
+                nbytes += n * PAGE_RECORD
+                self.stats.normal += n
+            self._emit_zero(f, zero_idx)
+            self.stats.dirty_pages -= n + zero_idx.size
+            self.stats.count_ram_bytes(nbytes + zero_idx.size * ZERO_RECORD, self.guest_running)
+            f.flush()  # the staging/header arrays are reused by the next batch
+        finally:
+            if held:
+                assert self.vcpus is not None
+                self.vcpus.release_hold()
+
+    def _emit_zero(self, f: OutStream, zero_idx: np.ndarray) -> None:
+        """The batch's ZERO records, one packed array."""
         m = zero_idx.size
         if m:
             z = np.zeros(m, dtype=_ZREC)
             z["h"] = (zero_idx.astype(np.uint64) << np.uint64(12)) | np.uint64(RAM_ZERO | RAM_CONTINUE)
             f.put_nocopy(z.view(np.uint8))
-            nbytes += m * ZERO_RECORD
             self.stats.duplicate += m
-        self.stats.dirty_pages -= n + m
-        self.stats.count_ram_bytes(nbytes, self.guest_running)
-        f.flush()  # the staging array is reused by the next batch
+
+
+def _page_iov(hdr: memoryview, ram: memoryview, runs: list[tuple[int, int, int]]) -> list[memoryview]:
+    """PAGE records as views, in stream order: each page's 8-byte header (from ``hdr``, one per page
+    in batch order) followed by the page itself, a view into guest RAM."""
+    out: list[memoryview] = []
+    add = out.extend
+    for a, b, pos in runs:
+        h = pos * 8
+        for p in range(a * PAGE_SIZE, b * PAGE_SIZE, PAGE_SIZE):
+            add((hdr[h : h + 8], ram[p : p + PAGE_SIZE]))
+            h += 8
+    return out
 
 
 def _zero_pages(words: np.ndarray, idx: np.ndarray) -> np.ndarray:

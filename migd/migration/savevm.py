@@ -96,6 +96,7 @@ class SaveVM:
         self.features = features  # [migd] announced in the configuration subsection (0: none written)
         self.peer_timeout_ms = peer_timeout_ms
         self.ram = RAMSaver(machine.ram, stats)
+        self.ram.vcpus = getattr(machine, "vcpus", None)  # held paused while pages leave RAM (ram.py)
 
     @property
     def guest_running(self) -> bool:
