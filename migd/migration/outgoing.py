@@ -289,7 +289,8 @@ class MigrationThread(threading.Thread):
         self.savevm = savevm = savevm_for(ms.host.held_machine(), self.machine, self.stats, self.use_return_path,
                                           *self._announce())
         if ms.config.cap("multifd") and ms.host.held_machine() is None:  # before the stream (QEMU's order)
-            self.multifd = savevm.ram.pages_out = MultifdSender.open(ms.address, stream, ms.config.params)
+            self.multifd = savevm.ram.pages_out = MultifdSender.open(ms.address, stream, ms.config.params,
+                                                                     ms.config.cap("zero-copy-send"))
         with BQL:
             self._expect(M.SETUP)
             savevm.save_header(stream)

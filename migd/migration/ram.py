@@ -101,6 +101,9 @@ class PageSink(Protocol):
 
     def collect(self) -> tuple[int, int, int]: ...
 
+    @property
+    def missed_zero_copy(self) -> int: ...
+
 
 class RAMSaver:
     """The source side of the ``ram`` section. Used by one thread (the migration thread)."""
@@ -320,6 +323,7 @@ class RAMSaver:
         self.stats.duplicate += zero
         self.stats.count_ram_bytes(nbytes, self.guest_running)
         self.stats.multifd_bytes += nbytes
+        self.stats.dirty_sync_missed_zero_copy = self.pages_out.missed_zero_copy
         f.transferred += nbytes  # QEMU's transferred includes the multifd bytes
 
     def _emit(self, f: OutStream, t: _Tracked, idx: np.ndarray) -> None:

@@ -1,0 +1,292 @@
+"""Zero copy on both ends (issue 13 item 1): pages leave straight from guest RAM and land straight in it.
+
+Real daemons: one channel and multifd, with and without ``zero-copy-send``, land with equal RAM digests;
+the capability is refused with QEMU's texts (without multifd, with compression, with TLS, on a unix
+socket); a cancel mid-way with zero-copy-send leaves the guest running. In process: the vCPU hold the
+source relies on while hashing pages it sends from RAM, and the vectored/exact reads of the receivers,
+truncated streams included.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import Migd, wait_for
+
+from migd.machine.vcpu import VCPU, VCPUSet
+from migd.migration.params import ZERO_COPY_ONLY, MigrationConfig, ParamError
+from migd.migration.stream import InStream, OutStream, StreamError
+from migd.transports.channel import SocketChannel
+from migd.transports.zerocopy import NOT_DETECTED, ZeroCopySocket
+
+MiB = 1 << 20
+GUEST = "32M"
+
+
+@pytest.fixture
+def random_ram(tmp_path: Path) -> Path:
+    """Guest RAM of random bytes (``--mem-path``): every page is a PAGE record of its full size."""
+    path = tmp_path / "ram.bin"
+    with open(path, "wb") as f:
+        for _ in range(int(GUEST.rstrip("M"))):
+            f.write(os.urandom(MiB))
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _caps(vm: Migd, **caps: bool) -> None:
+    vm.cmd("migrate-set-capabilities",
+           capabilities=[{"capability": k.replace("_", "-"), "state": v} for k, v in caps.items()])
+
+
+def _multifd(vm: Migd, channels: int = 2, zero_copy: bool = False) -> None:
+    _caps(vm, multifd=True)
+    vm.cmd("migrate-set-parameters", **{"multifd-channels": channels})
+    if zero_copy:
+        _caps(vm, zero_copy_send=True)
+
+
+def _end(vm: Migd) -> dict[str, Any]:
+    info: dict[str, Any] = vm.wait_for(
+        lambda: (lambda i: i if i["status"] in ("completed", "failed", "cancelled") else None)(
+            vm.cmd("query-migrate")), timeout=120, what="migration end")
+    return info
+
+
+def _migrate(src: Migd, dst: Migd, uri: str) -> dict[str, Any]:
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
+    src.cmd("migrate", uri=uri)
+    info = _end(src)
+    assert info["status"] == "completed", info
+    wait_for(lambda: dst.cmd("query-migrate").get("status") == "completed", timeout=30, what="landed")
+    assert src.cmd("x-migd-ram-digest") == dst.cmd("x-migd-ram-digest")
+    assert info["ram"]["normal"] >= int(GUEST.rstrip("M")) * MiB // 4096 // 2, info["ram"]
+    return info
+
+
+@pytest.mark.parametrize("paused", [True, False], ids=["paused-source", "running-guest"])
+def test_one_channel_from_ram_lands_with_equal_digests(migd_factory: Any, random_ram: Path, paused: bool) -> None:
+    # paused: pages leave straight from RAM with the vCPUs held; running: the checksum digest needs the
+    # staging copy while the guest writes. Both are checked by the stream's checksum records.
+    args = ["-S"] if paused else ["--workload", "random,rate=16M"]
+    src = migd_factory("src", "-m", GUEST, "--mem-path", str(random_ram), *args)
+    uri = f"unix:{src.sock_path('mig')}"
+    dst = migd_factory("dst", "-m", GUEST, "-S", "--incoming", uri)
+    _migrate(src, dst, uri)
+
+
+@pytest.mark.parametrize("zero_copy", [False, True], ids=["plain", "zero-copy-send"])
+def test_multifd_lands_with_equal_digests(migd_factory: Any, random_ram: Path, zero_copy: bool) -> None:
+    src = migd_factory("src", "-m", GUEST, "--mem-path", str(random_ram), "--workload", "random,rate=16M")
+    uri = f"tcp:127.0.0.1:{_free_port()}"
+    dst = migd_factory("dst", "-m", GUEST, "-S", "--incoming", uri)
+    for vm in (src, dst):
+        _multifd(vm, 2, zero_copy)
+    info = _migrate(src, dst, uri)
+    missed = info["ram"]["dirty-sync-missed-zero-copy"]
+    if zero_copy:  # loopback: the kernel copies, and every completion says so (QEMU counts each flush)
+        assert missed >= 2, info["ram"]
+    else:
+        assert missed == 0, info["ram"]
+
+
+def _caps_error(vm: Migd, **caps: bool) -> str:
+    return vm.cmd_error("migrate-set-capabilities", capabilities=[
+        {"capability": k.replace("_", "-"), "state": v} for k, v in caps.items()])["desc"]
+
+
+def test_zero_copy_send_refusals_in_qemus_words(migd_factory: Any) -> None:
+    vm = migd_factory("vm", "-m", "16M")
+    before = vm.cmd("query-migrate-capabilities")
+    assert _caps_error(vm, zero_copy_send=True) == ZERO_COPY_ONLY  # without multifd
+    vm.cmd("migrate-set-parameters", **{"multifd-compression": "zstd"})
+    assert _caps_error(vm, multifd=True, zero_copy_send=True) == ZERO_COPY_ONLY  # with compression
+    assert vm.cmd("query-migrate-capabilities") == before  # a refusal changes nothing
+    vm.cmd("migrate-set-parameters", **{"multifd-compression": "none"})
+    _caps(vm, multifd=True, zero_copy_send=True)
+    for change in ({"multifd-compression": "zlib"}, {"tls-creds": "tls0"}):  # compression, TLS
+        err = vm.cmd_error("migrate-set-parameters", **change)
+        assert err == {"class": "GenericError", "desc": ZERO_COPY_ONLY}, err
+    assert _caps_error(vm, multifd=False) == ZERO_COPY_ONLY  # multifd off under it
+    params = vm.cmd("query-migrate-parameters")
+    assert params["multifd-compression"] == "none" and params["tls-creds"] == ""
+
+
+def test_zero_copy_send_on_a_unix_socket_fails_the_migration(migd_factory: Any) -> None:
+    src = migd_factory("src", "-m", "16M", "--workload", "random,rate=16M")
+    uri = f"unix:{src.sock_path('mig')}"
+    dst = migd_factory("dst", "-m", "16M", "-S", "--incoming", uri)
+    for vm in (src, dst):
+        _multifd(vm, 2, zero_copy=True)
+    src.cmd("migrate", uri=uri)
+    info = _end(src)
+    assert info["status"] == "failed" and info["error-desc"] == NOT_DETECTED, info
+    assert src.cmd("query-status")["status"] == "running"
+
+
+def test_zero_copy_send_cancel_midway_leaves_the_guest_running(migd_factory: Any, random_ram: Path) -> None:
+    src = migd_factory("src", "-m", GUEST, "--mem-path", str(random_ram), "--workload", "random,rate=64M")
+    uri = f"tcp:127.0.0.1:{_free_port()}"
+    dst = migd_factory("dst", "-m", GUEST, "-S", "--incoming", uri)
+    for vm in (src, dst):
+        _multifd(vm, 2, zero_copy=True)
+    # it cannot complete (pause-before-switchover) and mostly iterates (dirtying guest, 1 ms limit); once
+    # pages flow the destination is stopped and reads nothing more, so the source is mid-way (sending,
+    # or waiting for zero-copy completions) for as long as this takes; its silence watch is far away
+    _caps(src, pause_before_switchover=True)
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 0, "downtime-limit": 1, "x-migd-peer-timeout": 600})
+    src.cmd("migrate", uri=uri)
+    wait_for(lambda: src.cmd("query-migrate").get("ram", {}).get("transferred", 0) > 4 * MiB, timeout=60,
+             what="pages on the way")
+    os.kill(dst.proc.pid, signal.SIGSTOP)
+    try:
+        assert src.cmd("query-migrate")["status"] in ("active", "pre-switchover")
+        src.cmd("migrate_cancel")
+        assert _end(src)["status"] == "cancelled"
+        assert src.cmd("query-status")["status"] == "running"
+        wait_for(lambda: not _threads(src, "mig/src/mfd"), timeout=10, what="sender threads gone")
+    finally:
+        os.kill(dst.proc.pid, signal.SIGCONT)
+    assert dst.wait(timeout=30) == 1  # the destination failed its load and exited
+
+
+def _threads(vm: Migd, prefix: str) -> list[str]:
+    """Names of the daemon's threads that start with ``prefix`` (from /proc)."""
+    names = []
+    task = f"/proc/{vm.proc.pid}/task"
+    for tid in os.listdir(task):
+        try:
+            with open(f"{task}/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:
+            continue
+    return [n for n in names if n.startswith(prefix)]
+
+
+# -- in process -------------------------------------------------------------------------------------
+
+
+def test_config_applies_qemus_rule_to_capabilities_and_parameters() -> None:
+    c = MigrationConfig()
+    with pytest.raises(ParamError, match=ZERO_COPY_ONLY):
+        c.set_capabilities([("zero-copy-send", True)])
+    c.set_capabilities([("multifd", True), ("zero-copy-send", True)])
+    assert c.cap("zero-copy-send")
+    with pytest.raises(ParamError, match=ZERO_COPY_ONLY):
+        c.set_parameters({"multifd-compression": "zstd"})
+    assert c.param("multifd-compression") == "none"
+
+
+def test_hold_keeps_paused_vcpus_paused_across_a_resume() -> None:
+    ran = threading.Event()
+
+    def runner(_v: VCPU) -> None:
+        ran.set()
+
+    vset = VCPUSet(2, runner)
+    vset.start()
+    try:
+        assert vset.hold_paused()  # started paused
+        vset.resume_all()
+        assert not ran.wait(0.3)  # held: nothing runs (a bounded look, not a synchronisation)
+        assert vset.all_paused()
+        vset.release_hold()
+        assert ran.wait(10)  # the resume asked for meanwhile takes effect
+        assert not vset.hold_paused()  # running vCPUs cannot be held
+    finally:
+        vset.shutdown()
+
+
+def _pair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair()
+    return a, b
+
+
+def test_exact_reads_leave_bulk_data_for_the_scatter_list() -> None:
+    a, b = _pair()
+    payload = os.urandom(3 * 4096 + 100)
+    a.sendall(b"HEAD" + payload)
+    a.close()
+    f = InStream(SocketChannel(b), 1 << 16, readahead=False)
+    f.start_digest()
+    assert f.read(4) == b"HEAD"
+    assert f.available == 0  # nothing read ahead: the rest is still in the socket
+    dst = [memoryview(bytearray(4096)), memoryview(bytearray(8192)), memoryview(bytearray(100))]
+    f.read_into_iov(dst)
+    assert b"".join(bytes(v) for v in dst) == payload
+    assert f.consumed == 4 + len(payload)
+    assert f.digest()[1] == len(payload) + 4
+    assert f.at_eof()
+
+
+def test_a_truncated_scatter_read_is_refused() -> None:
+    a, b = _pair()
+    a.sendall(os.urandom(5000))
+    a.close()
+    f = InStream(SocketChannel(b), 1 << 16, readahead=False)
+    with pytest.raises(StreamError, match="Migration stream truncated"):
+        f.read_into_iov([memoryview(bytearray(4096)), memoryview(bytearray(4096))])
+
+
+def test_put_iov_hashes_what_it_sends() -> None:
+    a, b = _pair()
+    out = OutStream(SocketChannel(a))
+    out.start_digest()
+    parts = [os.urandom(8), os.urandom(4096), os.urandom(8), os.urandom(4096)]
+    out.put(b"x")
+    out.put_iov([memoryview(p) for p in parts])
+    out.flush()
+    a.close()
+    f = InStream(SocketChannel(b))
+    f.start_digest()
+    f.skip(1 + sum(map(len, parts)))
+    assert f.digest() == out.digest()
+    assert out.transferred == 1 + sum(map(len, parts))
+
+
+def test_zero_copy_socket_on_loopback_reports_the_kernels_copy() -> None:
+    with socket.socket() as lst:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(1)
+        c = socket.create_connection(lst.getsockname())
+        s, _ = lst.accept()
+    data = os.urandom(4 * MiB)
+    got = bytearray()
+
+    def reader() -> None:
+        while len(got) < len(data):
+            chunk = s.recv(MiB)
+            if not chunk:
+                return
+            got.extend(chunk)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        zc = ZeroCopySocket(c)
+        view, pos = memoryview(data), 0
+        for _ in range(10_000):
+            if pos == len(data):
+                break
+            pos += zc.send([view[pos:]], lambda: False)
+        assert zc.flush(lambda: False)  # loopback: copied, a missed zero copy
+        assert zc.completed == zc.queued >= 1 and zc.copied == zc.queued
+        t.join(30)
+        assert bytes(got) == data
+    finally:
+        c.close()
+        s.close()
+    u, v = socket.socketpair()
+    with u, v, pytest.raises(OSError):
+        ZeroCopySocket(u)  # unix sockets: EOPNOTSUPP (the daemon reports QEMU's NOT_DETECTED)
