@@ -16,11 +16,25 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from helpers import Migd, wait_for
 
+from migd.machine.ram import RAMList
 from migd.machine.vcpu import VCPU, VCPUSet
+from migd.migration.format import (
+    FEATURE_CHECKSUM,
+    FEATURE_PAGE_RUNS,
+    RAM_CONTINUE,
+    RAM_EOS,
+    RAM_PAGE,
+    RAM_X_MIGD_RUN,
+    Section,
+)
 from migd.migration.params import ZERO_COPY_ONLY, MigrationConfig, ParamError
+from migd.migration.ram import RAMLoader
+from migd.migration.savevm import SaveVM, load_stream
+from migd.migration.stats import MigrationStats
 from migd.migration.stream import InStream, OutStream, StreamError
 from migd.transports.channel import SocketChannel
 from migd.transports.zerocopy import NOT_DETECTED, ZeroCopySocket
@@ -290,3 +304,124 @@ def test_zero_copy_socket_on_loopback_reports_the_kernels_copy() -> None:
     u, v = socket.socketpair()
     with u, v, pytest.raises(OSError):
         ZeroCopySocket(u)  # unix sockets: EOPNOTSUPP (the daemon reports QEMU's NOT_DETECTED)
+
+
+# -- [migd] page runs on the main channel (FEATURE_PAGE_RUNS) ---------------------------------------
+
+
+def _block_ram(pages: int = 64) -> RAMList:
+    r = RAMList()
+    r.add("ram0", pages * 4096)
+    return r
+
+
+def _run_stream(first_page: bytes, run_at: int, count: int, payload: bytes) -> bytes:
+    """A PART of ram: a PAGE record naming ram0 (page 0), one run record, EOS."""
+    out = (RAM_PAGE.to_bytes(8, "big") + bytes((4,)) + b"ram0" + first_page
+           + ((run_at * 4096) | RAM_X_MIGD_RUN | RAM_CONTINUE).to_bytes(8, "big") + count.to_bytes(4, "big")
+           + payload)
+    return out + RAM_EOS.to_bytes(8, "big")
+
+
+def _load(data: bytes, ram: RAMList, runs: bool = True) -> RAMLoader:
+    a, b = socket.socketpair()
+    with a:
+        a.sendall(data)
+    f = InStream(SocketChannel(b))
+    loader = RAMLoader(ram)
+    loader.page_runs = runs
+    try:
+        loader.load(f, Section.PART)
+    finally:
+        b.close()
+    return loader
+
+
+def test_a_page_run_lands_straight_in_ram() -> None:
+    ram = _block_ram()
+    page0, pages = os.urandom(4096), os.urandom(10 * 4096)
+    loader = _load(_run_stream(page0, 5, 10, pages), ram)
+    block = ram.get("ram0")
+    assert block is not None
+    assert block.pages[0].tobytes() == page0 and block.pages[5:15].tobytes() == pages
+    assert not block.pages[1:5].any() and not block.pages[15:].any()
+    assert loader.pages == 11
+
+
+@pytest.mark.parametrize("run_at,count,payload,error", [
+    (5, 0, b"", "Invalid page run of 0 pages at RAM offset 5000"),
+    (60, 10, bytes(10 * 4096), "Illegal RAM offset 40000"),  # past the end of the 64-page block
+    (5, (1 << 16) + 1, b"", "Invalid page run of 65537 pages"),
+    (5, 10, bytes(3 * 4096 + 7), "Migration stream truncated"),
+])
+def test_bad_page_runs_are_refused(run_at: int, count: int, payload: bytes, error: str) -> None:
+    ram = _block_ram()
+    with pytest.raises(StreamError, match=error):
+        _load(_run_stream(bytes(4096), run_at, count, payload), ram)
+    if "Illegal" in error or "Invalid" in error:  # checked before a byte of the run is read
+        block = ram.get("ram0")
+        assert block is not None and not block.pages.any()
+
+
+def test_a_page_run_from_a_source_that_did_not_announce_runs_is_unknown() -> None:
+    with pytest.raises(StreamError, match="Unknown combination of migration flags: 0x420"):
+        _load(_run_stream(bytes(4096), 5, 1, bytes(4096)), _block_ram(), runs=False)
+
+
+@pytest.mark.parametrize("held", [True, False], ids=["from-ram", "staged"])
+def test_save_with_runs_and_checksums_loads_equal(held: bool) -> None:
+    """SaveVM with page runs and checksum records -> socketpair -> load_stream: equal RAM, every
+    checksum matched, pages from RAM (vCPUs held) or from the staging copy (vCPUs running)."""
+    src, dst = _block_ram(2048), _block_ram(2048)
+    block = src.get("ram0")
+    assert block is not None
+    block.pages[:] = np.frombuffer(os.urandom(2048 * 4096), dtype=np.uint8).reshape(2048, 4096)
+    block.pages[100:300] = 0  # zero records between runs
+    vset = VCPUSet(1)
+    vset.start()
+    if not held:
+        vset.resume_all()
+    a, b = socket.socketpair()
+    out = OutStream(SocketChannel(a))
+    out.set_rate_limit(0)
+    sv = SaveVM(_RAMBox(src, vset), MigrationStats(), False, FEATURE_CHECKSUM | FEATURE_PAGE_RUNS)
+    sv.ram.page_runs = lambda: True
+    result: list[BaseException | int] = []
+
+    def load() -> None:
+        try:
+            result.append(load_stream(InStream(SocketChannel(b)), _RAMBox(dst, None)))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            result.append(exc)
+
+    t = threading.Thread(target=load)
+    t.start()
+    try:
+        sv.save_header(out)
+        sv.save_setup(out)
+        for _ in range(100):
+            if sv.save_iterate(out):
+                break
+        sv.save_complete_precopy(out)
+        out.flush()
+        a.shutdown(socket.SHUT_WR)
+        t.join(60)
+    finally:
+        sv.ram.cleanup()
+        vset.shutdown()
+        a.close()
+    assert result and not isinstance(result[0], BaseException), result
+    assert result[0] & FEATURE_PAGE_RUNS
+    dblock = dst.get("ram0")
+    assert dblock is not None and np.array_equal(dblock.pages, block.pages)
+
+
+class _RAMBox:
+    """What SaveVM/load_stream need of a machine: RAM, vCPUs, no devices."""
+
+    def __init__(self, ram: RAMList, vcpus: VCPUSet | None) -> None:
+        self.ram = ram
+        self.vcpus = vcpus
+
+    def devices(self) -> list[Any]:
+        return []

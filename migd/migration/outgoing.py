@@ -47,6 +47,7 @@ from migd.migration.format import (
     FEATURE_CHECKSUM,
     FEATURE_COMMIT,
     FEATURE_HEARTBEAT,
+    FEATURE_PAGE_RUNS,
     FEATURES_SUPPORTED,
     Cmd,
     command,
@@ -302,6 +303,7 @@ class MigrationThread(threading.Thread):
             self.rp = ReturnPathReader(self.channel)
             self.rp.start()
             self._start_watchdog()
+            savevm.ram.page_runs = self._page_runs
         if not ms.set_state(M.SETUP, M.ACTIVE):
             raise Cancelled()
         ms.setup_time = int((time.monotonic() - setup_start) * 1000)
@@ -486,6 +488,11 @@ class MigrationThread(threading.Thread):
         if not self.use_return_path:
             return FEATURE_CHECKSUM, 0
         return FEATURES_SUPPORTED, self._peer_timeout() * 1000
+
+    def _page_runs(self) -> bool:
+        """(migration thread) Whether the destination accepted page runs (FORMAT.md §3.3): from then
+        on pages go as RAM_X_MIGD_RUN records, which it reads straight into guest RAM."""
+        return bool(self._accepted() & FEATURE_PAGE_RUNS)
 
     def _accepted(self) -> int:
         rp = self.rp

@@ -266,6 +266,7 @@ class InStream:
         # is still in the socket when ``read_into``/``read_into_iov`` asks for it: received straight
         # into its destination, no copy through this buffer
         self.readahead = readahead
+        self.fill_max = bufsize  # bytes one buffer fill asks for beyond what is needed, at most
         self._buf = bytearray(bufsize)
         self._mv = memoryview(self._buf)
         self._start = 0
@@ -315,7 +316,7 @@ class InStream:
             if len(self._buf) - self._end < max(need - self.available, 1 << 16) or self._start == self._end:
                 self._compact()
             if self.readahead:
-                n = self._read(self._mv[self._end :])
+                n = self._read(self._mv[self._end : self._end + max(need - self.available, self.fill_max)])
             else:
                 n = self._read(self._mv[self._end : self._end + need - self.available])
             if n == 0:
