@@ -9,31 +9,16 @@ when QEMU or binutils are not installed; the refusal tests need no QEMU.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import xxhash
 from helpers import Migd
-from qemu_guest import MEMORY, Qemu, build_floppy, missing_tools, outside_firmware
+from qemu_guest import MEMORY, Qemu, ended, missing_tools, outside_firmware
 
 needs_qemu = pytest.mark.skipif(missing_tools() is not None, reason=missing_tools() or "")
-
-
-@pytest.fixture
-def source(tmp_path: Path) -> Iterator[Qemu]:
-    """A running, counting QEMU guest."""
-    vm = Qemu(tmp_path, "qsrc", build_floppy(tmp_path))
-    try:
-        vm.wait_counting()
-        yield vm
-    finally:
-        vm.kill()
-
-
-def ended(info: dict[str, Any]) -> dict[str, Any]:
-    return info if info.get("status") in ("completed", "failed", "cancelled") else {}
 
 
 def holding(relay: Migd) -> dict[str, Any]:
