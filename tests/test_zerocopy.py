@@ -453,3 +453,23 @@ def test_analyze_reads_page_runs(tmp_path: Path) -> None:
     stats = a.blocks["ram0"]
     assert stats.page_records == 502 and stats.zero_records == 10
     assert block_path(tmp_path / "x" / "ram", "ram0").read_bytes() == block.buf.tobytes()
+
+
+def test_a_socket_subclass_that_reads_through_a_layer_is_not_bypassed() -> None:
+    """A SocketChannel subclass with its own read_into (TLS) gets its own reads for scatter lists too."""
+
+    class Doubling(SocketChannel):
+        def read_into(self, mv: Any) -> int:
+            n = super().read_into(mv[:1])
+            mv[0] = mv[0] * 2 % 256
+            return n
+
+    a, b = _pair()
+    with a:
+        a.sendall(bytes([3, 4]))
+    ch = Doubling(b)
+    with ch:
+        f = InStream(ch, 1 << 16, readahead=False)
+        dst = [memoryview(bytearray(1)), memoryview(bytearray(1))]
+        f.read_into_iov(dst)
+        assert bytes(dst[0]) + bytes(dst[1]) == bytes([6, 8])

@@ -379,8 +379,8 @@ class MultifdSender:
 def _zero_copy(channel: Channel) -> ZeroCopySocket:
     """MSG_ZEROCOPY on a channel's socket, or QEMU's refusal (a unix socket, TLS, an old kernel)."""
     try:
-        if not isinstance(channel, SocketChannel):
-            raise OSError("not a socket")
+        if type(channel) is not SocketChannel:  # a plain socket: not a pipe, not TLS (it encrypts first)
+            raise OSError("not a plain socket")
         return ZeroCopySocket(channel.sock)
     except OSError:
         raise StreamError(NOT_DETECTED) from None

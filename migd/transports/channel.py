@@ -112,6 +112,8 @@ class SocketChannel(Channel):
         return self.sock.recv_into(mv)
 
     def read_vectored(self, bufs: Sequence[Any]) -> int:
+        if type(self).read_into is not SocketChannel.read_into:  # a subclass reads through a layer (TLS)
+            return self.read_into(bufs[0])
         if self._shut:
             raise _shut_error()
         return self.sock.recvmsg_into(bufs[:IOV_MAX] if len(bufs) > IOV_MAX else bufs)[0]
