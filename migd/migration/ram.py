@@ -1,12 +1,14 @@
 """The ``ram`` section (QEMU's version 4): every guest page, sent in bulk and loaded in bulk.
 
 Source (``RAMSaver``): a migration bitmap per block, all ones at setup, OR-ed with the guest's dirty
-log at every sync. Pages leave in batches: the batch's PAGE records first, then its ZERO records (one
-packed array of 9-byte records). PAGE records go straight from guest RAM: a vectored write of each
-page's 8-byte header (from a small side array) and a view of the page itself, no copy. A page the
-guest writes during its send is dirty and goes again; but while a checksum digest is kept the bytes
-hashed must be the bytes sent, so then pages leave from RAM only while the vCPUs are held paused
-(``VCPUSet.hold_paused``: final pass, paused guest), and through a staging copy while the guest runs. Zero detection looks at the first and last word of each page and
+log at every sync. Pages leave in batches: the batch's pages first, then its ZERO records (one packed
+array of 9-byte records). Between migd peers (FEATURE_PAGE_RUNS) the pages go as page runs, straight
+from guest RAM: a vectored write of each run's 12-byte header (from a small side array) and a view of
+the run, no copy. A page the guest writes during its send is dirty and goes again; but while a
+checksum digest is kept the bytes hashed must be the bytes sent, so then runs leave from RAM only while
+the vCPUs are held paused (``VCPUSet.hold_paused``: final pass, paused guest), and through a staging
+copy while the guest runs. QEMU's PAGE records (other streams) are staged: header and page side by
+side in one array, one copy, one system call. Zero detection looks at the first and last word of each page and
 fully checks only the candidates. Pages that were never touched on the source (``untouched_pages``)
 are zero without being read and go out as ZERO records: the destination cannot be assumed fresh, so
 they are never simply skipped (see docs/FORMAT.md).
@@ -127,7 +129,6 @@ class RAMSaver:
         self._pos_page = 0
         self._last_sent: str | None = None  # block of the last record (CONTINUE after it)
         self._stage = np.empty((batch_pages, PAGE_RECORD), dtype=np.uint8)
-        self._headers = np.empty(batch_pages, dtype=">u8")  # PAGE headers of a batch sent from RAM
         self._run_headers = np.empty(batch_pages, dtype=_RUN)  # [migd] page-run headers of a batch
         # [migd] whether the destination accepted FEATURE_PAGE_RUNS (the migration thread sets it)
         self.page_runs: Callable[[], bool] = _never
@@ -383,16 +384,14 @@ class RAMSaver:
         n = page_idx.size
         held = False
         try:
-            if n:
+            if n and self.page_runs():
                 # straight from guest RAM: a page the guest writes meanwhile is dirty and goes again (no
                 # digest kept), or the guest is held paused until the flush (digest kept); else a copy
                 held = f.hashing and self.vcpus is not None and self.vcpus.hold_paused()
-                direct = held or not f.hashing
-                if self.page_runs():
-                    nbytes += self._put_runs(f, block, page_idx, direct)
-                else:
-                    nbytes += self._put_pages(f, block, page_idx, direct)
-                self.stats.normal += n
+                nbytes += self._put_runs(f, block, page_idx, held or not f.hashing)
+            elif n:
+                nbytes += self._put_pages(f, block, page_idx)
+            self.stats.normal += n
             self._emit_zero(f, zero_idx)
             self.stats.dirty_pages -= n + zero_idx.size
             self.stats.count_ram_bytes(nbytes + zero_idx.size * ZERO_RECORD, self.guest_running)
@@ -402,20 +401,16 @@ class RAMSaver:
                 assert self.vcpus is not None
                 self.vcpus.release_hold()
 
-    def _put_pages(self, f: OutStream, block: Any, page_idx: np.ndarray, direct: bool) -> int:
-        """QEMU's PAGE records (header, page) for these pages: from RAM when ``direct``, else staged."""
+    def _put_pages(self, f: OutStream, block: Any, page_idx: np.ndarray) -> int:
+        """QEMU's PAGE records (header, page) for these pages, through the staging array: two views
+        per page straight from RAM cost more in Python than this one copy (bench_pageloop --modes)."""
         n = page_idx.size
-        headers = (page_idx.astype(np.uint64) << np.uint64(12)) | np.uint64(RAM_PAGE | RAM_CONTINUE)
-        if direct:
-            hdr = self._headers[:n]
-            hdr[:] = headers
-            f.put_iov(_page_iov(hdr.view(np.uint8).data, block.buf.data, _runs(page_idx)))
-        else:
-            stage = self._stage[:n]
-            stage[:, :8].view(">u8")[:, 0] = headers
-            for a, b, pos in _runs(page_idx):
-                stage[pos : pos + (b - a), 8:] = block.pages[a:b]
-            f.put_nocopy(stage.reshape(-1))
+        stage = self._stage[:n]
+        stage[:, :8].view(">u8")[:, 0] = (page_idx.astype(np.uint64) << np.uint64(12)) | np.uint64(
+            RAM_PAGE | RAM_CONTINUE)
+        for a, b, pos in _runs(page_idx):
+            stage[pos : pos + (b - a), 8:] = block.pages[a:b]
+        f.put_nocopy(stage.reshape(-1))
         return n * PAGE_RECORD
 
     def _put_runs(self, f: OutStream, block: Any, page_idx: np.ndarray, direct: bool) -> int:
@@ -448,19 +443,6 @@ class RAMSaver:
             z["h"] = (zero_idx.astype(np.uint64) << np.uint64(12)) | np.uint64(RAM_ZERO | RAM_CONTINUE)
             f.put_nocopy(z.view(np.uint8))
             self.stats.duplicate += m
-
-
-def _page_iov(hdr: memoryview, ram: memoryview, runs: list[tuple[int, int, int]]) -> list[memoryview]:
-    """PAGE records as views, in stream order: each page's 8-byte header (from ``hdr``, one per page
-    in batch order) followed by the page itself, a view into guest RAM."""
-    out: list[memoryview] = []
-    add = out.extend
-    for a, b, pos in runs:
-        h = pos * 8
-        for p in range(a * PAGE_SIZE, b * PAGE_SIZE, PAGE_SIZE):
-            add((hdr[h : h + 8], ram[p : p + PAGE_SIZE]))
-            h += 8
-    return out
 
 
 def _zero_pages(words: np.ndarray, idx: np.ndarray) -> np.ndarray:
