@@ -21,7 +21,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
 
-from e2e_util import digests, run_status, wait_status  # noqa: E402
+from e2e_util import digests, poll, run_status, wait_status  # noqa: E402
 from helpers import Migd, wait_for  # noqa: E402
 from test_multifd_e2e import _threads  # noqa: E402
 from tls_certs import client_dir, make_ca, server_dir  # noqa: E402
@@ -33,9 +33,10 @@ JUNK = b"HTTP/1.0 400 this is no TLS server\r\n\r\n"
 class Relay:
     """TCP relay on 127.0.0.1 to the destination; connection number ``sabotage`` (0 = main) gets JUNK."""
 
-    def __init__(self, target: tuple[str, int], sabotage: int | None = None) -> None:
+    def __init__(self, target: tuple[str, int], sabotage: int | None = None, silent: bool = False) -> None:
         self.target = target
         self.sabotage = sabotage
+        self.silent = silent  # the sabotaged connection hears nothing at all (a stuck handshake)
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = int(self.server.getsockname()[1])
         self.first: dict[int, bytes] = {}  # connection number -> the source's first bytes
@@ -49,6 +50,10 @@ class Relay:
                 c, _ = self.server.accept()
             except OSError:
                 return
+            if n == self.sabotage and self.silent:
+                with self.lock:
+                    self.socks.append(c)
+                continue
             d = socket.create_connection(self.target, timeout=10)
             with self.lock:
                 self.socks += [c, d]
@@ -164,3 +169,23 @@ def test_zero_copy_send_stays_refused_with_tls(migd_factory: Any, tmp_path: Path
         assert err["desc"] == "Zero copy only available for non-compressed non-TLS multifd migration"
     assert src.cmd("query-migrate") == {}
     assert run_status(src) == "running"
+
+
+def test_cancel_ends_a_multifd_channel_handshake_that_hears_nothing(migd_factory: Any, tmp_path: Path) -> None:
+    """The second multifd channel connects but its peer never answers the handshake: migrate_cancel
+    wakes it (it does not wait for the handshake's own time-out) and the guest runs on."""
+    src, dst, port = _pair(migd_factory, tmp_path, 2)
+    relay = Relay(("127.0.0.1", port), sabotage=2, silent=True)
+    try:
+        src.cmd("migrate", uri=f"tcp:127.0.0.1:{relay.port}")
+        wait_for(lambda: len(relay.socks) == 5, timeout=30, what="main + channel 0 relayed, channel 1 held")
+        assert src.cmd("query-migrate")["status"] == "setup"
+        src.cmd("migrate_cancel")
+        wait_status(src, "cancelled", 30)
+        assert run_status(src) == "running"
+        wait_for(lambda: not _threads(src, "mig/src/"), timeout=30, what="migration thread gone")
+        # woken by the cancel, not ended by the handshake's own time-out
+        poll(lambda: "multifd channel 1: TLS handshake failed: cancelled" in src.log(), 10, "the wake logged")
+        assert "timed out" not in src.log()
+    finally:
+        relay.close()

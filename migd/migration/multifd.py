@@ -219,6 +219,7 @@ class MultifdSender:
         except (TransportError, ValueError) as exc:
             for ch in channels:
                 ch.close()
+            log.info("migration: multifd channel %d: %s", len(channels), exc)  # said even when cancelled
             raise StreamError(f"multifd: {exc}") from None
         sender.start()
         return sender
