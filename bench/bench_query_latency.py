@@ -7,7 +7,7 @@ ends and records every round trip. migd answers from published counters, so the 
 through the switch-over (QEMU's monitor is frozen for its whole downtime: max 290-350 ms there).
 
     python3 bench/bench_query_latency.py [--memory 1G] [--workload idle] [--runs 3] [--random-ram]
-        [--channels 1 2] [--probe] [--probe-ms 0.5] [--top 8]
+        [--channels 1 2] [--probe] [--probe-ms 0.5] [--top 8] [--dst] [--py-spy DIR]
 
 Each run is done once per ``--channels`` entry: 1 is one channel (no multifd), N > 1 is multifd with N
 channels on both sides. Prints p50/p99/max in ms per run, how many answers arrived while the status
@@ -154,13 +154,27 @@ def culprits(stalls: list[dict[str, Any]], top: int) -> list[str]:
             stacks[key] = stack
         groups[key].append((rec["late_ms"], max(0.0, rec["late_ms"] - rec.get("runq_ms", 0.0))))
     ranked = sorted(groups.items(), key=lambda kv: max(g for _, g in kv[1]), reverse=True)[:top]
-    lines = []
+    lines = ["   by the busiest thread's innermost frame:"]
     for (thread, where), lates in ranked:
         gil = [g for _, g in lates]
         lines.append(f"    {thread:<14} n={len(lates):<4} max late={max(x for x, _ in lates):6.2f} ms "
                      f"of which GIL {max(gil):6.2f} ms, GIL sum={sum(gil):7.1f} ms  {where}")
         if len(stacks[(thread, where)]) > 1:
             lines.append("        <- " + " <- ".join(stacks[(thread, where)][1:4]))
+    # computing holds: the probe had a CPU (its lateness is not run-queue wait) and one thread burnt
+    # CPU for most of that time (not a holder the host preempted, nor a thread in a GIL-free call)
+    held = []
+    for rec in stalls:
+        if "late_ms" not in rec or not rec["threads"]:
+            continue
+        gil = rec["late_ms"] - rec.get("runq_ms", 0.0)
+        thread, info = next(iter(rec["threads"].items()))
+        if gil >= 1.0 and info["cpu_ms"] >= 0.8 * gil:
+            held.append((gil, info["cpu_ms"], thread, info["stack"]))
+    held.sort(reverse=True)
+    lines.append(f"   computing holds of 1 ms or more (probe had a CPU, one thread busy): {len(held)}")
+    for gil, cpu, thread, stack in held[:top]:
+        lines.append(f"    {gil:6.2f} ms GIL, {thread} busy {cpu:.2f} ms: " + " <- ".join(stack[:4]))
     return lines
 
 
@@ -179,7 +193,8 @@ def spy_on(d: Migd, out_dir: Path) -> subprocess.Popen[bytes]:
 
 
 async def one_run(tmp: Path, memory: int, workload: str, mem_path: Path | None, channels: int,
-                  probe_ms: float | None, top: int, spy_dir: Path | None = None) -> dict[str, Any]:
+                  probe_ms: float | None, top: int, spy_dir: Path | None = None,
+                  poll_destination: bool = False) -> dict[str, Any]:
     src, dst = await start_pair(tmp, memory, workload, mem_path, probe_ms)
     stall_lines: dict[str, list[str]] = {}
     try:
@@ -222,7 +237,7 @@ async def one_run(tmp: Path, memory: int, workload: str, mem_path: Path | None, 
                 dst_lat.append((time.perf_counter() - t0) * 1000)
 
         poller = asyncio.create_task(poll())
-        dst_poller = asyncio.create_task(poll_dst())
+        dst_poller = asyncio.create_task(poll_dst() if poll_destination else asyncio.sleep(0))
         await control.execute("migrate", {"uri": f"unix:{tmp}/mig.sock"})
         info = await asyncio.wait_for(poller, 600)
         ended = time.monotonic()
@@ -284,6 +299,8 @@ async def main() -> int:
     ap.add_argument("--top", type=int, default=8, help="culprits printed per daemon")
     ap.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
                     help="record both daemons with py-spy --gil into DIR (speedscope)")
+    ap.add_argument("--dst", action="store_true",
+                    help="poll the destination's query-migrate too (a second poller: it loads the host more)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     memory = parse_size(args.memory)
@@ -298,15 +315,16 @@ async def main() -> int:
                 run_dir.mkdir()
                 r = await one_run(run_dir, memory, args.workload, mem_path, channels,
                                   args.probe_ms if args.probe else None, args.top,
-                                  args.py_spy / f"run{i}-{channels}" if args.py_spy else None)
+                                  args.py_spy / f"run{i}-{channels}" if args.py_spy else None, args.dst)
                 results.append(r)
                 if not args.json:
                     print(f"run {i + 1} channels={channels}: {r['status']} samples={r['samples']} p50={r['p50_ms']} ms "
                           f"p99={r['p99_ms']} ms max={r['max_ms']} ms  answers during switch-over="
                           f"{r['during_switchover']} (max {r['max_during_switchover_ms']} ms)  "
                           f"total={r['total_time_ms']} ms downtime={r['downtime_ms']} ms mbps={r['mbps']}")
-                    print(f"  destination's query-migrate meanwhile: p50={r['dst_p50_ms']} ms p99={r['dst_p99_ms']} ms "
-                          f"max={r['dst_max_ms']} ms")
+                    if r["dst_p50_ms"] is not None:
+                        print(f"  destination's query-migrate meanwhile: p50={r['dst_p50_ms']} ms p99={r['dst_p99_ms']} ms "
+                              f"max={r['dst_max_ms']} ms")
                     print(f"  reference, idle source just before: p50={r['idle_p50_ms']} ms p99={r['idle_p99_ms']} ms "
                           f"max={r['idle_max_ms']} ms")
                     if r["error"]:
