@@ -70,7 +70,7 @@ def test_parse_uri(text: str, expected: object) -> None:
         ("file:/tmp/f,offset=", "Invalid file offset "),
         ("file:/tmp/f,offset=-1", "Invalid file offset -1"),
         ("file:/tmp/f,offset=1.5", "Invalid file offset 1.5"),
-        ("file:/tmp/f,offset=1P", "Invalid file offset 1P"),
+        ("file:/tmp/f,offset=1Q", "Invalid file offset 1Q"),
         ("file:/tmp/f,offset=9223372036854775808", "Invalid file offset 9223372036854775808"),
         ("fd:", "File descriptor name is empty"),
     ],
