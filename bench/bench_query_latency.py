@@ -77,6 +77,11 @@ class Migd:
         cmd = [sys.executable, "-m", "migd", "--name", name, "--qmp", f"unix:{self.qmp_path}", *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the process so far (/proc/PID/stat)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stalls(self, since: float) -> list[dict[str, Any]]:
         """The probe's stall records from ``since`` (monotonic seconds) on."""
         if self.probe_path is None or not self.probe_path.exists():
@@ -209,6 +214,7 @@ async def one_run(tmp: Path, memory: int, workload: str, mem_path: Path | None, 
         await dclient.execute("migrate-incoming", {"uri": f"unix:{tmp}/mig.sock"})
         await asyncio.sleep(SETTLE)
         started = time.monotonic()
+        cpu0 = {d.name: d.cpu_seconds() for d in (src, dst)}
         # the reference in the same run: the same loop against the idle source (the machine's floor)
         idle: list[float] = []
         t_end = time.monotonic() + IDLE_REF
@@ -241,6 +247,7 @@ async def one_run(tmp: Path, memory: int, workload: str, mem_path: Path | None, 
         await control.execute("migrate", {"uri": f"unix:{tmp}/mig.sock"})
         info = await asyncio.wait_for(poller, 600)
         ended = time.monotonic()
+        cpu = {d.name: round(d.cpu_seconds() - cpu0[d.name], 2) for d in (src, dst)}
         await asyncio.wait_for(dst_poller, 60)
         for spy in spies:
             spy.send_signal(signal.SIGINT)
@@ -263,6 +270,7 @@ async def one_run(tmp: Path, memory: int, workload: str, mem_path: Path | None, 
     lat = [s[0] for s in samples]
     return {
         "channels": channels,
+        "cpu_s": cpu,
         "stall_lines": stall_lines,
         "status": info["status"],
         "samples": len(lat),
@@ -321,7 +329,8 @@ async def main() -> int:
                     print(f"run {i + 1} channels={channels}: {r['status']} samples={r['samples']} p50={r['p50_ms']} ms "
                           f"p99={r['p99_ms']} ms max={r['max_ms']} ms  answers during switch-over="
                           f"{r['during_switchover']} (max {r['max_during_switchover_ms']} ms)  "
-                          f"total={r['total_time_ms']} ms downtime={r['downtime_ms']} ms mbps={r['mbps']}")
+                          f"total={r['total_time_ms']} ms downtime={r['downtime_ms']} ms mbps={r['mbps']} "
+                          f"cpu s src={r['cpu_s']['src']} dst={r['cpu_s']['dst']}")
                     if r["dst_p50_ms"] is not None:
                         print(f"  destination's query-migrate meanwhile: p50={r['dst_p50_ms']} ms p99={r['dst_p99_ms']} ms "
                               f"max={r['dst_max_ms']} ms")
