@@ -52,7 +52,7 @@ from migd.migration.format import (
 )
 from migd.migration.heartbeat import IdleStream, Watchdog, beat_interval
 from migd.migration.host import MigrationHost
-from migd.migration.multifd import MultifdSender
+from migd.migration.multifd import MultifdSender, Secure
 from migd.migration.params import MigrationConfig
 from migd.migration.policy import Action, Convergence, Decision, Step, SwitchoverPolicy
 from migd.migration.ram import RAMError
@@ -112,6 +112,8 @@ class SourceSide(Protocol):
     def commit(self) -> bool: ...
 
     def thread_exited(self, thread: MigrationThread) -> None: ...
+
+    def multifd_secure(self) -> Secure | None: ...
 
 
 class MigrationFailed(Exception):
@@ -292,7 +294,8 @@ class MigrationThread(threading.Thread):
         self.savevm = savevm = savevm_for(held, self.machine, self.stats, self.use_return_path,
                                           *self._announce())
         if ms.config.cap("multifd") and held is None:  # before the stream (QEMU's order)
-            self.multifd = savevm.ram.pages_out = MultifdSender.open(ms.address, stream, ms.config.params)
+            self.multifd = savevm.ram.pages_out = MultifdSender.open(ms.address, stream, ms.config.params,
+                                                                     ms.multifd_secure())
         with BQL:
             self._expect(M.SETUP)
             savevm.save_header(stream)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 import time
 
-from migd.transports.base import SocketListener, TransportError, tune_socket
+from migd.transports.base import BACKLOG, SocketListener, TransportError, tune_socket
 from migd.transports.channel import Channel, SocketChannel
 from migd.transports.connecting import (
     CONNECT_TIMEOUT,
@@ -118,7 +118,7 @@ def listen(uri: TcpURI) -> TcpListener:
             if family == socket.AF_INET6 and host is None:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind(addr)
-            sock.listen(1)
+            sock.listen(BACKLOG)
         except OSError as exc:
             sock.close()
             error = exc
