@@ -46,6 +46,7 @@ from migd.migration.format import (
     FEATURE_CHECKSUM,
     FEATURE_COMMIT,
     FEATURE_HEARTBEAT,
+    FEATURE_PAGE_RUNS,
     FEATURES_SUPPORTED,
     Cmd,
     command,
@@ -295,7 +296,8 @@ class MigrationThread(threading.Thread):
                                           *self._announce())
         if ms.config.cap("multifd") and held is None:  # before the stream (QEMU's order)
             self.multifd = savevm.ram.pages_out = MultifdSender.open(ms.address, stream, ms.config.params,
-                                                                     ms.multifd_secure())
+                                                                     ms.multifd_secure(),
+                                                                     zero_copy=ms.config.cap("zero-copy-send"))
         with BQL:
             self._expect(M.SETUP)
             savevm.save_header(stream)
@@ -307,6 +309,7 @@ class MigrationThread(threading.Thread):
             self.rp = ReturnPathReader(self.channel)
             self.rp.start()
             self._start_watchdog()
+            savevm.ram.page_runs = self._page_runs
         if not ms.set_state(M.SETUP, M.ACTIVE):
             raise Cancelled()
         ms.setup_time = int((time.monotonic() - setup_start) * 1000)
@@ -491,6 +494,11 @@ class MigrationThread(threading.Thread):
         if not self.use_return_path:
             return FEATURE_CHECKSUM, 0
         return FEATURES_SUPPORTED, self._peer_timeout() * 1000
+
+    def _page_runs(self) -> bool:
+        """(migration thread) Whether the destination accepted page runs (FORMAT.md §3.3): from then
+        on pages go as RAM_X_MIGD_RUN records, which it reads straight into guest RAM."""
+        return bool(self._accepted() & FEATURE_PAGE_RUNS)
 
     def _accepted(self) -> int:
         rp = self.rp
