@@ -13,6 +13,8 @@ from typing import Any, NoReturn
 from migd import __version__
 from migd.config import ConfigError, DaemonConfig, build, load_toml
 from migd.daemon import Daemon
+from migd.gcfreeze import freeze_startup_objects
+from migd.gilprobe import start_from_env as start_gil_probe
 from migd.logsetup import setup_logging
 from migd.memtrim import fix_mmap_threshold
 
@@ -28,7 +30,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="migd", description="Host one machine and migrate it live, driven over QMP.")
     # Defaults are None so that a value from --config is only overridden when given here.
     p.add_argument("--name", help="machine name (query-name)")
-    p.add_argument("-m", "--memory", metavar="SIZE", help="guest RAM; a bare number is MiB, K/M/G/T[B|iB] suffixes (default 256M)")
+    p.add_argument("-m", "--memory", metavar="SIZE", help="guest RAM; a bare number is MiB, K/M/G/T/P/E[B|iB] suffixes (default 256M)")
     p.add_argument("--smp", metavar="N", help="number of vCPUs (default 1)")
     p.add_argument("--workload", metavar="SPEC", help="what the vCPUs run (default idle)")
     p.add_argument("--drive", metavar="file=PATH[,cache=MODE]", action="append", help="a drive (repeatable)")
@@ -79,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(config.log_level)
     fix_mmap_threshold()  # no RSS growth per migration (migd/memtrim.py)
+    start_gil_probe()  # debug only: MIGD_GIL_PROBE=1 (migd/gilprobe.py)
+    freeze_startup_objects()  # full collections skip the import-time objects (migd/gcfreeze.py)
     return Daemon(config).run()
 
 
