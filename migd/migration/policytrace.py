@@ -49,7 +49,9 @@ def save(policy: SwitchoverPolicy, params: Mapping[str, Any], outcome: Mapping[s
 def replay(doc: Mapping[str, Any], params: Mapping[str, Any] | None = None,
            until: float | None = None) -> tuple[SwitchoverPolicy, list[tuple[float, int, Decision]]]:
     """Feed a recorded trace to a fresh policy (``params`` override the recorded ones), up to the
-    ``decide`` at ``until``; returns the policy and, per decision, (time, expected downtime, decision)."""
+    ``decide`` at ``until``; returns the policy and, per decision, (time, expected downtime, decision).
+    The switch-over's round trips are the run's final count from the start (the run learnt it with
+    its first PONG)."""
     p = {**doc["params"], **(params or {})}
     policy = SwitchoverPolicy(lambda: p, int(doc["ram_total"]), float(doc["start"]),
                               peer_answers=bool(doc["peer_answers"]))
