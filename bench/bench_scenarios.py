@@ -95,7 +95,7 @@ def error_factor(expected: float, real: float) -> float:
 async def one_case(tmp: Path, memory: int, case: str, timeout: float,
                    extra: dict[str, Any]) -> dict[str, Any]:
     workload, bandwidth, limit = parse_case(case)
-    src, dst = await start_pair(tmp, memory, workload, None)
+    src, dst = await start_pair(tmp, memory, workload, None, None)
     stall = before = None
     try:
         control, probe = await src.client(), await src.client()
@@ -103,6 +103,8 @@ async def one_case(tmp: Path, memory: int, case: str, timeout: float,
                               {"capabilities": [{"capability": "events", "state": True}]})
         await control.execute("migrate-set-parameters",
                               {"max-bandwidth": bandwidth, "downtime-limit": limit, **extra})
+        dclient = await dst.client()  # a destination started with -incoming defer
+        await dclient.execute("migrate-incoming", {"uri": f"unix:{tmp}/mig.sock"})
         await asyncio.sleep(SETTLE)
         before = (await control.execute("x-migd-query-machine")).get("workload", {}).get("largest-stall-ms")
         samples: list[tuple[float, int, dict[str, Any]]] = []
@@ -122,16 +124,14 @@ async def one_case(tmp: Path, memory: int, case: str, timeout: float,
             info = {**info, "status": "timeout"}
         digest_ok = None
         if info.get("status") == "completed":
-            dclient = await dst.client()
             digest_ok = (await control.execute("x-migd-ram-digest")
                          == await dclient.execute("x-migd-ram-digest"))
             machine = await dclient.execute("x-migd-query-machine")
             stall = machine.get("workload", {}).get("largest-stall-ms")
-            await dclient.disconnect()
         else:
             machine = await control.execute("x-migd-query-machine")
             stall = machine.get("workload", {}).get("largest-stall-ms")
-        for c in (control, probe):
+        for c in (control, probe, dclient):
             await c.disconnect()
     finally:
         src.stop()
