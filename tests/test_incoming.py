@@ -140,6 +140,23 @@ def test_ping_gets_pong_and_failure_sends_shut_1(migd_factory) -> None:
     assert vm.status() == "inmigrate"
 
 
+def test_a_pong_that_cannot_be_sent_leaves_the_stream_to_say_how_it_ended(migd_factory) -> None:
+    """A source killed mid-stream stops reading first: the PONG the destination writes then fails
+    (EPIPE), yet the failure is the stream's end, as from any killed source, not that write's errno."""
+    vm = migd_factory("dst", "-m", "16M", "--incoming", "defer")
+    path = vm.sock_path("mig")
+    vm.cmd("migrate-incoming", uri=f"unix:{path}", exit_on_error=False)
+    with connect_unix(path) as s:
+        s.sendall(header() + command(1))  # OPEN_RETURN_PATH
+        s.shutdown(socket.SHUT_RD)  # from now on every write of the destination fails with EPIPE
+        s.sendall(command(2, struct.pack(">I", 7)))  # PING
+        s.shutdown(socket.SHUT_WR)  # and the stream ends there
+        info = wait_status(vm, "failed", 30)
+    assert info["error-desc"].startswith("load of migration failed: Migration stream truncated"), info
+    assert "PONG 7 not sent" in vm.log()
+    assert vm.status() == "inmigrate"
+
+
 def test_no_return_path_without_open_command(migd_factory) -> None:
     """A stream that did not ask for a return path gets no SHUT (QEMU: the source did not open one)."""
     vm = migd_factory("dst", "-m", "16M", "--incoming", "defer")

@@ -342,7 +342,11 @@ class IncomingMigration:
                     self._accept_features(channel, rp)
         elif cmd == Cmd.PING and len(payload) == 4 and rp is not None and self.return_path_open:
             (value,) = struct.unpack(">I", payload)
-            rp.pong(value)
+            try:
+                rp.pong(value)
+            except OSError as exc:  # a source gone away: its stream's end says how (QEMU: a reply
+                # that cannot be sent fails nothing by itself), not the errno of a write racing it
+                log.info("incoming migration: PONG %d not sent: %s", value, exc.strerror or exc)
         elif cmd == CMD_X_MIGD_HEARTBEAT:
             pass  # the channel already noted that the source is alive
 
