@@ -11,7 +11,7 @@ import threading
 from typing import Any
 
 import pytest
-from helpers import Migd, wait_for
+from helpers import Migd, hold_active, wait_for
 
 
 def _free_port() -> int:
@@ -94,7 +94,7 @@ def test_multifd_cancel_midway_leaves_the_guest_running(migd_factory: Any) -> No
     src, dst, uri = _pair(migd_factory, _unix, workload="random,rate=64M")
     for vm in (src, dst):
         _setup(vm, 2)
-    src.cmd("migrate-set-parameters", **{"max-bandwidth": 8 << 20})  # slow: it is surely mid-way
+    hold_active(src)
     src.cmd("migrate", uri=uri)
     wait_for(lambda: src.cmd("query-migrate")["status"] == "active", timeout=30, what="active")
     wait_for(lambda: len(_threads(src, "mig/src/mfd")) == 2, timeout=10, what="two sender threads")
@@ -109,7 +109,7 @@ def test_multifd_destination_killed_midway_fails_the_source(migd_factory: Any) -
     src, dst, uri = _pair(migd_factory, _tcp, workload="random,rate=64M")
     for vm in (src, dst):
         _setup(vm, 4)
-    src.cmd("migrate-set-parameters", **{"max-bandwidth": 8 << 20})
+    hold_active(src)
     src.cmd("migrate", uri=uri)
     wait_for(lambda: src.cmd("query-migrate")["status"] == "active", timeout=30, what="active")
     wait_for(lambda: src.cmd("query-migrate")["ram"]["normal"] > 100, timeout=30, what="pages flowing")
@@ -168,7 +168,7 @@ def test_multifd_one_channel_closed_by_the_peer_fails_both_sides(migd_factory: A
     server = threading.Thread(target=serve, daemon=True)
     server.start()
     try:
-        src.cmd("migrate-set-parameters", **{"max-bandwidth": 8 << 20})
+        hold_active(src)
         src.cmd("migrate", uri=f"unix:{relay_path}")
         wait_for(lambda: len(conns) == 6, timeout=30, what="three relayed connections")
         wait_for(lambda: src.cmd("query-migrate").get("ram", {}).get("normal", 0) > 100, timeout=30,
@@ -210,12 +210,13 @@ def test_multifd_follows_a_block_hot_plugged_mid_way(migd_factory: Any) -> None:
     src, dst, uri = _pair(migd_factory, _unix, workload="random,rate=32M")
     for vm in (src, dst):
         _setup(vm, 2)
-    src.cmd("migrate-set-parameters", **{"max-bandwidth": 16 << 20})
+    hold_active(src)
     src.cmd("migrate", uri=uri)
     wait_for(lambda: src.cmd("query-migrate").get("ram", {}).get("normal", 0) > 100, timeout=30,
              what="pages flowing")
     assert "return" in src.cmd_raw("x-migd-ram-add", {"name": "hot0", "size": 8 << 20})
-    src.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
+    assert src.cmd("query-migrate")["status"] == "active"  # the block really came mid-way
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 0, "downtime-limit": 300})
     info = src.wait_for(lambda: (lambda i: i if i["status"] in ("completed", "failed") else None)(
         src.cmd("query-migrate")), timeout=120, what="migration end")
     assert info["status"] == "completed", info
