@@ -28,7 +28,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="migd", description="Host one machine and migrate it live, driven over QMP.")
     # Defaults are None so that a value from --config is only overridden when given here.
     p.add_argument("--name", help="machine name (query-name)")
-    p.add_argument("-m", "--memory", metavar="SIZE", help="guest RAM; a bare number is MiB, K/M/G/T[B|iB] suffixes (default 256M)")
+    p.add_argument("-m", "--memory", metavar="SIZE", help="guest RAM; a bare number is MiB, K/M/G/T/P/E[B|iB] suffixes (default 256M)")
     p.add_argument("--smp", metavar="N", help="number of vCPUs (default 1)")
     p.add_argument("--workload", metavar="SPEC", help="what the vCPUs run (default idle)")
     p.add_argument("--drive", metavar="file=PATH[,cache=MODE]", action="append", help="a drive (repeatable)")

@@ -26,6 +26,7 @@ from migd.events import EventSink
 from migd.http.app import HttpEndpoint, start_http
 from migd.machine.machine import Machine
 from migd.machine.runstate import RunState, RunStateMachine
+from migd.migration.dirtyrate import DirtyRateMeter
 from migd.migration.foreign import ForeignMachine, may_hold_foreign
 from migd.migration.incoming import IncomingMigration
 from migd.migration.params import MigrationConfig
@@ -110,6 +111,7 @@ class Daemon:
         self._loop: LoopHandle | None = None
         self._machine: Machine | None = None
         self._migration: MigrationState | None = None
+        self.dirty_rate = DirtyRateMeter(lambda: self.machine.ram.blocks(), self.run_blocking)
         self._stop_requested: asyncio.Event | None = None
         self._stopped = False
 

@@ -1,12 +1,12 @@
 """Units every part of migd shares: the page size and the one grammar for sizes.
 
 Every option and spec that takes a size (``-m``, workload ``rate=``/``wss=``/``disk-rate=``, the
-``file:`` URI's ``offset=``, migctl's ``--bandwidth`` and size parameters) reads it here, so they all
+``file:`` URI's ``offset=``, migctl's ``--bandwidth`` and size parameters, HMP's size arguments) reads it here, so they all
 accept the same words. The grammar::
 
     SIZE   := NUMBER [SUFFIX] [ "B" | "iB" ]     (case-insensitive; blanks allowed around NUMBER)
     NUMBER := DIGITS [ "." DIGITS ]
-    SUFFIX := "K" | "M" | "G" | "T"             (binary: 2**10, 2**20, 2**30, 2**40)
+    SUFFIX := "K" | "M" | "G" | "T" | "P" | "E"  (binary: 2**10 ... 2**60, as QEMU's qemu_strtosz)
 
 ``iB`` only follows a suffix; ``B`` alone means bytes. A number without suffix and without ``B`` is in
 the caller's ``default_unit`` (MiB for ``-m`` as in QEMU, bytes everywhere else). Fractions are
@@ -25,12 +25,14 @@ KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
 TiB = 1 << 40
+PiB = 1 << 50
+EiB = 1 << 60
 
-SUFFIXES = {"K": KiB, "M": MiB, "G": GiB, "T": TiB}
+SUFFIXES = {"K": KiB, "M": MiB, "G": GiB, "T": TiB, "P": PiB, "E": EiB}
 SIZE_LIMIT = 1 << 63  # sizes travel as int64 in QMP and the stream; anything at or above is refused
-GRAMMAR = "a number with an optional K, M, G or T suffix"
+GRAMMAR = "a number with an optional K, M, G, T, P or E suffix"
 
-_SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(?:([KMGT])(i?B)?|(B))?\s*", re.IGNORECASE | re.ASCII)
+_SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(?:([KMGTPE])(i?B)?|(B))?\s*", re.IGNORECASE | re.ASCII)
 
 
 class SizeError(ValueError):

@@ -18,6 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import Migd  # noqa: E402
+from qemu_guest import Qemu, build_floppy  # noqa: E402
 
 from migd.transports.channel import SocketChannel  # noqa: E402
 
@@ -62,3 +63,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "migd_factory" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Iterator[Qemu]:
+    """A running, counting QEMU guest (tests/qemu_guest.py; the QEMU interop and relay tests)."""
+    vm = Qemu(tmp_path, "qsrc", build_floppy(tmp_path))
+    try:
+        vm.wait_counting()
+        yield vm
+    finally:
+        vm.kill()

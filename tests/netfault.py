@@ -130,6 +130,7 @@ class NetPair:
         self.addr = {"a": ADDR_A, "b": ADDR_B}
         self.relays: list[Relay] = []
         self._created: list[str] = []
+        self._etc: list[Path] = []  # /etc/netns/NS directories made for silent_dns
 
     # -- life cycle ---------------------------------------------------------------------------------
 
@@ -158,6 +159,9 @@ class NetPair:
             self._wait_empty(ns)
             _run(["ip", "netns", "del", ns], check=False)
         self._created.clear()
+        for etc in self._etc:
+            shutil.rmtree(etc, ignore_errors=True)
+        self._etc.clear()
 
     def pids(self, ns: str) -> list[int]:
         """Processes running in namespace ``ns`` (any thread)."""
@@ -233,6 +237,18 @@ class NetPair:
         self._iptables("b", "-A", "INPUT", "-i", self.dev["b"], "-p", "tcp", "--dport", str(port), "--syn",
                        "-j", "DROP")
         return f"tcp:{ADDR_B}:{port}"
+
+    def silent_dns(self, side: str) -> None:
+        """Make ``side``'s resolver ask a name server that never answers: ``ip netns exec`` mounts
+        ``/etc/netns/NS/resolv.conf`` over the namespace's view, naming the other side's address, whose
+        DNS queries are dropped. Call before starting the program there (any thread)."""
+        other = "b" if side == "a" else "a"
+        self._iptables(other, "-A", "INPUT", "-i", self.dev[other], "-p", "udp", "--dport", "53", "-j", "DROP")
+        self._iptables(other, "-A", "INPUT", "-i", self.dev[other], "-p", "tcp", "--dport", "53", "-j", "DROP")
+        etc = Path("/etc/netns") / self.ns[side]
+        etc.mkdir(parents=True, exist_ok=True)
+        self._etc.append(etc)
+        (etc / "resolv.conf").write_text(f"nameserver {self.addr[other]}\noptions timeout:10 attempts:3\n")
 
     def relay(self, target_port: int, delay: float, side: str = "b", target_host: str = "127.0.0.1",
               timeout: float = COMMAND_TIMEOUT) -> Relay:

@@ -313,3 +313,9 @@ def outside_firmware(ram: bytes) -> bytes:
     """Guest RAM without 0xa0000-0xfffff (VGA window and BIOS shadow), for comparisons."""
     lo, hi = FIRMWARE_AREA
     return ram[:lo] + ram[hi:]
+
+
+def ended(info: dict[str, Any]) -> dict[str, Any]:
+    """``info`` once the migration it describes completed, failed or was cancelled, else {} (for polling)."""
+    return info if info.get("status") in ("completed", "failed", "cancelled") else {}
+

@@ -53,7 +53,7 @@ def test_sizes(text: str, size: int) -> None:
 def test_memory_error_names_the_option_and_the_grammar(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["-m", "1GQ"]) == 2
     assert capsys.readouterr().err == (
-        "migd: error: --memory: invalid size '1GQ' (expected a number with an optional K, M, G or T suffix)\n")
+        "migd: error: --memory: invalid size '1GQ' (expected a number with an optional K, M, G, T, P or E suffix)\n")
     assert main(["-m", "1.5B"]) == 2
     assert capsys.readouterr().err == "migd: error: --memory: invalid size '1.5B' (a fraction of a byte)\n"
 

@@ -11,7 +11,7 @@ import pytest
 from helpers import wait_for
 
 from migd.qmp import hmp_text
-from migd.qmp.commands.hmp import strtosz
+from migd.qmp.commands.hmp import HMPError, parameter_value
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -69,10 +69,15 @@ def test_info_status_layout() -> None:
 
 @pytest.mark.parametrize(("text", "value"), [
     ("0", 0), ("4096", 4096), ("64M", 64 * MiB), ("64m", 64 * MiB), ("1.5G", 3 << 29), ("2k", 2048),
-    ("10B", 10), ("1.5", None), ("-1", None), ("12x", None), ("", None), ("16E", None),
+    ("10B", 10), ("1P", 1 << 50), ("1.5", None), ("-1", None), ("12x", None), ("", None), ("16E", None),
 ])
 def test_monitor_sizes(text: str, value: int | None) -> None:
-    assert strtosz(text) == value
+    """HMP's size arguments read the one size grammar (migd/units.py), P and E suffixes included."""
+    if value is None:
+        with pytest.raises(HMPError, match="Parameter 'max-bandwidth' expects a size"):
+            parameter_value("max-bandwidth", text)
+    else:
+        assert parameter_value("max-bandwidth", text) == value
 
 
 # -- against a daemon --------------------------------------------------------------------------------

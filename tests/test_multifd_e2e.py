@@ -204,9 +204,9 @@ def test_multifd_refused_on_exec_and_file_and_unsupported_compression(migd_facto
     err = src.cmd_error("migrate-set-parameters", **{"multifd-compression": "qpl"})
     assert err["desc"] == "multifd-compression 'qpl' is not supported by migd (use none, zlib or zstd)"
     assert src.cmd("query-migrate-parameters")["multifd-compression"] == "none"
-    src.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})  # the multifd channels would be plain
-    err = src.cmd_error("migrate", uri=f"tcp:127.0.0.1:{_free_port()}")
-    assert err["desc"] == "multifd with TLS is not supported by migd yet (unset tls-creds or the multifd capability)"
+    src.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})  # multifd with TLS: tcp only, as one channel
+    err = src.cmd_error("migrate", uri=f"unix:{tmp_path / 'mig.sock'}")
+    assert err["desc"] == "TLS is only supported on tcp migration channels by migd"
     assert src.cmd("query-migrate") == {}
     assert src.cmd("query-status")["status"] == "running"
 

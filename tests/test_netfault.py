@@ -322,3 +322,28 @@ def test_cancelled_connects_to_a_black_hole_leave_the_daemon_responsive(net: Net
     unlimited(src)
     dst, port = destination(daemons, "dst", "-S")
     migrate_and_compare(src, dst, f"tcp:{ADDR_B}:{port}", 20)
+
+
+def test_cancelled_lookups_the_name_server_never_answers_leave_the_daemon_responsive(
+        net: NetPair, daemons: Daemons) -> None:
+    """``migrate tcp:NAME:PORT`` while the name server is silent (the resolver would wait 30 s), eight
+    times, each cancelled: no worker thread stays behind in getaddrinfo, so ``x-migd-ram-digest`` (a
+    worker-thread command) still answers within 2 s, and a migration to an address then works."""
+    need("iptables")
+    net.silent_dns("a")
+    src = counting_source(daemons, "--workload", "counter")
+    for _ in range(8):
+        src.cmd("migrate", uri="tcp:migd-silent-dns-test.example:4444")
+        wait_status(src, "setup", 2)
+        src.cmd("migrate_cancel")
+        wait_status(src, "cancelled", 2)
+    with RawQMP(src.qmp_path, timeout=2) as raw:
+        raw.negotiate()
+        began = time.monotonic()
+        reply = raw.execute("x-migd-ram-digest")  # a socket timeout (2 s) fails the test here
+        assert "return" in reply, reply
+        assert time.monotonic() - began < 2
+    assert src.status() == "running"
+    unlimited(src)
+    dst, port = destination(daemons, "dst", "-S")
+    migrate_and_compare(src, dst, f"tcp:{ADDR_B}:{port}", 20)

@@ -9,33 +9,17 @@ the machine is (``migd/migration/foreign.py``). The source is a QEMU guest built
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import Migd
-from qemu_guest import MEMORY, Qemu, build_floppy, missing_tools, outside_firmware, qemu_version
+from qemu_guest import MEMORY, Qemu, ended, missing_tools, outside_firmware, qemu_version
 
 from migd.analyze import analyze
 
 pytestmark = pytest.mark.skipif(missing_tools() is not None, reason=missing_tools() or "")
-
-
-@pytest.fixture
-def source(tmp_path: Path) -> Iterator[Qemu]:
-    """A running, counting QEMU guest."""
-    vm = Qemu(tmp_path, "qsrc", build_floppy(tmp_path))
-    try:
-        vm.wait_counting()
-        yield vm
-    finally:
-        vm.kill()
-
-
-def ended(info: dict[str, Any]) -> dict[str, Any]:
-    """``info`` once the migration it describes completed or failed, else {} (for polling)."""
-    return info if info.get("status") in ("completed", "failed") else {}
 
 
 def held_ram(dst: Migd, block: str, tmp_path: Path) -> bytes:

@@ -9,31 +9,21 @@ when QEMU or binutils are not installed; the refusal tests need no QEMU.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import socket
+import struct
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import xxhash
 from helpers import Migd
-from qemu_guest import MEMORY, Qemu, build_floppy, missing_tools, outside_firmware
+from qemu_guest import MEMORY, Qemu, ended, missing_tools, outside_firmware
+
+from migd.migration.format import MAGIC, Section
 
 needs_qemu = pytest.mark.skipif(missing_tools() is not None, reason=missing_tools() or "")
-
-
-@pytest.fixture
-def source(tmp_path: Path) -> Iterator[Qemu]:
-    """A running, counting QEMU guest."""
-    vm = Qemu(tmp_path, "qsrc", build_floppy(tmp_path))
-    try:
-        vm.wait_counting()
-        yield vm
-    finally:
-        vm.kill()
-
-
-def ended(info: dict[str, Any]) -> dict[str, Any]:
-    return info if info.get("status") in ("completed", "failed", "cancelled") else {}
 
 
 def holding(relay: Migd) -> dict[str, Any]:
@@ -111,6 +101,32 @@ def test_relay_fails_when_its_incoming_side_fails(source: Qemu, migd_factory: Ca
         assert "load of migration failed" in dst.log()
     finally:
         dst.kill()
+
+
+def test_cancel_ends_a_relays_wait_for_the_block_list(migd_factory: Callable[..., Migd], tmp_path: Path) -> None:
+    """A relay whose incoming side sent its configuration but no RAM block list yet waits for it
+    (up to 30 s) before sending; ``migrate_cancel`` ends that wait at once, not 30 s later."""
+    relay = migd_factory("relay", "--incoming", f"unix:{tmp_path / 'in.sock'}")
+    out = socket.socket(socket.AF_UNIX)
+    out.bind(str(tmp_path / "out.sock"))
+    out.listen(1)  # a destination that accepts (in the backlog) and never answers
+    feeder = socket.socket(socket.AF_UNIX)
+    try:
+        feeder.connect(str(tmp_path / "in.sock"))
+        feeder.sendall(MAGIC.to_bytes(4, "big") + (3).to_bytes(4, "big")
+                       + bytes((Section.CONFIGURATION,)) + struct.pack(">I", 13) + b"pc-i440fx-7.2"
+                       + bytes((Section.START,)))  # the ram section's first byte, and no more
+        relay.wait_for(lambda: holding(relay), 30, "the relay to hold the machine")
+        relay.cmd("migrate", uri=f"unix:{tmp_path / 'out.sock'}")
+        assert relay.cmd("query-migrate")["status"] == "setup"
+        relay.cmd("migrate_cancel")
+        started = time.monotonic()
+        relay.wait_for(lambda: relay.cmd("query-migrate")["status"] == "cancelled", 10, "the cancel")
+        print(f"cancelled after {(time.monotonic() - started) * 1000:.0f} ms")
+        assert relay.status() == "inmigrate"  # the incoming side goes on
+    finally:
+        feeder.close()
+        out.close()
 
 
 def test_migrate_still_refused_while_waiting_for_migds_own_machine(migd_factory: Callable[..., Migd],

@@ -38,10 +38,13 @@ def cpu_seconds(pid: int) -> float:
 
 @contextmanager
 def out_of_fds(pid: int) -> Iterator[None]:
-    """The daemon's soft descriptor limit set to what it holds now (the next open fails)."""
+    """The daemon's soft descriptor limit set to its lowest free descriptor number, so the next open
+    fails. (Not to the count it holds: the kernel hands out the lowest free number and checks it
+    against the limit, so with a hole below the highest descriptor the next open still succeeded.)"""
     soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-    held = len(os.listdir(f"/proc/{pid}/fd"))
-    resource.prlimit(pid, resource.RLIMIT_NOFILE, (held, hard))
+    held = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    lowest_free = next(n for n in range(len(held) + 1) if n not in held)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, hard))
     try:
         yield
     finally:

@@ -70,7 +70,7 @@ def test_parse_uri(text: str, expected: object) -> None:
         ("file:/tmp/f,offset=", "Invalid file offset "),
         ("file:/tmp/f,offset=-1", "Invalid file offset -1"),
         ("file:/tmp/f,offset=1.5", "Invalid file offset 1.5"),
-        ("file:/tmp/f,offset=1P", "Invalid file offset 1P"),
+        ("file:/tmp/f,offset=1Q", "Invalid file offset 1Q"),
         ("file:/tmp/f,offset=9223372036854775808", "Invalid file offset 9223372036854775808"),
         ("fd:", "File descriptor name is empty"),
     ],
@@ -170,6 +170,30 @@ def test_tcp_port_zero_reports_the_chosen_port() -> None:
         assert isinstance(addr["port"], str) and int(addr["port"]) > 0
         _roundtrip(listener, f"tcp:127.0.0.1:{addr['port']}")
     finally:
+        listener.close()
+
+
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+def test_listener_holds_a_main_and_multifd_channels_before_accepting(kind: str, tmp_path: Path) -> None:
+    """multifd connects 1 + N channels at once: every connect completes while none is accepted yet
+    (with a backlog of 1 a tcp SYN found the queue full and, unanswered, the connect timed out)."""
+    listener = listen("tcp:127.0.0.1:0" if kind == "tcp" else f"unix:{tmp_path / 'm.sock'}")
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(9):  # main + 8 channels
+            if kind == "tcp":
+                port = int(listener.socket_address[0]["port"])
+                clients.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            else:
+                c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                c.settimeout(5)
+                clients.append(c)
+                c.connect(str(tmp_path / "m.sock"))
+        for _ in clients:
+            listener.accept().close()
+    finally:
+        for c in clients:
+            c.close()
         listener.close()
 
 

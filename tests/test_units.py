@@ -60,7 +60,7 @@ def test_accepted(text: str, default_unit: int, size: int) -> None:
         (".5M", 1, "expected a number"),
         ("1.5.5M", 1, "expected a number"),
         ("12Q", 1, "expected a number"),
-        ("1P", 1, "expected a number"),
+        ("1Q", 1, "expected a number"),
         ("1iB", 1, "expected a number"),  # iB only after a suffix
         ("1MiBB", 1, "expected a number"),
         ("1M B", 1, "expected a number"),

@@ -2,7 +2,7 @@
 
 Spec grammar (``--workload`` and ``x-migd-workload-set``): comma-separated, an optional kind first,
 then ``key=value`` options with sizes and rates in migd's size grammar (``migd.units``: a bare
-number is bytes, binary K/M/G/T suffixes, ``1.5M`` and ``64MiB`` too):
+number is bytes, binary K/M/G/T/P/E suffixes, ``1.5M`` and ``64MiB`` too):
 
     idle                                  writes nothing (the default)
     random[,rate=64M][,wss=SIZE][,seed=N] whole pages of non-zero random bytes at ``rate`` bytes/s

@@ -17,6 +17,7 @@ from migd.migctl.display import status_table, summary_table
 from migd.migctl.output import Output
 from migd.migctl.values import ValueParseError, parse_capabilities, parse_parameters, parse_size
 from migd.migctl.watch import NO_LIMITS, Limits, WaitResult, wait_for_migration
+from migd.transports.uri import socket_address_text
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -135,27 +136,12 @@ async def incoming(client: Client, args: argparse.Namespace, out: Output) -> int
     await client.execute("migrate-incoming", {"uri": args.uri})
     info = await client.execute("query-migrate")
     addresses = info.get("socket-address") if isinstance(info, dict) else None
-    shown = [socket_uri(a) for a in addresses or [] if isinstance(a, dict)] or [args.uri]
+    shown = [socket_address_text(a, bracket_ipv6=True) for a in addresses or [] if isinstance(a, dict)] or [args.uri]
     if out.json_mode:
         out.data({"socket-address": addresses} if addresses else {})
     else:
         out.line(f"waiting for an incoming migration on {', '.join(shown)}")
     return EXIT_OK
-
-
-def socket_uri(addr: dict[str, Any]) -> str:
-    """A SocketAddress from query-migrate as a migration URI (``tcp:127.0.0.1:45123``)."""
-    kind = addr.get("type")
-    if kind == "inet":
-        host = str(addr.get("host"))
-        return f"tcp:[{host}]:{addr.get('port')}" if ":" in host else f"tcp:{host}:{addr.get('port')}"
-    if kind == "unix":
-        return f"unix:{addr.get('path')}"
-    if kind == "vsock":
-        return f"vsock:{addr.get('cid')}:{addr.get('port')}"
-    if kind == "fd":
-        return f"fd:{addr.get('str')}"
-    return str(addr)
 
 
 def format_event(event: dict[str, Any]) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 
 from migd import units
 
-# Parameters whose value is a byte count (accept K/M/G/T suffixes) or a plain string (never converted).
+# Parameters whose value is a byte count (accept K/M/G/T/P/E suffixes) or a plain string (never converted).
 SIZE_PARAMS = frozenset({"max-bandwidth", "avail-switchover-bandwidth", "xbzrle-cache-size",
                          "max-postcopy-bandwidth"})
 STRING_PARAMS = frozenset({"tls-creds", "tls-hostname", "tls-authz", "multifd-compression", "mode",

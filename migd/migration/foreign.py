@@ -134,10 +134,13 @@ class ForeignMachine:
         self.ram_ready.set()  # wake a waiter; it then finds the failure
 
     @off_loop
-    def wait_ram(self, timeout: float) -> None:
-        """Wait until the block list was created; StreamError when the load failed or it timed out."""
+    def wait_ram(self, timeout: float, given_up: Callable[[], bool] = lambda: False) -> None:
+        """Wait until the block list was created; StreamError when the load failed or it timed out.
+        Returns early (within 0.1 s) once ``given_up()`` says the waiting migration was cancelled."""
         deadline = time.monotonic() + timeout
         while not self.ram_ready.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+            if given_up():
+                return
             if time.monotonic() >= deadline:
                 raise StreamError(f"The incoming migration sent no RAM block list within {timeout:g} s")
         self.check()

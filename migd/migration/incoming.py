@@ -38,7 +38,7 @@ from migd.migration.format import (
 )
 from migd.migration.heartbeat import Watchdog, WatchedChannel, beat_interval, writable
 from migd.migration.host import MigrationHost
-from migd.migration.multifd import NEEDS_SOCKETS, NO_TLS, MultifdReceiver, supports
+from migd.migration.multifd import NEEDS_SOCKETS, MultifdReceiver, supports
 from migd.migration.params import MigrationConfig
 from migd.migration.ram import RAMLoader, prefault
 from migd.migration.savevm import load_commit, load_stream
@@ -141,9 +141,6 @@ class IncomingMigration:
         if self.config.cap("multifd") and not supports(uri):
             self._started = False
             raise IncomingError(NEEDS_SOCKETS)
-        if self.config.cap("multifd") and self.config.param("tls-creds"):
-            self._started = False
-            raise IncomingError(NO_TLS)
         try:
             # listening may spawn a command or resolve a name: keep it off the loop
             listener = await self.host.run_blocking(listen, uri, fds)
@@ -232,8 +229,9 @@ class IncomingMigration:
             raw = self._accept(listener)
             if self.config.cap("multifd"):  # the listener goes on accepting the multifd channels
                 p = self.config.params
+                secure = self._tls_server if self.config.param("tls-creds") else None  # each channel its own
                 mfd = MultifdReceiver(machine.ram, int(p["multifd-channels"]), str(p["multifd-compression"]),
-                                      lambda desc: raw.shutdown())
+                                      lambda desc: raw.shutdown(), secure)
                 self._multifd = mfd
                 mfd.accept_from(listener)
         except (TransportError, OSError) as exc:
@@ -293,17 +291,30 @@ class IncomingMigration:
             if not creds_id:
                 return raw
             try:
-                creds = self.config.objects.tls_creds(creds_id, "server")
-                authz_id = str(self.config.param("tls-authz"))
-                authz = self.config.objects.authz(authz_id).is_allowed if authz_id else None
-                if not isinstance(raw, SocketChannel) or not isinstance(listener, TcpListener):
-                    raise TransportError(TLS_TCP_ONLY)
-                return tls.server(raw, creds, authz, listener.waker)
-            except (TransportError, ObjectError) as exc:
-                raw.close()
+                return self._tls_server(raw)
+            except TransportError:
                 if self._closing:
                     raise
+                # logged by _tls_server
+
+    @on_thread("mig/dst/")
+    def _tls_server(self, raw: Channel) -> Channel:
+        """The TLS handshake as the server over the accepted ``raw`` (closed on failure), then the
+        ``tls-authz`` check; the main channel and every multifd channel pass it alike (QEMU's rule).
+        A refusal is logged and raised as TransportError. (incoming thread, multifd acceptor)"""
+        listener = self._listener
+        try:
+            creds = self.config.objects.tls_creds(str(self.config.param("tls-creds")), "server")
+            authz_id = str(self.config.param("tls-authz"))
+            authz = self.config.objects.authz(authz_id).is_allowed if authz_id else None
+            if not isinstance(raw, SocketChannel) or not isinstance(listener, TcpListener):
+                raise TransportError(TLS_TCP_ONLY)
+            return tls.server(raw, creds, authz, listener.waker)
+        except (TransportError, ObjectError) as exc:
+            raw.close()
+            if not self._closing:
                 log.warning("incoming migration: TLS connection refused: %s", exc)
+            raise TransportError(str(exc)) from exc
 
     def _describe(self, exc: BaseException) -> str:
         if self._closing:

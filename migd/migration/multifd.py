@@ -66,7 +66,8 @@ CONNECT_TIMEOUT = 10.0
 BLOCK_WAIT = 10.0  # seconds a receiver waits for a hot-plugged block the main channel announces
 
 NEEDS_SOCKETS = "Migration requires multi-channel URIs (e.g. tcp)"  # QEMU's text
-NO_TLS = "multifd with TLS is not supported by migd yet (unset tls-creds or the multifd capability)"
+# wraps a freshly connected (source) or accepted (destination) channel in TLS, or raises TransportError
+Secure = Callable[[Channel], Channel]
 
 _STOP = "stop"
 _SYNC = "sync"
@@ -201,8 +202,10 @@ class MultifdSender:
 
     @classmethod
     @on_thread("mig/src/main")
-    def open(cls, address: MigrationURI | None, stream: OutStream, params: Mapping[str, Any]) -> MultifdSender:
-        """Connect ``multifd-channels`` more channels to the main channel's address and start them."""
+    def open(cls, address: MigrationURI | None, stream: OutStream, params: Mapping[str, Any],
+             secure: Secure | None = None) -> MultifdSender:
+        """Connect ``multifd-channels`` more channels to the main channel's address and start them;
+        with ``secure`` (``tls-creds``) each one does its own TLS handshake first, as in QEMU."""
         if address is None or not supports(address):
             raise StreamError(NEEDS_SOCKETS)
         method = str(params["multifd-compression"])
@@ -210,11 +213,13 @@ class MultifdSender:
         channels: list[Channel] = []
         try:
             for _ in range(int(params["multifd-channels"])):
-                channels.append(connect(address, None, None, CONNECT_TIMEOUT))
+                raw = connect(address, None, None, CONNECT_TIMEOUT)
+                channels.append(raw if secure is None else secure(raw))  # secure() closes raw on failure
             sender = cls(channels, stream, method, level)
         except (TransportError, ValueError) as exc:
             for ch in channels:
                 ch.close()
+            log.info("migration: multifd channel %d: %s", len(channels), exc)  # said even when cancelled
             raise StreamError(f"multifd: {exc}") from None
         sender.start()
         return sender
@@ -476,13 +481,16 @@ class _RecvChannel(threading.Thread):
 class MultifdReceiver:
     """The destination's channels: accepted from the migration listener after the main channel."""
 
-    def __init__(self, ramlist: Any, count: int, method: str, on_error: Callable[[str], None]) -> None:
+    def __init__(self, ramlist: Any, count: int, method: str, on_error: Callable[[str], None],
+                 secure: Secure | None = None) -> None:
+        """``secure`` (``tls-creds``): the TLS handshake each accepted channel must pass."""
         if method not in METHOD_FLAGS:
             raise ValueError(f"multifd-compression '{method}' is not supported by migd")
         self.ramlist = ramlist
         self.count = count
         self.method = method
         self.on_error = on_error
+        self.secure = secure
         self.cond = threading.Condition()
         self.channels: dict[int, _RecvChannel] = {}
         self.uuid: bytes | None = None
@@ -516,7 +524,7 @@ class MultifdReceiver:
         name_os_thread()
         try:
             for seq in range(self.count):
-                channel = listener.accept()
+                channel = self._accept_one(listener)
                 with self.cond:
                     if self.stopping:
                         channel.close()
@@ -528,6 +536,22 @@ class MultifdReceiver:
             self._fail_desc(f"multifd: {exc}")
         finally:
             listener.close()
+
+    @on_thread("mig/dst/mfd-accept")
+    def _accept_one(self, listener: Listener) -> Channel:
+        """The next channel; with TLS one whose handshake fails is logged and dropped and the next one
+        awaited, as for the main channel (its source fails and closes the main channel, which fails
+        this side). Bounded by the listener: close() ends accept and any handshake at once."""
+        while True:
+            raw = listener.accept()
+            if self.secure is None:
+                return raw
+            try:
+                return self.secure(raw)
+            except TransportError:  # secure() closed raw and logged why
+                with self.cond:
+                    if self.stopping:
+                        raise
 
     @on_thread("mig/dst/main")
     def sync_main(self) -> None:

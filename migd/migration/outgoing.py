@@ -40,7 +40,7 @@ from typing import Any, Protocol
 
 from migd.bql import BQL
 from migd.machine.runstate import LIVE_STATES, RunState
-from migd.migration.foreign_save import savevm_for
+from migd.migration.foreign_save import RAM_WAIT, savevm_for
 from migd.migration.format import (
     CMD_X_MIGD_COMMIT,
     CMD_X_MIGD_HEARTBEAT,
@@ -53,7 +53,7 @@ from migd.migration.format import (
 )
 from migd.migration.heartbeat import IdleStream, Watchdog, beat_interval
 from migd.migration.host import MigrationHost
-from migd.migration.multifd import MultifdSender
+from migd.migration.multifd import MultifdSender, Secure
 from migd.migration.params import MigrationConfig
 from migd.migration.policy import Action, Convergence, Decision, Step, SwitchoverPolicy
 from migd.migration.ram import RAMError
@@ -115,6 +115,8 @@ class SourceSide(Protocol):
     def commit(self) -> bool: ...
 
     def thread_exited(self, thread: MigrationThread) -> None: ...
+
+    def multifd_secure(self) -> Secure | None: ...
 
 
 class MigrationFailed(Exception):
@@ -286,10 +288,15 @@ class MigrationThread(threading.Thread):
         """Setup, then the loop: measure, ask the policy, execute (migration thread)."""
         ms, stream, policy = self.ms, self.stream, self.policy
         setup_start = time.monotonic()
-        self.savevm = savevm = savevm_for(ms.host.held_machine(), self.machine, self.stats, self.use_return_path,
+        held = ms.host.held_machine()
+        if held is not None:  # a relay: the incoming block list first, outside the big lock; a cancel ends the wait
+            held.wait_ram(RAM_WAIT, given_up=lambda: ms.status is not M.SETUP)
+            self._expect(M.SETUP)
+        self.savevm = savevm = savevm_for(held, self.machine, self.stats, self.use_return_path,
                                           *self._announce())
-        if ms.config.cap("multifd") and ms.host.held_machine() is None:  # before the stream (QEMU's order)
-            self.multifd = savevm.ram.pages_out = MultifdSender.open(ms.address, stream, ms.config.params)
+        if ms.config.cap("multifd") and held is None:  # before the stream (QEMU's order)
+            self.multifd = savevm.ram.pages_out = MultifdSender.open(ms.address, stream, ms.config.params,
+                                                                     ms.multifd_secure())
         with BQL:
             self._expect(M.SETUP)
             savevm.save_header(stream)

@@ -37,10 +37,11 @@ from migd.migration.status import (
 )
 from migd.migration.stream import OutStream
 from migd.threads import any_thread, loop_only, off_loop, on_thread
-from migd.transports import tls
+from migd.transports import TransportError, tls
 from migd.transports.channel import Channel, SocketChannel
 from migd.transports.connecting import ConnectCancel
 from migd.transports.uri import FdURI, MigrationURI, TcpURI
+from migd.transports.wake import Waker
 
 log = logging.getLogger("migd.migration")
 
@@ -50,6 +51,7 @@ IN_PROGRESS = "There's a migration process in progress"
 COMMITTED = ("The migration is committed: the destination owns the guest now, it can no longer be "
              "cancelled")
 TLS_TCP_ONLY = "TLS is only supported on tcp migration channels by migd"
+ZERO_COPY_TLS = "Zero copy only available for non-compressed non-TLS multifd migration"  # QEMU's text
 CANCEL_WAIT = 10.0  # seconds migrate_cancel waits for the thread to wind down before replying anyway
 
 
@@ -228,8 +230,8 @@ class MigrationState:
             raise MigrationError(str(exc)) from exc
         if self.config.cap("multifd") and not multifd.supports(address):
             raise MigrationError(multifd.NEEDS_SOCKETS)
-        if self.config.cap("multifd") and self.config.param("tls-creds"):  # its channels would be plain
-            raise MigrationError(multifd.NO_TLS)
+        if self.config.cap("zero-copy-send") and self.config.param("tls-creds"):
+            raise MigrationError(ZERO_COPY_TLS)
         done = self._done
         if done is not None and not done.done() and not self.is_running():
             # the last migration reached its terminal state but is still cleaning up: let it finish
@@ -288,6 +290,30 @@ class MigrationState:
             return channel
         hostname = str(self.config.param("tls-hostname")) or address.host
         return tls.client(channel, creds, hostname, cancel.waker)
+
+    @on_thread("mig/src/main")
+    def multifd_secure(self) -> multifd.Secure | None:
+        """With ``tls-creds``: the TLS handshake each multifd channel does as the client, with the main
+        channel's credentials and hostname (QEMU's rule); a cancel wakes it. (migration thread)"""
+        address, cancel = self.address, self._connect_cancel
+        if not self.config.param("tls-creds") or not isinstance(address, TcpURI):
+            return None
+        waker = cancel.waker if cancel is not None else Waker()
+        config = self.config
+
+        def secure(raw: Channel) -> Channel:
+            """(migration thread) ``raw`` is closed when this raises."""
+            try:
+                creds = config.objects.tls_creds(str(config.param("tls-creds")), "client")
+                if not isinstance(raw, SocketChannel):
+                    raise TransportError(TLS_TCP_ONLY)
+            except Exception:
+                raw.close()
+                raise
+            hostname = str(config.param("tls-hostname")) or address.host
+            return tls.client(raw, creds, hostname, waker, multifd.CONNECT_TIMEOUT)
+
+        return secure
 
     @loop_only
     def _connected(self, channel: Channel, generation: int) -> None:
@@ -365,10 +391,10 @@ class MigrationState:
             stream.shutdown()
         elif channel is not None:
             channel.shutdown()
+        if self._connect_cancel is not None:  # a connect or a multifd channel's TLS handshake gives up
+            self._connect_cancel.cancel()
         if self.thread is None and self.channel is None:
             # still connecting: nothing to wind down (the connect callback closes a late channel)
-            if self._connect_cancel is not None:
-                self._connect_cancel.cancel()
             self.set_state(M.CANCELLING, M.CANCELLED)
             self._finish_done()
             return

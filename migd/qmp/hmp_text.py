@@ -11,6 +11,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from migd.transports.uri import socket_address_text
+
 _SIZE_SUFFIXES = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
 
 
@@ -28,20 +30,6 @@ def _g3(x: float) -> str:
 
 def _onoff(flag: Any) -> str:
     return "on" if flag else "off"
-
-
-def socket_address_str(addr: Mapping[str, Any]) -> str:
-    """A SocketAddress in QEMU's short form: ``tcp:HOST:PORT``, ``unix:PATH``, ``fd:NAME``."""
-    kind = addr.get("type")
-    if kind == "inet":
-        return f"tcp:{addr.get('host')}:{addr.get('port')}"
-    if kind == "unix":
-        return f"unix:{addr.get('path')}"
-    if kind == "fd":
-        return f"fd:{addr.get('str')}"
-    if kind == "vsock":
-        return f"vsock:{addr.get('cid')}:{addr.get('port')}"
-    return str(kind)
 
 
 def info_migrate(info: Mapping[str, Any], show_all: bool = False) -> str:
@@ -86,7 +74,7 @@ def info_migrate(info: Mapping[str, Any], show_all: bool = False) -> str:
     sockets: Sequence[Mapping[str, Any]] = info.get("socket-address") or ()
     if show_all and sockets:
         out.append("Sockets: [")
-        out.extend(f"\t{socket_address_str(a)}" for a in sockets)
+        out.extend(f"\t{socket_address_text(a)}" for a in sockets)
         out.append("]")
     return "".join(line + "\n" for line in out)
 

@@ -21,6 +21,7 @@ from migd.config import DaemonConfig
 from migd.events import EventSink
 from migd.machine.machine import Machine
 from migd.machine.runstate import RunStateMachine
+from migd.migration.dirtyrate import DirtyRateMeter
 from migd.migration.incoming import IncomingMigration
 from migd.migration.state import MigrationState
 
@@ -42,6 +43,7 @@ class CommandHost(Protocol):
     config: DaemonConfig
     autostart: bool
     incoming: IncomingMigration | None
+    dirty_rate: DirtyRateMeter  # calc-dirty-rate / query-dirty-rate: the last measurement
 
     @property
     def machine(self) -> Machine: ...

@@ -15,6 +15,10 @@ from migd.backoff import RESOURCE_ERRNOS, TRANSIENT_ERRNOS, Backoff, LogLimiter
 from migd.transports.channel import Channel, SocketChannel
 from migd.transports.wake import Waker
 
+# a migration listener's backlog: the main channel and up to 255 multifd channels (QEMU's maximum) connect
+# at once; with a backlog of 1 a tcp SYN that found the queue full waited for its 1 s retransmission
+BACKLOG = 256
+
 Fds = MutableMapping[str, int]
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,9 @@ its thread for the kernel's two minutes of SYN retries, and closing the socket f
 does not wake it. Each migration connect runs on a worker thread, so a few cancelled migrations used to
 starve every other command that needs one. Here the socket is non-blocking and the thread waits in
 ``poll(2)`` on the socket *and* on a :class:`ConnectCancel`'s wake-up: ``migrate_cancel`` frees the
-thread at once, and a deadline bounds the wait when nobody cancels.
+thread at once, and a deadline bounds the wait when nobody cancels. Name resolution gets the same
+treatment (:func:`resolve`): ``getaddrinfo(3)`` cannot be interrupted, and a silent DNS server holds it
+for the resolver's timeouts (tens of seconds).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import errno
 import os
 import select
 import socket
+import threading
 import time
+from typing import Any
 
 from migd.transports.wake import Waker
 
@@ -64,6 +68,52 @@ def _wait(fd: int | None, cancel: ConnectCancel | None, deadline: float, until: 
         waker = cancel.waker if cancel is not None else Waker()
         if waker.wait(fd, select.POLLOUT, timeout=limit - now):
             return True
+
+
+AddrInfo = tuple[Any, ...]  # one getaddrinfo answer: (family, type, proto, canonname, sockaddr)
+
+
+def resolve(host: str, port: int, cancel: ConnectCancel | None, timeout: float) -> list[AddrInfo]:
+    """``getaddrinfo(host, port)`` for a stream socket, cancellable and bounded (calling thread).
+
+    A literal address is converted at once. A name is looked up on a helper thread while the caller
+    waits on the lookup's pipe and the cancel; abandoned by a cancel or the deadline, the lookup ends
+    on the resolver's own timeout and its answer is dropped. Raises ``socket.gaierror``,
+    :class:`ConnectCancelled`, or ``OSError(ETIMEDOUT)``.
+    """
+    try:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        pass  # a name, not a literal address
+    answer: list[list[AddrInfo] | BaseException] = []
+    done_r, done_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def lookup() -> None:  # (resolver thread)
+        try:
+            answer.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except BaseException as exc:  # handed to the waiting caller
+            answer.append(exc)
+        finally:
+            try:
+                os.write(done_w, b"x")
+            except OSError:
+                pass  # the caller gave up and closed its end
+            os.close(done_w)
+
+    threading.Thread(target=lookup, name="mig/resolve", daemon=True).start()
+    try:
+        waker = cancel.waker if cancel is not None else Waker()
+        ready = waker.wait(done_r, select.POLLIN, timeout=timeout)
+    finally:
+        os.close(done_r)
+    if ready is None:
+        raise OSError(errno.ETIMEDOUT, f"address resolution of '{host}' timed out")
+    if not ready or not answer:
+        raise ConnectCancelled()
+    result = answer[0]
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 def connect_socket(

@@ -10,9 +10,15 @@ from __future__ import annotations
 import socket
 import time
 
-from migd.transports.base import SocketListener, TransportError, tune_socket
+from migd.transports.base import BACKLOG, SocketListener, TransportError, tune_socket
 from migd.transports.channel import Channel, SocketChannel
-from migd.transports.connecting import CONNECT_TIMEOUT, ConnectCancel, ConnectCancelled, connect_socket
+from migd.transports.connecting import (
+    CONNECT_TIMEOUT,
+    ConnectCancel,
+    ConnectCancelled,
+    connect_socket,
+    resolve,
+)
 from migd.transports.uri import TcpURI
 
 KEEPALIVE_IDLE = 5  # seconds of silence before the first probe
@@ -57,11 +63,13 @@ def connect(uri: TcpURI, cancel: ConnectCancel | None = None, timeout: float = C
     """Connect to every address ``uri.host`` resolves to in turn (calling thread; cancellable)."""
     if not uri.host:
         raise TransportError(f"Failed to connect to '{uri.display()}': host not specified")
+    deadline = time.monotonic() + timeout
     try:
-        infos = socket.getaddrinfo(uri.host, uri.port, type=socket.SOCK_STREAM)
+        infos = resolve(uri.host, uri.port, cancel, timeout)
     except socket.gaierror as exc:
         raise TransportError(f"address resolution failed for {uri.display()}: {exc.strerror}") from exc
-    deadline = time.monotonic() + timeout
+    except OSError as exc:  # cancelled, or the deadline passed while the resolver said nothing
+        raise TransportError(f"Failed to connect to '{uri.display()}': {exc.strerror}") from exc
     error: OSError | None = None
     for family, kind, proto, _, addr in infos:
         sock = socket.socket(family, kind, proto)
@@ -110,7 +118,7 @@ def listen(uri: TcpURI) -> TcpListener:
             if family == socket.AF_INET6 and host is None:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind(addr)
-            sock.listen(1)
+            sock.listen(BACKLOG)
         except OSError as exc:
             sock.close()
             error = exc

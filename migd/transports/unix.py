@@ -12,7 +12,7 @@ import os
 import socket
 import stat
 
-from migd.transports.base import SocketListener, TransportError
+from migd.transports.base import BACKLOG, SocketListener, TransportError
 from migd.transports.channel import Channel, SocketChannel
 from migd.transports.connecting import CONNECT_TIMEOUT, ConnectCancel, connect_socket
 from migd.transports.uri import UnixURI
@@ -124,4 +124,4 @@ def _refuse_live_socket(path: str) -> None:
 
 
 def listen(uri: UnixURI) -> UnixListener:
-    return UnixListener(listen_unix(uri.path), uri.path)
+    return UnixListener(listen_unix(uri.path, backlog=BACKLOG), uri.path)

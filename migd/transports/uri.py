@@ -210,3 +210,22 @@ def socket_address(uri: MigrationURI) -> dict[str, str] | None:
     if isinstance(uri, TcpURI):
         return {"type": "inet", "host": uri.host, "port": str(uri.port)}
     return None
+
+
+def socket_address_text(addr: dict[str, Any] | Any, *, bracket_ipv6: bool = False) -> str:
+    """A SocketAddress (``socket-address`` entries) back as text: QEMU's short form (``tcp:HOST:PORT``,
+    ``unix:PATH``, ``fd:NAME``, ``vsock:CID:PORT``) as HMP prints it, or with ``bracket_ipv6`` a URI that
+    parses again (``tcp:[::1]:PORT``) for tools that reuse it."""
+    kind = addr.get("type")
+    if kind == "inet":
+        host = str(addr.get("host"))
+        if bracket_ipv6 and ":" in host:
+            host = f"[{host}]"
+        return f"tcp:{host}:{addr.get('port')}"
+    if kind == "unix":
+        return f"unix:{addr.get('path')}"
+    if kind == "fd":
+        return f"fd:{addr.get('str')}"
+    if kind == "vsock":
+        return f"vsock:{addr.get('cid')}:{addr.get('port')}"
+    return str(kind)

@@ -9,7 +9,6 @@ the QMP level, as in QEMU. Output lines end in ``\\r\\n`` like QEMU's monitor.
 from __future__ import annotations
 
 import inspect
-import re
 import shlex
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from migd.migration.params import SPECS
 from migd.qmp import hmp_text
 from migd.qmp.registry import REGISTRY, CommandContext, QMPError, command
 from migd.qmp.schema import QMPArgs, dump, validate
+from migd.units import SizeError, parse_size
 
 
 class HumanMonitorArgs(QMPArgs):
@@ -184,33 +184,16 @@ async def migrate_set_capability(ctx: CommandContext, argv: list[str]) -> str:
 
 # -- argument values ---------------------------------------------------------------------------------
 
-_SIZE = re.compile(r"^\s*(\d+)(\.\d+)?\s*([bkmgtpe]?)\s*$", re.IGNORECASE)
-_SHIFT = {"": 0, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
-
-
-def strtosz(text: str) -> int | None:
-    """A size as QEMU's monitor reads it (``64M``, ``1.5G``, bytes without a suffix); None if bad."""
-    m = _SIZE.match(text)
-    if m is None:
-        return None
-    whole, frac, suffix = m.group(1), m.group(2) or "", m.group(3).lower()
-    shift = _SHIFT[suffix]
-    if frac and shift == 0:
-        return None
-    value = int(float(whole + frac) * (1 << shift)) if frac else int(whole) << shift
-    return value if value < 1 << 64 else None
-
-
 def parameter_value(name: str, text: str) -> Any:
     """``migrate_set_parameter``'s value as the QMP member of ``name`` (QEMU's texts for bad input)."""
     spec = SPECS.get(name)
     if spec is None:
         raise HMPError(f"invalid parameter value: {name}")
     if spec.kind == "size":
-        size = strtosz(text)
-        if size is None:
-            raise HMPError(f"Parameter '{name}' expects a size")
-        return size
+        try:
+            return parse_size(text)
+        except SizeError:
+            raise HMPError(f"Parameter '{name}' expects a size") from None
     if spec.kind in ("uint8", "uint32", "uint64"):
         try:
             number = int(text, 0)
