@@ -127,7 +127,11 @@ def test_source_killed_leaves_destination_failed_not_running(migd_factory, tmp_p
     poll(lambda: query(src).get("ram", {}).get("transferred", 0) > 4 * MB, 60, "data to flow")
     src.kill()
     info = wait_status(dst, "failed", 60)
-    assert info["error-desc"].startswith("load of migration failed: Migration stream truncated")
+    # the stream ends mid-way: with a FIN, or with a reset when the killed source had not read all the
+    # destination sent it (PONGs, heartbeats: Linux resets a unix socket closed with unread data)
+    assert info["error-desc"].startswith(("load of migration failed: Migration stream truncated",
+                                          "load of migration failed: Unable to read from channel: "
+                                          "Connection reset by peer")), info
     assert "socket-address" not in info
     status = dst.cmd("query-status")
     assert status["status"] == "inmigrate" and status["running"] is False
