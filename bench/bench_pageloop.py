@@ -6,6 +6,13 @@ loads it and verifies the bytes. Prints end-to-end GB/s and CPU seconds per GiB 
 
     python3 bench/bench_pageloop.py                  # 1 GiB, random and untouched, 3 runs each
     python3 bench/bench_pageloop.py --size 256 --runs 5 --case random
+    python3 bench/bench_pageloop.py --case random --modes staged runs-staged runs-held
+
+``--modes`` compares, in one run, how a stream with checksum records carries the pages: ``staged``
+sends QEMU's PAGE records through a staging array, read by the loader through its buffer (what main
+did always); ``runs-staged`` sends page runs (docs/FORMAT.md §3.4) from the staging copy (a running
+guest), ``runs-held`` straight from RAM with the vCPUs held paused; the loader reads runs straight into
+RAM. ``plain`` (the default) is a stream without migd's features.
 
 Targets (see shared/reference/page-loop-measurements.md): >= 2.5 GB/s for random pages, <= 60 ms for
 1 GiB of untouched RAM. The machine is noisy: compare medians, and CPU s/GiB, side by side.
@@ -25,6 +32,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from migd.machine.ram import RAMList  # noqa: E402
+from migd.machine.vcpu import VCPUSet  # noqa: E402
+from migd.migration.format import FEATURE_CHECKSUM, FEATURE_PAGE_RUNS  # noqa: E402
 from migd.migration.ram import prefault  # noqa: E402
 from migd.migration.savevm import SaveVM, load_stream  # noqa: E402
 from migd.migration.stats import MigrationStats  # noqa: E402
@@ -35,8 +44,9 @@ GiB = 1 << 30
 
 
 class Box:
-    def __init__(self, ram: RAMList) -> None:
+    def __init__(self, ram: RAMList, vcpus: VCPUSet | None = None) -> None:
         self.ram = ram
+        self.vcpus = vcpus  # held paused (mode held): pages leave straight from RAM
 
     def devices(self) -> list:
         return []
@@ -69,7 +79,10 @@ def digest(ram: RAMList) -> bytes:
     return hashlib.blake2b(ram.get("ram0").buf, digest_size=16).digest()
 
 
-def run_once(case: str, size: int) -> dict[str, float]:
+MODES = ("plain", "staged", "runs-staged", "runs-held")
+
+
+def run_once(case: str, size: int, mode: str = "plain") -> dict[str, float]:
     src = RAMList()
     src.add("ram0", size)
     if case == "random":
@@ -94,7 +107,14 @@ def run_once(case: str, size: int) -> dict[str, float]:
     os.read(ready_r, 1)
     f = OutStream(SocketChannel(a))
     f.set_rate_limit(0)
-    sv = SaveVM(Box(src), MigrationStats(), return_path=False)
+    features = 0 if mode == "plain" else FEATURE_CHECKSUM | (FEATURE_PAGE_RUNS if mode.startswith("runs") else 0)
+    vcpus = None
+    if mode.endswith("held"):
+        vcpus = VCPUSet(1)
+        vcpus.start()  # paused: hold_paused() succeeds
+    sv = SaveVM(Box(src, vcpus), MigrationStats(), return_path=False, features=features)
+    if features & FEATURE_PAGE_RUNS:
+        sv.ram.page_runs = lambda: True
     start = time.monotonic()
     cpu0 = time.process_time()
     sv.save_header(f)
@@ -105,6 +125,8 @@ def run_once(case: str, size: int) -> dict[str, float]:
     sv.save_complete_precopy(f)
     send_cpu = time.process_time() - cpu0
     sv.cleanup()
+    if vcpus is not None:
+        vcpus.shutdown()
     a.shutdown(socket.SHUT_WR)
     line = b""
     while not line.endswith(b"\n"):
@@ -167,23 +189,28 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024, help="MiB of guest RAM (default 1024)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--case", choices=["random", "zero", "both"], default="both")
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=["plain"])
     args = ap.parse_args()
     size = args.size << 20
     cases = ["random", "zero"] if args.case == "both" else [args.case]
     print(f"page loop: {args.size} MiB, save -> unix socketpair -> load, 2 processes, max-bandwidth 0")
     print(f"raw socketpair ceiling right now (1 MiB sendall -> recv_into): {raw_ceiling(size):.2f} GB/s")
     for case in cases:
-        results = [run_once(case, size) for _ in range(args.runs)]
-        for r in results:
-            print(f"  {case:7s} {r['elapsed'] * 1000:8.1f} ms  {r['gbps']:5.2f} GB/s  "
-                  f"CPU s/GiB send {r['send_cpu']:.3f} recv {r['recv_cpu']:.3f}  "
-                  f"stream {r['bytes'] / 1e6:.1f} MB  verified={'yes' if r['ok'] else 'NO'}")
-        med = statistics.median(r["elapsed"] for r in results)
-        print(f"{case}: median {med * 1000:.1f} ms = {size / med / 1e9:.2f} GB/s; "
-              f"CPU s/GiB send {statistics.median(r['send_cpu'] for r in results):.3f} "
-              f"recv {statistics.median(r['recv_cpu'] for r in results):.3f}")
-        if not all(r["ok"] for r in results):
-            sys.exit("destination RAM differs from the source")
+        by_mode: dict[str, list[dict[str, float]]] = {m: [] for m in args.modes}
+        for _ in range(args.runs):  # modes alternate within each repetition: the load hits them alike
+            for mode in args.modes:
+                r = run_once(case, size, mode)
+                by_mode[mode].append(r)
+                print(f"  {case:7s} {mode:11s} {r['elapsed'] * 1000:8.1f} ms  {r['gbps']:5.2f} GB/s  "
+                      f"CPU s/GiB send {r['send_cpu']:.3f} recv {r['recv_cpu']:.3f}  "
+                      f"stream {r['bytes'] / 1e6:.1f} MB  verified={'yes' if r['ok'] else 'NO'}", flush=True)
+        for mode, results in by_mode.items():
+            med = statistics.median(r["elapsed"] for r in results)
+            print(f"{case} {mode}: median {med * 1000:.1f} ms = {size / med / 1e9:.2f} GB/s; "
+                  f"CPU s/GiB send {statistics.median(r['send_cpu'] for r in results):.3f} "
+                  f"recv {statistics.median(r['recv_cpu'] for r in results):.3f}")
+            if not all(r["ok"] for r in results):
+                sys.exit("destination RAM differs from the source")
     print(f"raw socketpair ceiling after the runs: {raw_ceiling(size):.2f} GB/s")
 
 

@@ -7,9 +7,17 @@ ends and records every round trip. migd answers from published counters, so the 
 through the switch-over (QEMU's monitor is frozen for its whole downtime: max 290-350 ms there).
 
     python3 bench/bench_query_latency.py [--memory 1G] [--workload idle] [--runs 3] [--random-ram]
+        [--channels 1 2] [--probe] [--probe-ms 0.5] [--top 8] [--dst] [--py-spy DIR]
 
-Prints p50/p99/max in ms per run, how many answers arrived while the status was ``device`` (the
-switch-over), and the migration's own figures. Target: p99 < 10 ms.
+Each run is done once per ``--channels`` entry: 1 is one channel (no multifd), N > 1 is multifd with N
+channels on both sides. Prints p50/p99/max in ms per run, how many answers arrived while the status
+was ``device`` (the switch-over), the migration's own figures, and a summary per channel count.
+Target (issue 13): p99 <= 1 ms, max <= 10 ms.
+
+``--probe`` runs both daemons with ``MIGD_GIL_PROBE=1`` (migd/gilprobe.py) and prints, per daemon,
+the GIL stalls it saw, grouped by the innermost frame of each thread that was not waiting: the
+culprits, with their count and longest stall. The probe's own thread competes for the GIL, so the
+latencies of a probed run are a little worse than those of a plain one.
 """
 
 from __future__ import annotations
@@ -19,11 +27,13 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +64,34 @@ def random_file(path: Path, size: int) -> Path:
 class Migd:
     """One migd process with its QMP socket."""
 
-    def __init__(self, name: str, tmp: Path, args: list[str]) -> None:
+    def __init__(self, name: str, tmp: Path, args: list[str], probe_ms: float | None = None) -> None:
         self.name = name
         self.qmp_path = tmp / f"{name}.qmp"
         self.log = open(tmp / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+        self.probe_path: Path | None = None
+        env = dict(os.environ)
+        if probe_ms is not None:
+            self.probe_path = tmp / f"{name}.gil.jsonl"
+            env.update({"MIGD_GIL_PROBE": "1", "MIGD_GIL_PROBE_MS": str(probe_ms),
+                        "MIGD_GIL_PROBE_OUT": str(self.probe_path)})
         cmd = [sys.executable, "-m", "migd", "--name", name, "--qmp", f"unix:{self.qmp_path}", *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the process so far (/proc/PID/stat)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stalls(self, since: float) -> list[dict[str, Any]]:
+        """The probe's stall records from ``since`` (monotonic seconds) on."""
+        if self.probe_path is None or not self.probe_path.exists():
+            return []
+        out = []
+        for line in self.probe_path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec["t"] >= since:
+                out.append(rec)
+        return out
 
     async def client(self, timeout: float = 30.0) -> QMPClient:
         deadline = time.monotonic() + timeout
@@ -89,17 +121,66 @@ def source_args(memory: int, workload: str, mem_path: Path | None) -> list[str]:
     return args
 
 
+IDLE_REF = 0.5  # seconds of query-migrate against the idle source first: the reference of the run
 SETTLE = 2.0  # seconds: a destination prefaults its RAM right after it starts; migrations start later
 
 
-async def start_pair(tmp: Path, memory: int, workload: str, mem_path: Path | None) -> tuple[Migd, Migd]:
+async def start_pair(tmp: Path, memory: int, workload: str, mem_path: Path | None,
+                     probe_ms: float | None) -> tuple[Migd, Migd]:
     """Source and destination; the destination stays paused (-S) so its RAM can be compared."""
-    src = Migd("src", tmp, source_args(memory, workload, mem_path))
+    src = Migd("src", tmp, source_args(memory, workload, mem_path), probe_ms)
     # configured like the source, as a QEMU destination is (a different workload spec would be built
-    # at device-load time, inside the downtime)
+    # at device-load time, inside the downtime); "defer" so multifd can be set before listening
     dst = Migd("dst", tmp, ["-m", f"{memory >> 20}M", "--workload", workload, "-S",
-                            "--incoming", f"unix:{tmp}/mig.sock"])
+                            "--incoming", "defer"], probe_ms)
     return src, dst
+
+
+def culprits(stalls: list[dict[str, Any]], top: int) -> list[str]:
+    """Stalls grouped by the busiest thread and its innermost frame: count, longest, GIL share.
+
+    A stall's GIL part is its lateness minus the probe's own run-queue wait (no CPU for it).
+    """
+    groups: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
+    stacks: dict[tuple[str, str], list[str]] = {}
+    for rec in stalls:
+        if "gc" in rec:
+            key = (rec["thread"], f"garbage collection, generation {rec['gc']}")
+            stacks[key] = []
+            groups[key].append((rec["ms"], rec["ms"]))
+            continue
+        if not rec["threads"]:
+            key = ("(none)", "no thread ran: host scheduling")
+            stacks[key] = []
+        else:
+            thread, info = next(iter(rec["threads"].items()))
+            stack = info["stack"]
+            key = (thread, stack[0] if stack else "?")
+            stacks[key] = stack
+        groups[key].append((rec["late_ms"], max(0.0, rec["late_ms"] - rec.get("runq_ms", 0.0))))
+    ranked = sorted(groups.items(), key=lambda kv: max(g for _, g in kv[1]), reverse=True)[:top]
+    lines = ["   by the busiest thread's innermost frame:"]
+    for (thread, where), lates in ranked:
+        gil = [g for _, g in lates]
+        lines.append(f"    {thread:<14} n={len(lates):<4} max late={max(x for x, _ in lates):6.2f} ms "
+                     f"of which GIL {max(gil):6.2f} ms, GIL sum={sum(gil):7.1f} ms  {where}")
+        if len(stacks[(thread, where)]) > 1:
+            lines.append("        <- " + " <- ".join(stacks[(thread, where)][1:4]))
+    # computing holds: the probe had a CPU (its lateness is not run-queue wait) and one thread burnt
+    # CPU for most of that time (not a holder the host preempted, nor a thread in a GIL-free call)
+    held = []
+    for rec in stalls:
+        if "late_ms" not in rec or not rec["threads"]:
+            continue
+        gil = rec["late_ms"] - rec.get("runq_ms", 0.0)
+        thread, info = next(iter(rec["threads"].items()))
+        if gil >= 1.0 and info["cpu_ms"] >= 0.8 * gil:
+            held.append((gil, info["cpu_ms"], thread, info["stack"]))
+    held.sort(reverse=True)
+    lines.append(f"   computing holds of 1 ms or more (probe had a CPU, one thread busy): {len(held)}")
+    for gil, cpu, thread, stack in held[:top]:
+        lines.append(f"    {gil:6.2f} ms GIL, {thread} busy {cpu:.2f} ms: " + " <- ".join(stack[:4]))
+    return lines
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -107,13 +188,40 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def one_run(tmp: Path, memory: int, workload: str, mem_path: Path | None) -> dict[str, Any]:
-    src, dst = await start_pair(tmp, memory, workload, mem_path)
+def spy_on(d: Migd, out_dir: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling which thread holds the GIL (``--gil``) without pausing the daemon
+    (``--nonblocking``, hence Python frames only); speedscope output keeps the samples in order."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = ["py-spy", "record", "--gil", "--nonblocking", "--threads", "-r", "1000", "-f", "speedscope",
+           "-o", str(out_dir / f"{d.name}.speedscope.json"), "-p", str(d.proc.pid)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def one_run(tmp: Path, memory: int, workload: str, mem_path: Path | None, channels: int,
+                  probe_ms: float | None, top: int, spy_dir: Path | None = None,
+                  poll_destination: bool = False) -> dict[str, Any]:
+    src, dst = await start_pair(tmp, memory, workload, mem_path, probe_ms)
+    stall_lines: dict[str, list[str]] = {}
     try:
         control, probe = await src.client(), await src.client()
         dclient = await dst.client()
         await control.execute("migrate-set-parameters", {"max-bandwidth": 0})
+        if channels > 1:
+            for c in (control, dclient):
+                await c.execute("migrate-set-capabilities",
+                                {"capabilities": [{"capability": "multifd", "state": True}]})
+                await c.execute("migrate-set-parameters", {"multifd-channels": channels})
+        await dclient.execute("migrate-incoming", {"uri": f"unix:{tmp}/mig.sock"})
         await asyncio.sleep(SETTLE)
+        started = time.monotonic()
+        cpu0 = {d.name: d.cpu_seconds() for d in (src, dst)}
+        # the reference in the same run: the same loop against the idle source (the machine's floor)
+        idle: list[float] = []
+        t_end = time.monotonic() + IDLE_REF
+        while time.monotonic() < t_end:
+            t0 = time.perf_counter()
+            await probe.execute("query-migrate")
+            idle.append((time.perf_counter() - t0) * 1000)
         samples: list[tuple[float, str]] = []
 
         async def poll() -> dict[str, Any]:
@@ -124,18 +232,54 @@ async def one_run(tmp: Path, memory: int, workload: str, mem_path: Path | None) 
                 if info.get("status") in ("completed", "failed", "cancelled"):
                     return info
 
+        spies = [spy_on(d, spy_dir) for d in (src, dst)] if spy_dir is not None else []
+        dst_lat: list[float] = []
+
+        async def poll_dst() -> None:
+            """The destination's query-migrate too: its incoming thread must not starve its loop."""
+            while not poller.done():
+                t0 = time.perf_counter()
+                await dclient.execute("query-migrate")
+                dst_lat.append((time.perf_counter() - t0) * 1000)
+
         poller = asyncio.create_task(poll())
+        dst_poller = asyncio.create_task(poll_dst() if poll_destination else asyncio.sleep(0))
         await control.execute("migrate", {"uri": f"unix:{tmp}/mig.sock"})
         info = await asyncio.wait_for(poller, 600)
+        ended = time.monotonic()
+        cpu = {d.name: round(d.cpu_seconds() - cpu0[d.name], 2) for d in (src, dst)}
+        await asyncio.wait_for(dst_poller, 60)
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
         for c in (control, probe, dclient):
             await c.disconnect()
+        for d in (src, dst):
+            records = [r for r in d.stalls(started) if r["t"] <= ended + 0.5]
+            stalls = [r for r in records if "late_ms" in r]
+            if d.probe_path is not None:
+                runq = sum(r.get("runq_ms", 0.0) for r in stalls)
+                late = sum(r["late_ms"] for r in stalls)
+                stall_lines[d.name] = [f"  {d.name}: {len(stalls)} stalls over {probe_ms} ms, "
+                                       f"longest {max((r['late_ms'] for r in stalls), default=0.0)} ms, "
+                                       f"{late:.0f} ms late in all, {runq:.0f} ms of it waiting for a CPU",
+                                       *culprits(records, top)]
     finally:
         src.stop()
         dst.stop()
     lat = [s[0] for s in samples]
     return {
+        "channels": channels,
+        "cpu_s": cpu,
+        "stall_lines": stall_lines,
         "status": info["status"],
         "samples": len(lat),
+        "dst_p50_ms": round(statistics.median(dst_lat), 3) if dst_lat else None,
+        "dst_p99_ms": round(percentile(dst_lat, 0.99), 3) if dst_lat else None,
+        "dst_max_ms": round(max(dst_lat), 3) if dst_lat else None,
+        "idle_p50_ms": round(statistics.median(idle), 3),
+        "idle_p99_ms": round(percentile(idle, 0.99), 3),
+        "idle_max_ms": round(max(idle), 3),
         "p50_ms": round(statistics.median(lat), 3),
         "p99_ms": round(percentile(lat, 0.99), 3),
         "max_ms": round(max(lat), 3),
@@ -156,6 +300,15 @@ async def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--random-ram", action="store_true",
                     help="back the source's RAM with a /dev/shm file of random bytes")
+    ap.add_argument("--channels", type=int, nargs="+", default=[1, 2],
+                    help="1 = one channel; N > 1 = multifd with N channels (default: 1 2)")
+    ap.add_argument("--probe", action="store_true", help="run the daemons with the GIL probe, print culprits")
+    ap.add_argument("--probe-ms", type=float, default=0.5, help="stall threshold of the probe (ms)")
+    ap.add_argument("--top", type=int, default=8, help="culprits printed per daemon")
+    ap.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
+                    help="record both daemons with py-spy --gil into DIR (speedscope)")
+    ap.add_argument("--dst", action="store_true",
+                    help="poll the destination's query-migrate too (a second poller: it loads the host more)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     memory = parse_size(args.memory)
@@ -165,21 +318,39 @@ async def main() -> int:
     results = []
     try:
         for i in range(args.runs):
-            run_dir = tmp / f"run{i}"
-            run_dir.mkdir()
-            r = await one_run(run_dir, memory, args.workload, mem_path)
-            results.append(r)
-            if not args.json:
-                print(f"run {i + 1}: {r['status']} samples={r['samples']} p50={r['p50_ms']} ms "
-                      f"p99={r['p99_ms']} ms max={r['max_ms']} ms  answers during switch-over="
-                      f"{r['during_switchover']} (max {r['max_during_switchover_ms']} ms)  "
-                      f"total={r['total_time_ms']} ms downtime={r['downtime_ms']} ms mbps={r['mbps']}")
-                if r["error"]:
-                    print(f"  error: {r['error']}")
+            for channels in args.channels:
+                run_dir = tmp / f"run{i}-{channels}"
+                run_dir.mkdir()
+                r = await one_run(run_dir, memory, args.workload, mem_path, channels,
+                                  args.probe_ms if args.probe else None, args.top,
+                                  args.py_spy / f"run{i}-{channels}" if args.py_spy else None, args.dst)
+                results.append(r)
+                if not args.json:
+                    print(f"run {i + 1} channels={channels}: {r['status']} samples={r['samples']} p50={r['p50_ms']} ms "
+                          f"p99={r['p99_ms']} ms max={r['max_ms']} ms  answers during switch-over="
+                          f"{r['during_switchover']} (max {r['max_during_switchover_ms']} ms)  "
+                          f"total={r['total_time_ms']} ms downtime={r['downtime_ms']} ms mbps={r['mbps']} "
+                          f"cpu s src={r['cpu_s']['src']} dst={r['cpu_s']['dst']}")
+                    if r["dst_p50_ms"] is not None:
+                        print(f"  destination's query-migrate meanwhile: p50={r['dst_p50_ms']} ms p99={r['dst_p99_ms']} ms "
+                              f"max={r['dst_max_ms']} ms")
+                    print(f"  reference, idle source just before: p50={r['idle_p50_ms']} ms p99={r['idle_p99_ms']} ms "
+                          f"max={r['idle_max_ms']} ms")
+                    if r["error"]:
+                        print(f"  error: {r['error']}")
+                    for lines in r["stall_lines"].values():
+                        print("\n".join(lines))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
         print(json.dumps({"memory": memory, "workload": args.workload, "runs": results}, indent=1))
+    else:
+        for channels in args.channels:
+            rs = [r for r in results if r["channels"] == channels]
+            print(f"channels={channels}: p50 {[r['p50_ms'] for r in rs]} p99 {[r['p99_ms'] for r in rs]} "
+                  f"max {[r['max_ms'] for r in rs]} ms (target p99 <= 1, max <= 10); idle reference "
+                  f"p99 {[r['idle_p99_ms'] for r in rs]} max {[r['idle_max_ms'] for r in rs]} ms; destination p99 "
+                  f"{[r['dst_p99_ms'] for r in rs]} max {[r['dst_max_ms'] for r in rs]} ms")
     return 0 if all(r["status"] == "completed" for r in results) else 1
 
 

@@ -39,6 +39,7 @@ from migd.migration.format import (
     RAM_MEM_SIZE,
     RAM_MULTIFD_FLUSH,
     RAM_PAGE,
+    RAM_X_MIGD_RUN,
     RAM_XBZRLE,
     RAM_ZERO,
     VERSION,
@@ -450,6 +451,9 @@ class _Walker:
                     if self.ram_dir is not None and (was == 1 or fill):
                         os.pwrite(self._fd(block), bytes((fill,)) * self.page, addr)
                 flags &= ~(RAM_PAGE | RAM_ZERO | RAM_CONTINUE)
+            if flags & RAM_X_MIGD_RUN and flags & RAM_CONTINUE:
+                self._page_run(addr, at)
+                flags &= ~(RAM_X_MIGD_RUN | RAM_CONTINUE)
             if flags & RAM_MULTIFD_FLUSH:
                 flags &= ~RAM_MULTIFD_FLUSH
             if flags & RAM_XBZRLE:
@@ -460,6 +464,25 @@ class _Walker:
                 return
             if flags:
                 raise AnalyzeError(f"Unknown combination of migration flags: 0x{flags:x} (offset {at})")
+
+    def _page_run(self, addr: int, at: int) -> None:
+        """[migd] A page run (FEATURE_PAGE_RUNS): a be32 count, then that many consecutive pages."""
+        c, block = self.c, self.block
+        if block is None:
+            raise AnalyzeError(f"Ack, bad migration stream! (CONTINUE first, offset {at})")
+        n = c.be32("page run length")
+        if n == 0 or addr + n * self.page > block.size:
+            raise AnalyzeError(f"Illegal page run of {n} pages at {addr:x} in {block.name} (offset {at})")
+        size = n * self.page
+        data_at = c.pos
+        if c.pos + size > c.end:
+            c.take(size, "page run data")
+        c.pos += size
+        block.page_records += n
+        idx = addr // self.page
+        block.state[idx : idx + n] = b"\x01" * n
+        if self.ram_dir is not None:
+            os.pwrite(self._fd(block), c.data[data_at : data_at + size], addr)
 
     def _mem_size(self, total: int) -> None:
         c = self.c

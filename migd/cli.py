@@ -13,6 +13,8 @@ from typing import Any, NoReturn
 from migd import __version__
 from migd.config import ConfigError, DaemonConfig, build, load_toml
 from migd.daemon import Daemon
+from migd.gcfreeze import freeze_startup_objects
+from migd.gilprobe import start_from_env as start_gil_probe
 from migd.logsetup import setup_logging
 from migd.memtrim import fix_mmap_threshold
 
@@ -79,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(config.log_level)
     fix_mmap_threshold()  # no RSS growth per migration (migd/memtrim.py)
+    start_gil_probe()  # debug only: MIGD_GIL_PROBE=1 (migd/gilprobe.py)
+    freeze_startup_objects()  # full collections skip the import-time objects (migd/gcfreeze.py)
     return Daemon(config).run()
 
 

@@ -87,11 +87,13 @@ class FaultChannel(Channel):
         if self.match is not None and not self.tripped.is_set() and total <= 64:
             hit = self.match(b"".join(bytes(b) for b in bufs))
         if self.action == "flip" and not self.tripped.is_set():
-            stages = [i for i, b in enumerate(bufs) if len(b) >= 4104 and len(b) % 4104 == 0]
+            # page data: a staging array of PAGE records, or pages sent straight from RAM (one page, a run)
+            stages = [i for i, b in enumerate(bufs) if len(b) >= 4096 and (len(b) % 4104 == 0
+                                                                        or len(b) % 4096 == 0)]
             if stages:  # one bit of page data changes on the wire: corruption in transit
                 self.tripped.set()
                 i = stages[0]
-                page = bytearray(bufs[i])
+                page = bytearray(bufs[i])  # a copy: the source's guest RAM stays as it is
                 page[8 + 2000] ^= 0x01
                 return self.inner.write_vectored([*bufs[:i], page, *bufs[i + 1:]])
         if hit and self.action == "delay":
@@ -255,7 +257,7 @@ async def test_clean_migration_commits(pair: Pair) -> None:
     ms, inc = pair.src.migration, pair.dst.incoming
     assert inc is not None
     assert ms.status is M.COMPLETED and inc.status == "completed", (ms.query(), inc.query())
-    assert ms.committed and inc.features == 7  # commit, heartbeat, checksum
+    assert ms.committed and inc.features == 15  # commit, heartbeat, checksum, page runs
     assert pair.dst.running and not src_running(pair)
     assert pair.src.runstate.state is RunState.POSTMIGRATE
     phases = ms.query()["x-migd-downtime-phases"]

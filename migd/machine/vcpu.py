@@ -106,10 +106,10 @@ class VCPU:
         cond = vset.cond
         while True:
             with cond:
-                if not vset.run_requested or vset.exiting:
+                if not vset.run_requested or vset.holds or vset.exiting:
                     self.paused = True
                     cond.notify_all()
-                    while not vset.run_requested and not vset.exiting:
+                    while (not vset.run_requested or vset.holds) and not vset.exiting:
                         cond.wait()
                     if vset.exiting:
                         return
@@ -160,6 +160,7 @@ class VCPUSet:
         self.exiting = False
         self.count_pause = True
         self.runner = runner
+        self.holds = 0  # hold_paused() calls not yet released: paused vCPUs stay paused meanwhile
         self._throttle = 0
         self._vcpus = [VCPU(self, i) for i in range(n)]
         self._started = False
@@ -214,6 +215,22 @@ class VCPUSet:
     def all_paused(self) -> bool:
         with self.cond:
             return self._all_paused()
+
+    def hold_paused(self) -> bool:
+        """(any thread) If every vCPU is paused, keep them so, even across a ``resume_all``, until
+        ``release_hold``: guest RAM cannot change meanwhile (a zero-copy send hashing what it sends
+        straight from RAM relies on it). False, and nothing held, when some vCPU runs."""
+        with self.cond:
+            if self.run_requested or not self._all_paused():
+                return False
+            self.holds += 1
+            return True
+
+    def release_hold(self) -> None:
+        """(any thread) End one ``hold_paused``; a resume asked for meanwhile takes effect now."""
+        with self.cond:
+            self.holds -= 1
+            self.cond.notify_all()
 
     def resume_all(self) -> None:
         with self.cond:

@@ -68,7 +68,8 @@ MIGD_COMMANDS = frozenset({CMD_X_MIGD_HEARTBEAT, CMD_X_MIGD_COMMIT})
 FEATURE_COMMIT = 0x1  # LOADED, then COMMIT: the destination runs only after the source committed
 FEATURE_HEARTBEAT = 0x2  # heartbeats both ways; each side gives up on a silent peer
 FEATURE_CHECKSUM = 0x4  # an xxh3-64 checksum record after every section (file: saves too)
-FEATURES_SUPPORTED = FEATURE_COMMIT | FEATURE_HEARTBEAT | FEATURE_CHECKSUM
+FEATURE_PAGE_RUNS = 0x8  # RAM_X_MIGD_RUN records: consecutive pages after one header (zero-copy receive)
+FEATURES_SUPPORTED = FEATURE_COMMIT | FEATURE_HEARTBEAT | FEATURE_CHECKSUM | FEATURE_PAGE_RUNS
 CONFIG_SUBSECTION = "configuration/x-migd"
 CONFIG_SUBSECTION_VERSION = 1
 _CONFIG_FIELDS = struct.Struct(">II")  # features, peer timeout in ms
@@ -84,6 +85,7 @@ RAM_CONTINUE = 0x20
 RAM_XBZRLE = 0x40
 RAM_HOOK = 0x80
 RAM_MULTIFD_FLUSH = 0x200
+RAM_X_MIGD_RUN = 0x400  # [migd] with CONTINUE: be32 count n, then n consecutive pages (FEATURE_PAGE_RUNS)
 RAM_FLAG_MASK = PAGE_SIZE - 1
 
 RAM_IDSTR = "ram"
@@ -92,6 +94,8 @@ RAM_VERSION = 4
 
 PAGE_RECORD = 8 + PAGE_SIZE  # header + data, with CONTINUE
 ZERO_RECORD = 8 + 1  # header + the zero byte, with CONTINUE
+RUN_HEADER = 8 + 4  # [migd] a page run's header and count, with CONTINUE
+MAX_RUN = 1 << 16  # [migd] pages in one run record, at most (256 MiB)
 
 _SECTION_FULL = struct.Struct(">BI")
 _BE32 = struct.Struct(">I")

@@ -45,6 +45,7 @@ from migd.migration.savevm import load_commit, load_stream
 from migd.migration.status import MigrationStatus
 from migd.migration.stream import InStream
 from migd.objects import ObjectError
+from migd.switching import fast_switching
 from migd.threads import any_thread, loop_only, off_loop, on_thread
 from migd.transports import Listener, TransportError, URIError, listen, parse_uri, tls
 from migd.transports.channel import Channel, SocketChannel
@@ -208,7 +209,8 @@ class IncomingMigration:
     @on_thread("mig/dst/main")
     def _run(self) -> None:
         try:
-            self._accept_and_load()
+            with fast_switching():  # the loading thread must not keep the loop waiting 5 ms per answer
+                self._accept_and_load()
         except Exception as exc:  # noqa: BLE001 - last resort: report, never crash the daemon
             log.exception("incoming migration: unexpected error")
             self._fail(f"Incoming migration failed: {exc}")

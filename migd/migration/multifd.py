@@ -39,8 +39,9 @@ from migd.migration.ram import _runs, _zero_pages, known_zero_map
 from migd.migration.stream import InStream, OutStream, StreamError
 from migd.threads import any_thread, on_thread
 from migd.transports import Listener, TransportError, connect
-from migd.transports.channel import Channel
+from migd.transports.channel import IOV_MAX, Channel, SocketChannel
 from migd.transports.uri import MigrationURI, TcpURI, UnixURI
+from migd.transports.zerocopy import NOT_DETECTED, ZeroCopySocket
 
 log = logging.getLogger("migd.migration")
 
@@ -107,12 +108,15 @@ def _name_field(name: str) -> bytes:
 class _SendChannel(threading.Thread):
     """One channel's writer: takes batches from its queue, finds the zero pages, writes packets."""
 
-    def __init__(self, owner: MultifdSender, index: int, channel: Channel, comp: Compressor | None) -> None:
+    def __init__(self, owner: MultifdSender, index: int, channel: Channel, comp: Compressor | None,
+                 zc: ZeroCopySocket | None = None) -> None:
         super().__init__(name=f"mig/src/mfd{index}", daemon=True)
         self.owner = owner
         self.index = index
         self.channel = channel
         self.comp = comp
+        self.zc = zc  # zero-copy-send: page payloads leave with MSG_ZEROCOPY, reaped at each SYNC
+        self.missed = 0  # sync points at which the kernel copied every zero-copy send (QEMU's count)
         self.queue: deque[Any] = deque()
         self.normal = 0  # written by this thread only; the migration thread reads them
         self.zero = 0
@@ -132,6 +136,8 @@ class _SendChannel(threading.Thread):
                     return
                 if item is _SYNC:
                     self._packet(None, None, None, FLAG_SYNC)
+                    if self.zc is not None and self.zc.flush(self._stopped):
+                        self.missed += 1
                     with owner.cond:
                         self.syncs += 1
                         owner.cond.notify_all()
@@ -145,6 +151,27 @@ class _SendChannel(threading.Thread):
 
     def _write(self, bufs: list[Any]) -> None:
         self.bytes += self.channel.write_all(bufs)
+
+    def _stopped(self) -> bool:
+        """Whether a wait for zero-copy completions must end: closing, cancelled or failed."""
+        owner = self.owner
+        return owner._closing or owner.error is not None or owner.stream.error is not None
+
+    def _write_zero_copy(self, views: list[memoryview]) -> None:
+        """Every byte of ``views`` (guest RAM) with MSG_ZEROCOPY sends, over short writes."""
+        assert self.zc is not None
+        pending = [v for v in views if len(v)]
+        while pending:
+            n = self.zc.send(pending[:IOV_MAX], self._stopped)
+            if n <= 0:
+                raise OSError("write returned no progress")
+            self.bytes += n
+            while n and pending:
+                if n >= len(pending[0]):
+                    n -= len(pending.pop(0))
+                else:
+                    pending[0] = pending[0][n:]
+                    n = 0
 
     def _pages(self, block: Any, candidates: np.ndarray, zero: np.ndarray) -> None:
         is_zero = _zero_pages(block.words, candidates)
@@ -177,7 +204,11 @@ class _SendChannel(threading.Thread):
                 payload = [frame]
                 size = len(frame)
         hdr = HDR.pack(MAGIC, VERSION, flags, n + z, n, size, next(self.owner.packet_num), z, name)
-        self._write([hdr, offsets, *payload])
+        if self.zc is not None and self.comp is None and payload:
+            self._write([hdr, offsets])  # small and short-lived: copied; the pages are pinned
+            self._write_zero_copy(payload)
+        else:
+            self._write([hdr, offsets, *payload])
         self.normal += n
         self.zero += z
 
@@ -185,7 +216,8 @@ class _SendChannel(threading.Thread):
 class MultifdSender:
     """The source's channels. The migration thread calls ``queue``/``sync``/``collect``/``close``."""
 
-    def __init__(self, channels: list[Channel], stream: OutStream, method: str = "none", level: int = 1) -> None:
+    def __init__(self, channels: list[Channel], stream: OutStream, method: str = "none", level: int = 1,
+                 zero_copy: list[ZeroCopySocket] | None = None) -> None:
         self.uuid = os.urandom(16)  # migd has no VM uuid: one per migration ties its channels together
         self.stream = stream
         self.cond = threading.Condition()
@@ -196,16 +228,18 @@ class MultifdSender:
         self._collected = (0, 0, 0)
         self._syncs = 0
         self.threads = [
-            _SendChannel(self, i, ch, None if method == "none" else Compressor(method, level))
+            _SendChannel(self, i, ch, None if method == "none" else Compressor(method, level),
+                         zero_copy[i] if zero_copy else None)
             for i, ch in enumerate(channels)
         ]
 
     @classmethod
     @on_thread("mig/src/main")
     def open(cls, address: MigrationURI | None, stream: OutStream, params: Mapping[str, Any],
-             secure: Secure | None = None) -> MultifdSender:
+             secure: Secure | None = None, zero_copy: bool = False) -> MultifdSender:
         """Connect ``multifd-channels`` more channels to the main channel's address and start them;
-        with ``secure`` (``tls-creds``) each one does its own TLS handshake first, as in QEMU."""
+        with ``secure`` (``tls-creds``) each one does its own TLS handshake first, as in QEMU; with
+        ``zero_copy`` (capability zero-copy-send) each must take MSG_ZEROCOPY."""
         if address is None or not supports(address):
             raise StreamError(NEEDS_SOCKETS)
         method = str(params["multifd-compression"])
@@ -215,12 +249,13 @@ class MultifdSender:
             for _ in range(int(params["multifd-channels"])):
                 raw = connect(address, None, None, CONNECT_TIMEOUT)
                 channels.append(raw if secure is None else secure(raw))  # secure() closes raw on failure
-            sender = cls(channels, stream, method, level)
-        except (TransportError, ValueError) as exc:
+            zc = [_zero_copy(ch) for ch in channels] if zero_copy else None
+            sender = cls(channels, stream, method, level, zc)
+        except (TransportError, ValueError, StreamError) as exc:
             for ch in channels:
                 ch.close()
             log.info("migration: multifd channel %d: %s", len(channels), exc)  # said even when cancelled
-            raise StreamError(f"multifd: {exc}") from None
+            raise exc if isinstance(exc, StreamError) else StreamError(f"multifd: {exc}") from None
         sender.start()
         return sender
 
@@ -291,6 +326,11 @@ class MultifdSender:
     def bytes(self) -> int:
         return sum(t.bytes for t in self.threads)
 
+    @property
+    def missed_zero_copy(self) -> int:
+        """Sync points x channels at which the kernel copied every zero-copy send (QEMU's count)."""
+        return sum(t.missed for t in self.threads)
+
     def _take(self, t: _SendChannel) -> Any:
         """Next item for channel ``t`` (its own thread); _STOP once closing."""
         with self.cond:
@@ -340,6 +380,16 @@ class MultifdSender:
             t.channel.close()
 
 
+def _zero_copy(channel: Channel) -> ZeroCopySocket:
+    """MSG_ZEROCOPY on a channel's socket, or QEMU's refusal (a unix socket, TLS, an old kernel)."""
+    try:
+        if type(channel) is not SocketChannel:  # a plain socket: not a pipe, not TLS (it encrypts first)
+            raise OSError("not a plain socket")
+        return ZeroCopySocket(channel.sock)
+    except OSError:
+        raise StreamError(NOT_DETECTED) from None
+
+
 # -- destination --------------------------------------------------------------------------------------
 
 
@@ -354,7 +404,7 @@ class _RecvChannel(threading.Thread):
         self.synced = 0
         self.ended = False  # set by the thread as it leaves (a thread not started yet is not ended)
         self.decomp = Decompressor(owner.method)
-        self.stream = InStream(channel, 1 << 20)
+        self.stream = InStream(channel, 1 << 20, readahead=False)  # pages land in RAM, not in its buffer
 
     @on_thread("mig/dst/mfd")
     def run(self) -> None:
@@ -448,9 +498,8 @@ class _RecvChannel(threading.Thread):
         if self.decomp.method == "none":
             if size != n * PAGE_SIZE:
                 raise StreamError(f"multifd {self.id}: payload of {size} bytes for {n} pages")
-            buf = memoryview(block.buf)
-            for a, b, _ in _runs(normal):
-                f.read_into(buf[a * PAGE_SIZE : b * PAGE_SIZE])
+            buf = memoryview(block.buf)  # straight into guest RAM: one scatter list of the page runs
+            f.read_into_iov([buf[a * PAGE_SIZE : b * PAGE_SIZE] for a, b, _ in _runs(normal)])
         elif n:
             if size > n * PAGE_SIZE + (n * PAGE_SIZE >> 6) + 4096:
                 raise StreamError(f"multifd {self.id}: compressed payload of {size} bytes for {n} pages")

@@ -31,7 +31,6 @@ boundaries, so they add up to ``downtime``.
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from collections.abc import Collection
@@ -47,6 +46,7 @@ from migd.migration.format import (
     FEATURE_CHECKSUM,
     FEATURE_COMMIT,
     FEATURE_HEARTBEAT,
+    FEATURE_PAGE_RUNS,
     FEATURES_SUPPORTED,
     Cmd,
     command,
@@ -63,6 +63,7 @@ from migd.migration.stats import MigrationStats
 from migd.migration.status import MigrationStatus as M
 from migd.migration.stream import OutStream, StreamError
 from migd.migration.throttle import AutoConverge
+from migd.switching import fast_switching
 from migd.threads import any_thread, loop_only, on_thread
 from migd.transports.channel import Channel
 from migd.transports.tcp import set_peer_timeout
@@ -72,9 +73,6 @@ log = logging.getLogger("migd.migration")
 
 WINDOW = 0.1  # seconds: QEMU's BUFFER_DELAY
 ACK_TIMEOUT = 600.0  # seconds to wait for the destination's SHUT (a cancel ends the wait at once)
-# While a migration runs, the GIL changes hands every 1 ms instead of 5: the event loop needs it a few
-# times per QMP answer, and the page loop would otherwise make each of those waits up to 5 ms long.
-SWITCH_INTERVAL = 0.001
 PING_INTERVAL = 1.0  # seconds between PINGs that time the destination's round trip
 PONG_TIMEOUT = 30.0  # seconds after which an unanswered PING is given up and another one sent
 # the switch-over's framing outside RAM and devices (state changes, events, EOF) on top of the
@@ -235,8 +233,14 @@ class MigrationThread(threading.Thread):
 
     @on_thread("mig/src/main")
     def run(self) -> None:
-        old_interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(old_interval, SWITCH_INTERVAL))
+        try:
+            with fast_switching():  # the GIL changes hands every 1 ms, not 5 (migd/switching.py)
+                self._run()
+        finally:
+            self.ms.thread_exited(self)
+
+    def _run(self) -> None:
+        """The migration and its wind-down (migration thread)."""
         try:
             self._migrate()
         except Cancelled:
@@ -249,12 +253,8 @@ class MigrationThread(threading.Thread):
             log.exception("migration thread failed")
             self.ms.fail(self.stream.error or f"Migration thread error: {exc or type(exc).__name__}")
         finally:
-            try:
-                self._unthrottle()
-                self._finish()
-            finally:
-                sys.setswitchinterval(old_interval)
-                self.ms.thread_exited(self)
+            self._unthrottle()
+            self._finish()
 
     @loop_only
     def release(self) -> None:
@@ -296,7 +296,8 @@ class MigrationThread(threading.Thread):
                                           *self._announce())
         if ms.config.cap("multifd") and held is None:  # before the stream (QEMU's order)
             self.multifd = savevm.ram.pages_out = MultifdSender.open(ms.address, stream, ms.config.params,
-                                                                     ms.multifd_secure())
+                                                                     ms.multifd_secure(),
+                                                                     zero_copy=ms.config.cap("zero-copy-send"))
         with BQL:
             self._expect(M.SETUP)
             savevm.save_header(stream)
@@ -308,6 +309,7 @@ class MigrationThread(threading.Thread):
             self.rp = ReturnPathReader(self.channel)
             self.rp.start()
             self._start_watchdog()
+            savevm.ram.page_runs = self._page_runs
         if not ms.set_state(M.SETUP, M.ACTIVE):
             raise Cancelled()
         ms.setup_time = int((time.monotonic() - setup_start) * 1000)
@@ -492,6 +494,11 @@ class MigrationThread(threading.Thread):
         if not self.use_return_path:
             return FEATURE_CHECKSUM, 0
         return FEATURES_SUPPORTED, self._peer_timeout() * 1000
+
+    def _page_runs(self) -> bool:
+        """(migration thread) Whether the destination accepted page runs (FORMAT.md §3.3): from then
+        on pages go as RAM_X_MIGD_RUN records, which it reads straight into guest RAM."""
+        return bool(self._accepted() & FEATURE_PAGE_RUNS)
 
     def _accepted(self) -> int:
         rp = self.rp

@@ -36,7 +36,8 @@ CAPABILITIES: tuple[str, ...] = (
     "mapped-ram",
 )
 SUPPORTED_CAPABILITIES = frozenset({"events", "return-path", "pause-before-switchover", "auto-converge",
-                                    "multifd"})
+                                    "multifd", "zero-copy-send"})
+ZERO_COPY_ONLY = "Zero copy only available for non-compressed non-TLS multifd migration"  # QEMU's text
 MULTIFD_COMPRESSION_SUPPORTED = ("none", "zlib", "zstd")  # qatzip, qpl, uadk: hardware migd lacks
 # migd differs from QEMU here on purpose: with a socket transport the source only reports `completed`
 # once the destination acknowledged a successful load (exec/file channels have no return path).
@@ -238,6 +239,7 @@ class MigrationConfig:
                 raise ParamError(f"Parameter '{name}' is unexpected")
             merged[name] = _coerce(spec, value)
         check_parameters(merged)
+        _check_zero_copy(self._caps, merged)
         changed = {k: v for k, v in merged.items() if self._params[k] != v}
         self._params = merged
         return changed
@@ -258,4 +260,13 @@ class MigrationConfig:
             if state and name not in SUPPORTED_CAPABILITIES:
                 raise ParamError(f"Capability '{name}' is not supported by migd")
             merged[name] = bool(state)
+        _check_zero_copy(merged, self._params)
         self._caps = merged
+
+
+def _check_zero_copy(caps: Mapping[str, bool], p: Mapping[str, Any]) -> None:
+    """QEMU's rule for ``zero-copy-send`` (Linux): only with multifd, without compression (xbzrle or
+    multifd-compression) and without TLS; checked on capabilities and on parameters alike."""
+    if caps["zero-copy-send"] and (not caps["multifd"] or caps["xbzrle"]
+                                   or p["multifd-compression"] != "none" or p["tls-creds"]):
+        raise ParamError(ZERO_COPY_ONLY)

@@ -1,9 +1,14 @@
 """The ``ram`` section (QEMU's version 4): every guest page, sent in bulk and loaded in bulk.
 
 Source (``RAMSaver``): a migration bitmap per block, all ones at setup, OR-ed with the guest's dirty
-log at every sync. Pages leave in batches: the batch's PAGE records first (one staging array of 8-byte
-headers and pages filled by numpy slice copies, written with one system call), then its ZERO records
-(one packed array of 9-byte records). Zero detection looks at the first and last word of each page and
+log at every sync. Pages leave in batches: the batch's pages first, then its ZERO records (one packed
+array of 9-byte records). Between migd peers (FEATURE_PAGE_RUNS) the pages go as page runs, straight
+from guest RAM: a vectored write of each run's 12-byte header (from a small side array) and a view of
+the run, no copy. A page the guest writes during its send is dirty and goes again; but while a
+checksum digest is kept the bytes hashed must be the bytes sent, so then runs leave from RAM only while
+the vCPUs are held paused (``VCPUSet.hold_paused``: final pass, paused guest), and through a staging
+copy while the guest runs. QEMU's PAGE records (other streams) are staged: header and page side by
+side in one array, one copy, one system call. Zero detection looks at the first and last word of each page and
 fully checks only the candidates. Pages that were never touched on the source (``untouched_pages``)
 are zero without being read and go out as ZERO records: the destination cannot be assumed fresh, so
 they are never simply skipped (see docs/FORMAT.md).
@@ -29,6 +34,7 @@ import numpy as np
 from migd.bql import BQL
 from migd.machine import dirty
 from migd.migration.format import (
+    MAX_RUN,
     PAGE_RECORD,
     PAGE_SIZE,
     RAM_CONTINUE,
@@ -37,8 +43,10 @@ from migd.migration.format import (
     RAM_MEM_SIZE,
     RAM_MULTIFD_FLUSH,
     RAM_PAGE,
+    RAM_X_MIGD_RUN,
     RAM_XBZRLE,
     RAM_ZERO,
+    RUN_HEADER,
     ZERO_RECORD,
     Section,
     idstr_bytes,
@@ -54,11 +62,16 @@ PERIOD = 1.0  # seconds of a dirty-rate period (QEMU: > 1000 ms)
 MAX_NEW_BLOCK = 64 << 30  # largest block a stream may create on the destination (hot-plug)
 
 _ZREC = np.dtype([("h", ">u8"), ("z", "u1")])  # packed: 9 bytes
+_RUN = np.dtype([("h", ">u8"), ("n", ">u4")])  # [migd] packed: 12 bytes
 _EOS = RAM_EOS.to_bytes(8, "big")
 _MULTIFD_FLUSH = RAM_MULTIFD_FLUSH.to_bytes(8, "big")
 _ADDR_MASK = np.uint64(~RAM_FLAG_MASK & 0xFFFFFFFFFFFFFFFF)
 _FLAG_MASK = np.uint64(RAM_FLAG_MASK)
 _STEPS = np.arange(1 << 16, dtype=np.uint64) * np.uint64(PAGE_SIZE)  # headers of consecutive pages
+
+
+def _never() -> bool:
+    return False
 
 
 class RAMError(RuntimeError):
@@ -98,6 +111,9 @@ class PageSink(Protocol):
 
     def collect(self) -> tuple[int, int, int]: ...
 
+    @property
+    def missed_zero_copy(self) -> int: ...
+
 
 class RAMSaver:
     """The source side of the ``ram`` section. Used by one thread (the migration thread)."""
@@ -113,6 +129,10 @@ class RAMSaver:
         self._pos_page = 0
         self._last_sent: str | None = None  # block of the last record (CONTINUE after it)
         self._stage = np.empty((batch_pages, PAGE_RECORD), dtype=np.uint8)
+        self._run_headers = np.empty(batch_pages, dtype=_RUN)  # [migd] page-run headers of a batch
+        # [migd] whether the destination accepted FEATURE_PAGE_RUNS (the migration thread sets it)
+        self.page_runs: Callable[[], bool] = _never
+        self.vcpus: Any = None  # the guest's VCPUSet: held paused while pages leave straight from RAM
         self._logging = False
         self.pages_out: PageSink | None = None  # multifd: pages go to the channels
 
@@ -315,6 +335,7 @@ class RAMSaver:
         self.stats.duplicate += zero
         self.stats.count_ram_bytes(nbytes, self.guest_running)
         self.stats.multifd_bytes += nbytes
+        self.stats.dirty_sync_missed_zero_copy = self.pages_out.missed_zero_copy
         f.transferred += nbytes  # QEMU's transferred includes the multifd bytes
 
     def _emit(self, f: OutStream, t: _Tracked, idx: np.ndarray) -> None:
@@ -361,25 +382,67 @@ class RAMSaver:
             self.stats.dirty_pages -= 1
 
         n = page_idx.size
-        if n:
-            stage = self._stage[:n]
-            stage[:, :8].view(">u8")[:, 0] = (page_idx.astype(np.uint64) << np.uint64(12)) | np.uint64(
-                RAM_PAGE | RAM_CONTINUE)
-            for a, b, pos in _runs(page_idx):
-                stage[pos : pos + (b - a), 8:] = block.pages[a:b]
-            f.put_nocopy(stage.reshape(-1))
-            nbytes += n * PAGE_RECORD
+        held = False
+        try:
+            if n and self.page_runs():
+                # straight from guest RAM: a page the guest writes meanwhile is dirty and goes again (no
+                # digest kept), or the guest is held paused until the flush (digest kept); else a copy
+                held = f.hashing and self.vcpus is not None and self.vcpus.hold_paused()
+                nbytes += self._put_runs(f, block, page_idx, held or not f.hashing)
+            elif n:
+                nbytes += self._put_pages(f, block, page_idx)
             self.stats.normal += n
+            self._emit_zero(f, zero_idx)
+            self.stats.dirty_pages -= n + zero_idx.size
+            self.stats.count_ram_bytes(nbytes + zero_idx.size * ZERO_RECORD, self.guest_running)
+            f.flush()  # the staging/header arrays are reused by the next batch
+        finally:
+            if held:
+                assert self.vcpus is not None
+                self.vcpus.release_hold()
+
+    def _put_pages(self, f: OutStream, block: Any, page_idx: np.ndarray) -> int:
+        """QEMU's PAGE records (header, page) for these pages, through the staging array: two views
+        per page straight from RAM cost more in Python than this one copy (bench_pageloop --modes)."""
+        n = page_idx.size
+        stage = self._stage[:n]
+        stage[:, :8].view(">u8")[:, 0] = (page_idx.astype(np.uint64) << np.uint64(12)) | np.uint64(
+            RAM_PAGE | RAM_CONTINUE)
+        for a, b, pos in _runs(page_idx):
+            stage[pos : pos + (b - a), 8:] = block.pages[a:b]
+        f.put_nocopy(stage.reshape(-1))
+        return n * PAGE_RECORD
+
+    def _put_runs(self, f: OutStream, block: Any, page_idx: np.ndarray, direct: bool) -> int:
+        """[migd] One RAM_X_MIGD_RUN record per run of consecutive pages (FEATURE_PAGE_RUNS): its
+        12-byte header from a side array, then the run itself, from RAM when ``direct``, else staged."""
+        runs = _runs(page_idx)
+        hdr = self._run_headers[: len(runs)]
+        hdr["h"] = [(a * PAGE_SIZE) | RAM_X_MIGD_RUN | RAM_CONTINUE for a, _, _ in runs]
+        hdr["n"] = [b - a for a, b, _ in runs]
+        hv = hdr.view(np.uint8).data
+        if direct:
+            ram = block.buf.data
+        else:
+            staged = self._stage.reshape(-1)[: page_idx.size * PAGE_SIZE].reshape(-1, PAGE_SIZE)
+            for a, b, pos in runs:
+                staged[pos : pos + (b - a)] = block.pages[a:b]
+            ram = staged.reshape(-1).data
+        views: list[memoryview] = []
+        for i, (a, b, pos) in enumerate(runs):
+            src = (a if direct else pos) * PAGE_SIZE
+            views += (hv[i * RUN_HEADER : (i + 1) * RUN_HEADER], ram[src : src + (b - a) * PAGE_SIZE])
+        f.put_iov(views)
+        return len(runs) * RUN_HEADER + page_idx.size * PAGE_SIZE
+
+    def _emit_zero(self, f: OutStream, zero_idx: np.ndarray) -> None:
+        """The batch's ZERO records, one packed array."""
         m = zero_idx.size
         if m:
             z = np.zeros(m, dtype=_ZREC)
             z["h"] = (zero_idx.astype(np.uint64) << np.uint64(12)) | np.uint64(RAM_ZERO | RAM_CONTINUE)
             f.put_nocopy(z.view(np.uint8))
-            nbytes += m * ZERO_RECORD
             self.stats.duplicate += m
-        self.stats.dirty_pages -= n + m
-        self.stats.count_ram_bytes(nbytes, self.guest_running)
-        f.flush()  # the staging array is reused by the next batch
 
 
 def _zero_pages(words: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -459,6 +522,7 @@ class RAMLoader:
         self.pages = 0
         self.zero_pages = 0
         self.on_flush: Callable[[], None] | None = None  # multifd: wait for the channels at a sync point
+        self.page_runs = False  # [migd] the source announced FEATURE_PAGE_RUNS: run records are valid
 
     def _zero_map(self, block: Any) -> np.ndarray | None:
         return known_zero_map(self._known_zero, block)
@@ -489,6 +553,9 @@ class RAMLoader:
                     f.skip(8)
                     block = self._read_block(f)
                 self._one(f, block, kind, addr)
+            elif kind == RAM_X_MIGD_RUN and self.page_runs and flags & RAM_CONTINUE:
+                f.skip(8)
+                self._run(f, addr)
             elif kind == RAM_EOS:
                 f.skip(8)
                 return
@@ -533,6 +600,25 @@ class RAMLoader:
                 if kz is not None:
                     kz[i] = True
             self.zero_pages += 1
+
+    def _run(self, f: InStream, addr: int) -> None:
+        """[migd] A RAM_X_MIGD_RUN record: the count, then its pages read straight into guest RAM (the
+        range is checked first, so a bad record writes nothing)."""
+        block = self._block
+        if block is None:
+            raise StreamError("Ack, bad migration stream!")
+        n = f.get_be32()
+        if not 1 <= n <= MAX_RUN:
+            raise StreamError(f"Invalid page run of {n} pages at RAM offset {addr:x}")
+        if addr + n * PAGE_SIZE > block.size:
+            raise StreamError(f"Illegal RAM offset {max(addr, block.size):x}")
+        start = addr // PAGE_SIZE
+        f.read_into(block.buf[addr : addr + n * PAGE_SIZE].data)
+        block.mark_dirty(slice(start, start + n))  # a relay's outgoing migration resends them
+        kz = self._zero_map(block)
+        if kz is not None:
+            kz[start : start + n] = False
+        self.pages += n
 
     def _bulk(self, f: InStream, mv: memoryview, block: Any, kind: int) -> None:
         """A run of same-kind CONTINUE records in the buffer: validate and scatter it at once.

@@ -30,6 +30,7 @@ from migd.migration.format import (
     FEATURE_CHECKSUM,
     FEATURE_COMMIT,
     FEATURE_HEARTBEAT,
+    FEATURE_PAGE_RUNS,
     MACHINE_TYPE,
     MAGIC,
     MAX_MACHINE_NAME,
@@ -63,6 +64,7 @@ __all__ = ["SaveVM", "StreamError", "load_stream", "load_commit", "CommandHandle
 
 RAM_SECTION_ID = 0  # devices follow with 1, 2, ...
 MAX_VMDESC_SKIP = 64 << 20
+RUN_FILL = 64 << 10  # [migd] read-ahead of a stream with page runs: their pages are read into RAM directly
 
 CommandHandler = Callable[[int, bytes], None]
 ConfigHandler = Callable[[int, int], None]  # (features, peer timeout ms) the source announced
@@ -96,6 +98,7 @@ class SaveVM:
         self.features = features  # [migd] announced in the configuration subsection (0: none written)
         self.peer_timeout_ms = peer_timeout_ms
         self.ram = RAMSaver(machine.ram, stats)
+        self.ram.vcpus = getattr(machine, "vcpus", None)  # held paused while pages leave RAM (ram.py)
 
     @property
     def guest_running(self) -> bool:
@@ -213,6 +216,9 @@ def load_stream(f: InStream, machine: Any, on_command: CommandHandler | None = N
         f.start_digest()
     if ram is None:
         ram = RAMLoader(machine.ram)
+    if announced & FEATURE_PAGE_RUNS:  # [migd] page runs go straight into RAM: read little ahead of them
+        ram.page_runs = True
+        f.fill_max = RUN_FILL
     devices = {(d.idstr, d.instance_id): d for d in machine.devices()}
     live: dict[int, str] = {}  # section id -> idstr of START-ed live sections
     covered: list[str] = []  # what the current checksum segment holds, for the error text

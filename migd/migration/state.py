@@ -442,7 +442,7 @@ class MigrationState:
             "precopy-bytes": s.precopy_bytes,
             "downtime-bytes": s.downtime_bytes,
             "postcopy-bytes": 0,
-            "dirty-sync-missed-zero-copy": 0,
+            "dirty-sync-missed-zero-copy": s.dirty_sync_missed_zero_copy,
         }
 
     @any_thread

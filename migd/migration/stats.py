@@ -22,6 +22,7 @@ class MigrationStats:
     normal: int = 0  # pages sent as PAGE records
     duplicate: int = 0  # pages sent as ZERO records
     multifd_bytes: int = 0  # bytes the multifd channels wrote (also counted in the stream's transferred)
+    dirty_sync_missed_zero_copy: int = 0  # zero-copy-send: channel flushes in which the kernel copied anyway
     total: int = 0  # bytes of guest RAM (sum of block sizes)
     dirty_pages: int = 0  # pages still to send (QEMU's migration_dirty_pages)
     dirty_sync_count: int = 0

@@ -8,20 +8,26 @@ migration thread resets windows. Any write failure, or ``shutdown()`` from anoth
 
 ``InStream`` reads through one buffer; bulk parsers look at the buffered bytes with ``peek`` and
 consume them with ``skip``, so records are decoded straight out of the buffer without per-record copies.
+The buffer is an anonymous mapping (a ``bytearray`` would be zero-filled with the GIL held: 4 MiB took
+up to 15 ms on a loaded host when a migration arrived), and copies out of it of ``COPY_NOGIL`` bytes
+or more go through numpy, which releases the GIL (a memoryview slice assignment does not).
 
 [migd] Both can keep a running xxh3-64 of every byte put (source) or consumed (destination) since
 ``start_digest``/``reset_digest``: the checksum records of docs/FORMAT.md §1.2 compare the two.
-Hashing at put time is exact because everything put stays unchanged until it is written (pages are
-copied into staging arrays first).
+Hashing at put time is exact because everything put stays unchanged until it is written: pages are
+copied into staging arrays first, or sent straight from guest RAM (``put_iov``) only while the guest
+cannot write them (ram.py).
 """
 
 from __future__ import annotations
 
+import mmap
 import struct
 import threading
 import time
 from typing import Any
 
+import numpy as np
 import xxhash
 
 from migd.threads import any_thread
@@ -32,6 +38,7 @@ SMALL_BUF = 64 << 10  # small puts are copied into this; larger ones are queued 
 FLUSH_THRESHOLD = 4 << 20  # queued bytes that trigger an implicit flush
 IN_BUF = 4 << 20  # InStream's read buffer
 MAX_READ = 64 << 20  # largest single read(); callers bound lengths from the stream well below this
+COPY_NOGIL = 64 << 10  # copies this large go through numpy, with the GIL released
 
 _BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")
@@ -121,6 +128,28 @@ class OutStream:
         self._queued += len(view)
         if self._queued >= FLUSH_THRESHOLD:
             self.flush()
+
+    def put_iov(self, views: list[memoryview]) -> None:
+        """Queue byte views by reference, in order (page runs straight from guest RAM with their
+        headers); they are read when written, so they must not change before the next ``flush``
+        while a digest is kept."""
+        self._check()
+        if self._hash is not None:
+            update = self._hash.update
+            for view in views:
+                update(view)
+        nbytes = sum(map(len, views))
+        self._hashed += nbytes if self._hash is not None else 0
+        self._seal_small()
+        self._iov.extend(views)
+        self._queued += nbytes
+        if self._queued >= FLUSH_THRESHOLD:
+            self.flush()
+
+    @property
+    def hashing(self) -> bool:
+        """Whether a digest of what is put is kept (checksum records)."""
+        return self._hash is not None
 
     def pending(self) -> int:
         """Bytes queued and not yet written."""
@@ -228,6 +257,14 @@ class OutStream:
         self._window_start = self.transferred
 
 
+def copy_bytes(dst: memoryview, src: memoryview) -> None:
+    """``dst[:] = src`` (same length, byte views; they may overlap): a large copy releases the GIL."""
+    if len(src) >= COPY_NOGIL:
+        np.copyto(np.frombuffer(dst, dtype=np.uint8), np.frombuffer(src, dtype=np.uint8))
+    else:
+        dst[:] = src
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return f"Unable to write to channel: {exc.strerror}"
@@ -237,9 +274,14 @@ def _describe(exc: BaseException) -> str:
 class InStream:
     """Read side: buffered reads from a channel; truncation is a StreamError, never a short read."""
 
-    def __init__(self, channel: Channel, bufsize: int = IN_BUF) -> None:
+    def __init__(self, channel: Channel, bufsize: int = IN_BUF, *, readahead: bool = True) -> None:
         self.channel = channel
-        self._buf = bytearray(bufsize)
+        # False: never read past what the parser asked for, so bulk data (a multifd packet's pages)
+        # is still in the socket when ``read_into``/``read_into_iov`` asks for it: received straight
+        # into its destination, no copy through this buffer
+        self.readahead = readahead
+        self.fill_max = bufsize  # bytes one buffer fill asks for beyond what is needed, at most
+        self._buf = mmap.mmap(-1, bufsize)  # zero pages on first touch, no fill under the GIL
         self._mv = memoryview(self._buf)
         self._start = 0
         self._end = 0
@@ -287,7 +329,10 @@ class InStream:
                 )
             if len(self._buf) - self._end < max(need - self.available, 1 << 16) or self._start == self._end:
                 self._compact()
-            n = self._read(self._mv[self._end :])
+            if self.readahead:
+                n = self._read(self._mv[self._end : self._end + max(need - self.available, self.fill_max)])
+            else:
+                n = self._read(self._mv[self._end : self._end + need - self.available])
             if n == 0:
                 self._eof = True
             self._end += n
@@ -295,7 +340,7 @@ class InStream:
     def _compact(self) -> None:
         n = self._end - self._start
         if self._start:
-            self._buf[:n] = self._mv[self._start : self._end]
+            copy_bytes(self._mv[:n], self._mv[self._start : self._end])
         self._start, self._end = 0, n
 
     def _read(self, mv: memoryview) -> int:
@@ -338,7 +383,7 @@ class InStream:
             return out
         parts = bytearray()
         while len(parts) < n:
-            self._fill(1)
+            self._fill(1 if self.readahead else min(n - len(parts), len(self._buf)))
             step = min(n - len(parts), self._end - self._start)
             parts += self._mv[self._start : self._start + step]
             self._hash_buf(self._start, self._start + step)
@@ -352,16 +397,16 @@ class InStream:
         n = len(dst)
         have = min(n, self.available)
         if have:
-            dst[:have] = self._mv[self._start : self._start + have]
+            copy_bytes(dst[:have], self._mv[self._start : self._start + have])
             self._hash_buf(self._start, self._start + have)
             self._start += have
             self.consumed += have
         pos = have
         while pos < n:
-            if n - pos < (64 << 10):  # small remainder: go through the buffer
+            if n - pos < (64 << 10) and self.readahead:  # small remainder: go through the buffer
                 self._fill(1)
                 step = min(n - pos, self.available)
-                dst[pos : pos + step] = self._mv[self._start : self._start + step]
+                copy_bytes(dst[pos : pos + step], self._mv[self._start : self._start + step])
                 self._hash_buf(self._start, self._start + step)
                 self._start += step
             else:
@@ -375,6 +420,52 @@ class InStream:
                     self._hash.update(dst[pos : pos + step])
             pos += step
             self.consumed += step
+
+    def read_into_iov(self, views: list[memoryview]) -> None:
+        """Fill every view completely, in order: buffered bytes first, then straight from the
+        channel with vectored reads (``recvmsg_into`` on a socket). Views must be format 'B'."""
+        pending = [v for v in views if len(v)]
+        i = 0
+        while i < len(pending) and self.available:  # what the buffer already holds
+            dst = pending[i]
+            have = min(len(dst), self.available)
+            copy_bytes(dst[:have], self._mv[self._start : self._start + have])
+            self._hash_buf(self._start, self._start + have)
+            self._start += have
+            self.consumed += have
+            if have == len(dst):
+                i += 1
+            else:
+                pending[i] = dst[have:]
+        while i < len(pending):
+            if self._eof:
+                self._fill(sum(map(len, pending[i:])))  # raises the truncation error
+            batch = pending[i : i + IOV_MAX]
+            got = self._read_iov(batch)
+            if got == 0:
+                self._eof = True
+                continue
+            self.consumed += got
+            for view in batch:  # advance over filled views, trim a partial one
+                step = min(got, len(view))
+                if self._hash is not None and step:
+                    self._hash.update(view[:step])
+                got -= step
+                if step == len(view):
+                    i += 1
+                else:
+                    pending[i] = view[step:]
+                    break
+
+    def _read_iov(self, views: list[memoryview]) -> int:
+        try:
+            return self.channel.read_vectored(views)
+        except StreamError:
+            raise
+        except Exception as exc:
+            if isinstance(exc, OSError) and exc.strerror:
+                raise StreamError(f"Unable to read from channel: {exc.strerror}") from exc
+            raise StreamError(str(exc) or type(exc).__name__) from exc
 
     def get_u8(self) -> int:
         self._fill(1)

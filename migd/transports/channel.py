@@ -45,6 +45,11 @@ class Channel:
         """Read into ``mv`` what is available (blocking for at least one byte); 0 means end of stream."""
         raise NotImplementedError
 
+    def read_vectored(self, bufs: Sequence[Any]) -> int:
+        """Read into up to ``IOV_MAX`` buffers in order (blocking for at least one byte); 0 means end
+        of stream. This default fills the first buffer only; sockets scatter (``recvmsg_into``)."""
+        return self.read_into(bufs[0])
+
     def shutdown(self) -> None:
         """Make blocked and future I/O fail at once. Safe from any thread, idempotent."""
         raise NotImplementedError
@@ -105,6 +110,13 @@ class SocketChannel(Channel):
         if self._shut:
             raise _shut_error()
         return self.sock.recv_into(mv)
+
+    def read_vectored(self, bufs: Sequence[Any]) -> int:
+        if type(self).read_into is not SocketChannel.read_into:  # a subclass reads through a layer (TLS)
+            return self.read_into(bufs[0])
+        if self._shut:
+            raise _shut_error()
+        return self.sock.recvmsg_into(bufs[:IOV_MAX] if len(bufs) > IOV_MAX else bufs)[0]
 
     def shutdown(self) -> None:
         self._shut = True

@@ -1,0 +1,44 @@
+"""A short GIL switch interval while any migration thread runs (``sys.setswitchinterval``).
+
+What it does: a thread waiting for the GIL asks the holder to drop it after the switch interval
+(CPython's default 5 ms); the holder drops it at its next bytecode boundary. So the interval bounds
+how long a thread running *Python code* keeps others waiting, the event loop included, which needs
+the GIL a few times per QMP answer. What it does not do: a single C call that keeps the GIL (a big
+``bytes`` copy, ``json.dumps``, a full garbage collection) cannot be interrupted at any interval;
+those are removed at their source (see bench/bench_gil_holds.py).
+
+The interval is one per process and a relay runs an outgoing and an incoming migration at once, so
+the first user sets it and the last one restores it.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+INTERVAL = 0.001  # seconds while a migration runs: 1 ms instead of 5
+
+_lock = threading.Lock()
+_users = 0
+_saved = 0.0
+
+
+@contextmanager
+def fast_switching(interval: float = INTERVAL) -> Iterator[None]:
+    """The switch interval at most ``interval`` inside, the previous one restored by the last user
+    (any thread)."""
+    global _users, _saved
+    with _lock:
+        if _users == 0:
+            _saved = sys.getswitchinterval()
+            sys.setswitchinterval(min(_saved, interval))
+        _users += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _users -= 1
+            if _users == 0:
+                sys.setswitchinterval(_saved)
