@@ -58,6 +58,14 @@ def wait_for(fn: Callable[[], T], timeout: float = 30, interval: float = 0.02, w
         time.sleep(interval)
 
 
+def hold_active(src: Any) -> None:
+    """Keep ``src``'s next migration ``active`` until the test raises ``downtime-limit``: with a guest
+    that dirties pages the remaining never fits in 1 ms. (A bandwidth cap does not hold it: the
+    policy predicts the final pass at the uncapped link rate and may switch a capped guest over at
+    once, however big the cap makes the first pass.)"""
+    src.cmd("migrate-set-parameters", **{"downtime-limit": 1})
+
+
 def _wire_args(arguments: dict[str, Any]) -> dict[str, Any]:
     return {key.replace("_", "-"): value for key, value in arguments.items()}
 

@@ -12,11 +12,13 @@ import numpy as np
 from migd.machine import dirty
 from migd.machine.ram import RAMList
 
-ROUNDS = 3000
+ROUNDS = 3000  # sync rounds at least ...
+WRITES = 3000  # ... and until the writers made at least this many writes between them
+DEADLINE = 120.0  # seconds for both (a few on an idle machine)
 NPAGES = 512
 
 
-def _writer(rl: RAMList, seed: int, stop: threading.Event, counts: list[int]) -> None:
+def _writer(rl: RAMList, seed: int, stop: threading.Event, counts: list[int], slot: int) -> None:
     rng = np.random.default_rng(seed)
     block = rl.get("ram0")
     hot = rl.get("hot")
@@ -33,9 +35,9 @@ def _writer(rl: RAMList, seed: int, stop: threading.Event, counts: list[int]) ->
             target.words[idx] = stamp
         target.mark_dirty(idx)
         n += 1
+        counts[slot] = n
         if n % 64 == 0:
             time.sleep(0)  # let the syncer and the other writers interleave
-    counts.append(n)
 
 
 def test_shadow_equals_ram_after_thousands_of_sync_rounds():
@@ -45,17 +47,23 @@ def test_shadow_equals_ram_after_thousands_of_sync_rounds():
     dirty.log_start(rl)
     shadow = {b.name: b.pages.copy() for b in rl.blocks()}  # after log_start: later writes are marked
     stop = threading.Event()
-    counts: list[int] = []
-    writers = [threading.Thread(target=_writer, args=(rl, s, stop, counts)) for s in (1, 2, 3)]
+    counts = [0, 0, 0]
+    writers = [threading.Thread(target=_writer, args=(rl, s, stop, counts, i)) for i, s in enumerate((1, 2, 3))]
     for w in writers:
         w.start()
     copied = 0
+    rounds = 0
+    # the race runs as long as both sides need, not for a number of syncs only: on a loaded machine
+    # 3000 syncs went by while the writers made 768 writes between them
+    deadline = time.monotonic() + DEADLINE
     try:
-        for _ in range(ROUNDS):
+        while rounds < ROUNDS or sum(counts) < WRITES:
+            assert time.monotonic() < deadline, f"{rounds} syncs and {sum(counts)} writes in {DEADLINE} s"
             for name, bitmap in dirty.sync(rl).items():
                 idx = np.flatnonzero(bitmap)
                 shadow[name][idx] = rl.get(name).pages[idx]
                 copied += len(idx)
+            rounds += 1
     finally:
         stop.set()
         for w in writers:
@@ -67,7 +75,7 @@ def test_shadow_equals_ram_after_thousands_of_sync_rounds():
     for block in rl.blocks():
         mismatched = np.flatnonzero((shadow[block.name] != block.pages).any(axis=1))
         assert mismatched.size == 0, f"{block.name}: pages {mismatched[:10].tolist()} missed by sync"
-    assert sum(counts) > ROUNDS and copied > 0  # the race really ran
+    assert rounds >= ROUNDS and sum(counts) >= WRITES and copied > 0  # the race really ran
     dirty.log_stop(rl)
     rl.close()
 
@@ -99,8 +107,9 @@ def test_real_workloads_against_a_shadow_with_the_untouched_hint():
                 RunStateMachine(), EventSink())
     m.start()
     ram0 = m.ram.get("ram0")
-    deadline = time.monotonic() + 10
-    while m.vcpus[0].stats.bytes_written < (1 << 20) and time.monotonic() < deadline:
+    deadline = time.monotonic() + 60
+    while m.vcpus[0].stats.bytes_written < (1 << 20):
+        assert time.monotonic() < deadline, "the guest did not write 1 MiB in 60 s"
         time.sleep(0.01)
     dirty.log_start(m.ram)
     hint = ram0.untouched_pages()
@@ -110,6 +119,7 @@ def test_real_workloads_against_a_shadow_with_the_untouched_hint():
     rounds = 0
     switched = False
     while todo.any() or rounds < 200:
+        assert rounds < 20_000, "the copy never caught up with the counter guest"  # a few hundred here
         taken = dirty.sync(m.ram)["ram0"]
         hint &= ~taken
         todo |= taken

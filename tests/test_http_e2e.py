@@ -8,6 +8,7 @@ import re
 import urllib.request
 
 import pytest
+from helpers import hold_active
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -100,14 +101,15 @@ def test_destination_exports_incoming_progress(migd_factory):
     assert dst.cmd("query-migrate") == {k: v for k, v in api.items() if k != "x-migd-incoming"}
 
     src = migd_factory("src", "-m", "64M", "--workload", "random,rate=32M,wss=32M")
-    # pages with data to send (untouched ones go as 9-byte zero records), then ~2 s at 16 MiB/s
+    # pages with data to send (untouched ones go as 9-byte zero records)
     src.wait_for(lambda: sum(v["bytes-written"] for v in src.cmd("x-migd-query-workload")["vcpus"]) > 48 << 20,
                  what="the guest to fill its working set")
-    src.cmd("migrate-set-parameters", **{"max-bandwidth": 16 << 20})
+    hold_active(src)  # until the destination was seen loading
     src.cmd("migrate", uri=f"unix:{sock}")
     loading = dst.wait_for(lambda: (lambda m: m if m.get(("migd_incoming_status", (("status", "active"),))) == 1
                                     and m[("migd_incoming_received_bytes_total", ())] > (1 << 20) else None)(
         metrics(port)), what="the destination to show bytes received while active")
+    src.cmd("migrate-set-parameters", **{"downtime-limit": 300})
     assert loading[("migd_incoming_pages_total", (("kind", "normal"),))] + \
         loading[("migd_incoming_pages_total", (("kind", "zero"),))] > 0
     assert loading[("migd_incoming_load_time_seconds", ())] > 0

@@ -16,6 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
 
 from e2e_util import poll, query, wait_status  # noqa: E402
 
+from migd.migration.format import FEATURES_SUPPORTED, config_subsection  # noqa: E402
+
 MAGIC = 0x5145564D
 
 
@@ -137,6 +139,40 @@ def test_ping_gets_pong_and_failure_sends_shut_1(migd_factory) -> None:
         assert recv_exact(s, 1) == b""  # and the destination closed the channel
     info = wait_status(vm, "failed", 30)
     assert "Unknown savevm section type 66" in info["error-desc"]
+    assert vm.status() == "inmigrate"
+
+
+def test_a_pong_that_cannot_be_sent_leaves_the_stream_to_say_how_it_ended(migd_factory) -> None:
+    """A source killed mid-stream stops reading first: the PONG the destination writes then fails
+    (EPIPE), yet the failure is the stream's end, as from any killed source, not that write's errno."""
+    vm = migd_factory("dst", "-m", "16M", "--incoming", "defer")
+    path = vm.sock_path("mig")
+    vm.cmd("migrate-incoming", uri=f"unix:{path}", exit_on_error=False)
+    with connect_unix(path) as s:
+        s.sendall(header() + command(1))  # OPEN_RETURN_PATH
+        s.shutdown(socket.SHUT_RD)  # from now on every write of the destination fails with EPIPE
+        s.sendall(command(2, struct.pack(">I", 7)))  # PING
+        s.shutdown(socket.SHUT_WR)  # and the stream ends there
+        info = wait_status(vm, "failed", 30)
+    assert info["error-desc"].startswith("load of migration failed: Migration stream truncated"), info
+    assert "PONG 7 not sent" in vm.log()
+    assert vm.status() == "inmigrate"
+
+
+def test_features_that_cannot_be_sent_leave_the_stream_to_say_how_it_ended(migd_factory) -> None:
+    """The same for the answer to a migd source's announced features (killed just as it opened the
+    return path): FEATURES fails with EPIPE, the failure is still the stream's end."""
+    vm = migd_factory("dst", "-m", "16M", "--incoming", "defer")
+    path = vm.sock_path("mig")
+    vm.cmd("migrate-incoming", uri=f"unix:{path}", exit_on_error=False)
+    with connect_unix(path) as s:
+        s.sendall(header() + config_subsection(FEATURES_SUPPORTED, 10_000))
+        s.shutdown(socket.SHUT_RD)
+        s.sendall(command(1))  # OPEN_RETURN_PATH: the destination answers with FEATURES
+        s.shutdown(socket.SHUT_WR)
+        info = wait_status(vm, "failed", 30)
+    assert info["error-desc"].startswith("load of migration failed: Migration stream truncated"), info
+    assert "FEATURES not sent" in vm.log()
     assert vm.status() == "inmigrate"
 
 

@@ -166,6 +166,10 @@ def test_json_progress_carries_elapsed_eta_and_convergence(migd_factory) -> None
     src.wait_for(lambda: src.cmd("x-migd-query-workload")["vcpus"][0]["bytes-written"] > 24 * MiB,
                  what="24 MiB of guest data to send")
     src.cmd("x-migd-workload-set", spec="random,rate=512K")
+    # the switch-over is told it has only the 8 MiB/s too (QEMU's avail-switchover-bandwidth): without
+    # it the uncapped final pass fits 32 MiB in the downtime at once; with it the 24 MiB take ~3 s,
+    # converging with an ETA, however fast the host is
+    src.cmd("migrate-set-parameters", **{"avail-switchover-bandwidth": 8 * MiB})
     r = migctl(src.qmp_path, "migrate", uri, "--bandwidth", "8M", "--wait", "--json", timeout=120)
     assert r.returncode == 0, r.stderr
     progress = [d for d in json_lines(r.stdout) if "progress" in d]

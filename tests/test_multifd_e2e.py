@@ -11,7 +11,7 @@ import threading
 from typing import Any
 
 import pytest
-from helpers import Migd, wait_for
+from helpers import Migd, hold_active, wait_for
 
 
 def _free_port() -> int:
@@ -39,7 +39,10 @@ def _threads(vm: Migd, prefix: str) -> list[str]:
     return [n for n in names if n.startswith(prefix)]
 
 
-def _pair(migd_factory: Any, uri_for: Any, workload: str = "random,rate=16M") -> tuple[Migd, Migd, str]:
+BOUNDED = "random,rate=16M,wss=4M"  # what a final pass carries at most: the working set
+
+
+def _pair(migd_factory: Any, uri_for: Any, workload: str = BOUNDED) -> tuple[Migd, Migd, str]:
     src = migd_factory("src", "-m", "64M", "--workload", workload)
     uri = uri_for(src)
     dst = migd_factory("dst", "-m", "64M", "-S", "--incoming", uri)  # -S: its RAM holds still
@@ -55,7 +58,10 @@ def _tcp(_vm: Migd) -> str:
 
 
 def _migrate_and_check(src: Migd, dst: Migd, uri: str) -> dict[str, Any]:
-    src.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
+    """Migrate a guest with a bounded working set and wait for the end. A 2 s downtime limit fits the
+    whole set in the final pass at 2 MB/s already: zlib on a loaded host sends random pages at ~10 MB/s,
+    below the guest's 16 MB/s, so an unbounded guest with the default 300 ms never converged."""
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 0, "downtime-limit": 2000})
     src.cmd("migrate", uri=uri)
     info = src.wait_for(lambda: (lambda i: i if i["status"] in ("completed", "failed") else None)(
         src.cmd("query-migrate")), timeout=120, what="migration end")
@@ -82,7 +88,7 @@ def test_multifd_completes_with_equal_digests(migd_factory: Any, channels: int, 
 
 
 def test_multifd_compressible_guest_sends_fewer_bytes(migd_factory: Any) -> None:
-    src, dst, uri = _pair(migd_factory, _unix, workload="random,rate=64M,compress=0.75")
+    src, dst, uri = _pair(migd_factory, _unix, workload="random,rate=64M,wss=16M,compress=0.75")
     for vm in (src, dst):
         _setup(vm, 2, "zstd")
     info = _migrate_and_check(src, dst, uri)
@@ -94,7 +100,7 @@ def test_multifd_cancel_midway_leaves_the_guest_running(migd_factory: Any) -> No
     src, dst, uri = _pair(migd_factory, _unix, workload="random,rate=64M")
     for vm in (src, dst):
         _setup(vm, 2)
-    src.cmd("migrate-set-parameters", **{"max-bandwidth": 8 << 20})  # slow: it is surely mid-way
+    hold_active(src)
     src.cmd("migrate", uri=uri)
     wait_for(lambda: src.cmd("query-migrate")["status"] == "active", timeout=30, what="active")
     wait_for(lambda: len(_threads(src, "mig/src/mfd")) == 2, timeout=10, what="two sender threads")
@@ -109,7 +115,7 @@ def test_multifd_destination_killed_midway_fails_the_source(migd_factory: Any) -
     src, dst, uri = _pair(migd_factory, _tcp, workload="random,rate=64M")
     for vm in (src, dst):
         _setup(vm, 4)
-    src.cmd("migrate-set-parameters", **{"max-bandwidth": 8 << 20})
+    hold_active(src)
     src.cmd("migrate", uri=uri)
     wait_for(lambda: src.cmd("query-migrate")["status"] == "active", timeout=30, what="active")
     wait_for(lambda: src.cmd("query-migrate")["ram"]["normal"] > 100, timeout=30, what="pages flowing")
@@ -168,7 +174,7 @@ def test_multifd_one_channel_closed_by_the_peer_fails_both_sides(migd_factory: A
     server = threading.Thread(target=serve, daemon=True)
     server.start()
     try:
-        src.cmd("migrate-set-parameters", **{"max-bandwidth": 8 << 20})
+        hold_active(src)
         src.cmd("migrate", uri=f"unix:{relay_path}")
         wait_for(lambda: len(conns) == 6, timeout=30, what="three relayed connections")
         wait_for(lambda: src.cmd("query-migrate").get("ram", {}).get("normal", 0) > 100, timeout=30,
@@ -210,12 +216,13 @@ def test_multifd_follows_a_block_hot_plugged_mid_way(migd_factory: Any) -> None:
     src, dst, uri = _pair(migd_factory, _unix, workload="random,rate=32M")
     for vm in (src, dst):
         _setup(vm, 2)
-    src.cmd("migrate-set-parameters", **{"max-bandwidth": 16 << 20})
+    hold_active(src)
     src.cmd("migrate", uri=uri)
     wait_for(lambda: src.cmd("query-migrate").get("ram", {}).get("normal", 0) > 100, timeout=30,
              what="pages flowing")
     assert "return" in src.cmd_raw("x-migd-ram-add", {"name": "hot0", "size": 8 << 20})
-    src.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
+    assert src.cmd("query-migrate")["status"] == "active"  # the block really came mid-way
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 0, "downtime-limit": 300})
     info = src.wait_for(lambda: (lambda i: i if i["status"] in ("completed", "failed") else None)(
         src.cmd("query-migrate")), timeout=120, what="migration end")
     assert info["status"] == "completed", info

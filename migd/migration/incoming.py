@@ -23,6 +23,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from migd.bql import BQL
@@ -355,15 +356,27 @@ class IncomingMigration:
                     self._accept_features(channel, rp)
         elif cmd == Cmd.PING and len(payload) == 4 and rp is not None and self.return_path_open:
             (value,) = struct.unpack(">I", payload)
-            rp.pong(value)
+            self._reply(f"PONG {value}", lambda: rp.pong(value))
         elif cmd == CMD_X_MIGD_HEARTBEAT:
             pass  # the channel already noted that the source is alive
+
+    def _reply(self, what: str, send: Callable[[], None]) -> bool:
+        """(incoming thread) Send a return-path answer; one that cannot be sent fails nothing by itself
+        (as in QEMU): a source gone away is told by its stream's end, not by the errno of a write that
+        raced its exit (a killed source stops reading first: EPIPE)."""
+        try:
+            send()
+        except OSError as exc:
+            log.info("incoming migration: %s not sent: %s", what, exc.strerror or exc)
+            return False
+        return True
 
     def _accept_features(self, channel: WatchedChannel, rp: returnpath.ReturnPathWriter) -> None:
         """[migd] Answer the source's announcement; start heartbeats and the silence watch."""
         self.features = self._src_features & FEATURES_SUPPORTED
         timeout = int(self.config.param("x-migd-peer-timeout"))  # this side's own
-        rp.features(self.features, timeout * 1000)
+        if not self._reply("FEATURES", lambda: rp.features(self.features, timeout * 1000)):
+            return
         log.info("incoming migration: migd source, features 0x%x, peer timeout %d s", self.features, timeout)
         if not self.features & FEATURE_HEARTBEAT:
             return
