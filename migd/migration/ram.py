@@ -209,6 +209,10 @@ class RAMSaver:
         self.sync()
         return self.pending_estimate()
 
+    def unsynced_bytes(self) -> int:
+        """Bytes the guest dirtied since the last sync, as the dirty log shows them (a peek, no take)."""
+        return dirty.dirty_pages(self.ramlist) * PAGE_SIZE if self._logging else 0
+
     # -- iterate / complete ---------------------------------------------------------------------
 
     def save_iterate(self, f: OutStream) -> bool:

@@ -136,6 +136,10 @@ class SaveVM:
         """Bitmap sync (takes the BQL) and the exact remaining bytes."""
         return self.ram.pending_exact()
 
+    def unsynced_bytes(self) -> int:
+        """Dirtied since the last sync, not yet in the migration bitmap (the policy's dirty-log peek)."""
+        return self.ram.unsynced_bytes()
+
     def switchover_ready(self) -> bool:
         """(migration thread) Whether a switch-over the policy decides may happen now (a relay's
         waits for its incoming side; ``foreign_save.ForeignSaveVM``)."""

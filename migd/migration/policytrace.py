@@ -1,0 +1,71 @@
+"""Recording a migration's policy inputs, to replay them without threads (tests, bench).
+
+With ``MIGD_POLICY_TRACE=<dir>`` in a source daemon's environment, every outgoing migration records
+what its thread fed the ``SwitchoverPolicy`` (``on_window``, ``on_sync``, ``on_dirty_log``,
+``on_rtt``, ``on_phase``, ``decide``), the parameters at the start, and the outcome (real downtime,
+the expected downtime at the switch-over, the published estimates), and writes it as one JSON file
+in ``<dir>`` when the migration ends. ``replay`` feeds such a trace to a new policy: the policy is
+pure, so the replay makes the same decisions and estimates as the run did — a recorded trace is a
+deterministic test of a model change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from migd.migration.policy import Decision, SwitchoverPolicy
+
+ENV = "MIGD_POLICY_TRACE"
+
+
+def start(policy: SwitchoverPolicy) -> None:
+    """(migration thread) Record this policy's inputs when the environment asks for it."""
+    if os.environ.get(ENV):
+        policy.trace = []
+
+
+def save(policy: SwitchoverPolicy, params: Mapping[str, Any], outcome: Mapping[str, Any]) -> Path | None:
+    """(migration thread) Write the recorded trace; None when not recording or the write failed."""
+    where = os.environ.get(ENV)
+    if policy.trace is None or not where:
+        return None
+    path = Path(where) / f"policy-{os.getpid()}-{time.time_ns()}.json"
+    doc = {"ram_total": policy.ram_total, "start": policy.start, "peer_answers": policy.peer_answers,
+           "round_trips": policy.round_trips,
+           "params": {k: v for k, v in params.items() if isinstance(v, (int, float, str, bool))},
+           "outcome": dict(outcome), "calls": policy.trace}
+    try:
+        path.write_text(json.dumps(doc))
+    except OSError:
+        return None
+    return path
+
+
+def replay(doc: Mapping[str, Any], params: Mapping[str, Any] | None = None,
+           until: float | None = None) -> tuple[SwitchoverPolicy, list[tuple[float, int, Decision]]]:
+    """Feed a recorded trace to a fresh policy (``params`` override the recorded ones), up to the
+    ``decide`` at ``until``; returns the policy and, per decision, (time, expected downtime, decision).
+    The switch-over's round trips are the run's final count from the start (the run learnt it with
+    its first PONG)."""
+    p = {**doc["params"], **(params or {})}
+    policy = SwitchoverPolicy(lambda: p, int(doc["ram_total"]), float(doc["start"]),
+                              peer_answers=bool(doc["peer_answers"]))
+    policy.round_trips = int(doc.get("round_trips", 1))
+    out: list[tuple[float, int, Decision]] = []
+    for name, *args in doc["calls"]:
+        if name == "decide":
+            now, remaining, exact = args
+            if until is not None and now > until:
+                break
+            decision = policy.decide(now, remaining, exact)
+            out.append((now, policy.expected_downtime_ms(remaining), decision))
+        elif name == "peer_silent":
+            policy.peer_silent()
+        else:
+            getattr(policy, name)(*args)
+    return policy, out
