@@ -38,10 +38,11 @@ CASES = {
 
 async def one_run(tmp: Path, memory: int, workload: str, mem_path: Path | None,
                   max_bandwidth: int = 0) -> dict[str, Any]:
-    src, dst = await start_pair(tmp, memory, workload, mem_path)
+    src, dst = await start_pair(tmp, memory, workload, mem_path, None)
     try:
         control, probe = await src.client(), await src.client()
         dclient = await dst.client()
+        await dclient.execute("migrate-incoming", {"uri": f"unix:{tmp}/mig.sock"})  # the pair defers
         await control.execute("migrate-set-parameters", {"max-bandwidth": max_bandwidth})
         await asyncio.sleep(SETTLE)
         last_expected: int | None = None
