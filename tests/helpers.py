@@ -66,6 +66,27 @@ def hold_active(src: Any) -> None:
     src.cmd("migrate-set-parameters", **{"downtime-limit": 1})
 
 
+def thread_names(vm: Any, prefix: str) -> list[str]:
+    """Names of the daemon's OS threads that start with ``prefix`` (from /proc: what really runs)."""
+    names = []
+    task = f"/proc/{vm.proc.pid}/task"
+    for tid in os.listdir(task):
+        try:
+            with open(f"{task}/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:
+            continue  # the thread ended meanwhile
+    return [n for n in names if n.startswith(prefix)]
+
+
+def random_ram_file(path: Path, mib: int) -> Path:
+    """A guest RAM file of ``mib`` MiB of random bytes (``--mem-path``): every page costs its full size."""
+    with open(path, "wb") as f:
+        for _ in range(mib):
+            f.write(os.urandom(1 << 20))
+    return path
+
+
 def _wire_args(arguments: dict[str, Any]) -> dict[str, Any]:
     return {key.replace("_", "-"): value for key, value in arguments.items()}
 

@@ -11,7 +11,7 @@ import threading
 from typing import Any
 
 import pytest
-from helpers import Migd, hold_active, wait_for
+from helpers import Migd, hold_active, thread_names, wait_for
 
 
 def _free_port() -> int:
@@ -24,19 +24,6 @@ def _setup(vm: Migd, channels: int, compression: str = "none", **extra: Any) -> 
     vm.cmd("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
     vm.cmd("migrate-set-parameters", **{"multifd-channels": channels, "multifd-compression": compression,
                                          **extra})
-
-
-def _threads(vm: Migd, prefix: str) -> list[str]:
-    """Names of the daemon's threads that start with ``prefix`` (from /proc: what really runs)."""
-    names = []
-    task = f"/proc/{vm.proc.pid}/task"
-    for tid in os.listdir(task):
-        try:
-            with open(f"{task}/{tid}/comm") as f:
-                names.append(f.read().strip())
-        except OSError:
-            continue
-    return [n for n in names if n.startswith(prefix)]
 
 
 BOUNDED = "random,rate=16M,wss=4M"  # what a final pass carries at most: the working set
@@ -69,8 +56,8 @@ def _migrate_and_check(src: Migd, dst: Migd, uri: str) -> dict[str, Any]:
     wait_for(lambda: dst.cmd("query-migrate").get("status") == "completed", timeout=30, what="landed")
     assert src.cmd("x-migd-ram-digest") == dst.cmd("x-migd-ram-digest")
     assert info["ram"]["normal"] > 0
-    wait_for(lambda: not _threads(src, "mig/src/mfd"), timeout=10, what="source channel threads gone")
-    wait_for(lambda: not _threads(dst, "mig/dst/mfd"), timeout=10, what="destination channel threads gone")
+    wait_for(lambda: not thread_names(src, "mig/src/mfd"), timeout=10, what="source channel threads gone")
+    wait_for(lambda: not thread_names(dst, "mig/dst/mfd"), timeout=10, what="destination channel threads gone")
     return info
 
 
@@ -103,11 +90,11 @@ def test_multifd_cancel_midway_leaves_the_guest_running(migd_factory: Any) -> No
     hold_active(src)
     src.cmd("migrate", uri=uri)
     wait_for(lambda: src.cmd("query-migrate")["status"] == "active", timeout=30, what="active")
-    wait_for(lambda: len(_threads(src, "mig/src/mfd")) == 2, timeout=10, what="two sender threads")
+    wait_for(lambda: len(thread_names(src, "mig/src/mfd")) == 2, timeout=10, what="two sender threads")
     src.cmd("migrate_cancel")
     wait_for(lambda: src.cmd("query-migrate")["status"] == "cancelled", timeout=30, what="cancelled")
     assert src.cmd("query-status")["status"] == "running"
-    wait_for(lambda: not _threads(src, "mig/src/mfd"), timeout=10, what="sender threads gone")
+    wait_for(lambda: not thread_names(src, "mig/src/mfd"), timeout=10, what="sender threads gone")
     assert dst.wait(timeout=30) == 1  # the destination failed its load and exited (exit-on-error)
 
 
@@ -124,7 +111,7 @@ def test_multifd_destination_killed_midway_fails_the_source(migd_factory: Any) -
                         timeout=60, what="failed")
     assert info.get("error-desc"), info
     assert src.cmd("query-status")["status"] == "running"
-    wait_for(lambda: not _threads(src, "mig/src/mfd"), timeout=10, what="sender threads gone")
+    wait_for(lambda: not thread_names(src, "mig/src/mfd"), timeout=10, what="sender threads gone")
 
 
 def test_multifd_one_channel_closed_by_the_peer_fails_both_sides(migd_factory: Any) -> None:
@@ -184,7 +171,7 @@ def test_multifd_one_channel_closed_by_the_peer_fails_both_sides(migd_factory: A
             src.cmd("query-migrate")), timeout=60, what="failed")
         assert info.get("error-desc"), info
         assert src.cmd("query-status")["status"] == "running"
-        wait_for(lambda: not _threads(src, "mig/src/mfd"), timeout=10, what="sender threads gone")
+        wait_for(lambda: not thread_names(src, "mig/src/mfd"), timeout=10, what="sender threads gone")
         assert dst.wait(timeout=30) == 1
         assert "multifd" in dst.log()
     finally:

@@ -13,7 +13,6 @@ the fast lane skips it with ``-m 'not netns'``.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +21,7 @@ from typing import Any
 
 import pytest
 from e2e.e2e_util import digests, poll, query, run_status, wait_status
-from helpers import Migd, RawQMP
+from helpers import Migd, RawQMP, random_ram_file
 from netfault import ADDR_B, NetFaultError, NetPair, missing_tools, namespaces, stopped, unavailable
 from qemu.qmp import ExecuteError
 
@@ -82,11 +81,7 @@ def daemons(net: NetPair, tmp_path: Path) -> Iterator[Daemons]:
 @pytest.fixture
 def random_ram(tmp_path: Path) -> Path:
     """A guest RAM file of random bytes (``--mem-path``), so every page costs its full size on the wire."""
-    path = tmp_path / "ram.bin"
-    with open(path, "wb") as f:
-        for _ in range(int(GUEST.rstrip("M"))):
-            f.write(os.urandom(MiB))
-    return path
+    return random_ram_file(tmp_path / "ram.bin", int(GUEST.rstrip("M")))
 
 
 def need(*tools: str) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import Migd, wait_for
+from helpers import Migd, random_ram_file, thread_names, wait_for
 
 from migd.analyze import analyze, block_path
 from migd.machine.ram import RAMList
@@ -47,11 +47,7 @@ GUEST = "32M"
 @pytest.fixture
 def random_ram(tmp_path: Path) -> Path:
     """Guest RAM of random bytes (``--mem-path``): every page is a PAGE record of its full size."""
-    path = tmp_path / "ram.bin"
-    with open(path, "wb") as f:
-        for _ in range(int(GUEST.rstrip("M"))):
-            f.write(os.urandom(MiB))
-    return path
+    return random_ram_file(tmp_path / "ram.bin", int(GUEST.rstrip("M")))
 
 
 def _free_port() -> int:
@@ -170,23 +166,10 @@ def test_zero_copy_send_cancel_midway_leaves_the_guest_running(migd_factory: Any
         src.cmd("migrate_cancel")
         assert _end(src)["status"] == "cancelled"
         assert src.cmd("query-status")["status"] == "running"
-        wait_for(lambda: not _threads(src, "mig/src/mfd"), timeout=10, what="sender threads gone")
+        wait_for(lambda: not thread_names(src, "mig/src/mfd"), timeout=10, what="sender threads gone")
     finally:
         os.kill(dst.proc.pid, signal.SIGCONT)
     assert dst.wait(timeout=30) == 1  # the destination failed its load and exited
-
-
-def _threads(vm: Migd, prefix: str) -> list[str]:
-    """Names of the daemon's threads that start with ``prefix`` (from /proc)."""
-    names = []
-    task = f"/proc/{vm.proc.pid}/task"
-    for tid in os.listdir(task):
-        try:
-            with open(f"{task}/{tid}/comm") as f:
-                names.append(f.read().strip())
-        except OSError:
-            continue
-    return [n for n in names if n.startswith(prefix)]
 
 
 # -- in process -------------------------------------------------------------------------------------

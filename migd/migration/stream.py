@@ -271,6 +271,13 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _read_error(exc: Exception) -> StreamError:
+    """A channel read's failure in QEMU's words (the errno's text), or its own message."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return StreamError(f"Unable to read from channel: {exc.strerror}")
+    return StreamError(str(exc) or type(exc).__name__)
+
+
 class InStream:
     """Read side: buffered reads from a channel; truncation is a StreamError, never a short read."""
 
@@ -349,9 +356,7 @@ class InStream:
         except StreamError:
             raise
         except Exception as exc:
-            if isinstance(exc, OSError) and exc.strerror:
-                raise StreamError(f"Unable to read from channel: {exc.strerror}") from exc
-            raise StreamError(str(exc) or type(exc).__name__) from exc
+            raise _read_error(exc) from exc
 
     def peek(self, need: int) -> memoryview:
         """At least ``need`` buffered bytes (and whatever else is already buffered), not consumed."""
@@ -463,9 +468,7 @@ class InStream:
         except StreamError:
             raise
         except Exception as exc:
-            if isinstance(exc, OSError) and exc.strerror:
-                raise StreamError(f"Unable to read from channel: {exc.strerror}") from exc
-            raise StreamError(str(exc) or type(exc).__name__) from exc
+            raise _read_error(exc) from exc
 
     def get_u8(self) -> int:
         self._fill(1)
