@@ -22,8 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
 
 from e2e_util import digests, poll, run_status, wait_status  # noqa: E402
-from helpers import Migd, wait_for  # noqa: E402
-from test_multifd_e2e import _threads  # noqa: E402
+from helpers import Migd, thread_names, wait_for  # noqa: E402
 from tls_certs import client_dir, make_ca, server_dir  # noqa: E402
 
 MEM = "32M"
@@ -130,8 +129,8 @@ def test_multifd_over_tls_completes_with_equal_digests(migd_factory: Any, tmp_pa
         assert sorted(relay.first) == list(range(channels + 1))
         assert all(first == b"\x16\x03" for first in relay.first.values()), relay.first
         assert "TLS connection refused" not in dst.log()
-        wait_for(lambda: not _threads(src, "mig/src/mfd"), timeout=10, what="source channel threads gone")
-        wait_for(lambda: not _threads(dst, "mig/dst/mfd"), timeout=10, what="destination channel threads gone")
+        wait_for(lambda: not thread_names(src, "mig/src/mfd"), timeout=10, what="source channel threads gone")
+        wait_for(lambda: not thread_names(dst, "mig/dst/mfd"), timeout=10, what="destination channel threads gone")
     finally:
         relay.close()
 
@@ -147,7 +146,7 @@ def test_multifd_channel_whose_handshake_fails_fails_the_migration_cleanly(migd_
         assert desc.startswith("multifd: TLS handshake failed"), desc
         assert run_status(src) == "running"
         assert "ram" not in info  # it failed in setup, before any page went out
-        wait_for(lambda: not _threads(src, "mig/src/mfd"), timeout=10, what="source channel threads gone")
+        wait_for(lambda: not thread_names(src, "mig/src/mfd"), timeout=10, what="source channel threads gone")
         # the source closed its connections: the destination fails (and, started with -incoming, exits 1),
         # whether its acceptor was still refusing the garbage (logged) or a channel saw the end first
         assert dst.wait(timeout=30) == 1
@@ -183,7 +182,7 @@ def test_cancel_ends_a_multifd_channel_handshake_that_hears_nothing(migd_factory
         src.cmd("migrate_cancel")
         wait_status(src, "cancelled", 30)
         assert run_status(src) == "running"
-        wait_for(lambda: not _threads(src, "mig/src/"), timeout=30, what="migration thread gone")
+        wait_for(lambda: not thread_names(src, "mig/src/"), timeout=30, what="migration thread gone")
         # woken by the cancel, not ended by the handshake's own time-out
         poll(lambda: "multifd channel 1: TLS handshake failed: cancelled" in src.log(), 10, "the wake logged")
         assert "timed out" not in src.log()
