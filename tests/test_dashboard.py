@@ -197,13 +197,16 @@ def test_dashboard_of_a_real_migration(tmp_path, migd_factory):
     dst = migd_factory("dst", "-m", "32M", "--incoming", "defer")
     sock = dst.sock_path("mig")
     dst.cmd("migrate-incoming", uri=f"unix:{sock}")
-    src = migd_factory("src", "-m", "32M", "--workload", "random,rate=4M,wss=4M", "--http", "127.0.0.1:0")
+    src = migd_factory("src", "-m", "32M", "--workload", "random,rate=64M,wss=4M", "--http", "127.0.0.1:0")
     port = http_port(src)
-    src.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
+    # pause-before-switchover is the barrier: whatever the guest dirties (a starved vCPU may dirty
+    # nothing in a pass, and a sync that finds nothing switches over at any downtime limit), the
+    # migration cannot complete before the test says migrate-continue; the 1 ms limit keeps it
+    # ``active`` meanwhile as long as the guest does dirty pages
+    src.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True},
+                                                      {"capability": "pause-before-switchover", "state": True}])
     src.wait_for(lambda: sum(v["bytes-written"] for v in src.cmd("x-migd-query-workload")["vcpus"]) > 4 << 20,
                  what="the guest to dirty its working set")
-    # a 1 ms limit never converges (see test_pass_logging): active for as long as the page needs; the
-    # limit raised below lets it complete (timing alone let a fast run finish before the page saw it)
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 24 << 20, "downtime-limit": 1})
 
     async def browse() -> None:
@@ -211,10 +214,14 @@ def test_dashboard_of_a_real_migration(tmp_path, migd_factory):
             await cdp.send("Page.navigate", url=f"http://127.0.0.1:{port}/")
             await until(cdp, "document.getElementById('connection').dataset.state === 'open'")
             await asyncio.to_thread(src.cmd, "migrate", uri=f"unix:{sock}")
-            await until(cdp, "document.getElementById('status').dataset.status === 'active'")
+            await until(cdp, "['active', 'pre-switchover'].includes(document.getElementById('status').dataset.status)")
             first = int(await cdp.evaluate("document.getElementById('chart-remaining').dataset.points"))
             await until(cdp, f"document.getElementById('chart-remaining').dataset.points > {first}")
             await asyncio.to_thread(src.cmd, "migrate-set-parameters", **{"downtime-limit": 300})
+            await asyncio.to_thread(src.wait_for, lambda: src.cmd("query-migrate")["status"] == "pre-switchover",
+                                    what="the migration to reach its barrier")
+            await until(cdp, "document.getElementById('status').dataset.status === 'pre-switchover'")
+            await asyncio.to_thread(src.cmd, "migrate-continue", state="pre-switchover")
             await until(cdp, "document.getElementById('status').dataset.status === 'completed'", timeout=60)
             assert await cdp.evaluate("document.getElementById('percent').textContent") == "100.0 %"
             assert "downtime" in await cdp.evaluate("document.getElementById('result').textContent")
