@@ -56,6 +56,7 @@ from migd.migration.stats import MigrationStats
 from migd.migration.stream import InStream, OutStream, StreamError
 
 BATCH_PAGES = 512  # PAGE records per batch: 2 MiB per system call
+RUN_BATCH_PAGES = 4096  # pages per batch of page runs straight from RAM (no staging array to fill)
 SCAN_WINDOW = 1 << 16  # bitmap entries examined per search step (and ZERO records per batch, at most)
 MAX_WAIT = 0.05  # QEMU's MAX_WAIT: one save_iterate runs at most 50 ms
 PERIOD = 1.0  # seconds of a dirty-rate period (QEMU: > 1000 ms)
@@ -129,7 +130,8 @@ class RAMSaver:
         self._pos_page = 0
         self._last_sent: str | None = None  # block of the last record (CONTINUE after it)
         self._stage = np.empty((batch_pages, PAGE_RECORD), dtype=np.uint8)
-        self._run_headers = np.empty(batch_pages, dtype=_RUN)  # [migd] page-run headers of a batch
+        # [migd] page-run headers of a batch
+        self._run_headers = np.empty(max(batch_pages, RUN_BATCH_PAGES), dtype=_RUN)
         # [migd] whether the destination accepted FEATURE_PAGE_RUNS (the migration thread sets it)
         self.page_runs: Callable[[], bool] = _never
         self.vcpus: Any = None  # the guest's VCPUSet: held paused while pages leave straight from RAM
@@ -270,23 +272,41 @@ class RAMSaver:
     # -- the page loop ----------------------------------------------------------------------------
 
     def _send(self, f: OutStream, deadline: float | None, limited: bool) -> bool:
-        """Send batches; True when no dirty page is left, False when stopped by budget or time."""
-        while True:
-            if limited and f.rate_limit_exceeded():
-                return self.stats.dirty_pages == 0
-            limit = self.batch_pages
-            max_bytes = None
-            if limited:
-                budget = f.rate_budget()
-                if budget is not None:
-                    limit = max(1, min(limit, budget // PAGE_RECORD + 1))
-                    max_bytes = budget + 1  # one record over the budget ends the window
-            found = self._next_batch(limit, max_bytes)
-            if found is None:
-                return True
-            self._emit(f, *found)
-            if deadline is not None and time.monotonic() >= deadline:
-                return self.stats.dirty_pages == 0
+        """Send batches; True when no dirty page is left, False when stopped by budget or time.
+
+        (migration thread) Page runs straight from RAM with a digest kept need the vCPUs held paused:
+        one hold for the whole call (at most ``MAX_WAIT`` when rate limited, the final pass otherwise),
+        not one per batch, whose release woke every paused vCPU thread each time."""
+        held = self._hold(f)
+        try:
+            direct = self.pages_out is None and self.page_runs() and (held or not f.hashing)
+            while True:
+                if limited and f.rate_limit_exceeded():
+                    return self.stats.dirty_pages == 0
+                limit = RUN_BATCH_PAGES if direct else self.batch_pages
+                max_bytes = None
+                if limited:
+                    budget = f.rate_budget()
+                    if budget is not None:
+                        limit = max(1, min(limit, budget // PAGE_RECORD + 1))
+                        max_bytes = budget + 1  # one record over the budget ends the window
+                found = self._next_batch(limit, max_bytes)
+                if found is None:
+                    return True
+                self._emit(f, *found, held=held)
+                if deadline is not None and time.monotonic() >= deadline:
+                    return self.stats.dirty_pages == 0
+        finally:
+            if held:
+                assert self.vcpus is not None
+                self.vcpus.release_hold()
+
+    def _hold(self, f: OutStream) -> bool:
+        """Hold the vCPUs paused if page runs may leave straight from RAM with a digest kept; False
+        (nothing held) when they need no hold or some vCPU runs (runs are staged then)."""
+        if self.pages_out is not None or not f.hashing or self.vcpus is None or not self.page_runs():
+            return False
+        return bool(self.vcpus.hold_paused())
 
     def _next_batch(self, limit: int, max_bytes: int | None = None) -> tuple[_Tracked, np.ndarray] | None:
         """The next dirty pages from where the scan stopped (at most ``limit`` to read), cleared."""
@@ -342,8 +362,9 @@ class RAMSaver:
         self.stats.dirty_sync_missed_zero_copy = self.pages_out.missed_zero_copy
         f.transferred += nbytes  # QEMU's transferred includes the multifd bytes
 
-    def _emit(self, f: OutStream, t: _Tracked, idx: np.ndarray) -> None:
-        """One batch of one block: its PAGE records, then its ZERO records."""
+    def _emit(self, f: OutStream, t: _Tracked, idx: np.ndarray, *, held: bool = False) -> None:
+        """One batch of one block: its PAGE records, then its ZERO records; ``held``: the vCPUs are
+        held paused, so page runs may leave straight from RAM with a digest kept."""
         block = t.block
         if self.pages_out is not None:  # multifd: zero detection happens on the channel threads
             known = t.hint[idx] if t.hint is not None else None
@@ -386,24 +407,17 @@ class RAMSaver:
             self.stats.dirty_pages -= 1
 
         n = page_idx.size
-        held = False
-        try:
-            if n and self.page_runs():
-                # straight from guest RAM: a page the guest writes meanwhile is dirty and goes again (no
-                # digest kept), or the guest is held paused until the flush (digest kept); else a copy
-                held = f.hashing and self.vcpus is not None and self.vcpus.hold_paused()
-                nbytes += self._put_runs(f, block, page_idx, held or not f.hashing)
-            elif n:
-                nbytes += self._put_pages(f, block, page_idx)
-            self.stats.normal += n
-            self._emit_zero(f, zero_idx)
-            self.stats.dirty_pages -= n + zero_idx.size
-            self.stats.count_ram_bytes(nbytes + zero_idx.size * ZERO_RECORD, self.guest_running)
-            f.flush()  # the staging/header arrays are reused by the next batch
-        finally:
-            if held:
-                assert self.vcpus is not None
-                self.vcpus.release_hold()
+        if n and self.page_runs():
+            # straight from guest RAM: a page the guest writes meanwhile is dirty and goes again (no
+            # digest kept), or the guest is held paused (digest kept, ``_send``); else a copy
+            nbytes += self._put_runs(f, block, page_idx, held or not f.hashing)
+        elif n:
+            nbytes += self._put_pages(f, block, page_idx)
+        self.stats.normal += n
+        self._emit_zero(f, zero_idx)
+        self.stats.dirty_pages -= n + zero_idx.size
+        self.stats.count_ram_bytes(nbytes + zero_idx.size * ZERO_RECORD, self.guest_running)
+        f.flush()  # the staging/header arrays are reused by the next batch
 
     def _put_pages(self, f: OutStream, block: Any, page_idx: np.ndarray) -> int:
         """QEMU's PAGE records (header, page) for these pages, through the staging array: two views
