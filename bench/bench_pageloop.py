@@ -12,7 +12,9 @@ loads it and verifies the bytes. Prints end-to-end GB/s and CPU seconds per GiB 
 sends QEMU's PAGE records through a staging array, read by the loader through its buffer (what main
 did always); ``runs-staged`` sends page runs (docs/FORMAT.md §3.4) from the staging copy (a running
 guest), ``runs-held`` straight from RAM with the vCPUs held paused; the loader reads runs straight into
-RAM. ``plain`` (the default) is a stream without migd's features.
+RAM. ``runs-copied`` is ``runs-held`` with the page references over the unix socket turned off
+(``stream.SPLICE``): the kernel copies each run into the socket. ``plain`` (the default) is a stream
+without migd's features.
 
 Targets (see shared/reference/page-loop-measurements.md): >= 2.5 GB/s for random pages, <= 60 ms for
 1 GiB of untouched RAM. The machine is noisy: compare medians, and CPU s/GiB, side by side.
@@ -33,6 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from migd.machine.ram import RAMList  # noqa: E402
 from migd.machine.vcpu import VCPUSet  # noqa: E402
+from migd.migration import stream  # noqa: E402
 from migd.migration.format import FEATURE_CHECKSUM, FEATURE_PAGE_RUNS  # noqa: E402
 from migd.migration.ram import prefault  # noqa: E402
 from migd.migration.savevm import SaveVM, load_stream  # noqa: E402
@@ -79,7 +82,7 @@ def digest(ram: RAMList) -> bytes:
     return hashlib.blake2b(ram.get("ram0").buf, digest_size=16).digest()
 
 
-MODES = ("plain", "staged", "runs-staged", "runs-held")
+MODES = ("plain", "staged", "runs-staged", "runs-held", "runs-copied")
 
 
 def run_once(case: str, size: int, mode: str = "plain") -> dict[str, float]:
@@ -109,7 +112,8 @@ def run_once(case: str, size: int, mode: str = "plain") -> dict[str, float]:
     f.set_rate_limit(0)
     features = 0 if mode == "plain" else FEATURE_CHECKSUM | (FEATURE_PAGE_RUNS if mode.startswith("runs") else 0)
     vcpus = None
-    if mode.endswith("held"):
+    stream.SPLICE = mode != "runs-copied"
+    if mode in ("runs-held", "runs-copied"):
         vcpus = VCPUSet(1)
         vcpus.start()  # paused: hold_paused() succeeds
     sv = SaveVM(Box(src, vcpus), MigrationStats(), return_path=False, features=features)

@@ -299,7 +299,10 @@ class RAMSaver:
         finally:
             if held:
                 assert self.vcpus is not None
-                self.vcpus.release_hold()
+                try:
+                    f.settle()  # pages that left as references are read before the guest may run
+                finally:
+                    self.vcpus.release_hold()
 
     def _hold(self, f: OutStream) -> bool:
         """Hold the vCPUs paused if page runs may leave straight from RAM with a digest kept; False
@@ -440,6 +443,7 @@ class RAMSaver:
         hdr["n"] = [b - a for a, b, _ in runs]
         hv = hdr.view(np.uint8).data
         if direct:
+            f.splice_from(block.buf)  # unix socket: page references, no copy (settled in _send)
             ram = block.buf.data
         else:
             staged = self._stage.reshape(-1)[: page_idx.size * PAGE_SIZE].reshape(-1, PAGE_SIZE)

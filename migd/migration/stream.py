@@ -20,11 +20,16 @@ what the hash has just pulled into the cache (measured: half the system time of 
 and a cheaper receiver); ``digest`` hashes whatever is still queued first. Hashing late is exact
 because everything put stays unchanged until it is written: pages are copied into staging arrays
 first, or sent straight from guest RAM (``put_iov``) only while the guest cannot write them (ram.py).
+
+[migd] Over a plain unix socket, views of memory registered with ``splice_from`` (guest RAM) leave as
+page references (``zerocopy.SpliceSender``): no copy on this side, the receiver reads them from RAM.
+The caller that keeps that memory unchanged calls ``settle`` before it lets it change again.
 """
 
 from __future__ import annotations
 
 import mmap
+import socket
 import struct
 import threading
 import time
@@ -34,7 +39,8 @@ import numpy as np
 import xxhash
 
 from migd.threads import any_thread
-from migd.transports.channel import IOV_MAX, Channel
+from migd.transports.channel import IOV_MAX, Channel, SocketChannel
+from migd.transports.zerocopy import SpliceSender
 
 WINDOWS_PER_SECOND = 10  # QEMU's BUFFER_DELAY of 100 ms
 SMALL_BUF = 64 << 10  # small puts are copied into this; larger ones are queued by reference
@@ -43,6 +49,8 @@ IN_BUF = 4 << 20  # InStream's read buffer
 MAX_READ = 64 << 20  # largest single read(); callers bound lengths from the stream well below this
 COPY_NOGIL = 64 << 10  # copies this large go through numpy, with the GIL released
 HASH_CHUNK = 256 << 10  # bytes hashed then written at once while a digest is kept (well inside L2)
+SPLICE = True  # [migd] registered memory leaves a unix socket as page references (benches turn it off)
+SPLICE_MIN = 64 << 10  # smaller views are copied: three system calls cost more than the copy
 
 _BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")
@@ -74,6 +82,8 @@ class OutStream:
         self._hash: Any = None  # xxh3_64 of the bytes put since the last reset, when on
         self._hashed = 0
         self._hash_from = 0  # _iov[:_hash_from] is hashed already (or put before the digest began)
+        self._splicer: SpliceSender | None = None
+        self._splice_src: dict[int, Any] = {}  # id -> exporter whose views may leave as references
 
     # -- checksum -------------------------------------------------------------------------------
 
@@ -170,6 +180,36 @@ class OutStream:
             self._iov.append(block)
             self._queued += len(block)
 
+    # -- page references ------------------------------------------------------------------------
+
+    def splice_from(self, obj: Any) -> bool:
+        """Let views of ``obj`` (writable memory that stays mapped: guest RAM) leave as page
+        references when the channel is a plain unix socket; False when they are copied. The peer
+        reads them when it receives them: keep them unchanged until ``settle``, or resend changes."""
+        if id(obj) in self._splice_src:
+            return True
+        if not SPLICE or not self._can_splice():
+            return False
+        if self._splicer is None:
+            assert isinstance(self.channel, SocketChannel)
+            try:
+                self._splicer = SpliceSender(self.channel.sock)
+            except OSError:
+                self._splice_src[0] = None  # no pipe: never try again
+                return False
+        self._splice_src[id(obj)] = obj
+        return True
+
+    def _can_splice(self) -> bool:
+        ch = self.channel
+        return (0 not in self._splice_src and isinstance(ch, SocketChannel)
+                and type(ch).write_vectored is SocketChannel.write_vectored and ch.sock.family == socket.AF_UNIX)
+
+    def settle(self) -> None:
+        """Wait until the peer has read every page reference sent (nothing to do if none was)."""
+        if self._splicer is not None and self.error is None:
+            self._splicer.drain(lambda: self.error is not None)
+
     # -- writing --------------------------------------------------------------------------------
 
     def flush(self) -> None:
@@ -195,6 +235,26 @@ class OutStream:
             self._fail(_describe(exc))
 
     def _write(self, iov: list[memoryview]) -> None:
+        """Write every byte of ``iov``: registered memory as page references, the rest copied."""
+        if self._splicer is None:
+            self._writev(iov)
+            return
+        src = self._splice_src
+        start = 0
+        for i, view in enumerate(iov):
+            if len(view) >= SPLICE_MIN and id(view.obj) in src:
+                if start < i:
+                    self._writev(iov[start:i])
+                t0 = time.monotonic()
+                try:
+                    self.transferred += self._splicer.send(view)
+                finally:
+                    self.write_busy += time.monotonic() - t0
+                start = i + 1
+        if start < len(iov):
+            self._writev(iov[start:] if start else iov)
+
+    def _writev(self, iov: list[memoryview]) -> None:
         """Write every byte of ``iov`` with as few vectored calls as the kernel allows."""
         pos = 0
         while pos < len(iov):
@@ -245,6 +305,9 @@ class OutStream:
 
     def close(self) -> None:
         self.channel.close()
+        if self._splicer is not None:
+            self._splicer.close()
+            self._splicer = None
 
     # -- rate limit -----------------------------------------------------------------------------
 

@@ -10,14 +10,25 @@ completion, as QEMU does at each multifd sync point. When the kernel copied anyw
 without scatter-gather) the completion says so (``SO_EE_CODE_ZEROCOPY_COPIED``); ``flush`` then reports
 the round as missed (QEMU's ``dirty-sync-missed-zero-copy``). Unix sockets do not support it
 (``EOPNOTSUPP``): the caller reports QEMU's "Zero copy send feature not detected in host kernel".
+
+``SpliceSender`` is the unix-socket counterpart for one channel (the page runs of a held guest):
+``vmsplice`` puts references to the guest's pages into a pipe and ``splice`` moves them into the
+socket (Linux >= 6.5 takes page references there too), so the sender never copies a page; the
+receiver copies straight out of guest RAM. Until the receiver read them the pages must not change:
+``drain`` waits until the socket's send queue (``SIOCOUTQ``: bytes the peer has not consumed) is empty.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import fcntl
+import os
 import select
 import socket
 import struct
+import termios
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,6 +42,22 @@ _ANC_SIZE = socket.CMSG_SPACE(_EXTENDED_ERR.size + 32)  # the error plus the off
 POLL_MS = 50  # between checks of ``stop`` while waiting for completions
 
 NOT_DETECTED = "Zero copy send feature not detected in host kernel"  # QEMU's text
+
+F_SETPIPE_SZ = 1031  # <linux/fcntl.h>
+SPLICE_F_NONBLOCK = 2
+PIPE_SIZE = 1 << 20  # bytes of page references one vmsplice hands over, at most (pipe-max-size default)
+DRAIN_POLL = 0.0002  # seconds between looks at the send queue while draining
+DRAIN_MAX = 30.0  # a peer that reads nothing for this long: stop waiting (the checksum still guards)
+
+
+class _IOVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_vmsplice = _libc.vmsplice
+_vmsplice.argtypes = [ctypes.c_int, ctypes.POINTER(_IOVec), ctypes.c_size_t, ctypes.c_uint]
+_vmsplice.restype = ctypes.c_ssize_t
 
 
 class ZeroCopySocket:
@@ -104,3 +131,59 @@ class ZeroCopySocket:
         missed = self.avoided == self._avoided_at_flush
         self._avoided_at_flush = self.avoided
         return missed
+
+
+class SpliceSender:
+    """Page references from memory into one connected unix stream socket. One thread uses it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        """A pipe sized ``PIPE_SIZE`` (or what the kernel grants); OSError when there is none."""
+        self.sock = sock
+        self._r, self._w = os.pipe()
+        try:
+            self._room = fcntl.fcntl(self._w, F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            self._room = fcntl.fcntl(self._w, 1032)  # F_GETPIPE_SZ: the default (64 KiB) still works
+        self._room -= 4096  # an unaligned start takes one pipe slot more
+        self._iov = _IOVec()
+        self.spliced = 0  # bytes sent as page references since the last drain
+
+    def send(self, view: memoryview) -> int:
+        """Send all of ``view`` (writable memory that outlives the transfer) as page references."""
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
+        total = len(view)
+        done = 0
+        fd = self.sock.fileno()
+        while done < total:
+            self._iov.base = addr + done
+            self._iov.len = min(self._room, total - done)
+            n = _vmsplice(self._w, ctypes.byref(self._iov), 1, SPLICE_F_NONBLOCK)
+            if n < 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+            left = n
+            while left:  # the pipe is empty again before the next vmsplice: it can never block
+                moved = os.splice(self._r, fd, left)
+                if moved <= 0:
+                    raise OSError(errno.EPIPE, os.strerror(errno.EPIPE))
+                left -= moved
+            done += n
+        self.spliced += total
+        return total
+
+    def drain(self, stop: Callable[[], bool]) -> None:
+        """Wait until the peer consumed everything sent (the pages may change afterwards)."""
+        if not self.spliced:
+            return
+        deadline = time.monotonic() + DRAIN_MAX
+        buf = bytearray(4)
+        while time.monotonic() < deadline and not stop():
+            fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, buf)  # SIOCOUTQ: not yet consumed
+            if not int.from_bytes(buf, "little"):
+                break
+            time.sleep(DRAIN_POLL)
+        self.spliced = 0
+
+    def close(self) -> None:
+        os.close(self._r)
+        os.close(self._w)
