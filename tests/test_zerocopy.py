@@ -9,15 +9,19 @@ truncated streams included.
 
 from __future__ import annotations
 
+import fcntl
+import mmap
 import os
 import signal
 import socket
+import termios
 import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import xxhash
 from helpers import Migd, random_ram_file, thread_names, wait_for
 
 from migd.analyze import analyze, block_path
@@ -251,6 +255,44 @@ def test_put_iov_hashes_what_it_sends() -> None:
     f.skip(1 + sum(map(len, parts)))
     assert f.digest() == out.digest()
     assert out.transferred == 1 + sum(map(len, parts))
+
+
+def test_page_references_over_a_unix_socket_arrive_intact_and_settle_waits_for_the_reader() -> None:
+    """Registered memory leaves a unix socket as page references; ``settle`` returns once the peer
+    consumed them (empty send queue), so the memory may change afterwards; TCP and read-only memory
+    are copied as before."""
+    a, b = _pair()
+    mem = mmap.mmap(-1, 2 * MiB)
+    ram = np.frombuffer(mem, dtype=np.uint8)
+    ram[:] = np.frombuffer(os.urandom(2 * MiB), dtype=np.uint8)
+    want = b"head" + ram[4096:].tobytes() + b"tail"
+    out = OutStream(SocketChannel(a))
+    assert out.splice_from(ram)
+    assert not out.splice_from(b"read-only bytes")
+    out.start_digest()
+    got = bytearray(len(want))
+    reader = threading.Thread(target=lambda: InStream(SocketChannel(b)).read_into(memoryview(got)))
+    reader.start()
+    out.put(b"head")
+    out.put_iov([ram.data[4096:]])
+    out.put(b"tail")
+    out.flush()
+    out.settle()
+    queued = bytearray(4)
+    fcntl.ioctl(a.fileno(), termios.TIOCOUTQ, queued)
+    assert int.from_bytes(queued, "little") == 0  # the peer has consumed every reference
+    reader.join(30)
+    ram[:] = 0  # after settle: changes can no longer reach the peer
+    assert bytes(got) == want
+    assert out.transferred == len(want)
+    assert out.digest() == (xxhash.xxh3_64_intdigest(want), len(want))
+    out.close()
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        c = socket.create_connection(srv.getsockname())
+        try:
+            assert not OutStream(SocketChannel(c)).splice_from(ram)  # tcp: copied
+        finally:
+            c.close()
 
 
 def test_zero_copy_socket_on_loopback_reports_the_kernels_copy() -> None:

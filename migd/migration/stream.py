@@ -188,7 +188,7 @@ class OutStream:
         reads them when it receives them: keep them unchanged until ``settle``, or resend changes."""
         if id(obj) in self._splice_src:
             return True
-        if not SPLICE or not self._can_splice():
+        if not SPLICE or memoryview(obj).readonly or not self._can_splice():
             return False
         if self._splicer is None:
             assert isinstance(self.channel, SocketChannel)
