@@ -6,8 +6,9 @@ array of 9-byte records). Between migd peers (FEATURE_PAGE_RUNS) the pages go as
 from guest RAM: a vectored write of each run's 12-byte header (from a small side array) and a view of
 the run, no copy. A page the guest writes during its send is dirty and goes again; but while a
 checksum digest is kept the bytes hashed must be the bytes sent, so then runs leave from RAM only while
-the vCPUs are held paused (``VCPUSet.hold_paused``: final pass, paused guest), and through a staging
-copy while the guest runs. QEMU's PAGE records (other streams) are staged: header and page side by
+the vCPUs are held paused (``VCPUSet.hold_paused``, once per pass: final pass, paused guest), in batches
+of ``RUN_BATCH_PAGES``, over a unix socket as page references (``OutStream.splice_from``; the hold
+ends once the peer read them), and through a staging copy while the guest runs. QEMU's PAGE records (other streams) are staged: header and page side by
 side in one array, one copy, one system call. Zero detection looks at the first and last word of each page and
 fully checks only the candidates. Pages that were never touched on the source (``untouched_pages``)
 are zero without being read and go out as ZERO records: the destination cannot be assumed fresh, so
