@@ -348,6 +348,50 @@ def test_avail_switchover_bandwidth_replaces_the_measured_rate() -> None:
     assert policy.threshold() == int((300 - fixed) / 1000 * 100 * MIB)
 
 
+def test_a_pong_behind_a_backlog_is_no_round_trip_sample() -> None:
+    """A PING queued behind 2.5 MB the destination had not read came back after 82 ms, while the
+    switch-over's LOADED took 8.8 ms: its lateness is the backlog's (counted by on_backlog)."""
+    sim = Sim(rtt=0.0005)
+    before = sim.policy.rtt_ms()
+    sim.policy.on_rtt(0.082, queued_bytes=2_500_000)
+    assert sim.policy.rtt_ms() == pytest.approx(before)
+    sim.policy.on_rtt(0.004, queued_bytes=768)  # a PING with nothing ahead of it is one
+    assert sim.policy.rtt_ms() > before
+
+
+@pytest.mark.parametrize("cap", [0.0, 128 * MIB])
+def test_the_socket_backlog_counts_when_uncapped(cap: float) -> None:
+    """Uncapped, the destination loads the final pass after what the socket still holds; under a
+    rate limit it catches up while the thread sleeps."""
+    sim = Sim(cap=cap)
+    for _ in range(5):
+        sim._window()
+    policy = sim.policy
+    before = policy.expected_downtime_ms(0)
+    policy.on_backlog(8 * MIB)
+    after = policy.expected_downtime_ms(0)
+    if cap:
+        assert after == before
+    else:
+        assert after == pytest.approx(before + 8 * MIB / policy.final_rate() * 1000, abs=1)
+
+
+def test_first_sends_do_not_set_the_cost_of_re_sends() -> None:
+    """The final pass re-sends pages: once a round past the first pass was measured, the first
+    pass's (dearer) data windows no longer count; during the first pass its cheapest one does."""
+    p = dict(DEFAULT_PARAMETERS)
+    policy = SwitchoverPolicy(lambda: p, 512 * MIB, 0.0)
+    policy.on_sync(0.0, 512 * MIB, 512 * MIB)
+    for i, ns in enumerate((40, 8, 20)):  # first sends: 3.4 MB windows at 40, 8, 20 ns/B of work
+        sent = 3_400_000
+        policy.on_window(0.1 * (i + 1), sent, 0.001, 0.001 + sent * ns * 1e-9, 0.1, sent)
+    first = policy.final_rate()
+    assert first == pytest.approx(1 / (1 / policy.capacity.value + 8e-9), rel=0.01)
+    policy.on_sync(0.5, 60 * MIB, 60 * MIB, 60 * MIB)  # the first pass ends
+    policy.on_window(0.6, 3_400_000, 0.001, 0.001 + 3_400_000 * 1e-9, 0.1, 3_400_000)
+    assert policy.final_rate() > 3 * first
+
+
 def test_measured_stop_replaces_the_wake_latency_prior() -> None:
     sim = Sim()
     before = sim.policy.fixed_ms()

@@ -40,6 +40,7 @@ from typing import Any, Protocol
 from migd.bql import BQL
 from migd.machine.runstate import LIVE_STATES, RunState
 from migd.migration import policytrace
+from migd.migration.backlog import queued_bytes
 from migd.migration.foreign_save import RAM_WAIT, savevm_for
 from migd.migration.format import (
     CMD_X_MIGD_COMMIT,
@@ -181,7 +182,8 @@ class MigrationThread(threading.Thread):
         self._sync_dirtied: int | None = None  # the dirty log's bytes just before a sync's take
         self._completing = False
         self._ping = 1  # PING 1 goes out with the header
-        self._ping_sent: tuple[int, float, int] | None = None  # (value, time, bytes just before it)
+        # (value, time, bytes just before it, bytes queued in the socket ahead of it)
+        self._ping_sent: tuple[int, float, int, int] | None = None
         self._last_ping = 0.0
         self._last_probe = 0.0  # when the last PING that follows a burst went out
         self._slept = False  # the thread slept on the rate limit since the last burst
@@ -374,6 +376,7 @@ class MigrationThread(threading.Thread):
         return pending
 
     def _decide(self, pending: int, exact: bool) -> Decision:
+        self.policy.on_backlog(queued_bytes(self.channel))  # what the destination has still to read
         decision = self.policy.decide(time.monotonic(), pending, exact)
         for action in decision.actions:
             self._execute(action)
@@ -431,7 +434,8 @@ class MigrationThread(threading.Thread):
         self._ping += 1
         self.stream.put(command(Cmd.PING, self._ping.to_bytes(4, "big")))
         self.stream.flush()
-        self._ping_sent = (self._ping, since if behind else time.monotonic(), behind or 0)
+        self._ping_sent = (self._ping, since if behind else time.monotonic(), behind or 0,
+                           queued_bytes(self.channel))
 
     def _pages(self) -> int:
         """Pages sent so far, zero pages included."""
@@ -458,7 +462,7 @@ class MigrationThread(threading.Thread):
         self._ping_sent = None
         # the switch-over waits for LOADED, and with the commit protocol for SHUT after COMMIT too
         self.policy.round_trips = 2 if self._accepted() & FEATURE_COMMIT else 1
-        self.policy.on_rtt(arrived - sent[1], behind_bytes=sent[2])
+        self.policy.on_rtt(arrived - sent[1], behind_bytes=sent[2], queued_bytes=sent[3])
 
     # -- counters (QEMU's migration_update_counters / migration_rate_limit) -----------------------
 
