@@ -323,6 +323,17 @@ def test_diverging_guest_is_reported_diverging_within_ten_seconds() -> None:
     assert "eta-ms" not in sim.log[-1][2]
 
 
+def test_a_plan_that_never_fits_forecasts_a_switchover_within_the_threshold() -> None:
+    """A guest faster than its link (the policy off): no switch-over comes above the threshold, so
+    the one the estimate forecasts, if it comes, costs at most the limit (x-migd-convergence says
+    diverging), never the seconds that 128 MiB would take."""
+    sim = Sim(cap=32 * MIB, dirty_rate=100 * MIB, wss=128 * MIB, params={"downtime-limit": 50})
+    sim.run(limit_s=6)
+    late = [e for t, e, _ in sim.log if t >= 1.0]
+    assert late and max(late) <= 50, max(late)
+    assert sim.log[-1][2]["state"] == "diverging"
+
+
 def test_converging_forecast_has_an_eta() -> None:
     sim = Sim(cap=64 * MIB, dirty_rate=8 * MIB)
     sim.run()

@@ -42,10 +42,10 @@ def test_a_recorded_run_replays_to_its_own_switchover(path: Path) -> None:
     assert Step.SWITCHOVER not in steps[:-1]
 
 
-# Held after the first second except where a known gap says otherwise (each has a test of its own):
-# 200M-hot64M-32M, a first pass of hot data pages sent at 8-42 ns/B of thread time against 0.6-1
-# past it; 64M-unlimited-limit50, the backlog in the socket, counted at the final-pass rate.
-GAPS = {"200M-hot64M-32M", "64M-unlimited-limit50"}
+# Held after the first second except where a known gap says otherwise (with a test of its own):
+# 64M-unlimited-limit50, the backlog in the socket counted at the final-pass rate while the
+# destination, the source's vCPUs stopped, drained it 2-3 times faster.
+GAPS = {"64M-unlimited-limit50"}
 HELD = [p for p in TRACES if p.stem not in GAPS]
 # 16M-32M: until the second PONG (at 1.1 s) the only round trip is the first PING's, sent with the
 # header while the destination was still setting up (3.2 ms, twice: LOADED and SHUT): 10 ms
@@ -71,17 +71,19 @@ def trace(stem: str) -> dict[str, Any]:
     return load(next(p for p in TRACES if p.stem == stem))
 
 
-def test_a_busy_guest_over_a_32mib_link_is_pessimistic_only_in_the_first_pass() -> None:
+def test_a_plan_that_does_not_fit_forecasts_the_threshold() -> None:
     """200 MiB/s on a 64 MiB hot set over 32 MiB/s: the first pass sends the hot pages at 8-42 ns/B
-    of the thread's time, the rounds after it at 0.6-1 (the final pass re-sends them too). The
-    estimate holds at the switch-over, and before it is never optimistic; the first pass has only
-    first sends to learn from (its cheapest window and fastest probe)."""
+    of the thread's time, the rounds after it at 0.6-1, so during it the 64 MB the plan ends with
+    look like seconds of downtime (661 ms planned, x2.7). But the decision never switches over above
+    its threshold: the switch-over came at 57 MB, 244 ms for a limit of 300, and a plan that does
+    not fit forecasts the threshold's downtime."""
     doc = trace("200M-hot64M-32M")
     policy, decisions = policytrace.replay(doc)
     real = doc["outcome"]["downtime"]
-    assert error_factor(decisions[-1][1], real) <= 1.25, (decisions[-1][1], real)
-    late = [e for t, e, _ in decisions if t - doc["start"] >= 1.0]
-    assert min(late) >= 0.7 * real, (min(late), real)
+    first_end = [c[1] for c in doc["calls"] if c[0] == "on_sync"][1]
+    in_first_pass = [e for t, e, _ in decisions if 1.0 <= t - doc["start"] and t < first_end]
+    assert in_first_pass and all(error_factor(e, real) <= 2 for e in in_first_pass), (in_first_pass, real)
+    assert max(in_first_pass) <= doc["params"]["downtime-limit"]
     assert policy.cpu_per_byte.samples and policy._cpu_first is not None
     assert policy.cpu_per_byte.value < policy._cpu_first / 4  # re-sends are cheaper than first sends
 
