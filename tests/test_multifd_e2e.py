@@ -7,11 +7,11 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import threading
 from typing import Any
 
 import pytest
 from helpers import Migd, hold_active, thread_names, wait_for
+from relay import Relay
 
 
 def _free_port() -> int:
@@ -119,54 +119,14 @@ def test_multifd_one_channel_closed_by_the_peer_fails_both_sides(migd_factory: A
     src, dst, uri = _pair(migd_factory, _unix, workload="random,rate=64M")
     for vm in (src, dst):
         _setup(vm, 2)
-    relay_path = str(src.sock_path("relay"))
-    relay = socket.socket(socket.AF_UNIX)
-    relay.bind(relay_path)
-    relay.listen(8)
-    conns: list[socket.socket] = []
-    stop = threading.Event()
-
-    def pump(a: socket.socket, b: socket.socket) -> None:
-        try:
-            while not stop.is_set():
-                data = a.recv(1 << 16)
-                if not data:
-                    break
-                b.sendall(data)
-        except OSError as exc:
-            print("relay pump:", exc, flush=True)  # shown with a failure: what ended a relayed connection
-        finally:
-            for s in (a, b):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def serve() -> None:
-        for _ in range(3):  # main + 2 channels
-            try:
-                c, _ = relay.accept()
-            except OSError:
-                return
-            d = socket.socket(socket.AF_UNIX)
-            try:
-                d.connect(uri.removeprefix("unix:"))
-            except OSError as exc:
-                print("relay connect:", exc, flush=True)
-                raise
-            conns.extend((c, d))
-            for a, b in ((c, d), (d, c)):
-                threading.Thread(target=pump, args=(a, b), daemon=True).start()
-
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
+    relay = Relay.unix(str(src.sock_path("relay")), uri.removeprefix("unix:"), limit=3)  # main + 2 channels
     try:
         hold_active(src)
-        src.cmd("migrate", uri=f"unix:{relay_path}")
-        wait_for(lambda: len(conns) == 6, timeout=30, what="three relayed connections")
+        src.cmd("migrate", uri=f"unix:{relay.server.getsockname()}")
+        wait_for(lambda: len(relay.socks) == 6, timeout=30, what="three relayed connections")
         wait_for(lambda: src.cmd("query-migrate").get("ram", {}).get("normal", 0) > 100, timeout=30,
                  what="pages flowing (status still active)")
-        conns[5].shutdown(socket.SHUT_RDWR)  # the destination's end of the last multifd channel
+        relay.socks[5].shutdown(socket.SHUT_RDWR)  # the destination's end of the last multifd channel
         info = src.wait_for(lambda: (lambda i: i if i["status"] == "failed" else None)(
             src.cmd("query-migrate")), timeout=60, what="failed")
         assert info.get("error-desc"), info
@@ -175,10 +135,7 @@ def test_multifd_one_channel_closed_by_the_peer_fails_both_sides(migd_factory: A
         assert dst.wait(timeout=30) == 1
         assert "multifd" in dst.log()
     finally:
-        stop.set()
         relay.close()
-        for s in conns:
-            s.close()
 
 
 def test_multifd_refused_on_exec_and_file_and_unsupported_compression(migd_factory: Any, tmp_path: Any) -> None:
