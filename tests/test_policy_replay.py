@@ -43,9 +43,10 @@ def test_a_recorded_run_replays_to_its_own_switchover(path: Path) -> None:
 
 
 # Held after the first second except where a known gap says otherwise (with a test of its own):
-# 64M-unlimited-limit50, the backlog in the socket counted at the final-pass rate while the
-# destination, the source's vCPUs stopped, drained it 2-3 times faster.
-GAPS = {"64M-unlimited-limit50"}
+# 16M-unlimited (recorded at a load of 4-7 on 2 cores): the socket's backlog swings between 2.5 and
+# 8.3 MB from one decision to the next and one sync took 8.4 ms: 6 to 28 ms estimated for 15 in the
+# first 0.2 s after the first second.
+GAPS = {"16M-unlimited"}
 HELD = [p for p in TRACES if p.stem not in GAPS]
 # 16M-32M: until the second PONG (at 1.1 s) the only round trip is the first PING's, sent with the
 # header while the destination was still setting up (3.2 ms, twice: LOADED and SHUT): 10 ms
@@ -100,14 +101,14 @@ def test_first_pass_probes_give_way_to_the_rounds_after_it() -> None:
 
 
 def test_the_backlog_in_the_socket_is_part_of_the_downtime() -> None:
-    """64M unlimited at 50 ms: nothing left to send at the switch-over, but 7.9 MB in the socket
-    that the destination had not read yet (LOADED came after 24.6 ms). Counted, the estimate holds;
-    without it, it would be a fraction of the real downtime."""
-    doc = trace("64M-unlimited-limit50")
+    """16M unlimited: nothing left to send at the switch-over, but 3.6 MB in the socket that the
+    destination had not read yet (LOADED came after 8.8 ms, of a 15 ms downtime). Counted at the
+    pace the destination frees the socket, the estimate holds; without it, it is a fifth."""
+    doc = trace("16M-unlimited")
     policy, decisions = policytrace.replay(doc)
     real = doc["outcome"]["downtime"]
-    assert policy.backlog > 4 << 20
+    assert policy.backlog > 3 << 20
     assert error_factor(decisions[-1][1], real) <= 1.25, (decisions[-1][1], real)
     blind = {**doc, "calls": [c if c[0] != "on_backlog" else ["on_backlog", 0] for c in doc["calls"]]}
     _, without = policytrace.replay(blind)
-    assert error_factor(without[-1][1], real) > 5, (without[-1][1], real)
+    assert error_factor(without[-1][1], real) >= 4, (without[-1][1], real)

@@ -23,7 +23,7 @@ The model:
   every window, no take: ``on_dirty_log``) to ``W (1 - exp(-r t / W))``, uniform writes at rate ``r``
   over a set of ``W`` bytes — the only view of the guest during a long first pass.
 
-``expected_downtime_ms(remaining) = fixed + (planned final pass + backlog) / final_rate``: a forecast
+``expected_downtime_ms(remaining) = fixed + backlog / capacity + planned final pass / final_rate``: a forecast
 of the switch-over this policy will make, not the cost of one made now — the decision replayed on the
 model round by round (during the first pass, from what the dirty log will hold when it ends; a plan
 that never fits ends at the threshold, above which no switch-over is made). The
@@ -464,16 +464,19 @@ class SwitchoverPolicy:
         the start) stands in for the final-pass rate; with neither, the limit is QEMU's first guess."""
         fixed = self.fixed_ms()
         final, _ = self._planned(remaining_bytes)
-        # the destination loads the final pass after what the socket holds ahead of it; under a
-        # rate limit it catches up while the thread sleeps (measured: no backlog at any capped
-        # switch-over, 2-8 MiB at the uncapped ones)
-        ahead = 0.0 if int(self._params()["max-bandwidth"]) else float(self.backlog)
-        if final + ahead <= 0:
-            return int(round(fixed))
+        # the destination loads the final pass after what the socket holds ahead of it, at the pace
+        # it frees the socket: the link capacity (time inside writes, which block on a full socket).
+        # Under a rate limit it catches up while the thread sleeps (measured: no backlog at any
+        # capped switch-over, 2-8 MiB at the uncapped ones)
+        capped = int(self._params()["max-bandwidth"])
+        drain_ms = (self.backlog / self.capacity.value * 1000
+                    if self.backlog and not capped and self.capacity.samples and self.capacity.value > 0 else 0.0)
+        if final <= 0:
+            return int(round(fixed + drain_ms))
         rate = self.final_rate() or fallback_rate
         if rate <= 0:
             return self.limit_ms()
-        return int(round(fixed + (final + ahead) / rate * 1000))
+        return int(round(fixed + drain_ms + final / rate * 1000))
 
     def planned_final(self, remaining: int) -> float:
         """What will be left at the switch-over, if the guest keeps its pace: the decision replayed
