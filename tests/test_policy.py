@@ -389,6 +389,36 @@ def test_the_socket_backlog_counts_when_uncapped(cap: float) -> None:
         assert after > before
 
 
+def test_a_probe_the_destination_kept_up_with_bounds_nothing() -> None:
+    """A probe's PONG that came soon after its burst was written timed the source (its vCPUs
+    running), not the destination: it ends the first switch-over's wait, but caps no rate."""
+    p = {**DEFAULT_PARAMETERS, "max-bandwidth": 32 * MIB}
+    policy = SwitchoverPolicy(lambda: p, 512 * MIB, 0.0, peer_answers=True)
+    policy.on_sync(0.0, 512 * MIB, 512 * MIB)
+    policy.on_sync(1.0, 60 * MIB, 60 * MIB, 60 * MIB)  # past the first pass
+    policy.on_rtt(0.0002)
+    policy.on_window(1.1, 3_400_000, 0.001, 0.004, 0.1, 3_400_000)
+    rate = policy.final_rate()
+    policy.on_rtt(0.040, behind_bytes=3_400_000, burst_s=0.035)  # answered 5 ms after the burst
+    assert policy.load_rate() == 0.0 and policy.final_rate() == rate
+    assert not policy._wait_for_probe(1.2, 40 * MIB)
+    policy.on_rtt(0.080, behind_bytes=3_400_000, burst_s=0.020)  # 60 ms after: the destination's pace
+    assert policy.load_rate() == pytest.approx(3_400_000 / (0.080 - 0.0002))
+
+
+def test_one_descheduled_window_does_not_set_the_cost_per_byte() -> None:
+    """The work per byte of re-sends is the median of the last windows (measured: 2.5 ns/B as an
+    average, 1.0 as the median of the same windows)."""
+    p = dict(DEFAULT_PARAMETERS)
+    policy = SwitchoverPolicy(lambda: p, 512 * MIB, 0.0)
+    policy.on_sync(0.0, 512 * MIB, 512 * MIB)
+    policy.on_sync(1.0, 60 * MIB, 60 * MIB, 60 * MIB)
+    sent = 3_400_000
+    for i, ns in enumerate((1.0, 1.1, 30.0, 0.9, 1.0)):
+        policy.on_window(1.1 + i / 10, sent, 0.001, 0.001 + sent * ns * 1e-9, 0.1, sent)
+    assert policy.final_rate() == pytest.approx(1 / (1 / policy.capacity.value + 1.0e-9), rel=0.01)
+
+
 def test_first_sends_do_not_set_the_cost_of_re_sends() -> None:
     """The final pass re-sends pages: once a round past the first pass was measured, the first
     pass's (dearer) data windows no longer count; during the first pass its cheapest one does."""
