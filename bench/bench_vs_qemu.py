@@ -40,6 +40,7 @@ from typing import Any
 
 from bench_throughput import Daemon, cpu_seconds, random_file, wait_done
 from qemu.qmp.legacy import QEMUMonitorProtocol
+from qemu.qmp.protocol import ConnectError
 
 from migd.units import parse_size
 
@@ -110,7 +111,7 @@ class Qemu:
                     self.qmp = QEMUMonitorProtocol(str(self.qmp_path))
                     self.qmp.connect(negotiate=True)
                     break
-                except OSError:
+                except (OSError, ConnectError):  # the socket file appears before QEMU listens on it
                     pass
             time.sleep(0.02)
 
