@@ -7,11 +7,23 @@ ends and records every round trip. migd answers from published counters, so the 
 through the switch-over (QEMU's monitor is frozen for its whole downtime: max 290-350 ms there).
 
     python3 bench/bench_query_latency.py [--memory 1G] [--workload idle] [--runs 3] [--random-ram]
-        [--channels 1 2] [--probe] [--probe-ms 0.5] [--top 8] [--dst] [--py-spy DIR]
+        [--channels 1 2] [--client c|python] [--interval-ms 0] [--variant NAME[:VAR=VALUE,...]]...
+        [--probe] [--probe-ms 0.5] [--top 8] [--dst] [--py-spy DIR]
+
+The timing client is ``bench/qmp_probe.c``, compiled at start with the first C compiler found (cc,
+gcc, clang, tcc), or ``--client python`` (qemu.qmp in this process, the only one without a
+compiler): a Python client spends ~0.3 ms of its own per round trip and competes for the same two
+cores, so it measures itself as much as the daemon. Whichever it is, the same client first polls the
+idle source for 0.5 s: that reference, printed beside every run, is what the client and the host
+cost without a migration. ``--variant`` runs the daemons with extra environment variables, one
+variant after the other within each repetition (alternating, so that a change of the host's load hits
+all of them), e.g. ``--variant before:MIGD_DATA_PLANE_NICE=0 --variant after``.
 
 Each run is done once per ``--channels`` entry: 1 is one channel (no multifd), N > 1 is multifd with N
-channels on both sides. Prints p50/p99/max in ms per run, how many answers arrived while the status
-was ``device`` (the switch-over), the migration's own figures, and a summary per channel count.
+channels on both sides. Prints p50/p99/max in ms per run (with the status of the slowest answer and
+where it fell, 0..1 through the migration, and how many took over 1 ms), how many answers arrived
+while the status was ``device`` (the switch-over), the migration's own figures (MB/s: a client that
+asks back to back takes CPU from the migration), and a summary per variant and channel count.
 Target (issue 13): p99 <= 1 ms, max <= 10 ms.
 
 ``--probe`` runs both daemons with ``MIGD_GIL_PROBE=1`` (migd/gilprobe.py) and prints, per daemon,
@@ -356,6 +368,10 @@ async def one_run(tmp: Path, memory: int, workload: str, mem_path: Path | None, 
         "p50_ms": round(statistics.median(lat), 3),
         "p99_ms": round(percentile(lat, 0.99), 3),
         "max_ms": round(max(lat), 3),
+        # where the slowest answer fell: its status and how far into the migration (0..1 of the samples)
+        "max_at": (lambda i: f"{samples[i][1]} at {i / max(1, len(samples) - 1):.2f}")(
+            max(range(len(lat)), key=lat.__getitem__)) if lat else None,
+        "over_1ms": sum(1 for x in lat if x > 1.0),
         "during_switchover": sum(1 for _, st in samples if st in ("device", "pre-switchover")),
         "max_during_switchover_ms": round(max((x for x, st in samples if st == "device"), default=0.0), 3),
         "total_time_ms": info.get("total-time"),
@@ -457,7 +473,8 @@ def mbytes(r: dict[str, Any]) -> int | None:
 
 def print_run(i: int, r: dict[str, Any]) -> None:
     print(f"run {i + 1} {r['name']} channels={r['channels']}: {r['status']} samples={r['samples']} "
-          f"p50={r['p50_ms']} ms p99={r['p99_ms']} ms max={r['max_ms']} ms  answers during switch-over="
+          f"p50={r['p50_ms']} ms p99={r['p99_ms']} ms max={r['max_ms']} ms ({r['max_at']}) "
+          f">1ms={r['over_1ms']}  answers during switch-over="
           f"{r['during_switchover']} (max {r['max_during_switchover_ms']} ms)  "
           f"total={r['total_time_ms']} ms downtime={r['downtime_ms']} ms {mbytes(r)} MB/s "
           f"cpu s src={r['cpu_s']['src']} dst={r['cpu_s']['dst']} load={r['load']}")
