@@ -21,7 +21,10 @@ workload may contain commas). Prints one table row per case: total time, downtim
 switch-over and its ratio, the worst ratio after the first second (an estimate within 5 ms counts as
 exact, as in issue 10's bound), bytes sent, the convergence states seen, the policy actions that
 fired, the guest's largest stall after the migration (and before it, in brackets: a stall the
-migration did not cause, e.g. while the destination started). Writes a PNG (expected vs real downtime, time to converge) when
+migration did not cause, e.g. while the destination started), and the final pass's CPU time of the
+migration thread over its wall time in ms (``final_cpu``, from the source's policy trace: a final
+pass that had a fraction of its wall time on a CPU was descheduled — the host's doing, not the
+estimate's; with ``MIGD_POLICY_TRACE`` set the traces stay there, for replays). Writes a PNG (expected vs real downtime, time to converge) when
 matplotlib is installed (``pip install 'migd[bench]'``). The TCP cases with 10 and 50 ms of delay each
 way need network namespaces and root: ``bench/bench_netdelay.py`` (``--netdelay`` runs it here).
 """
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -67,6 +71,8 @@ QUICK = (
 ANCHOR = "random,rate=500M:100M:300"  # with x-migd-auto-throttle (QEMU: never; ~100 s with auto-converge)
 TERMINAL = ("completed", "failed", "cancelled")
 SMALL_MS = 5  # issue 10's bound: below 20 ms of downtime, an estimate within 5 ms holds
+TRACE_ENV = "MIGD_POLICY_TRACE"  # migration/policytrace.py: the source writes what it fed its policy
+TRACE_WAIT_S = 2.0  # s the trace of a finished migration may take to appear
 
 
 def parse_case(text: str) -> tuple[str, int, int]:
@@ -95,7 +101,19 @@ def error_factor(expected: float, real: float) -> float:
 async def one_case(tmp: Path, memory: int, case: str, timeout: float,
                    extra: dict[str, Any]) -> dict[str, Any]:
     workload, bandwidth, limit = parse_case(case)
-    src, dst = await start_pair(tmp, memory, workload, None, None)
+    # every source records its policy trace (there, or where the caller asked): the final pass's
+    # CPU time in it tells a descheduled thread from a wrong estimate
+    traces = Path(os.environ.get(TRACE_ENV) or tmp / "traces")
+    traces.mkdir(parents=True, exist_ok=True)
+    seen = set(traces.glob("*.json"))
+    saved_env = os.environ.get(TRACE_ENV)
+    os.environ[TRACE_ENV] = str(traces)
+    try:
+        src, dst = await start_pair(tmp, memory, workload, None, None)
+    finally:
+        if saved_env is None:
+            del os.environ[TRACE_ENV]
+    final_cpu = None
     stall = before = None
     try:
         control, probe = await src.client(), await src.client()
@@ -131,6 +149,17 @@ async def one_case(tmp: Path, memory: int, case: str, timeout: float,
         else:
             machine = await control.execute("x-migd-query-machine")
             stall = machine.get("workload", {}).get("largest-stall-ms")
+        deadline = time.monotonic() + TRACE_WAIT_S
+        while info.get("status") == "completed" and time.monotonic() < deadline:
+            new = sorted(set(traces.glob("*.json")) - seen)
+            if new:
+                outcome = json.loads(new[-1].read_text()).get("outcome", {})
+                wall = (outcome.get("phases") or {}).get("ram-final")
+                cpu = outcome.get("ram_final_cpu_ms")
+                if wall is not None and cpu is not None:
+                    final_cpu = f"{cpu:.0f}/{wall:.0f}"
+                break
+            await asyncio.sleep(0.05)
         for c in (control, probe, dclient):
             try:
                 await c.disconnect()
@@ -157,7 +186,7 @@ async def one_case(tmp: Path, memory: int, case: str, timeout: float,
         "worst_after_1s": round(worst, 2) if worst is not None else None, "worst_expected": worst_e,
         "sent_mb": round(info.get("ram", {}).get("transferred", 0) / 2**20),
         "states": ">".join(states), "actions": ",".join(actions[:4]) + (",…" if len(actions) > 4 else ""),
-        "stall_ms": f"{stall} ({before})", "phases": info.get("x-migd-downtime-phases"), "error": info.get("error-desc"),
+        "stall_ms": f"{stall} ({before})", "final_cpu": final_cpu, "phases": info.get("x-migd-downtime-phases"), "error": info.get("error-desc"),
         "limit": limit, "bandwidth": bandwidth, "workload": workload,
         "trace": [(round(t, 2), e, c.get("state"), c.get("eta-ms")) for t, e, c in samples[::10]],
     }
@@ -236,7 +265,7 @@ async def main() -> int:
         runs.append((ANCHOR, {**extra, "x-migd-auto-throttle": True}))
     tmp = Path(tempfile.mkdtemp(prefix="migd-scen-", dir="/dev/shm"))
     cols = ("case", "status", "digest", "total", "downtime", "expected", "ratio", "worst_after_1s",
-            "sent_mb", "states", "actions", "stall_ms")
+            "sent_mb", "states", "actions", "stall_ms", "final_cpu")
     print(f"# {len(runs)} cases, {args.memory} guest, unix socket, timeout {args.timeout:g} s; "
           f"load average {Path('/proc/loadavg').read_text().split()[0]} at the start")
     print("| " + " | ".join(cols) + " |")

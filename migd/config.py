@@ -6,14 +6,13 @@ Values are validated here, once, so the rest of the daemon can trust them.
 
 from __future__ import annotations
 
-import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from migd import units
+from migd import qemuopts, units
 from migd.machine.workloads import parse_workload
 from migd.objects import parse_spec
 
@@ -46,16 +45,7 @@ def parse_drive(spec: str | dict[str, Any]) -> DriveConfig:
     """``file=PATH[,cache=MODE]`` (QEMU's -drive syntax, ',,' escapes a comma) or a TOML table."""
     if isinstance(spec, dict):
         return DriveConfig.model_validate(spec)
-    fields: dict[str, str] = {}
-    for part in re.split(r"(?<!,),(?!,)", spec):
-        part = part.replace(",,", ",")
-        key, sep, value = part.partition("=")
-        if not sep:
-            raise ValueError(f"'{part}' is not KEY=VALUE")
-        if key in fields:
-            raise ValueError(f"'{key}' given twice")
-        fields[key] = value
-    return DriveConfig.model_validate(fields)
+    return DriveConfig.model_validate(qemuopts.keyvals(qemuopts.split(spec)))  # OptsError is a ValueError
 
 
 def check_qmp_uri(uri: str) -> str:

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from migd import qemuopts
 from migd.tlscreds import TlsCredsError, TlsCredsX509
 
 ENDPOINTS = ("client", "server")
@@ -108,15 +109,13 @@ def parse_spec(spec: str | Mapping[str, Any]) -> tuple[str, str, dict[str, Any]]
         props = dict(spec)
         qom_type, obj_id = props.pop("qom-type", None), props.pop("id", None)
     else:
-        parts = [p.replace(",,", ",") for p in re.split(r"(?<!,),(?!,)", spec)]
-        qom_type, props = parts[0], {}
-        for part in parts[1:]:
-            key, sep, value = part.partition("=")
-            if not sep:
-                raise ObjectError(f"Invalid parameter '{part}'")
-            if key in props:
-                raise ObjectError(f"Parameter '{key}' given twice")
-            props[key] = value
+        parts = qemuopts.split(spec)
+        qom_type = parts[0]
+        try:
+            props = dict(qemuopts.keyvals(parts[1:]))
+        except qemuopts.OptsError as exc:
+            raise ObjectError(f"Parameter '{exc.key}' given twice" if exc.twice
+                              else f"Invalid parameter '{exc.part}'") from None
         obj_id = props.pop("id", None)
     if not isinstance(qom_type, str) or not qom_type:
         raise ObjectError("Parameter 'qom-type' is missing")

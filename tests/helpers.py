@@ -58,12 +58,30 @@ def wait_for(fn: Callable[[], T], timeout: float = 30, interval: float = 0.02, w
         time.sleep(interval)
 
 
+HELD = ("active", "pre-switchover")  # where a held migration may be seen
+
+
 def hold_active(src: Any) -> None:
-    """Keep ``src``'s next migration ``active`` until the test raises ``downtime-limit``: with a guest
-    that dirties pages the remaining never fits in 1 ms. (A bandwidth cap does not hold it: the
-    policy predicts the final pass at the uncapped link rate and may switch a capped guest over at
-    once, however big the cap makes the first pass.)"""
+    """Keep ``src``'s next migration from completing until ``release_hold``: ``pause-before-switchover``
+    is the barrier (QEMU's: the migration waits in ``pre-switchover``, vCPUs stopped, for
+    ``migrate-continue``), and a 1 ms downtime limit keeps it ``active`` before that for as long as
+    each sync finds pages dirtied. Tests must accept either state (``HELD``): a vCPU dirties in 10 ms
+    slices and syncs come back to back under a 1 ms limit, so one soon finds nothing dirty, and a sync
+    that finds nothing switches over at any limit (a migration "held" by the limit alone completed in
+    0.1-0.8 s). A bandwidth cap does not hold it either: the policy predicts the final pass at the
+    uncapped link rate."""
+    src.cmd("migrate-set-capabilities", capabilities=[{"capability": "pause-before-switchover", "state": True}])
     src.cmd("migrate-set-parameters", **{"downtime-limit": 1})
+
+
+def release_hold(src: Any, timeout: float = 120) -> None:
+    """Let a migration held by ``hold_active`` complete: a normal limit, unlimited bandwidth, and
+    ``migrate-continue`` once it waits at the barrier (returns early if it ended otherwise)."""
+    src.cmd("migrate-set-parameters", **{"downtime-limit": 300, "max-bandwidth": 0})
+    status = wait_for(lambda: (lambda s: s if s not in ("setup", "active") else None)(
+        src.cmd("query-migrate").get("status")), timeout, what="the held migration to reach its barrier")
+    if status == "pre-switchover":
+        src.cmd("migrate-continue", state="pre-switchover")
 
 
 def thread_names(vm: Any, prefix: str) -> list[str]:

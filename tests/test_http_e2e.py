@@ -8,7 +8,7 @@ import re
 import urllib.request
 
 import pytest
-from helpers import hold_active
+from helpers import hold_active, release_hold
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -109,7 +109,7 @@ def test_destination_exports_incoming_progress(migd_factory):
     loading = dst.wait_for(lambda: (lambda m: m if m.get(("migd_incoming_status", (("status", "active"),))) == 1
                                     and m[("migd_incoming_received_bytes_total", ())] > (1 << 20) else None)(
         metrics(port)), what="the destination to show bytes received while active")
-    src.cmd("migrate-set-parameters", **{"downtime-limit": 300})
+    release_hold(src)
     assert loading[("migd_incoming_pages_total", (("kind", "normal"),))] + \
         loading[("migd_incoming_pages_total", (("kind", "zero"),))] > 0
     assert loading[("migd_incoming_load_time_seconds", ())] > 0

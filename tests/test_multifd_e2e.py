@@ -7,11 +7,11 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import threading
 from typing import Any
 
 import pytest
-from helpers import Migd, hold_active, thread_names, wait_for
+from helpers import HELD, Migd, hold_active, release_hold, thread_names, wait_for
+from relay import Relay
 
 
 def _free_port() -> int:
@@ -89,7 +89,7 @@ def test_multifd_cancel_midway_leaves_the_guest_running(migd_factory: Any) -> No
         _setup(vm, 2)
     hold_active(src)
     src.cmd("migrate", uri=uri)
-    wait_for(lambda: src.cmd("query-migrate")["status"] == "active", timeout=30, what="active")
+    wait_for(lambda: src.cmd("query-migrate")["status"] in HELD, timeout=30, what="active")
     wait_for(lambda: len(thread_names(src, "mig/src/mfd")) == 2, timeout=10, what="two sender threads")
     src.cmd("migrate_cancel")
     wait_for(lambda: src.cmd("query-migrate")["status"] == "cancelled", timeout=30, what="cancelled")
@@ -104,7 +104,7 @@ def test_multifd_destination_killed_midway_fails_the_source(migd_factory: Any) -
         _setup(vm, 4)
     hold_active(src)
     src.cmd("migrate", uri=uri)
-    wait_for(lambda: src.cmd("query-migrate")["status"] == "active", timeout=30, what="active")
+    wait_for(lambda: src.cmd("query-migrate")["status"] in HELD, timeout=30, what="active")
     wait_for(lambda: src.cmd("query-migrate")["ram"]["normal"] > 100, timeout=30, what="pages flowing")
     os.kill(dst.proc.pid, signal.SIGKILL)
     info = src.wait_for(lambda: (lambda i: i if i["status"] == "failed" else None)(src.cmd("query-migrate")),
@@ -119,54 +119,14 @@ def test_multifd_one_channel_closed_by_the_peer_fails_both_sides(migd_factory: A
     src, dst, uri = _pair(migd_factory, _unix, workload="random,rate=64M")
     for vm in (src, dst):
         _setup(vm, 2)
-    relay_path = str(src.sock_path("relay"))
-    relay = socket.socket(socket.AF_UNIX)
-    relay.bind(relay_path)
-    relay.listen(8)
-    conns: list[socket.socket] = []
-    stop = threading.Event()
-
-    def pump(a: socket.socket, b: socket.socket) -> None:
-        try:
-            while not stop.is_set():
-                data = a.recv(1 << 16)
-                if not data:
-                    break
-                b.sendall(data)
-        except OSError as exc:
-            print("relay pump:", exc, flush=True)  # shown with a failure: what ended a relayed connection
-        finally:
-            for s in (a, b):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def serve() -> None:
-        for _ in range(3):  # main + 2 channels
-            try:
-                c, _ = relay.accept()
-            except OSError:
-                return
-            d = socket.socket(socket.AF_UNIX)
-            try:
-                d.connect(uri.removeprefix("unix:"))
-            except OSError as exc:
-                print("relay connect:", exc, flush=True)
-                raise
-            conns.extend((c, d))
-            for a, b in ((c, d), (d, c)):
-                threading.Thread(target=pump, args=(a, b), daemon=True).start()
-
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
+    relay = Relay.unix(str(src.sock_path("relay")), uri.removeprefix("unix:"), limit=3)  # main + 2 channels
     try:
         hold_active(src)
-        src.cmd("migrate", uri=f"unix:{relay_path}")
-        wait_for(lambda: len(conns) == 6, timeout=30, what="three relayed connections")
+        src.cmd("migrate", uri=f"unix:{relay.server.getsockname()}")
+        wait_for(lambda: len(relay.socks) == 6, timeout=30, what="three relayed connections")
         wait_for(lambda: src.cmd("query-migrate").get("ram", {}).get("normal", 0) > 100, timeout=30,
                  what="pages flowing (status still active)")
-        conns[5].shutdown(socket.SHUT_RDWR)  # the destination's end of the last multifd channel
+        relay.socks[5].shutdown(socket.SHUT_RDWR)  # the destination's end of the last multifd channel
         info = src.wait_for(lambda: (lambda i: i if i["status"] == "failed" else None)(
             src.cmd("query-migrate")), timeout=60, what="failed")
         assert info.get("error-desc"), info
@@ -175,10 +135,7 @@ def test_multifd_one_channel_closed_by_the_peer_fails_both_sides(migd_factory: A
         assert dst.wait(timeout=30) == 1
         assert "multifd" in dst.log()
     finally:
-        stop.set()
         relay.close()
-        for s in conns:
-            s.close()
 
 
 def test_multifd_refused_on_exec_and_file_and_unsupported_compression(migd_factory: Any, tmp_path: Any) -> None:
@@ -208,8 +165,8 @@ def test_multifd_follows_a_block_hot_plugged_mid_way(migd_factory: Any) -> None:
     wait_for(lambda: src.cmd("query-migrate").get("ram", {}).get("normal", 0) > 100, timeout=30,
              what="pages flowing")
     assert "return" in src.cmd_raw("x-migd-ram-add", {"name": "hot0", "size": 8 << 20})
-    assert src.cmd("query-migrate")["status"] == "active"  # the block really came mid-way
-    src.cmd("migrate-set-parameters", **{"max-bandwidth": 0, "downtime-limit": 300})
+    assert src.cmd("query-migrate")["status"] in HELD  # the block really came mid-way
+    release_hold(src)
     info = src.wait_for(lambda: (lambda i: i if i["status"] in ("completed", "failed") else None)(
         src.cmd("query-migrate")), timeout=120, what="migration end")
     assert info["status"] == "completed", info

@@ -323,6 +323,17 @@ def test_diverging_guest_is_reported_diverging_within_ten_seconds() -> None:
     assert "eta-ms" not in sim.log[-1][2]
 
 
+def test_a_plan_that_never_fits_forecasts_a_switchover_within_the_threshold() -> None:
+    """A guest faster than its link (the policy off): no switch-over comes above the threshold, so
+    the one the estimate forecasts, if it comes, costs at most the limit (x-migd-convergence says
+    diverging), never the seconds that 128 MiB would take."""
+    sim = Sim(cap=32 * MIB, dirty_rate=100 * MIB, wss=128 * MIB, params={"downtime-limit": 50})
+    sim.run(limit_s=6)
+    late = [e for t, e, _ in sim.log if t >= 1.0]
+    assert late and max(late) <= 50, max(late)
+    assert sim.log[-1][2]["state"] == "diverging"
+
+
 def test_converging_forecast_has_an_eta() -> None:
     sim = Sim(cap=64 * MIB, dirty_rate=8 * MIB)
     sim.run()
@@ -346,6 +357,82 @@ def test_avail_switchover_bandwidth_replaces_the_measured_rate() -> None:
     assert policy.final_rate() == 100 * MIB
     assert policy.expected_downtime_ms(10 * MIB) == round(fixed + 100)
     assert policy.threshold() == int((300 - fixed) / 1000 * 100 * MIB)
+
+
+def test_a_pong_behind_a_backlog_is_no_round_trip_sample() -> None:
+    """A PING queued behind 2.5 MB the destination had not read came back after 82 ms, while the
+    switch-over's LOADED took 8.8 ms: its lateness is the backlog's (counted by on_backlog)."""
+    sim = Sim(rtt=0.0005)
+    before = sim.policy.rtt_ms()
+    sim.policy.on_rtt(0.082, queued_bytes=2_500_000)
+    assert sim.policy.rtt_ms() == pytest.approx(before)
+    sim.policy.on_rtt(0.004, queued_bytes=768)  # a PING with nothing ahead of it is one
+    assert sim.policy.rtt_ms() > before
+
+
+@pytest.mark.parametrize("cap", [0.0, 128 * MIB])
+def test_the_socket_backlog_counts_when_uncapped(cap: float) -> None:
+    """Uncapped, the destination loads the final pass after what the socket still holds, at the
+    pace it frees the socket (the link capacity); under a rate limit it catches up while the thread
+    sleeps."""
+    sim = Sim(cap=cap)
+    for _ in range(5):
+        sim._window()
+    policy = sim.policy
+    before = policy.expected_downtime_ms(0)
+    policy.on_backlog(8 * MIB)
+    after = policy.expected_downtime_ms(0)
+    if cap:
+        assert after == before
+    else:
+        assert after == pytest.approx(before + 8 * MIB / policy.capacity.value * 1000, abs=1)
+        assert after > before
+
+
+def test_a_probe_the_destination_kept_up_with_bounds_nothing() -> None:
+    """A probe's PONG that came soon after its burst was written timed the source (its vCPUs
+    running), not the destination: it ends the first switch-over's wait, but caps no rate."""
+    p = {**DEFAULT_PARAMETERS, "max-bandwidth": 32 * MIB}
+    policy = SwitchoverPolicy(lambda: p, 512 * MIB, 0.0, peer_answers=True)
+    policy.on_sync(0.0, 512 * MIB, 512 * MIB)
+    policy.on_sync(1.0, 60 * MIB, 60 * MIB, 60 * MIB)  # past the first pass
+    policy.on_rtt(0.0002)
+    policy.on_window(1.1, 3_400_000, 0.001, 0.004, 0.1, 3_400_000)
+    rate = policy.final_rate()
+    policy.on_rtt(0.040, behind_bytes=3_400_000, burst_s=0.035)  # answered 5 ms after the burst
+    assert policy.load_rate() == 0.0 and policy.final_rate() == rate
+    assert not policy._wait_for_probe(1.2, 40 * MIB)
+    policy.on_rtt(0.080, behind_bytes=3_400_000, burst_s=0.020)  # 60 ms after: the destination's pace
+    assert policy.load_rate() == pytest.approx(3_400_000 / (0.080 - 0.0002))
+
+
+def test_one_descheduled_window_does_not_set_the_cost_per_byte() -> None:
+    """The work per byte of re-sends is the median of the last windows (measured: 2.5 ns/B as an
+    average, 1.0 as the median of the same windows)."""
+    p = dict(DEFAULT_PARAMETERS)
+    policy = SwitchoverPolicy(lambda: p, 512 * MIB, 0.0)
+    policy.on_sync(0.0, 512 * MIB, 512 * MIB)
+    policy.on_sync(1.0, 60 * MIB, 60 * MIB, 60 * MIB)
+    sent = 3_400_000
+    for i, ns in enumerate((1.0, 1.1, 30.0, 0.9, 1.0)):
+        policy.on_window(1.1 + i / 10, sent, 0.001, 0.001 + sent * ns * 1e-9, 0.1, sent)
+    assert policy.final_rate() == pytest.approx(1 / (1 / policy.capacity.value + 1.0e-9), rel=0.01)
+
+
+def test_first_sends_do_not_set_the_cost_of_re_sends() -> None:
+    """The final pass re-sends pages: once a round past the first pass was measured, the first
+    pass's (dearer) data windows no longer count; during the first pass its cheapest one does."""
+    p = dict(DEFAULT_PARAMETERS)
+    policy = SwitchoverPolicy(lambda: p, 512 * MIB, 0.0)
+    policy.on_sync(0.0, 512 * MIB, 512 * MIB)
+    for i, ns in enumerate((40, 8, 20)):  # first sends: 3.4 MB windows at 40, 8, 20 ns/B of work
+        sent = 3_400_000
+        policy.on_window(0.1 * (i + 1), sent, 0.001, 0.001 + sent * ns * 1e-9, 0.1, sent)
+    first = policy.final_rate()
+    assert first == pytest.approx(1 / (1 / policy.capacity.value + 8e-9), rel=0.01)
+    policy.on_sync(0.5, 60 * MIB, 60 * MIB, 60 * MIB)  # the first pass ends
+    policy.on_window(0.6, 3_400_000, 0.001, 0.001 + 3_400_000 * 1e-9, 0.1, 3_400_000)
+    assert policy.final_rate() > 3 * first
 
 
 def test_measured_stop_replaces_the_wake_latency_prior() -> None:

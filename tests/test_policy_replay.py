@@ -42,7 +42,12 @@ def test_a_recorded_run_replays_to_its_own_switchover(path: Path) -> None:
     assert Step.SWITCHOVER not in steps[:-1]
 
 
-HELD = [p for p in TRACES if not p.stem.startswith("200M")]
+# Held after the first second except where a known gap says otherwise (with a test of its own):
+# 16M-unlimited (recorded at a load of 4-7 on 2 cores): the socket's backlog swings between 2.5 and
+# 8.3 MB from one decision to the next and one sync took 8.4 ms: 6 to 28 ms estimated for 15 in the
+# first 0.2 s after the first second.
+GAPS = {"16M-unlimited"}
+HELD = [p for p in TRACES if p.stem not in GAPS]
 # 16M-32M: until the second PONG (at 1.1 s) the only round trip is the first PING's, sent with the
 # header while the destination was still setting up (3.2 ms, twice: LOADED and SHUT): 10 ms
 # expected at 1.03 s for a 4 ms downtime. Held from the second PONG on.
@@ -63,11 +68,47 @@ def test_the_estimate_of_a_recorded_run_holds(path: Path) -> None:
     assert error_factor(worst[1], real) <= 2, (worst, real)
 
 
-def test_a_busy_guest_over_a_capped_link_is_estimated_pessimistically() -> None:
-    """The known gap (200 MiB/s on a 64 MiB hot set, 128 MiB/s): with the vCPUs busy, the thread's
-    page work costs several times what it costs in the final pass (vCPUs stopped), so the estimate
-    is above the real downtime, never below it by more than the bound."""
-    doc = load(next(p for p in TRACES if p.stem.startswith("200M")))
-    _, decisions = policytrace.replay(doc)
+def trace(stem: str) -> dict[str, Any]:
+    return load(next(p for p in TRACES if p.stem == stem))
+
+
+def test_a_plan_that_does_not_fit_forecasts_the_threshold() -> None:
+    """200 MiB/s on a 64 MiB hot set over 32 MiB/s: the first pass sends the hot pages at 8-42 ns/B
+    of the thread's time, the rounds after it at 0.6-1, so during it the 64 MB the plan ends with
+    look like seconds of downtime (661 ms planned, x2.7). But the decision never switches over above
+    its threshold: the switch-over came at 57 MB, 244 ms for a limit of 300, and a plan that does
+    not fit forecasts the threshold's downtime."""
+    doc = trace("200M-hot64M-32M")
+    policy, decisions = policytrace.replay(doc)
     real = doc["outcome"]["downtime"]
-    assert decisions[-1][1] >= 0.75 * real
+    first_end = [c[1] for c in doc["calls"] if c[0] == "on_sync"][1]
+    in_first_pass = [e for t, e, _ in decisions if 1.0 <= t - doc["start"] and t < first_end]
+    assert in_first_pass and all(error_factor(e, real) <= 2 for e in in_first_pass), (in_first_pass, real)
+    assert max(in_first_pass) <= doc["params"]["downtime-limit"]
+    assert policy.cpu_per_byte.samples and policy._cpu_first is not None
+    assert policy.cpu_per_byte.value < policy._cpu_first / 4  # re-sends are cheaper than first sends
+
+
+def test_first_pass_probes_give_way_to_the_rounds_after_it() -> None:
+    """200M on a 64 MiB hot set over 128 MiB/s: one probe in the first pass said 55 MB/s, the final
+    pass ran at 650. Past the first pass, until a probe of re-sends, the rounds' own cost stands."""
+    doc = trace("200M-hot64M-128M")
+    real = doc["outcome"]["downtime"]
+    first_end = [c[1] for c in doc["calls"] if c[0] == "on_sync"][1]
+    policy, decisions = policytrace.replay(doc, until=first_end + 0.5)
+    assert policy.load_rate() == 0.0  # no probe of re-sends yet: the first pass's one no longer counts
+    assert error_factor(decisions[-1][1], real) <= 2, (decisions[-1][1], real)
+
+
+def test_the_backlog_in_the_socket_is_part_of_the_downtime() -> None:
+    """16M unlimited: nothing left to send at the switch-over, but 3.6 MB in the socket that the
+    destination had not read yet (LOADED came after 8.8 ms, of a 15 ms downtime). Counted at the
+    pace the destination frees the socket, the estimate holds; without it, it is a fifth."""
+    doc = trace("16M-unlimited")
+    policy, decisions = policytrace.replay(doc)
+    real = doc["outcome"]["downtime"]
+    assert policy.backlog > 3 << 20
+    assert error_factor(decisions[-1][1], real) <= 1.25, (decisions[-1][1], real)
+    blind = {**doc, "calls": [c if c[0] != "on_backlog" else ["on_backlog", 0] for c in doc["calls"]]}
+    _, without = policytrace.replay(blind)
+    assert error_factor(without[-1][1], real) >= 4, (without[-1][1], real)

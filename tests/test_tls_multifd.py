@@ -10,9 +10,7 @@ the source closes its connections. zero-copy-send stays refused with TLS (QEMU's
 
 from __future__ import annotations
 
-import socket
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,70 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
 
 from e2e_util import digests, poll, run_status, wait_status  # noqa: E402
 from helpers import Migd, thread_names, wait_for  # noqa: E402
+from relay import Relay  # noqa: E402
 from tls_certs import client_dir, make_ca, server_dir  # noqa: E402
 
 MEM = "32M"
-JUNK = b"HTTP/1.0 400 this is no TLS server\r\n\r\n"
-
-
-class Relay:
-    """TCP relay on 127.0.0.1 to the destination; connection number ``sabotage`` (0 = main) gets JUNK."""
-
-    def __init__(self, target: tuple[str, int], sabotage: int | None = None, silent: bool = False) -> None:
-        self.target = target
-        self.sabotage = sabotage
-        self.silent = silent  # the sabotaged connection hears nothing at all (a stuck handshake)
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self.server.getsockname()[1])
-        self.first: dict[int, bytes] = {}  # connection number -> the source's first bytes
-        self.socks: list[socket.socket] = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        for n in range(8):  # main + at most 7 channels in these tests
-            try:
-                c, _ = self.server.accept()
-            except OSError:
-                return
-            if n == self.sabotage and self.silent:
-                with self.lock:
-                    self.socks.append(c)
-                continue
-            d = socket.create_connection(self.target, timeout=10)
-            with self.lock:
-                self.socks += [c, d]
-            if n == self.sabotage:
-                for s in (c, d):
-                    try:
-                        s.sendall(JUNK)
-                        s.shutdown(socket.SHUT_WR)
-                    except OSError:
-                        pass
-                continue
-            threading.Thread(target=self._pump, args=(n, c, d), daemon=True).start()
-            threading.Thread(target=self._pump, args=(None, d, c), daemon=True).start()
-
-    def _pump(self, n: int | None, a: socket.socket, b: socket.socket) -> None:
-        try:
-            while data := a.recv(1 << 16):
-                if n is not None and n not in self.first:
-                    self.first[n] = data[:2]
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.server.close()
-        with self.lock:
-            for s in self.socks:
-                s.close()
 
 
 def _x509(obj_id: str, directory: Path, endpoint: str) -> dict[str, Any]:
@@ -118,7 +56,7 @@ def _pair(factory: Any, tmp_path: Path, channels: int) -> tuple[Migd, Migd, int]
 @pytest.mark.parametrize("channels", [2])
 def test_multifd_over_tls_completes_with_equal_digests(migd_factory: Any, tmp_path: Path, channels: int) -> None:
     src, dst, port = _pair(migd_factory, tmp_path, channels)
-    relay = Relay(("127.0.0.1", port))
+    relay = Relay.tcp(port)
     try:
         src.cmd("migrate", uri=f"tcp:127.0.0.1:{relay.port}")
         info = wait_status(src, "completed", 60)
@@ -138,7 +76,7 @@ def test_multifd_over_tls_completes_with_equal_digests(migd_factory: Any, tmp_pa
 def test_multifd_channel_whose_handshake_fails_fails_the_migration_cleanly(migd_factory: Any,
                                                                            tmp_path: Path) -> None:
     src, dst, port = _pair(migd_factory, tmp_path, 2)
-    relay = Relay(("127.0.0.1", port), sabotage=2)  # the second multifd channel
+    relay = Relay.tcp(port, sabotage=2)  # the second multifd channel
     try:
         src.cmd("migrate", uri=f"tcp:127.0.0.1:{relay.port}")
         info = wait_status(src, "failed", 60)
@@ -174,7 +112,7 @@ def test_cancel_ends_a_multifd_channel_handshake_that_hears_nothing(migd_factory
     """The second multifd channel connects but its peer never answers the handshake: migrate_cancel
     wakes it (it does not wait for the handshake's own time-out) and the guest runs on."""
     src, dst, port = _pair(migd_factory, tmp_path, 2)
-    relay = Relay(("127.0.0.1", port), sabotage=2, silent=True)
+    relay = Relay.tcp(port, sabotage=2, silent=True)
     try:
         src.cmd("migrate", uri=f"tcp:127.0.0.1:{relay.port}")
         wait_for(lambda: len(relay.socks) == 5, timeout=30, what="main + channel 0 relayed, channel 1 held")

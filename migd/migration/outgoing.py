@@ -40,6 +40,7 @@ from typing import Any, Protocol
 from migd.bql import BQL
 from migd.machine.runstate import LIVE_STATES, RunState
 from migd.migration import policytrace
+from migd.migration.backlog import queued_bytes
 from migd.migration.foreign_save import RAM_WAIT, savevm_for
 from migd.migration.format import (
     CMD_X_MIGD_COMMIT,
@@ -178,11 +179,14 @@ class MigrationThread(threading.Thread):
         self._iter_busy = 0.0
         self._iter_sleep = 0.0
         self._iter_pages = 0
+        self._iter_cpu = 0.0  # the thread's CPU time at the window's start
+        self._final_cpu_ms: float | None = None
         self._pre_sync_dirty = 0
         self._sync_dirtied: int | None = None  # the dirty log's bytes just before a sync's take
         self._completing = False
         self._ping = 1  # PING 1 goes out with the header
-        self._ping_sent: tuple[int, float, int] | None = None  # (value, time, bytes just before it)
+        # (value, time, bytes just before it, bytes queued in the socket ahead of it, s the burst took)
+        self._ping_sent: tuple[int, float, int, int, float] | None = None
         self._last_ping = 0.0
         self._last_probe = 0.0  # when the last PING that follows a burst went out
         self._slept = False  # the thread slept on the rate limit since the last burst
@@ -376,6 +380,7 @@ class MigrationThread(threading.Thread):
         return pending
 
     def _decide(self, pending: int, exact: bool) -> Decision:
+        self.policy.on_backlog(queued_bytes(self.channel))  # what the destination has still to read
         decision = self.policy.decide(time.monotonic(), pending, exact)
         for action in decision.actions:
             self._execute(action)
@@ -433,7 +438,9 @@ class MigrationThread(threading.Thread):
         self._ping += 1
         self.stream.put(command(Cmd.PING, self._ping.to_bytes(4, "big")))
         self.stream.flush()
-        self._ping_sent = (self._ping, since if behind else time.monotonic(), behind or 0)
+        sent_at = time.monotonic()
+        self._ping_sent = (self._ping, since if behind else sent_at, behind or 0,
+                           queued_bytes(self.channel), sent_at - since if behind else 0.0)
 
     def _pages(self) -> int:
         """Pages sent so far, zero pages included."""
@@ -460,7 +467,7 @@ class MigrationThread(threading.Thread):
         self._ping_sent = None
         # the switch-over waits for LOADED, and with the commit protocol for SHUT after COMMIT too
         self.policy.round_trips = 2 if self._accepted() & FEATURE_COMMIT else 1
-        self.policy.on_rtt(arrived - sent[1], behind_bytes=sent[2])
+        self.policy.on_rtt(arrived - sent[1], behind_bytes=sent[2], queued_bytes=sent[3], burst_s=sent[4])
 
     # -- counters (QEMU's migration_update_counters / migration_rate_limit) -----------------------
 
@@ -470,6 +477,7 @@ class MigrationThread(threading.Thread):
         self._iter_busy = self.stream.write_busy
         self._iter_sleep = 0.0
         self._iter_pages = self.stats.normal + self.stats.duplicate
+        self._iter_cpu = time.thread_time()
         self.stream.reset_window()
 
     def _rate_limit(self) -> None:
@@ -496,7 +504,7 @@ class MigrationThread(threading.Thread):
         pages = stats.normal + stats.duplicate
         self.bandwidth = transferred / spent_ms
         self.policy.on_window(now, transferred, busy, max(busy, spent - self._iter_sleep), spent,
-                              (pages - self._iter_pages) * stats.page_size)
+                              (pages - self._iter_pages) * stats.page_size, time.thread_time() - self._iter_cpu)
         if self.savevm is not None:
             self.policy.on_dirty_log(now, self.savevm.unsynced_bytes())
         self.threshold = float(self.policy.threshold())
@@ -664,9 +672,11 @@ class MigrationThread(threading.Thread):
         """
         savevm, stream = self.savevm, self.stream
         assert savevm is not None  # made in setup, before any switch-over
+        cpu = time.thread_time()
         savevm.save_complete_ram(stream)
         stream.flush()
         clock.mark("ram-final")
+        self._final_cpu_ms = (time.thread_time() - cpu) * 1000  # the thread's own, for the trace
         with BQL:  # devices are read while nothing else may touch them
             savevm.save_complete_devices(stream)
         clock.mark("device-state")
@@ -749,7 +759,8 @@ class MigrationThread(threading.Thread):
         ms, machine = self.ms, self.machine
         policytrace.save(self.policy, ms.config.params, {
             "status": str(ms.status), "downtime": ms.downtime, "expected_downtime": ms.expected_downtime,
-            "switch_pending": self._switch_pending, "phases": ms.downtime_phases})
+            "switch_pending": self._switch_pending, "phases": ms.downtime_phases,
+            "ram_final_cpu_ms": self._final_cpu_ms})
         if self.throttle is not None:
             self.throttle.stop()
         ms.throttle_percentage = 0

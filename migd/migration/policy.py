@@ -10,7 +10,10 @@ The model:
 - **the final pass** runs uncapped: it costs the write time at link capacity plus the thread's own
   work per byte (finding, reading and framing pages: the window's active time outside writes), so
   ``final_rate = 1 / (1/capacity + cpu_per_byte)`` — or ``avail-switchover-bandwidth`` when set
-  (QEMU's meaning: the bandwidth the switch-over may count on);
+  (QEMU's meaning: the bandwidth the switch-over may count on); the final pass re-sends pages, so
+  its costs are learnt past the first pass (first sends cost more, on both ends);
+- **the backlog**: what the socket holds that the destination has not read (``on_backlog``); without
+  a rate limit it is loaded before the final pass;
 - **fixed costs** are measured in this migration: the vCPU stop (real, else twice the thread's
   measured wake-up latency), the drive flush, the final bitmap sync, the device-state save (a dry run
   at setup), the destination's round trip (PONGs), and the rest of the switch-over's framing;
@@ -20,9 +23,10 @@ The model:
   every window, no take: ``on_dirty_log``) to ``W (1 - exp(-r t / W))``, uniform writes at rate ``r``
   over a set of ``W`` bytes — the only view of the guest during a long first pass.
 
-``expected_downtime_ms(remaining) = fixed + planned final pass / final_rate``: a forecast of the
-switch-over this policy will make, not the cost of one made now — the decision replayed on the
-model round by round (during the first pass, from what the dirty log will hold when it ends). The
+``expected_downtime_ms(remaining) = fixed + backlog / capacity + planned final pass / final_rate``: a forecast
+of the switch-over this policy will make, not the cost of one made now — the decision replayed on the
+model round by round (during the first pass, from what the dirty log will hold when it ends; a plan
+that never fits ends at the threshold, above which no switch-over is made). The
 threshold is the remaining that fits in the downtime limit. Below it the switch-over goes ahead
 unless one more live round is predicted to leave at most ``HALVING`` of what is left and the RAM part
 still matters next to the fixed costs (a round costs the guest nothing; the limit is a ceiling, not a
@@ -64,6 +68,8 @@ THROTTLE_TARGET = 0.4
 PROBE_WAIT_S = 3.0  # s the first switch-over under a rate limit waits at most for a probe (see decide)
 FLOOR_AFTER_S = 0.5  # s: a PING unanswered for longer raises the round trip (before one PONG: any age)
 PEEKS = 1024  # dirty-log peeks kept since the last sync (one a window)
+# a probe's PONG later than its burst took by less than this share of it: the destination kept up
+PROBE_LAG = 0.5
 PEEK_MIN_S = 0.2  # s of dirty log a fit needs at least
 # the convergence state's hysteresis: judgements in a row needed to leave a state, and how long a
 # state holds at least once announced (a throttled guest hovers about the threshold)
@@ -205,14 +211,19 @@ class SwitchoverPolicy:
         self.capacity = _Ewma()  # bytes/s inside channel writes: the link
         self._link_bytes, self._link_busy = 0, 0.0  # windows not yet counted in capacity
         self.throughput = _Ewma()  # RAM bytes/s over whole windows: what the rate limit lets through
-        self.cpu_per_byte = _Ewma()  # s of the thread's own work per byte sent, outside writes
+        self.cpu_per_byte = _Ewma()  # s of the thread's own work per byte re-sent, outside writes
+        self._cpu_first: float | None = None  # the same, the cheapest window of first sends
         self.data_throughput = _Ewma()  # bytes/s over windows of data pages: a live round's pace
         self._cpu_mixed = _Ewma()  # per guest RAM byte, over windows with some data pages
         self._cpu_any = _Ewma()  # the same over zero-page windows, until a data window was seen
         self._rtt: deque[float] = deque(maxlen=5)  # s, the last round trips
         self._rtt_floor = 0.0  # s, the age of the PING still unanswered
         self.round_trips = 1  # the switch-over waits for LOADED (and for SHUT after COMMIT: 2)
-        self._load_rates: deque[float] = deque(maxlen=5)
+        self._load_rates: deque[float] = deque(maxlen=5)  # probes of re-sends (past the first pass)
+        self._load_first = 0.0  # bytes/s, the fastest probe of first sends
+        self._probed = False  # a probe past the first pass was answered (one that bounds the rate or not)
+        self._cpu_recent: deque[float] = deque(maxlen=RATE_SAMPLES)  # the last re-send windows' costs
+        self.backlog = 0  # bytes the socket held for the destination at the last decision
         self._probe_wait_since: float | None = None  # when the switch-over began to wait for a probe  # bytes/s the destination loaded a burst at
         self._rates: deque[float] = deque(maxlen=RATE_SAMPLES)  # per-window final-pass rates, bytes/s
         self.phases: dict[str, float] = {}  # ms, measured fixed costs
@@ -240,13 +251,15 @@ class SwitchoverPolicy:
     # -- inputs -----------------------------------------------------------------------------------
 
     def on_window(self, now: float, sent_bytes: int, busy_s: float, active_s: float | None = None,
-                  window_s: float | None = None, ram_bytes: int | None = None) -> None:
+                  window_s: float | None = None, ram_bytes: int | None = None,
+                  cpu_s: float | None = None) -> None:
         """One rate window: bytes written, seconds inside channel writes, seconds the thread worked
-        (the window minus rate-limit sleeps), the window's length, guest RAM bytes it covered.
+        (the window minus rate-limit sleeps), the window's length, guest RAM bytes it covered, the
+        thread's CPU seconds in it (recorded for the traces; the model does not use it).
 
         The thread's cost per byte is only learnt from windows of mostly data pages: zero pages cost a
         scan and almost no wire bytes, and the final pass carries the pages the guest wrote."""
-        self._rec("on_window", now, sent_bytes, busy_s, active_s, window_s, ram_bytes)
+        self._rec("on_window", now, sent_bytes, busy_s, active_s, window_s, ram_bytes, cpu_s)
         if sent_bytes < MIN_WINDOW_BYTES:
             return
         # a fast link with little to send spends microseconds in writes: add windows up until the
@@ -267,9 +280,16 @@ class SwitchoverPolicy:
                 self._cpu_mixed.add((active_s - busy_s) / ram_bytes)
             self._cpu_any.add((active_s - busy_s) / sent_bytes)
         if active_s is not None and active_s >= busy_s and data_heavy:
-            self.cpu_per_byte.add((active_s - busy_s) / sent_bytes)
-            if self.capacity.samples:
-                self._rates.append(1 / (1 / self.capacity.value + (active_s - busy_s) / sent_bytes))
+            cost = (active_s - busy_s) / sent_bytes
+            if not self.in_first_pass():
+                self.cpu_per_byte.add(cost)
+                self._cpu_recent.append(cost)
+            elif self._cpu_first is None or cost < self._cpu_first:
+                # first sends cost more than the re-sends a final pass carries (see final_rate): the
+                # least contended of them is the closest
+                self._cpu_first = cost
+            if self.capacity.samples and (not self.in_first_pass() or not self.cpu_per_byte.samples):
+                self._rates.append(1 / (1 / self.capacity.value + cost))
         if window_s is not None and window_s > 0 and data_heavy:
             self.data_throughput.add(sent_bytes / window_s)
         if window_s is not None and window_s > 0:  # remaining counts guest RAM: so does the progress
@@ -312,6 +332,8 @@ class SwitchoverPolicy:
                     g.raw_rate.add(pace / max(0.01, 1 - self.throttle / 100))
         if fresh is not None and fresh[1] > 0:
             g.hot_set = int(fresh[1])
+        if g.syncs == 1:  # this sync ends the first pass: the spread of first sends says nothing more
+            self._rates.clear()
         if g.syncs >= 1:  # the first sync is the whole RAM
             g.working_set = max(g.working_set, remaining_bytes)
             if g.low is None or remaining_bytes < g.low * (1 - PROGRESS_STEP):
@@ -328,23 +350,46 @@ class SwitchoverPolicy:
         """Before the sync that ends the first pass (the setup's sync is the first)."""
         return self.guest.syncs < 2
 
-    def on_rtt(self, seconds: float, lower_bound: bool = False, behind_bytes: int = 0) -> None:
+    def on_rtt(self, seconds: float, lower_bound: bool = False, behind_bytes: int = 0,
+               queued_bytes: int = 0, burst_s: float = 0.0) -> None:
         """A PING's round trip; with ``lower_bound``, the age of a PING not answered yet: the round
         trip is at least that. With ``behind_bytes``, the PING followed that many bytes sent after
         the destination had caught up, and ``seconds`` counts from the first of them: beyond the
         plain round trip, the time they took from the source's scan to the destination's load — a
-        sample of the final pass's pace end to end."""
-        self._rec("on_rtt", seconds, lower_bound, behind_bytes)
+        sample of the final pass's pace end to end. ``queued_bytes``: what the socket still held
+        for the destination to read when the PING went out; a PONG that waited behind a backlog
+        (``on_backlog`` counts it) is no sample of the round trip (measured: 82 ms behind 2.5 MB,
+        against a LOADED that took 8.8 ms). ``burst_s``: how long the probe's burst took to write
+        (0 = not known): a destination that answered within PROBE_LAG of it kept up with the source,
+        so the probe timed the source's pace with the vCPUs running, not the destination's, and it
+        bounds nothing (measured: probes of 196-309 MB/s, a final pass at 680)."""
+        self._rec("on_rtt", seconds, lower_bound, behind_bytes, queued_bytes, burst_s)
         if lower_bound:
             self._rtt_floor = max(0.0, seconds)
             return
         self._rtt_floor = 0.0
-        if not behind_bytes:
-            self._rtt.append(max(0.0, seconds))
-            return
         base = min(self._rtt) if self._rtt else 0.0  # the wire's own round trip
+        if not behind_bytes:
+            if queued_bytes < MIN_WINDOW_BYTES:
+                self._rtt.append(max(0.0, seconds))
+            return
         if behind_bytes >= MIN_WINDOW_BYTES and seconds - base > MIN_BUSY_S:
-            self._load_rates.append(behind_bytes / (seconds - base))
+            self._probed = self._probed or not self.in_first_pass()
+            if burst_s > 0 and seconds - base - burst_s < PROBE_LAG * burst_s:
+                return  # the source's pace: the destination kept up
+            # the destination loaded what the socket held ahead of the PING too, when it had not
+            # caught up before the burst
+            rate = max(behind_bytes, queued_bytes) / (seconds - base)
+            if self.in_first_pass():
+                self._load_first = max(self._load_first, rate)
+            else:
+                self._load_rates.append(rate)
+
+    def on_backlog(self, queued_bytes: int) -> None:
+        """Before each decision: bytes the socket holds that the destination has not read yet (0 where
+        the channel cannot tell). The switch-over's LOADED comes only once they are loaded too."""
+        self._rec("on_backlog", queued_bytes)
+        self.backlog = max(0, queued_bytes)
 
     def on_phase(self, name: str, ms: float) -> None:
         """A measured fixed cost: ``stop-vcpus``, ``drive-flush``, ``sync``, ``device-state``,
@@ -353,8 +398,8 @@ class SwitchoverPolicy:
         if name == "wake":
             self._wake_ms.append(max(0.0, ms))
         elif name == "sync":  # one descheduled sync is not what the final one will cost
-            self._sync_ms.append(max(0.0, ms))
-            self.phases[name] = sorted(self._sync_ms)[len(self._sync_ms) // 2]
+            self._sync_ms.append(max(0.0, ms))  # the lower median: of two, the faster (22 ms and 0.4)
+            self.phases[name] = sorted(self._sync_ms)[(len(self._sync_ms) - 1) // 2]
         else:
             self.phases[name] = max(0.0, ms)
 
@@ -371,8 +416,13 @@ class SwitchoverPolicy:
             return float(avail)
         if not self.capacity.samples:
             return 0.0
-        cpu = next((e for e in (self.cpu_per_byte, self._cpu_mixed, self._cpu_any) if e.samples), self._cpu_any)
-        per_byte = 1 / self.capacity.value + max(0.0, cpu.value)
+        if self._cpu_recent:  # the median: one descheduled window (measured: 2.5 ns/B average, 1.0 median)
+            cpu = sorted(self._cpu_recent)[len(self._cpu_recent) // 2]
+        elif self._cpu_first is not None:
+            cpu = self._cpu_first
+        else:
+            cpu = next((e for e in (self._cpu_mixed, self._cpu_any) if e.samples), self._cpu_any).value
+        per_byte = 1 / self.capacity.value + max(0.0, cpu)
         load = self.load_rate()
         return min(1 / per_byte, load) if load else 1 / per_byte
 
@@ -383,10 +433,12 @@ class SwitchoverPolicy:
         two (measured: 4 GB/s into the buffer, 460 MB/s end to end). The fastest probe would be
         closer for a busy guest (the running vCPUs' share of the interpreter slows a probe, not
         the final pass), but on a loaded host a final pass also ran at 170 MB/s where the fastest
-        probe said 650: the median errs to the safe side."""
+        probe said 650: the median errs to the safe side. Probes of the first pass count only until
+        it ends, as their fastest: first sends are slower end to end than the re-sends of a final
+        pass (measured: 55 MB/s in the first pass, 631 after it, 650 in the final pass)."""
         if not self._load_rates:
-            return 0.0
-        return sorted(self._load_rates)[len(self._load_rates) // 2]
+            return self._load_first if self.in_first_pass() else 0.0
+        return sorted(self._load_rates)[(len(self._load_rates) - 1) // 2]  # of two, the slower
 
     def fixed_parts(self) -> dict[str, float]:
         """The switch-over's fixed costs (ms) as the model sees them now, by name."""
@@ -424,45 +476,71 @@ class SwitchoverPolicy:
         remaining itself. Before the first window, ``fallback_rate`` (bytes/s, e.g. the average since
         the start) stands in for the final-pass rate; with neither, the limit is QEMU's first guess."""
         fixed = self.fixed_ms()
-        final = self.planned_final(remaining_bytes)
+        final, _ = self._planned(remaining_bytes)
+        # the destination loads the final pass after what the socket holds ahead of it, at the pace
+        # it frees the socket: the link capacity (time inside writes, which block on a full socket).
+        # Under a rate limit it catches up while the thread sleeps (measured: no backlog at any
+        # capped switch-over, 2-8 MiB at the uncapped ones)
+        capped = int(self._params()["max-bandwidth"])
+        drain_ms = (self.backlog / self.capacity.value * 1000
+                    if self.backlog and not capped and self.capacity.samples and self.capacity.value > 0 else 0.0)
         if final <= 0:
-            return int(round(fixed))
+            return int(round(fixed + drain_ms))
         rate = self.final_rate() or fallback_rate
         if rate <= 0:
             return self.limit_ms()
-        return int(round(fixed + final / rate * 1000))
+        return int(round(fixed + drain_ms + final / rate * 1000))
 
     def planned_final(self, remaining: int) -> float:
         """What will be left at the switch-over, if the guest keeps its pace: the decision replayed
         on the model, round by round; during the first pass, from what the dirty log will hold when
         it ends. A remaining that does not shrink is its own answer."""
+        return self._planned(remaining)[0]
+
+    def _planned(self, remaining: int) -> tuple[float, float | None]:
+        """``planned_final`` and the bytes of the live round before it (None: no more rounds; the
+        first pass's rest counts as one)."""
         r = float(remaining)
         if self.guest_pace() is None:
-            return r  # the guest's pace is not known yet: the switch-over as if it came now
+            return r, None  # the guest's pace is not known yet: the switch-over as if it came now
         if self.in_first_pass():
             r = self._first_pass_leaves(remaining)
         elif self.guest.peeks:  # between syncs: the next one adds what the dirty log holds
             r += self.guest.peeks[-1][1]
+        # the rest of this pass is sent before the next sync: a round of its own
+        current = float(remaining) if self.in_first_pass() or self.guest.peeks else None
         threshold = self.threshold()
-        final = self._plan(r, threshold, 1.0)
+        final, last = self._plan(r, threshold, 1.0)
         p = self._params()
         if final > threshold and p.get("x-migd-auto-throttle", False) and not self._aborted:
             # it will not fit as the guest goes: the computed throttle will slow it down
             need = self.needed_throttle(p)
             if need > self.throttle:
-                final = self._plan(r, threshold, (1 - need / 100) / max(0.01, 1 - self.throttle / 100))
-        return final
+                final, last = self._plan(r, threshold, (1 - need / 100) / max(0.01, 1 - self.throttle / 100))
+        # a plan that never fits: the switch-over, if it comes, comes within the threshold (the
+        # decision makes none above it; x-migd-convergence says whether it comes) — the threshold
+        # of a steady rate, not of this moment's spread, which first sends widen (measured: 500M
+        # unlimited at 50 ms switched over after 17 s with 30 ms, planned at 800 before; 200M on a
+        # 64 MiB hot set over 32 MiB/s, 244 ms at 57 MB, 661 planned during the first pass)
+        if final > threshold:
+            rate = self.final_rate()
+            if not int(p["avail-switchover-bandwidth"]):
+                rate *= 1 - MIN_SPREAD
+            final = min(final, max(0.0, self.limit_ms() - self.fixed_ms()) / 1000 * rate)
+        return final, current if last is None else last
 
-    def _plan(self, r: float, threshold: int, scale: float) -> float:
-        """The decision replayed from ``r``, the guest's pace scaled by ``scale``."""
+    def _plan(self, r: float, threshold: int, scale: float) -> tuple[float, float | None]:
+        """The decision replayed from ``r``, the guest's pace scaled by ``scale``: the final pass,
+        and the last live round's bytes (None: none)."""
+        last: float | None = None
         for _ in range(PLAN_ROUNDS):
             if r <= threshold and not self._another_round_pays(int(r), scale=scale):
-                return r
+                return r, last
             following = self._next_round(int(r), scale)
             if not following < r:
-                return r
-            r = following
-        return r
+                return r, last
+            last, r = r, following
+        return r, last
 
     def guest_pace(self) -> tuple[float, int] | None:
         """(dirty rate bytes/s, working set bytes, 0 = not bounded) the plan counts on: the pace
@@ -565,7 +643,7 @@ class SwitchoverPolicy:
         to end: until then the final pass's rate is the socket buffer's (measured: 1.4 GB/s
         expected, 384 MB/s real, for 52 MB after a first pass of mostly zero pages)."""
         p = self._params()
-        if (self._load_rates or not self.peer_answers or not int(p["max-bandwidth"])
+        if (self._probed or not self.peer_answers or not int(p["max-bandwidth"])
                 or int(p["avail-switchover-bandwidth"])):
             return False
         rate = self.final_rate()
