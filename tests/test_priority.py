@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import REPO, thread_names, wait_for
+from helpers import HELD, REPO, hold_active, release_hold, thread_names, wait_for
 
 from migd.priority import DEFAULT_NICE, ENV, configured_increment, data_plane_nice, lower_this_thread
 
@@ -65,10 +65,8 @@ def test_migration_multifd_and_vcpu_threads_run_below_the_event_loop(migd_factor
     # before any migration: the two vCPUs only (they are lowered for life)
     wait_for(lambda: len(lowered(pid)) == 2, timeout=10, what="two lowered vCPU threads")
     _multifd(src, 2)
-    # the barrier: a guest that dirties keeps it active at 1 ms, pause-before-switchover holds it
-    # before the switch-over whatever it dirties, until migrate-continue
-    src.cmd("migrate-set-capabilities", capabilities=[{"capability": "pause-before-switchover", "state": True}])
-    src.cmd("migrate-set-parameters", **{"max-bandwidth": 0, "downtime-limit": 1})
+    hold_active(src)  # the threads are read while it waits at pause-before-switchover at the latest
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
     src.cmd("migrate", uri=f"unix:{sock}")
     wait_for(lambda: len(thread_names(src, "mig/src/mfd")) == 2, timeout=30, what="two sender threads")
     # vCPUs + the migration thread + both senders; the return-path reader, the heartbeat watchdog and
@@ -77,16 +75,13 @@ def test_migration_multifd_and_vcpu_threads_run_below_the_event_loop(migd_factor
     src_lowered = lowered(pid)
     assert sorted(n for n in src_lowered.values() if n.startswith("mig/src/mfd")) == ["mig/src/mfd0", "mig/src/mfd1"]
     assert pid not in src_lowered
-    assert src.cmd("query-migrate")["status"] in ("active", "pre-switchover")
+    assert src.cmd("query-migrate")["status"] in HELD
     # the destination: its receivers (and incoming thread) lowered, its event loop not
     dpid = dst.proc.pid
     wait_for(lambda: len([n for n in lowered(dpid).values() if n.startswith("mig/dst/mfd")]) >= 2, timeout=30,
              what="lowered receiver threads")
     assert dpid not in lowered(dpid)
-    src.cmd("migrate-set-parameters", **{"downtime-limit": 300})
-    src.wait_for(lambda: src.cmd("query-migrate")["status"] == "pre-switchover", timeout=60,
-                 what="the migration to reach its barrier")
-    src.cmd("migrate-continue", state="pre-switchover")
+    release_hold(src)
     info = src.wait_for(lambda: (lambda i: i if i["status"] in ("completed", "failed") else None)(
         src.cmd("query-migrate")), timeout=60, what="migration end")
     assert info["status"] == "completed", info
