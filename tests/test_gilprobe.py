@@ -34,8 +34,12 @@ def test_stall_record_names_busy_threads_busiest_first() -> None:
 
 
 def _hold_gil(size: int) -> None:
-    """One long C call that keeps the GIL: a bytes() copy of a large buffer."""
+    """One long C call that keeps the GIL: a bytes() copy of a large buffer. The loop after it gives
+    the holder its next eval-breaker checks (backward jumps) inside this function: it drops the GIL
+    here, so the probe's stack names it (without the loop it may drop it only once returned)."""
     bytes(memoryview(bytearray(size)))
+    for _ in range(1000):
+        pass
 
 
 def test_probe_reports_a_long_hold_with_its_stack(tmp_path: Path) -> None:

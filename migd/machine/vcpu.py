@@ -21,6 +21,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from migd.priority import lower_this_thread
+
 SLICE = 0.010  # seconds of guest run time per slice
 RATE_WINDOW = 2.0  # seconds over which the achieved rate is measured
 
@@ -102,6 +104,7 @@ class VCPU:
     # -- the thread -----------------------------------------------------------------------------
 
     def _main(self) -> None:
+        lower_this_thread()  # the guest is data plane too: as the migration thread (migd/priority.py)
         vset = self.vset
         cond = vset.cond
         while True:

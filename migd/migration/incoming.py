@@ -46,6 +46,7 @@ from migd.migration.savevm import load_commit, load_stream
 from migd.migration.status import MigrationStatus
 from migd.migration.stream import InStream
 from migd.objects import ObjectError
+from migd.priority import lower_this_thread
 from migd.switching import fast_switching
 from migd.threads import any_thread, loop_only, off_loop, on_thread
 from migd.transports import Listener, TransportError, URIError, listen, parse_uri, tls
@@ -209,6 +210,7 @@ class IncomingMigration:
 
     @on_thread("mig/dst/main")
     def _run(self) -> None:
+        lower_this_thread()  # data plane, and so are prefault/multifd threads it starts (migd/priority.py)
         try:
             with fast_switching():  # the loading thread must not keep the loop waiting 5 ms per answer
                 self._accept_and_load()

@@ -37,6 +37,7 @@ from migd.migration.compress import FLAG_MASK, METHOD_FLAGS, CompressError, Comp
 from migd.migration.format import PAGE_SIZE
 from migd.migration.ram import _runs, _zero_pages, known_zero_map
 from migd.migration.stream import InStream, OutStream, StreamError
+from migd.priority import lower_this_thread
 from migd.threads import any_thread, on_thread
 from migd.transports import Listener, TransportError, connect
 from migd.transports.channel import IOV_MAX, Channel, SocketChannel
@@ -128,6 +129,7 @@ class _SendChannel(threading.Thread):
     def run(self) -> None:
         owner = self.owner
         name_os_thread()
+        lower_this_thread()  # data plane: below the control plane (migd/priority.py)
         try:
             self._write([init_packet(owner.uuid, self.index, len(owner.threads))])
             while True:
@@ -409,6 +411,7 @@ class _RecvChannel(threading.Thread):
     @on_thread("mig/dst/mfd")
     def run(self) -> None:
         name_os_thread()
+        lower_this_thread()  # data plane: below the control plane (migd/priority.py)
         try:
             self._init()
             while not self.owner.stopping:

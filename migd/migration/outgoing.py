@@ -65,6 +65,7 @@ from migd.migration.stats import MigrationStats
 from migd.migration.status import MigrationStatus as M
 from migd.migration.stream import OutStream, StreamError
 from migd.migration.throttle import AutoConverge
+from migd.priority import lower_this_thread
 from migd.switching import fast_switching
 from migd.threads import any_thread, loop_only, on_thread
 from migd.transports.channel import Channel
@@ -325,6 +326,7 @@ class MigrationThread(threading.Thread):
         if not ms.set_state(M.SETUP, M.ACTIVE):
             raise Cancelled()
         ms.setup_time = int((time.monotonic() - setup_start) * 1000)
+        lower_this_thread()  # the control plane wins the CPU (migd/priority.py); helpers started above
         self._new_window(time.monotonic())
         while True:
             self._expect(M.ACTIVE)
