@@ -40,7 +40,6 @@ from typing import Any, Protocol
 from migd.bql import BQL
 from migd.machine.runstate import LIVE_STATES, RunState
 from migd.migration import policytrace
-from migd.migration.backlog import queued_bytes
 from migd.migration.foreign_save import RAM_WAIT, savevm_for
 from migd.migration.format import (
     CMD_X_MIGD_COMMIT,
@@ -69,6 +68,7 @@ from migd.priority import lower_this_thread
 from migd.switching import fast_switching
 from migd.threads import any_thread, loop_only, on_thread
 from migd.transports.channel import Channel
+from migd.transports.sendqueue import queued_bytes
 from migd.transports.tcp import set_peer_timeout
 from migd.transports.uri import MigrationURI
 

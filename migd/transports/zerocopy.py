@@ -27,10 +27,11 @@ import os
 import select
 import socket
 import struct
-import termios
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from migd.transports.sendqueue import queued_bytes
 
 SO_ZEROCOPY = 60  # <asm-generic/socket.h>; Python's socket module does not name these
 MSG_ZEROCOPY = 0x4000000
@@ -176,10 +177,8 @@ class SpliceSender:
         if not self.spliced:
             return
         deadline = time.monotonic() + DRAIN_MAX
-        buf = bytearray(4)
         while time.monotonic() < deadline and not stop():
-            fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, buf)  # SIOCOUTQ: not yet consumed
-            if not int.from_bytes(buf, "little"):
+            if not queued_bytes(self.sock):  # not yet consumed by the peer
                 break
             time.sleep(DRAIN_POLL)
         self.spliced = 0

@@ -1,4 +1,4 @@
-"""What the destination has not read yet: the bytes in the migration socket's send queue.
+"""What the peer has not read yet: the bytes in a socket's send queue.
 
 The switch-over waits for the destination's LOADED, and the destination loads the final pass only
 after whatever the stream still holds ahead of it. With no rate limit the source fills the socket
@@ -8,7 +8,9 @@ how much is queued: ``TIOCOUTQ`` (``SIOCOUTQ``) on the sending socket — for a 
 everything the peer has not read (each chunk's memory stays charged to the sender until then), for
 TCP what is not acknowledged yet (data already in the receiver's queue is not counted). The policy
 times a PING against the bytes queued ahead of it (the destination's drain pace) and counts the
-backlog at the switch-over (docs/SWITCHOVER.md §1).
+backlog at the switch-over (docs/SWITCHOVER.md §1); page references spliced into a unix socket
+(`zerocopy.SpliceSender`) stay guest memory until the peer read them, so the sender waits for an
+empty queue before the guest may write again.
 """
 
 from __future__ import annotations
