@@ -20,6 +20,7 @@ Async tests pass ``connect=False`` and use their own ``qemu.qmp.QMPClient`` on `
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -105,6 +106,13 @@ def random_ram_file(path: Path, mib: int) -> Path:
     return path
 
 
+def _kill_if_running(proc: subprocess.Popen[bytes]) -> None:
+    """At interpreter exit: a daemon still running is killed (and reaped)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
 def _wire_args(arguments: dict[str, Any]) -> dict[str, Any]:
     return {key.replace("_", "-"): value for key, value in arguments.items()}
 
@@ -140,6 +148,9 @@ class Migd:
         cmdline = [*prefix, sys.executable, "-m", "migd", "--name", name, "--qmp", f"unix:{self.qmp_path}", *args]
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmdline, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=self.workdir)
+        # a script using this harness outside pytest (whose fixture kills its daemons) must not leave
+        # them running: 16 forgotten guests once loaded this 2-core machine for 40 minutes
+        atexit.register(_kill_if_running, self.proc)
         try:
             wait_for(self._socket_ready, timeout, what=f"{name}'s QMP socket")
             # connect=False: no harness client (for async tests, which bring their own QMPClient,
