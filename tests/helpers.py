@@ -85,6 +85,15 @@ def release_hold(src: Any, timeout: float = 120) -> None:
         src.cmd("migrate-continue", state="pre-switchover")
 
 
+def settled(vm: Any, want: str, timeout: float = 10) -> str:
+    """Wait for ``vm``'s run state to become ``want`` and return it. After a migration that stopped the
+    vCPUs fails or is cancelled, the status comes first and the guest's resume (or ``postmigrate``)
+    a moment later, as in QEMU (MIGRATION ``failed``, then RESUME): a query in between sees
+    ``finish-migrate``."""
+    wait_for(lambda: vm.cmd("query-status")["status"] == want, timeout, what=f"{vm.name}'s run state to be {want}")
+    return want
+
+
 def thread_names(vm: Any, prefix: str) -> list[str]:
     """Names of the daemon's OS threads that start with ``prefix`` (from /proc: what really runs)."""
     names = []

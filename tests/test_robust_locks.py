@@ -13,13 +13,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import Migd
+from helpers import Migd, settled
 
 from migd.startup import EXIT_CONFIG, EXIT_RUNTIME
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
 
-from e2e_util import run_status, wait_status  # noqa: E402
+from e2e_util import wait_status  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -123,7 +123,7 @@ def test_failed_switchover_gives_the_source_its_mem_path_lock_back(migd_factory,
     wait_status(dst, "failed", 60)
     info = wait_status(src, "failed", 60)
     assert info["error-desc"] == "Sibling indicated error 1"
-    assert run_status(src) == "running"
+    settled(src, "running")  # switched over when the SHUT came: the resume follows the status
     assert ram_lock(src) and held_elsewhere(src_ram)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from e2e_util import poll, query, run_status, wait_status
+from helpers import settled
 
 pytestmark = pytest.mark.e2e
 
@@ -151,7 +152,7 @@ def test_sigkill_at_each_commit_message(migd_factory: Callable[..., Any], hold: 
             poll(lambda: run_status(src) == "running", 10, f"the source's guest to run again: {info}")
         elif expect == "src paused":
             info = wait_status(src, "failed", 30)
-            assert run_status(src) == "postmigrate", info
+            assert settled(src, "postmigrate") == "postmigrate", info
             assert "the migration was committed, so the guest stays paused here" in info["error-desc"], info
             # the operator, who knows the destination is gone, takes the guest back
             src.cmd("cont")
