@@ -28,10 +28,29 @@ from typing import Any
 
 import numpy as np
 from qemu.qmp.legacy import QEMUMonitorProtocol
+from qemu.qmp.protocol import ConnectError
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_RANDOM_GBPS = 1.5
 SETTLE = 1.0  # seconds between the destination listening and `migrate` (its prefault runs then)
+
+
+def connect_qmp(proc: subprocess.Popen[bytes], path: Path, timeout: float, failure: str) -> QEMUMonitorProtocol:
+    """A negotiated QMP client on the socket of a process just started (migd or QEMU): the socket file
+    appears a moment before the process listens on it, so refusals are retried while it lives
+    (qemu.qmp's ConnectError is no OSError); RuntimeError(``failure``) if it dies or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(failure)
+        if path.exists():
+            qmp = QEMUMonitorProtocol(str(path))
+            try:
+                qmp.connect(negotiate=True)
+                return qmp
+            except (OSError, ConnectError):
+                pass
+        time.sleep(0.02)
 
 
 class Daemon:
@@ -46,20 +65,7 @@ class Daemon:
             [sys.executable, "-m", "migd", "--name", name, "--qmp", f"unix:{self.qmp_path}", *args],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
         )
-        deadline = time.monotonic() + 60
-        while not self.qmp_path.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not start; see {workdir}/{name}.log")
-            time.sleep(0.02)
-        while True:  # the socket file appears a moment before the daemon listens on it
-            self.qmp = QEMUMonitorProtocol(str(self.qmp_path))
-            try:
-                self.qmp.connect()
-                break
-            except Exception:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        self.qmp = connect_qmp(self.proc, self.qmp_path, 60, f"{name} did not start; see {workdir}/{name}.log")
 
     def cmd(self, name: str, **args: Any) -> Any:
         return self.qmp.cmd(name, **args)

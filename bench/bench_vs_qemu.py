@@ -38,9 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_throughput import Daemon, cpu_seconds, random_file, wait_done
-from qemu.qmp.legacy import QEMUMonitorProtocol
-from qemu.qmp.protocol import ConnectError
+from bench_throughput import Daemon, connect_qmp, cpu_seconds, random_file, wait_done
 
 from migd.units import parse_size
 
@@ -102,18 +100,7 @@ class Qemu:
             [QEMU, "-machine", "q35", "-accel", "tcg", "-cpu", "qemu64", "-nodefaults", "-display", "none",
              "-m", f"{size >> 20}M", "-qmp", f"unix:{self.qmp_path},server=on,wait=off", *extra],
             stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"QEMU {name} did not start; see {work}/q-{name}.log")
-            if self.qmp_path.exists():
-                try:
-                    self.qmp = QEMUMonitorProtocol(str(self.qmp_path))
-                    self.qmp.connect(negotiate=True)
-                    break
-                except (OSError, ConnectError):  # the socket file appears before QEMU listens on it
-                    pass
-            time.sleep(0.02)
+        self.qmp = connect_qmp(self.proc, self.qmp_path, 30, f"QEMU {name} did not start; see {work}/q-{name}.log")
 
     def cmd(self, name: str, **args: Any) -> Any:
         return self.qmp.cmd(name, **args)
