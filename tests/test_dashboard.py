@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from helpers import hold_active
 from scripted_daemon import DaemonParts
 
 from migd.http.app import start_http
@@ -199,15 +200,13 @@ def test_dashboard_of_a_real_migration(tmp_path, migd_factory):
     dst.cmd("migrate-incoming", uri=f"unix:{sock}")
     src = migd_factory("src", "-m", "32M", "--workload", "random,rate=64M,wss=4M", "--http", "127.0.0.1:0")
     port = http_port(src)
-    # pause-before-switchover is the barrier: whatever the guest dirties (a starved vCPU may dirty
-    # nothing in a pass, and a sync that finds nothing switches over at any downtime limit), the
-    # migration cannot complete before the test says migrate-continue; the 1 ms limit keeps it
-    # ``active`` meanwhile as long as the guest does dirty pages
-    src.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True},
-                                                      {"capability": "pause-before-switchover", "state": True}])
+    src.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
     src.wait_for(lambda: sum(v["bytes-written"] for v in src.cmd("x-migd-query-workload")["vcpus"]) > 4 << 20,
                  what="the guest to dirty its working set")
-    src.cmd("migrate-set-parameters", **{"max-bandwidth": 24 << 20, "downtime-limit": 1})
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 24 << 20})
+    # held at pause-before-switchover until the page has shown it (release_hold would continue at
+    # once: here the page must see pre-switchover first)
+    hold_active(src)
 
     async def browse() -> None:
         async with chromium(tmp_path) as cdp:
