@@ -15,7 +15,9 @@ window on, the same number in the log and in ``query-migrate``.
 With a return path a PING goes out about once a second and its PONG is only *timed* (an input of the
 model: the destination's round trip, queueing behind the stream included). Only the first switch-over
 waits until one PING was answered (in bounded waits, the guest running, given up after PONG_TIMEOUT);
-no window is restarted by it, so a 100 ms round trip cannot stall a migration.
+no window is restarted by it, so a 100 ms round trip cannot stall a migration. A migd destination
+that accepted LOAD_PACE reports its load pace on the return path; each loop turn hands the new
+reports to the policy (the drain rate of the socket's backlog, a bound on the final pass's rate).
 
 The completion is the commit protocol of docs/SWITCHOVER.md §2 between migd peers (LOADED, then the
 point of no return ``ms.commit()``, then COMMIT, then SHUT): before it every failure resumes the guest,
@@ -185,6 +187,7 @@ class MigrationThread(threading.Thread):
         self._sync_dirtied: int | None = None  # the dirty log's bytes just before a sync's take
         self._completing = False
         self._ping = 1  # PING 1 goes out with the header
+        self._paces_seen = 0  # LOAD_PACE reports handed to the policy so far
         # (value, time, bytes just before it, bytes queued in the socket ahead of it, s the burst took)
         self._ping_sent: tuple[int, float, int, int, float] | None = None
         self._last_ping = 0.0
@@ -331,6 +334,7 @@ class MigrationThread(threading.Thread):
         while True:
             self._expect(M.ACTIVE)
             self._time_pong()
+            self._take_paces()
             if not stream.rate_limit_exceeded():
                 self._send_ping()
                 pending = savevm.pending_estimate()
@@ -468,6 +472,17 @@ class MigrationThread(threading.Thread):
         # the switch-over waits for LOADED, and with the commit protocol for SHUT after COMMIT too
         self.policy.round_trips = 2 if self._accepted() & FEATURE_COMMIT else 1
         self.policy.on_rtt(arrived - sent[1], behind_bytes=sent[2], queued_bytes=sent[3], burst_s=sent[4])
+
+    def _take_paces(self) -> None:
+        """The destination's LOAD_PACE reports that came since the last turn, to the policy
+        (migration thread)."""
+        rp = self.rp
+        if rp is None or rp.pace_count == self._paces_seen:
+            return
+        for pace in rp.paces_after(self._paces_seen):
+            self.policy.on_load_pace(pace.arrived, pace.bytes_read, pace.pages, pace.busy_s, pace.wait_s,
+                                     pace.cpu_s)
+        self._paces_seen = rp.pace_count
 
     # -- counters (QEMU's migration_update_counters / migration_rate_limit) -----------------------
 
