@@ -12,8 +12,12 @@ The model:
   ``final_rate = 1 / (1/capacity + cpu_per_byte)`` — or ``avail-switchover-bandwidth`` when set
   (QEMU's meaning: the bandwidth the switch-over may count on); the final pass re-sends pages, so
   its costs are learnt past the first pass (first sends cost more, on both ends);
-- **the backlog**: what the socket holds that the destination has not read (``on_backlog``); without
-  a rate limit it is loaded before the final pass;
+- **the backlog**: what the socket holds that the destination has not read (``on_backlog``); it is
+  loaded before the final pass, at the destination's reported pace (below; without reports, at the
+  link capacity and only without a rate limit);
+- **the destination** (feature LOAD_PACE, ``on_load_pace``): its own pace loading data pages, as it
+  went and on a CPU of its own; the final pass goes no faster than the slower end, and the decision
+  counts on no more than the destination's slower spans;
 - **fixed costs** are measured in this migration: the vCPU stop (real, else twice the thread's
   measured wake-up latency), the drive flush, the final bitmap sync, the device-state save (a dry run
   at setup), the destination's round trip (PONGs), and the rest of the switch-over's framing;
@@ -23,7 +27,7 @@ The model:
   every window, no take: ``on_dirty_log``) to ``W (1 - exp(-r t / W))``, uniform writes at rate ``r``
   over a set of ``W`` bytes — the only view of the guest during a long first pass.
 
-``expected_downtime_ms(remaining) = fixed + backlog / capacity + planned final pass / final_rate``: a forecast
+``expected_downtime_ms(remaining) = fixed + backlog / drain rate + planned final pass / final_rate``: a forecast
 of the switch-over this policy will make, not the cost of one made now — the decision replayed on the
 model round by round (during the first pass, from what the dirty log will hold when it ends; a plan
 that never fits ends at the threshold, above which no switch-over is made). The
