@@ -291,3 +291,22 @@ async def test_a_malformed_report_fails_the_migration_and_the_source_runs_on(
     await pace.src.wait_for(lambda: pace.src.runstate.state is RunState.RUNNING, 10)
     assert pace.dst.incoming is not None and pace.dst.incoming.status == "failed"
     assert pace.dst.runstate.state is not RunState.RUNNING
+
+
+def test_the_threshold_leaves_room_for_the_backlog() -> None:
+    """The destination loads the socket's backlog before the final pass: the threshold is what fits
+    after it, so a switch-over is not decided on a final pass that fits only without it."""
+    params = {"downtime-limit": 50, "max-bandwidth": 0, "avail-switchover-bandwidth": 0}
+    policy = SwitchoverPolicy(lambda: params, 512 << 20, 0.0)
+    policy.on_window(0.1, 100 << 20, 0.05, 0.1, 0.1, 100 << 20)
+    policy.on_load_pace(0.15, 0, 0, 0.0, 0.0, 0.0)
+    for i in range(1, 4):  # 4 MB of data pages per 10 ms on a CPU: 400 MB/s
+        policy.on_load_pace(0.15 + i * 0.05, i * (4 << 20), i * (4 << 20) // 4104, i * 0.02, 0.0, i * 0.01)
+    policy.on_backlog(0)
+    empty = policy.threshold()
+    policy.on_backlog(8 << 20)  # 20 ms of loading at 400 MB/s
+    assert policy.backlog_ms() == pytest.approx(20.0)
+    budget = 50 - policy.fixed_ms()
+    assert policy.threshold() == pytest.approx(empty * (budget - 20) / budget, rel=1e-3)
+    policy.on_backlog(32 << 20)  # 80 ms: nothing fits any more
+    assert policy.threshold() == 0

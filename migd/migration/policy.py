@@ -609,7 +609,7 @@ class SwitchoverPolicy:
             rate = self.final_rate()
             if not int(p["avail-switchover-bandwidth"]):
                 rate *= 1 - MIN_SPREAD
-            final = min(final, max(0.0, self.limit_ms() - self.fixed_ms()) / 1000 * rate)
+            final = min(final, max(0.0, self.limit_ms() - self.fixed_ms() - self.backlog_ms()) / 1000 * rate)
         return final, current if last is None else last
 
     def _plan(self, r: float, threshold: int, scale: float) -> tuple[float, float | None]:
@@ -668,8 +668,11 @@ class SwitchoverPolicy:
         return floor
 
     def threshold(self) -> int:
-        """Bytes a final pass may carry within the downtime limit."""
-        return int(max(0.0, self.limit_ms() - self.fixed_ms()) / 1000 * self.decision_rate())
+        """Bytes a final pass may carry within the downtime limit, after the fixed costs and the
+        backlog the destination loads first (a switch-over is never decided with a forecast above
+        the limit)."""
+        budget = self.limit_ms() - self.fixed_ms() - self.backlog_ms()
+        return int(max(0.0, budget) / 1000 * self.decision_rate())
 
     def _round_s(self, remaining: int) -> float:
         """A live round's length: sending ``remaining`` at the throughput, and never less than the
