@@ -52,11 +52,12 @@ def test_load_pace_round_trip_after_features(channel_pair: Any) -> None:
     w.shut(0)
     assert reader.wait_for_shut(timeout=10) == 0
     assert reader.pace_count == 2
-    first, second = reader.paces_after(0)
+    (first, second), count = reader.paces_after(0)
+    assert count == 2
     assert (first.bytes_read, first.pages, first.busy_s, first.wait_s, first.cpu_s) == (1 << 33, 70000, 1.5,
                                                                                           0.25, 1.2)
     assert second.bytes_read == (1 << 33) + 4096 and second.arrived >= first.arrived
-    assert reader.paces_after(1) == [second] and reader.paces_after(2) == []
+    assert reader.paces_after(1) == ([second], 2) and reader.paces_after(2) == ([], 2)
     reader.close()
 
 
@@ -224,7 +225,7 @@ async def test_a_migration_negotiates_load_pace_and_the_policy_hears_it(pace: Pa
     # the destination waited for the COMMIT, which comes only after its LOADED: timed as a wait
     assert meter.wait_s > 0
     reports = [c[1:] for c in pace.trace()["calls"] if c[0] == "on_load_pace"]
-    assert reports, "no LOAD_PACE report reached the policy"  # one before each PONG at least
+    assert reports, "no LOAD_PACE report reached the policy"  # one after each PONG at least
     for (_, b0, p0, busy0, wait0, _), (_, b1, p1, busy1, wait1, _) in zip(reports, reports[1:], strict=False):
         assert b1 >= b0 and p1 >= p0 and busy1 >= busy0 and wait1 >= wait0  # totals only grow
 

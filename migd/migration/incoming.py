@@ -15,7 +15,7 @@ leaves the guest loaded and paused, status ``failed`` with the reason, and the p
 may have been what was lost. A clean EOF instead of COMMIT is an ordinary failure (nothing committed
 can precede a FIN the source sent after it). With feature LOAD_PACE (a plain socket, no multifd) the
 incoming thread also reports its load pace (``loadpace.py``): at most every 50 ms while it reads,
-and before each PONG.
+and after each PONG.
 """
 
 from __future__ import annotations
@@ -366,10 +366,13 @@ class IncomingMigration:
                     self._accept_features(channel, rp)
         elif cmd == Cmd.PING and len(payload) == 4 and rp is not None and self.return_path_open:
             (value,) = struct.unpack(">I", payload)
-            meter = self._meter
-            if meter is not None and meter.report is not None:  # the pace up to this PING, then its PONG
-                meter.send_report()
             self._reply(f"PONG {value}", lambda: rp.pong(value))
+            meter = self._meter
+            if meter is not None and meter.report is not None:
+                # the pace up to this PING, after its PONG: a message ahead of the PONG delayed its
+                # arrival stamp by the source reader's extra turns for the interpreter (the first
+                # PONG came after 12-20 ms instead of 2.2-2.4, an idle guest on a loaded host)
+                meter.send_report()
         elif cmd == CMD_X_MIGD_HEARTBEAT:
             pass  # the channel already noted that the source is alive
 

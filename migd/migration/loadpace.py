@@ -13,7 +13,7 @@ Cheap by construction: a read first tries ``MSG_DONTWAIT``; only when that finds
 is the blocking read that follows timed as a wait. A full socket — the destination the slower end,
 the case the pace matters for — costs no system call more than before; an empty one costs one
 ``EAGAIN`` while the thread would wait anyway. A report goes out at most every ``INTERVAL`` while
-reads complete (and the incoming thread adds one before each PONG). Only a plain socket is
+reads complete (and the incoming thread adds one after each PONG). Only a plain socket is
 metered: TLS and wrapped channels are not (the destination then does not accept LOAD_PACE).
 """
 
@@ -72,7 +72,7 @@ class LoadMeter(Channel):
         """(incoming thread)"""
         sock = self._sock
         n = 0
-        if sock is not None:
+        if sock is not None and not getattr(self.inner, "_shut", False):  # shut down: its own read says so
             try:
                 n = sock.recv_into(mv, 0, socket.MSG_DONTWAIT)
             except BlockingIOError:

@@ -479,10 +479,10 @@ class MigrationThread(threading.Thread):
         rp = self.rp
         if rp is None or rp.pace_count == self._paces_seen:
             return
-        for pace in rp.paces_after(self._paces_seen):
+        paces, self._paces_seen = rp.paces_after(self._paces_seen)
+        for pace in paces:
             self.policy.on_load_pace(pace.arrived, pace.bytes_read, pace.pages, pace.busy_s, pace.wait_s,
                                      pace.cpu_s)
-        self._paces_seen = rp.pace_count
 
     # -- counters (QEMU's migration_update_counters / migration_rate_limit) -----------------------
 

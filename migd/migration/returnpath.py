@@ -244,11 +244,12 @@ class ReturnPathReader:
             self._pong.wait_for(lambda: predicate() or self._done.is_set(), timeout)
             return predicate()
 
-    def paces_after(self, count: int) -> list[LoadPace]:
-        """The LOAD_PACE reports received after the first ``count`` (those still kept; any thread)."""
+    def paces_after(self, count: int) -> tuple[list[LoadPace], int]:
+        """The LOAD_PACE reports received after the first ``count`` (those still kept), and how many
+        came in all, read together (any thread)."""
         with self._pong:
             new = min(self.pace_count - count, len(self.paces))
-            return list(self.paces)[len(self.paces) - new:] if new > 0 else []
+            return (list(self.paces)[len(self.paces) - new:] if new > 0 else []), self.pace_count
 
     def wake(self) -> None:
         """Wake every waiter so it re-checks its condition (any thread)."""
