@@ -36,7 +36,7 @@ from migd.migration.returnpath import (
 from migd.migration.status import MigrationStatus as M
 from migd.transports.channel import Channel, SocketChannel
 
-PACE_HEADER = struct.pack(">HH", MSG_X_MIGD_LOAD_PACE, 40)
+PACE_HEADER = struct.pack(">HH", MSG_X_MIGD_LOAD_PACE, 48)
 
 
 # -- the message ----------------------------------------------------------------------------------
@@ -48,7 +48,7 @@ def test_load_pace_round_trip_after_features(channel_pair: Any) -> None:
     w = ReturnPathWriter(dst)
     w.features(FEATURES_SUPPORTED, 4000)
     w.load_pace(1 << 33, 70000, 1_500_000, 250_000, 1_200_000)
-    w.load_pace((1 << 33) + 4096, 70001, 1_500_100, 250_000, 1_200_090)
+    w.load_pace((1 << 33) + 4096, 70001, 1_500_100, 250_000, 1_200_090, ping=7, held_us=15_000)
     w.shut(0)
     assert reader.wait_for_shut(timeout=10) == 0
     assert reader.pace_count == 2
@@ -56,6 +56,7 @@ def test_load_pace_round_trip_after_features(channel_pair: Any) -> None:
     assert count == 2
     assert (first.bytes_read, first.pages, first.busy_s, first.wait_s, first.cpu_s) == (1 << 33, 70000, 1.5,
                                                                                           0.25, 1.2)
+    assert (first.ping, first.held_s) == (0, 0.0) and (second.ping, second.held_s) == (7, 0.015)
     assert second.bytes_read == (1 << 33) + 4096 and second.arrived >= first.arrived
     assert reader.paces_after(1) == ([second], 2) and reader.paces_after(2) == ([], 2)
     reader.close()
@@ -63,14 +64,14 @@ def test_load_pace_round_trip_after_features(channel_pair: Any) -> None:
 
 def test_load_pace_wire_bytes(channel_pair: Any) -> None:
     src, dst = channel_pair
-    ReturnPathWriter(dst).load_pace(1, 2, 3, 4, 5)
+    ReturnPathWriter(dst).load_pace(1, 2, 3, 4, 5, 6, 7)
     raw = src.sock.recv(64)
-    assert raw == PACE_HEADER + struct.pack(">QQQQQ", 1, 2, 3, 4, 5)
+    assert raw == PACE_HEADER + struct.pack(">QQQQQII", 1, 2, 3, 4, 5, 6, 7)
 
 
 @pytest.mark.parametrize(("features", "length", "error"), [
-    (FEATURES_SUPPORTED & ~FEATURE_LOAD_PACE, 40, "Received invalid message 0x4d03 length 0x0028"),
-    (FEATURES_SUPPORTED, 24, "Received invalid message 0x4d03 length 0x0018"),
+    (FEATURES_SUPPORTED & ~FEATURE_LOAD_PACE, 48, "Received invalid message 0x4d03 length 0x0030"),
+    (FEATURES_SUPPORTED, 40, "Received invalid message 0x4d03 length 0x0028"),
     (FEATURES_SUPPORTED, 0, "Received invalid message 0x4d03 length 0x0000"),
 ])
 def test_load_pace_not_agreed_or_of_the_wrong_length_is_refused(channel_pair: Any, features: int, length: int,
@@ -92,7 +93,7 @@ def test_load_pace_before_features_is_refused(channel_pair: Any) -> None:
     reader = ReturnPathReader(src)
     reader.start()
     ReturnPathWriter(dst).load_pace(1, 2, 3, 4, 5)
-    with pytest.raises(ReturnPathError, match="^Received invalid message 0x4d03 length 0x0028$"):
+    with pytest.raises(ReturnPathError, match="^Received invalid message 0x4d03 length 0x0030$"):
         reader.wait_for_shut(timeout=10)
     reader.close()
 
@@ -112,6 +113,7 @@ def test_meter_counts_bytes_and_no_wait_while_data_is_there() -> None:
         assert meter.bytes_read == 100_000
         assert meter.wait_s == 0.0  # every read found data: none was timed as a wait
         read, pages, busy_us, wait_us, cpu_us = meter.totals()
+        assert meter.held() >= 0.0
         assert (read, pages, wait_us) == (100_000, 0, 0) and busy_us >= 0 and cpu_us >= 0
         a.shutdown(socket.SHUT_WR)
         assert meter.read_into(buf) == 0  # EOF through the channel's own read
@@ -224,7 +226,11 @@ async def test_a_migration_negotiates_load_pace_and_the_policy_hears_it(pace: Pa
     assert meter is not None and meter.exact
     # the destination waited for the COMMIT, which comes only after its LOADED: timed as a wait
     assert meter.wait_s > 0
-    reports = [c[1:] for c in pace.trace()["calls"] if c[0] == "on_load_pace"]
+    calls = pace.trace()["calls"]
+    # the round trips waited for the report after each PONG (how long the destination held the PING)
+    # and were taken: the switch-over waits for one
+    assert [c for c in calls if c[0] == "on_rtt" and not c[2]]
+    reports = [c[1:] for c in calls if c[0] == "on_load_pace"]
     assert reports, "no LOAD_PACE report reached the policy"  # one after each PONG at least
     for (_, b0, p0, busy0, wait0, _), (_, b1, p1, busy1, wait1, _) in zip(reports, reports[1:], strict=False):
         assert b1 >= b0 and p1 >= p0 and busy1 >= busy0 and wait1 >= wait0  # totals only grow

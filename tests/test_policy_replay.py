@@ -49,7 +49,9 @@ def test_a_recorded_run_replays_to_its_own_switchover(path: Path) -> None:
 # 64M-unlimited-pace (load 3 on 2 cores): between 1.8 and 2.4 s the plan forecast the threshold (228-240
 # ms, a plan that did not fit yet) for a switch-over that came at 3.1 s with 24 ms; the destination's
 # pace does not change that part (the plan's), its test below holds what it does change.
-GAPS = {"16M-unlimited", "64M-unlimited-pace"}
+# 16M-128M-pace (load 2-3): 6.9 MB still in the socket under a 128 MiB/s cap, loaded in ~35 ms, at
+# a pace of 370 MB/s reported: 22 ms expected for 40 (x1.8); its test below.
+GAPS = {"16M-unlimited", "64M-unlimited-pace", "16M-128M-pace"}
 HELD = [p for p in TRACES if p.stem not in GAPS]
 # 16M-32M: until the second PONG (at 1.1 s) the only round trip is the first PING's, sent with the
 # header while the destination was still setting up (3.2 ms, twice: LOADED and SHUT): 10 ms
@@ -147,3 +149,16 @@ def test_the_final_pass_goes_no_faster_than_the_destination() -> None:
     policy, decisions = policytrace.replay(doc)
     assert policy.drain_rate() > 0 and policy.final_rate() <= policy.drain_rate()
     assert error_factor(decisions[-1][1], real) <= 1.25, (decisions[-1][1], real)
+
+
+def test_under_a_rate_limit_the_backlog_counts_too() -> None:
+    """16M over 128 MiB/s: a window's burst of 12.8 MB lands in the socket at once, and at the
+    switch-over 6.9 MB of it were still there. Without the destination's pace the backlog was not
+    counted under a rate limit (3 ms expected for 40); at its reported pace it is (22 for 40)."""
+    doc = trace("16M-128M-pace")
+    real = doc["outcome"]["downtime"]
+    policy, decisions = policytrace.replay(doc)
+    assert doc["params"]["max-bandwidth"] and policy.backlog > 4 << 20 and policy.drain_rate() > 0
+    assert error_factor(decisions[-1][1], real) <= 2, (decisions[-1][1], real)
+    _, blind = policytrace.replay(without_pace(doc))
+    assert error_factor(blind[-1][1], real) >= 4, (blind[-1][1], real)

@@ -366,13 +366,13 @@ class IncomingMigration:
                     self._accept_features(channel, rp)
         elif cmd == Cmd.PING and len(payload) == 4 and rp is not None and self.return_path_open:
             (value,) = struct.unpack(">I", payload)
-            self._reply(f"PONG {value}", lambda: rp.pong(value))
             meter = self._meter
+            held = meter.held() if meter is not None else 0.0  # what of the round trip was this side's load
+            self._reply(f"PONG {value}", lambda: rp.pong(value))
             if meter is not None and meter.report is not None:
-                # the pace up to this PING, after its PONG: a message ahead of the PONG delayed its
-                # arrival stamp by the source reader's extra turns for the interpreter (the first
-                # PONG came after 12-20 ms instead of 2.2-2.4, an idle guest on a loaded host)
-                meter.send_report()
+                # after the PONG (a message ahead of it would delay its arrival stamp at the source):
+                # the pace up to this PING, and how long the PING waited here behind what came before it
+                meter.send_report(ping=value, held_s=held)
         elif cmd == CMD_X_MIGD_HEARTBEAT:
             pass  # the channel already noted that the source is alive
 
@@ -412,7 +412,7 @@ class IncomingMigration:
                                   channel.silent_for, self._on_silence)
         self._watchdog.start()
 
-    def _pace_reporter(self, rp: returnpath.ReturnPathWriter) -> Callable[[int, int, int, int, int], None]:
+    def _pace_reporter(self, rp: returnpath.ReturnPathWriter) -> Callable[[int, int, int, int, int, int, int], None]:
         """[migd] The meter's report: a LOAD_PACE message; one that cannot be sent ends the reports
         (the stream's end tells the rest, as for any answer). (incoming thread)"""
         def report(*totals: int) -> None:

@@ -39,13 +39,14 @@ class LoadMeter(Channel):
         # exactly a plain socket: a subclass reads through a layer (TLS) that MSG_DONTWAIT skips
         self._sock = inner.sock if type(inner) is SocketChannel else None
         self.start = time.monotonic()
+        self.last_read_at = self.start  # when the last read returned: what the parser holds came then
         self.bytes_read = 0
         self.wait_s = 0.0
         self._last_report = self.start
         self._cpu_start = time.thread_time()  # made on the incoming thread, which reads through it
         self.pages: Callable[[], int] = lambda: 0  # RAM pages loaded so far (the incoming thread sets it)
-        # (bytes, pages, busy us, wait us, cpu us), once the source agreed to LOAD_PACE
-        self.report: Callable[[int, int, int, int, int], None] | None = None
+        # (bytes, pages, busy us, wait us, cpu us, PING, held us), once the source agreed to LOAD_PACE
+        self.report: Callable[[int, int, int, int, int, int, int], None] | None = None
 
     @property
     def exact(self) -> bool:
@@ -59,14 +60,21 @@ class LoadMeter(Channel):
         cpu = max(0.0, time.thread_time() - self._cpu_start)
         return self.bytes_read, self.pages(), int(busy * 1e6), int(self.wait_s * 1e6), int(cpu * 1e6)
 
-    def send_report(self, now: float | None = None) -> None:
-        """Report the totals now, if reporting was agreed (incoming thread)."""
+    def held(self, now: float | None = None) -> float:
+        """Seconds since the last read: how long what the parser reaches now waited here, loaded
+        after what came before it (a PING's bytes arrive with the last read before it is parsed:
+        reads happen only once the parser needs bytes it has not got). (incoming thread)"""
+        return max(0.0, (time.monotonic() if now is None else now) - self.last_read_at)
+
+    def send_report(self, now: float | None = None, ping: int = 0, held_s: float = 0.0) -> None:
+        """Report the totals now, if reporting was agreed; after a PONG, with that PING's value and
+        how long it was held here (incoming thread)."""
         report = self.report
         if report is None:
             return
         now = time.monotonic() if now is None else now
         self._last_report = now
-        report(*self.totals(now))
+        report(*self.totals(now), ping, int(held_s * 1e6))
 
     def read_into(self, mv: Any) -> int:
         """(incoming thread)"""
@@ -88,6 +96,7 @@ class LoadMeter(Channel):
         else:
             now = time.monotonic()
         self.bytes_read += n
+        self.last_read_at = now
         if self.report is not None and now - self._last_report >= INTERVAL:
             self.send_report(now)
         return n

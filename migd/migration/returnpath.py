@@ -42,13 +42,13 @@ MSG_SWITCHOVER_ACK = 7
 MSG_X_MIGD_FEATURES = 0x4D00  # be32 accepted features, be32 the destination's peer timeout (ms)
 MSG_X_MIGD_LOADED = 0x4D01  # the whole stream loaded; the guest waits for COMMIT
 MSG_X_MIGD_HEARTBEAT = 0x4D02  # the destination is alive
-MSG_X_MIGD_LOAD_PACE = 0x4D03  # be64 each: bytes read, pages loaded, us busy, us waiting, us on a CPU
+MSG_X_MIGD_LOAD_PACE = 0x4D03  # 5 x be64: bytes, pages, us busy, waiting, on a CPU; be32 PING, be32 us it was held
 
 MAX_LENGTH = 512  # QEMU's bound on any return-path payload
 _HEADER = struct.Struct(">HH")
 _U32 = struct.Struct(">I")
 _FEATURES = struct.Struct(">II")
-_LOAD_PACE = struct.Struct(">QQQQQ")
+_LOAD_PACE = struct.Struct(">QQQQQII")
 PACE_KEPT = 64  # LOAD_PACE reports the reader keeps for the migration thread
 
 # the messages a migd source understands, with their fixed payload length
@@ -67,6 +67,8 @@ class LoadPace(NamedTuple):
     busy_s: float  # seconds the incoming thread was not waiting for data
     wait_s: float  # seconds it waited for data (the channel empty)
     cpu_s: float  # seconds it ran on a CPU (its thread CPU time)
+    ping: int  # the PING this report follows the PONG of (0: a periodic report)
+    held_s: float  # seconds that PING waited in the destination after the read that brought it
 
 
 class ReturnPathError(RuntimeError):
@@ -117,11 +119,13 @@ class ReturnPathWriter:
     def heartbeat(self) -> None:
         self._send(MSG_X_MIGD_HEARTBEAT)
 
-    def load_pace(self, bytes_read: int, pages: int, busy_us: int, wait_us: int, cpu_us: int) -> None:
-        """[migd] Feature LOAD_PACE: the incoming thread's totals since it accepted the connection."""
-        mask = (1 << 64) - 1
-        self._send(MSG_X_MIGD_LOAD_PACE, _LOAD_PACE.pack(*(max(0, v) & mask for v in
-                                                           (bytes_read, pages, busy_us, wait_us, cpu_us))))
+    def load_pace(self, bytes_read: int, pages: int, busy_us: int, wait_us: int, cpu_us: int,
+                  ping: int = 0, held_us: int = 0) -> None:
+        """[migd] Feature LOAD_PACE: the incoming thread's totals since it accepted the connection; after
+        a PONG, that PING's value and how long it waited here after the read that brought it."""
+        mask, mask32 = (1 << 64) - 1, (1 << 32) - 1
+        totals = (max(0, v) & mask for v in (bytes_read, pages, busy_us, wait_us, cpu_us))
+        self._send(MSG_X_MIGD_LOAD_PACE, _LOAD_PACE.pack(*totals, ping & mask32, min(max(0, held_us), mask32)))
 
 
 def sibling_error(flag: int) -> str:
@@ -215,9 +219,9 @@ class ReturnPathReader:
                     elif kind == MSG_X_MIGD_LOADED:
                         self.loaded = True
                     elif kind == MSG_X_MIGD_LOAD_PACE:
-                        read, pages, busy_us, wait_us, cpu_us = _LOAD_PACE.unpack(payload)
+                        read, pages, busy_us, wait_us, cpu_us, ping, held_us = _LOAD_PACE.unpack(payload)
                         self.paces.append(LoadPace(self.last_heard, read, pages, busy_us / 1e6, wait_us / 1e6,
-                                                   cpu_us / 1e6))
+                                                   cpu_us / 1e6, ping, held_us / 1e6))
                         self.pace_count += 1
                     else:
                         (value,) = _U32.unpack(payload)
