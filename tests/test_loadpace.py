@@ -12,6 +12,8 @@ import asyncio
 import json
 import socket
 import struct
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -122,6 +124,42 @@ def test_meter_counts_bytes_and_no_wait_while_data_is_there() -> None:
         meter.close()
 
 
+class SignallingSocket(socket.socket):
+    """A real socket that says when a non-blocking read found it empty."""
+
+    empty = threading.Event()
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        try:
+            return super().recv_into(buffer, nbytes, flags)
+        except BlockingIOError:
+            self.empty.set()
+            raise
+
+
+def test_meter_times_a_read_that_found_the_socket_empty() -> None:
+    a, b = socket.socketpair()
+    sock = SignallingSocket(b.family, b.type, fileno=b.detach())
+    sock.empty = threading.Event()
+    meter = LoadMeter(SocketChannel(sock))
+
+    def writer() -> None:  # writes only once the reader found nothing (then it blocks, or is about to)
+        if sock.empty.wait(30):
+            a.sendall(b"y" * 10)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        buf = bytearray(64)
+        assert meter.read_into(buf) == 10
+        assert meter.wait_s > 0 and meter.bytes_read == 10
+        assert meter.totals()[3] == int(meter.wait_s * 1e6)
+    finally:
+        t.join(30)
+        a.close()
+        meter.close()
+
+
 def test_meter_of_a_wrapped_channel_is_not_exact() -> None:
     """TLS or any layer over the socket: waits cannot be told from work, so no pace is offered."""
     class Layer(SocketChannel):
@@ -224,8 +262,9 @@ async def test_a_migration_negotiates_load_pace_and_the_policy_hears_it(pace: Pa
     assert inc.features & FEATURE_LOAD_PACE
     meter = inc._meter
     assert meter is not None and meter.exact
-    # the destination waited for the COMMIT, which comes only after its LOADED: timed as a wait
-    assert meter.wait_s > 0
+    read, _, busy_us, wait_us, _ = meter.totals()
+    assert read > MEM // 4096 * 8  # at least a record per page went through the meter
+    assert busy_us + wait_us <= (time.monotonic() - meter.start) * 1e6 + 1  # one clock, split in two
     calls = pace.trace()["calls"]
     # the round trips waited for the report after each PONG (how long the destination held the PING)
     # and were taken: the switch-over waits for one
