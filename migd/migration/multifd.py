@@ -58,7 +58,8 @@ FLAG_SYNC = 0x1  # QEMU's MULTIFD_FLAG_SYNC
 KNOWN_FLAGS = FLAG_SYNC | FLAG_MASK
 MAX_NORMAL = 512  # normal pages per packet (2 MiB of payload)
 MAX_PAGES = 1 << 16  # offsets per packet, normal and zero together
-QUEUE_DEPTH = 2  # batches waiting per sender channel
+QUEUE_DEPTH = 1  # batches waiting per sender channel (besides the one it writes): the bytes in flight
+# at a switch-over are the downtime's, so (1 + QUEUE_DEPTH) x MULTIFD_BATCH_PAGES x channels stays small
 JOIN_TIMEOUT = 10.0  # seconds close() gives a channel thread
 POLL = 0.05  # seconds between checks of a wait that a failure elsewhere may have to end
 ZERO_CHUNK = 4096  # zero pages a receiver checks at once (16 MiB)
