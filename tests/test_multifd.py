@@ -273,6 +273,11 @@ def test_one_big_scattered_batch_lands_in_many_packets(ends: Ends) -> None:
         assert np.array_equal(src.pages, dst.pages)
         normal, zero, _ = on_thread("mig/src/main", e.sender.collect)
         assert (normal, zero) == (big // 2 + big // 8, big // 2 - big // 8)
+        src.pages[:] = 0  # a second round of zero pages only: 32 KiB of offsets in one packet
+        on_thread("mig/src/main", send)
+        on_thread("mig/dst/main", e.receiver.sync_main)
+        assert not dst.pages.any()
+        assert on_thread("mig/src/main", e.sender.collect)[:2] == (0, big)
         assert not e.errors and e.receiver.error is None
     finally:
         e.src.remove("big")

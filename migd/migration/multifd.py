@@ -461,7 +461,10 @@ class _RecvChannel(threading.Thread):
         self.synced = 0
         self.ended = False  # set by the thread as it leaves (a thread not started yet is not ended)
         self.decomp = Decompressor(owner.method)
-        self.stream = InStream(channel, 1 << 20, readahead=False)  # pages land in RAM, not in its buffer
+        # one read takes a packet's header and the offsets of up to MAX_NORMAL pages (the sender writes
+        # them together); payloads land in guest RAM, not in this buffer
+        self.stream = InStream(channel, 1 << 20)
+        self.stream.fill_max = HDR.size + 8 * MAX_NORMAL
 
     @on_thread("mig/dst/mfd")
     def run(self) -> None:
@@ -522,7 +525,8 @@ class _RecvChannel(threading.Thread):
                               f"({alloc} allocated), expected at most {MAX_PAGES}")
         if n + z:
             block = self._block(name.rstrip(b"\0").decode(errors="replace"))
-            offs = np.frombuffer(f.read(8 * (n + z)), dtype=">u8")
+            offs = np.empty(n + z, dtype=">u8")
+            f.read_into(offs.view(np.uint8))  # from the buffer when the header's read took them
             bad = np.flatnonzero((offs % PAGE_SIZE != 0) | (offs >= block.size))
             if bad.size:
                 raise StreamError(f"multifd: offset too long {int(offs[bad[0]])} (max {block.size})")
@@ -561,8 +565,10 @@ class _RecvChannel(threading.Thread):
         elif n:
             if size > n * PAGE_SIZE + (n * PAGE_SIZE >> 6) + 4096:
                 raise StreamError(f"multifd {self.id}: compressed payload of {size} bytes for {n} pages")
+            frame = np.empty(size, dtype=np.uint8)
+            f.read_into(frame)  # straight from the channel: no buffer-sized steps
             try:
-                data = self.decomp.decompress(f.read(size), n * PAGE_SIZE)
+                data = self.decomp.decompress(frame.data, n * PAGE_SIZE)
             except CompressError as exc:
                 raise StreamError(f"multifd {self.id}: {exc}") from None
             block.pages[normal] = np.frombuffer(data, dtype=np.uint8).reshape(n, PAGE_SIZE)
