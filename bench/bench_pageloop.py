@@ -1,4 +1,4 @@
-"""Page-loop benchmark: guest RAM through SaveVM -> unix socketpair -> load_stream, two processes.
+"""Page-loop benchmark: guest RAM through SaveVM -> unix socketpair (or TCP loopback) -> load_stream.
 
 The source process saves a RAMList (random pages, or pages never touched) with max-bandwidth 0; the
 destination process (forked, its RAM prefaulted before the clock starts, as migrate-incoming does)
@@ -7,6 +7,7 @@ loads it and verifies the bytes. Prints end-to-end GB/s and CPU seconds per GiB 
     python3 bench/bench_pageloop.py                  # 1 GiB, random and untouched, 3 runs each
     python3 bench/bench_pageloop.py --size 256 --runs 5 --case random
     python3 bench/bench_pageloop.py --case random --modes staged runs-staged runs-held
+    python3 bench/bench_pageloop.py --case random --modes runs-held --transport tcp
 
 ``--modes`` compares, in one run, how a stream with checksum records carries the pages: ``staged``
 sends QEMU's PAGE records through a staging array, read by the loader through its buffer (what main
@@ -14,7 +15,8 @@ did always); ``runs-staged`` sends page runs (docs/FORMAT.md §3.4) from the sta
 guest), ``runs-held`` straight from RAM with the vCPUs held paused; the loader reads runs straight into
 RAM. ``runs-copied`` is ``runs-held`` with the page references over the unix socket turned off
 (``stream.SPLICE``): the kernel copies each run into the socket. ``plain`` (the default) is a stream
-without migd's features.
+without migd's features. ``--transport tcp`` runs the same over a TCP loopback connection (TCP_NODELAY,
+as the daemons' sockets), where page runs are always copied into the socket.
 
 Targets (see shared/reference/page-loop-measurements.md): >= 2.5 GB/s for random pages, <= 60 ms for
 1 GiB of untouched RAM. The machine is noisy: compare medians, and CPU s/GiB, side by side.
@@ -85,13 +87,25 @@ def digest(ram: RAMList) -> bytes:
 MODES = ("plain", "staged", "runs-staged", "runs-held", "runs-copied")
 
 
-def run_once(case: str, size: int, mode: str = "plain") -> dict[str, float]:
+def socket_pair(transport: str) -> tuple[socket.socket, socket.socket]:
+    """A connected pair: a unix socketpair, or both ends of a TCP loopback connection."""
+    if transport == "unix":
+        return socket.socketpair()
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        a = socket.create_connection(srv.getsockname())
+        b, _ = srv.accept()
+    for s_ in (a, b):
+        s_.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return a, b
+
+
+def run_once(case: str, size: int, mode: str = "plain", transport: str = "unix") -> dict[str, float]:
     src = RAMList()
     src.add("ram0", size)
     if case == "random":
         fill_random(src)
     want = digest(src) if case == "random" else digest_of_zero(size)
-    a, b = socket.socketpair()
+    a, b = socket_pair(transport)
     ready_r, ready_w = os.pipe()
     result_r, result_w = os.pipe()
     pid = os.fork()
@@ -151,9 +165,9 @@ def run_once(case: str, size: int, mode: str = "plain") -> dict[str, float]:
             "recv_cpu": float(cpu_s) / gib, "ok": float(ok_s), "bytes": float(f.transferred)}
 
 
-def raw_ceiling(size: int) -> float:
+def raw_ceiling(size: int, transport: str = "unix") -> float:
     """GB/s of plain 1 MiB sendall -> recv_into between two processes: the machine's ceiling now."""
-    a, b = socket.socketpair()
+    a, b = socket_pair(transport)
     for s_, opt, val in ((a, socket.SO_SNDBUF, 4 << 20), (b, socket.SO_RCVBUF, 8 << 20)):
         s_.setsockopt(socket.SOL_SOCKET, opt, val)
     pid = os.fork()
@@ -194,16 +208,20 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--case", choices=["random", "zero", "both"], default="both")
     ap.add_argument("--modes", nargs="+", choices=MODES, default=["plain"])
+    ap.add_argument("--transport", choices=["unix", "tcp"], default="unix",
+                    help="a unix socketpair (default) or a TCP loopback connection")
     args = ap.parse_args()
     size = args.size << 20
     cases = ["random", "zero"] if args.case == "both" else [args.case]
-    print(f"page loop: {args.size} MiB, save -> unix socketpair -> load, 2 processes, max-bandwidth 0")
-    print(f"raw socketpair ceiling right now (1 MiB sendall -> recv_into): {raw_ceiling(size):.2f} GB/s")
+    link = "unix socketpair" if args.transport == "unix" else "TCP loopback"
+    print(f"page loop: {args.size} MiB, save -> {link} -> load, 2 processes, max-bandwidth 0")
+    print(f"raw {link} ceiling right now (1 MiB sendall -> recv_into): "
+          f"{raw_ceiling(size, args.transport):.2f} GB/s")
     for case in cases:
         by_mode: dict[str, list[dict[str, float]]] = {m: [] for m in args.modes}
         for _ in range(args.runs):  # modes alternate within each repetition: the load hits them alike
             for mode in args.modes:
-                r = run_once(case, size, mode)
+                r = run_once(case, size, mode, args.transport)
                 by_mode[mode].append(r)
                 print(f"  {case:7s} {mode:11s} {r['elapsed'] * 1000:8.1f} ms  {r['gbps']:5.2f} GB/s  "
                       f"CPU s/GiB send {r['send_cpu']:.3f} recv {r['recv_cpu']:.3f}  "
@@ -215,7 +233,7 @@ def main() -> None:
                   f"recv {statistics.median(r['recv_cpu'] for r in results):.3f}")
             if not all(r["ok"] for r in results):
                 sys.exit("destination RAM differs from the source")
-    print(f"raw socketpair ceiling after the runs: {raw_ceiling(size):.2f} GB/s")
+    print(f"raw {link} ceiling after the runs: {raw_ceiling(size, args.transport):.2f} GB/s")
 
 
 if __name__ == "__main__":
