@@ -31,6 +31,7 @@ import xxhash
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import migd.cli  # noqa: E402, F401 - what a daemon imports: the objects a full collection walks
+from migd.migration.multifd import _be_offsets, _split_zero  # noqa: E402
 from migd.migration.stream import copy_bytes  # noqa: E402
 
 TICK = 0.0001
@@ -117,6 +118,10 @@ def main() -> int:
         ("source: xxh3 over a 2 MiB batch", lambda: h.update(stage), lambda: h.update(src64)),
         ("source: zero filter, first/last word, 512 pages", lambda: (words[:512, 0] == 0) & (words[:512, -1] == 0),
          lambda: (words[:, 0] == 0) & (words[:, -1] == 0)),
+        ("multifd sender: zero split, 1024-page batch", lambda: _split_zero(words, np.arange(1024)),
+         lambda: _split_zero(words, np.arange(words.shape[0]))),
+        ("multifd sender: be64 offsets, 1024-page batch", lambda: _be_offsets(np.arange(1024)),
+         lambda: _be_offsets(np.arange(1 << 24))),
         (f"sync: bitmap merge, {npages} pages", lambda: merge(bmap, taken), lambda: merge(bmap_big, taken_big)),
         (f"sync: take (copy + fill), {npages} pages", lambda: (taken.copy(), taken.fill(False)),
          lambda: (taken_big.copy(), taken_big.fill(False))),

@@ -8,7 +8,7 @@ through the switch-over (QEMU's monitor is frozen for its whole downtime: max 29
 
     python3 bench/bench_query_latency.py [--memory 1G] [--workload idle] [--runs 3] [--random-ram]
         [--channels 1 2] [--client c|python] [--interval-ms 0] [--variant NAME[:VAR=VALUE,...]]...
-        [--probe] [--probe-ms 0.5] [--top 8] [--dst] [--py-spy DIR]
+        [--probe] [--probe-ms 0.5] [--top 8] [--dst] [--py-spy DIR] [--gil-trace DIR]
 
 The timing client is ``bench/qmp_probe.c``, compiled at start with the first C compiler found (cc,
 gcc, clang, tcc), or ``--client python`` (qemu.qmp in this process, the only one without a
@@ -25,6 +25,11 @@ where it fell, 0..1 through the migration, and how many took over 1 ms), how man
 while the status was ``device`` (the switch-over), the migration's own figures (MB/s: a client that
 asks back to back takes CPU from the migration), and a summary per variant and channel count.
 Target (issue 13): p99 <= 1 ms, max <= 10 ms.
+
+``--gil-trace DIR`` (root, perf) records every GIL hand-over of both daemons with uprobes
+(``bench/giltrace.py``) and prints, per daemon, how often the event loop waited for the GIL over
+0.5 ms and in how many of those waits another thread really held it (the rest of a slow wait the GIL
+was free and the loop had no CPU), and which threads took the GIL how often. Slower under the probes.
 
 ``--probe`` runs both daemons with ``MIGD_GIL_PROBE=1`` (migd/gilprobe.py) and prints, per daemon,
 the GIL stalls it saw, grouped by the innermost frame of each thread that was not waiting: the
@@ -49,6 +54,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from giltrace import GilTrace, python_binary, summarize
 from qemu.qmp import QMPClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -268,7 +274,8 @@ class CProbe:
 async def one_run(tmp: Path, memory: int, workload: str, mem_path: Path | None, channels: int,
                   probe_ms: float | None, top: int, spy_dir: Path | None = None,
                   poll_destination: bool = False, env: dict[str, str] | None = None,
-                  c_probe: Path | None = None, interval_ms: float = 0.0) -> dict[str, Any]:
+                  c_probe: Path | None = None, interval_ms: float = 0.0,
+                  tracer: GilTrace | None = None, trace_dir: Path | None = None) -> dict[str, Any]:
     src, dst = await start_pair(tmp, memory, workload, mem_path, probe_ms, env)
     stall_lines: dict[str, list[str]] = {}
     try:
@@ -316,6 +323,9 @@ async def one_run(tmp: Path, memory: int, workload: str, mem_path: Path | None, 
                     await asyncio.sleep(interval_ms / 1000)
 
         spies = [spy_on(d, spy_dir) for d in (src, dst)] if spy_dir is not None else []
+        if tracer is not None and trace_dir is not None:
+            for d in (src, dst):
+                tracer.record(d.proc.pid, trace_dir / f"{d.name}.perf.data")
         dst_lat: list[float] = []
 
         async def poll_dst() -> None:
@@ -335,6 +345,8 @@ async def one_run(tmp: Path, memory: int, workload: str, mem_path: Path | None, 
         for spy in spies:
             spy.send_signal(signal.SIGINT)
             spy.wait(30)
+        for (path, pid), d in zip(tracer.stop() if tracer is not None else [], (src, dst), strict=False):
+            stall_lines[f"{d.name} gil"] = summarize(path, pid, f"{d.name} GIL trace")
         for c in (control, probe, dclient):
             await c.disconnect()
         for d in (src, dst):
@@ -394,6 +406,9 @@ async def main() -> int:
     ap.add_argument("--probe", action="store_true", help="run the daemons with the GIL probe, print culprits")
     ap.add_argument("--probe-ms", type=float, default=0.5, help="stall threshold of the probe (ms)")
     ap.add_argument("--top", type=int, default=8, help="culprits printed per daemon")
+    ap.add_argument("--gil-trace", type=Path, default=None, metavar="DIR",
+                    help="trace every GIL hand-over of both daemons with perf uprobes into DIR (root; "
+                         "bench/giltrace.py) and print who held the GIL while the event loop waited")
     ap.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
                     help="record both daemons with py-spy --gil into DIR (speedscope)")
     ap.add_argument("--dst", action="store_true",
@@ -418,6 +433,7 @@ async def main() -> int:
         return 2
     mem_path = random_file(tmp / "random.ram", memory) if args.random_ram else None
     results = []
+    tracer = GilTrace(python_binary(os.getpid())) if args.gil_trace else None  # the daemons' interpreter
     if not args.json:
         print(f"client: {'bench/qmp_probe.c' if c_probe else 'qemu.qmp (Python, in this process)'}, "
               f"{'back to back' if not args.interval_ms else f'every {args.interval_ms} ms'}; "
@@ -431,7 +447,8 @@ async def main() -> int:
                     r = await one_run(run_dir, memory, args.workload, mem_path, channels,
                                       args.probe_ms if args.probe else None, args.top,
                                       args.py_spy / f"run{i}-{channels}-{name}" if args.py_spy else None,
-                                      args.dst, env, c_probe, args.interval_ms)
+                                      args.dst, env, c_probe, args.interval_ms, tracer,
+                                      args.gil_trace / f"run{i}-{channels}-{name}" if args.gil_trace else None)
                     r["name"] = name
                     r["load"] = round(os.getloadavg()[0], 2)
                     results.append(r)
@@ -439,6 +456,8 @@ async def main() -> int:
                         print_run(i, r)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if tracer is not None:
+            tracer.close()
     if args.json:
         print(json.dumps({"memory": memory, "workload": args.workload, "runs": results}, indent=1))
     else:

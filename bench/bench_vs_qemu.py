@@ -16,11 +16,13 @@ GB/s = guest RAM bytes / the source's ``total-time``, which the source measures 
 ``query-migrate`` every --poll seconds (default 50 ms, as libvirt does without events: a 5 ms poll
 cost migd's event loop ~0.1 CPU s/GiB on the source, taken from the migration). CPU s/GiB per side from /proc/PID/stat (user +
 system of the whole process, from just before ``migrate`` to completion). Ratios: each row against
-the best QEMU configuration's median on the same transport, and against the ceiling's median. Last,
+QEMU's median with the same channels, the best QEMU configuration's median on the same transport, and
+the ceiling's median. ``--no-checksums`` adds migd with ``x-migd-checksums false`` (``migd-nock``: QEMU's
+stream, neither side hashes), to show what migd's checksum records cost. Last,
 1 GiB of untouched RAM (one channel, unix), target <= 60 ms for migd.
 
     python3 bench/bench_vs_qemu.py [--size 1G] [--repeat 1] [--transport unix tcp] [--channels 1 2 4]
-                                   [--settle 1] [--poll 0.05] [--no-zero]
+                                   [--settle 1] [--poll 0.05] [--no-zero] [--no-checksums]
 
 Needs ``qemu-system-x86_64`` (Debian: apt-get install qemu-system-x86).
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import functools
 import mmap
 import os
 import shutil
@@ -161,7 +164,7 @@ def run_qemu(work: Path, ram: Path | None, size: int, transport: str, channels: 
 
 
 def run_migd(work: Path, ram: Path | None, size: int, transport: str, channels: int, settle: float,
-             poll: float) -> dict[str, Any]:
+             poll: float, checksums: bool = True) -> dict[str, Any]:
     mem = f"{size >> 20}M"
     sock = work / "m-mig.sock"
     backing = ["--mem-path", str(ram)] if ram is not None else []  # -S: nothing writes the shared file
@@ -172,6 +175,8 @@ def run_migd(work: Path, ram: Path | None, size: int, transport: str, channels: 
                      f"unix:{sock}" if transport == "unix" else "tcp:127.0.0.1:0")
         for d in (src, dst):
             _mf_setup(d.cmd, channels)
+        if not checksums:
+            src.cmd("migrate-set-parameters", **{"x-migd-checksums": False})
         uri = _listening_uri(dst.cmd, transport, sock)
         result = _measure(src.cmd, src.proc.pid, dst.proc.pid, uri, size, settle, poll)
         dinfo = wait_done(dst)
@@ -245,6 +250,8 @@ def main() -> int:
     ap.add_argument("--poll", type=float, default=0.05,
                     help="seconds between query-migrate polls of the source (default 0.05, libvirt's interval)")
     ap.add_argument("--no-zero", action="store_true", help="skip the untouched-RAM case")
+    ap.add_argument("--no-checksums", action="store_true",
+                    help="also run migd with x-migd-checksums false (QEMU's stream, no checksum records)")
     args = ap.parse_args()
     if QEMU is None:
         print("qemu-system-x86_64 not found: apt-get install qemu-system-x86", file=sys.stderr)
@@ -253,7 +260,10 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="migd-vs-qemu-"))
     atexit.register(shutil.rmtree, work, True)
     ram = random_file(size)
-    runners = {"qemu": run_qemu, "migd": run_migd}
+    runners: dict[str, Any] = {"qemu": run_qemu, "migd": run_migd}
+    if args.no_checksums:
+        runners["migd-nock"] = functools.partial(run_migd, checksums=False)
+    impls = tuple(runners)
     res: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     ceil: dict[str, list[float]] = {t: [] for t in args.transport}
     print(f"{args.size} random RAM, paused sources, max-bandwidth 0; load average at start "
@@ -263,7 +273,7 @@ def main() -> int:
             ceil[transport].append(ceiling(ram, transport))
             print(f"rep {rep + 1} {transport:4} ceiling {ceil[transport][-1]:5.2f} GB/s", flush=True)
             for ch in args.channels:
-                order = ("qemu", "migd") if rep % 2 == 0 else ("migd", "qemu")
+                order = impls if rep % 2 == 0 else impls[::-1]
                 for who in order:
                     r = runners[who](work, ram, size, transport, ch, args.settle, args.poll)
                     res.setdefault((transport, who, ch), []).append(r)
@@ -271,22 +281,23 @@ def main() -> int:
                           f"downtime {r['downtime_ms']} ms CPU s/GiB {r['src_cpu']:.2f}/{r['dst_cpu']:.2f}", flush=True)
     print(f"\nload average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("| transport | impl | channels | GB/s median (range) | total ms | downtime ms | "
-          "× QEMU best | × ceiling | CPU s/GiB src / dst |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "× QEMU same channels | × QEMU best | × ceiling | CPU s/GiB src / dst |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for transport in args.transport:
         q_best = max(_med([r["gbps"] for r in res[(transport, "qemu", ch)]]) for ch in args.channels)
         c_med = _med(ceil[transport])
-        for who in ("qemu", "migd"):
+        for who in impls:
             for ch in args.channels:
                 rs = res[(transport, who, ch)]
+                q_same = _med([r["gbps"] for r in res[(transport, "qemu", ch)]])
                 g = [r["gbps"] for r in rs]
                 label = "1" if ch == 1 else f"multifd {ch}"
                 print(f"| {transport} | {who} | {label} | {_med(g):.2f} ({min(g):.2f}–{max(g):.2f}) | "
                       f"{_med([r['total_ms'] for r in rs]):.0f} | {_med([r['downtime_ms'] for r in rs]):.0f} | "
-                      f"{_med(g) / q_best:.2f} | {_med(g) / c_med:.2f} | "
+                      f"{_med(g) / q_same:.2f} | {_med(g) / q_best:.2f} | {_med(g) / c_med:.2f} | "
                       f"{_med([r['src_cpu'] for r in rs]):.2f} / {_med([r['dst_cpu'] for r in rs]):.2f} |")
         cs = ceil[transport]
-        print(f"| {transport} | ceiling | socket pair | {c_med:.2f} ({min(cs):.2f}–{max(cs):.2f}) | | | "
+        print(f"| {transport} | ceiling | socket pair | {c_med:.2f} ({min(cs):.2f}–{max(cs):.2f}) | | | | "
               f"{c_med / q_best:.2f} | 1.00 | |")
     if not args.no_zero:
         print("\nuntouched RAM, one channel, unix:")

@@ -216,3 +216,69 @@ def test_known_zero_pages_are_rewritten_once_they_held_data(tmp_path: Path) -> N
         e.src.remove("fresh")
     finally:
         e.close()
+
+
+def _reference_zero(words: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    return ~words[idx].any(axis=1)
+
+
+def test_split_zero_agrees_with_a_full_check_of_every_page() -> None:
+    """The sender's zero split decides a batch from first/last words only when every page holds
+    data there; pages zero at both ends but not in the middle still go as normal pages."""
+    rl = RAMList()
+    block = rl.add("pc.ram", 256 * 4096)
+    try:
+        rng = np.random.default_rng(3)
+        block.pages[:] = rng.integers(1, 255, size=(256, 4096), dtype=np.uint8)
+        words = block.words
+        every = np.arange(256)
+        normal, zero = multifd._split_zero(words, every)  # random RAM: nothing zero
+        assert np.array_equal(normal, every) and zero.size == 0
+        block.pages[10:20] = 0  # zero pages
+        block.pages[30, :8] = 0  # data in the middle only: first and last words zero
+        block.pages[30, -8:] = 0
+        block.pages[40, 8:-8] = 0  # zero in the middle only
+        for idx in (every, every[5:45], every[::3], np.array([10, 30, 31, 40, 200])):
+            normal, zero = multifd._split_zero(words, idx)
+            want = _reference_zero(words, idx)
+            assert np.array_equal(zero, idx[want]) and np.array_equal(normal, idx[~want]), idx
+        assert 30 in multifd._split_zero(words, every)[0]
+    finally:
+        rl.remove("pc.ram")
+
+
+def test_be_offsets_are_the_pages_byte_offsets_big_endian() -> None:
+    for idx in (np.arange(7, 19), np.array([0, 2, 3, 9, 70000]), np.arange(0)):
+        want = b"".join((int(i) * 4096).to_bytes(8, "big") for i in idx)
+        assert multifd._be_offsets(idx).tobytes() == want
+
+
+@pytest.mark.parametrize("ends", [(2, "none"), (2, "zstd")], indirect=True)
+def test_one_big_scattered_batch_lands_in_many_packets(ends: Ends) -> None:
+    """A batch of every page with data and zero pages interleaved: several packets' worth of normal
+    pages, and more views than one vectored write takes (every other page is its own run)."""
+    e = ends
+    big = 4096
+    src, dst = e.src.add("big", big * 4096), e.dst.add("big", big * 4096)
+    try:
+        dst.pages[:] = 0xAB  # stale: zero pages must be written as zero
+        src.pages[0::2] = np.random.default_rng(9).integers(1, 255, size=(big // 2, 4096), dtype=np.uint8)
+        src.pages[1::8, 2048] = 5  # a quarter of the odd pages hold data in the middle only
+
+        def send() -> None:
+            e.sender.queue(src, np.arange(big), np.arange(0))
+            e.sender.sync(wait=True)
+        on_thread("mig/src/main", send)
+        on_thread("mig/dst/main", e.receiver.sync_main)
+        assert np.array_equal(src.pages, dst.pages)
+        normal, zero, _ = on_thread("mig/src/main", e.sender.collect)
+        assert (normal, zero) == (big // 2 + big // 8, big // 2 - big // 8)
+        src.pages[:] = 0  # a second round of zero pages only: 32 KiB of offsets in one packet
+        on_thread("mig/src/main", send)
+        on_thread("mig/dst/main", e.receiver.sync_main)
+        assert not dst.pages.any()
+        assert on_thread("mig/src/main", e.sender.collect)[:2] == (0, big)
+        assert not e.errors and e.receiver.error is None
+    finally:
+        e.src.remove("big")
+        e.dst.remove("big")

@@ -66,7 +66,7 @@ class Decompressor:
         self._zstd = zstandard.ZstdDecompressor() if method == "zstd" else None
 
     @any_thread
-    def decompress(self, frame: bytes, size: int) -> bytes:
+    def decompress(self, frame: bytes | memoryview, size: int) -> bytes:
         """Exactly ``size`` bytes out of one frame; never allocates more than ``size``."""
         try:
             if self._zstd is not None:  # a reader, so a lying frame header cannot make us allocate

@@ -58,7 +58,8 @@ FLAG_SYNC = 0x1  # QEMU's MULTIFD_FLAG_SYNC
 KNOWN_FLAGS = FLAG_SYNC | FLAG_MASK
 MAX_NORMAL = 512  # normal pages per packet (2 MiB of payload)
 MAX_PAGES = 1 << 16  # offsets per packet, normal and zero together
-QUEUE_DEPTH = 2  # batches waiting per sender channel
+QUEUE_DEPTH = 1  # batches waiting per sender channel (besides the one it writes): the bytes in flight
+# at a switch-over are the downtime's, so (1 + QUEUE_DEPTH) x MULTIFD_BATCH_PAGES x channels stays small
 JOIN_TIMEOUT = 10.0  # seconds close() gives a channel thread
 POLL = 0.05  # seconds between checks of a wait that a failure elsewhere may have to end
 ZERO_CHUNK = 4096  # zero pages a receiver checks at once (16 MiB)
@@ -137,7 +138,7 @@ class _SendChannel(threading.Thread):
                 if item is _STOP:
                     return
                 if item is _SYNC:
-                    self._packet(None, None, None, FLAG_SYNC)
+                    self._sync_packet()
                     if self.zc is not None and self.zc.flush(self._stopped):
                         self.missed += 1
                     with owner.cond:
@@ -176,43 +177,97 @@ class _SendChannel(threading.Thread):
                     n = 0
 
     def _pages(self, block: Any, candidates: np.ndarray, zero: np.ndarray) -> None:
-        is_zero = _zero_pages(block.words, candidates)
-        normal = candidates[~is_zero]
-        zero = np.concatenate((zero, candidates[is_zero])) if zero.size else candidates[is_zero]
-        while normal.size or zero.size:
-            n_part, normal = normal[:MAX_NORMAL], normal[MAX_NORMAL:]
-            room = MAX_PAGES - n_part.size
-            z_part, zero = zero[:room], zero[room:]
-            self._packet(block, n_part, z_part, 0)
-
-    def _packet(self, block: Any, normal: np.ndarray | None, zero: np.ndarray | None, flags: int) -> None:
-        n = 0 if normal is None else normal.size
-        z = 0 if zero is None else zero.size
-        flags |= self.comp.flag if self.comp is not None else 0
-        payload: list[Any] = []
-        size = 0
-        offsets = b""
-        name = b""
-        if block is not None and normal is not None and zero is not None:
-            name = _name_field(block.name)
-            offsets = (np.concatenate((normal, zero)).astype(np.uint64) << np.uint64(12)).astype(">u8").tobytes()
+        """One batch: its zero pages found at once, its offsets converted at once, then its packets
+        in as few vectored writes as IOV_MAX allows (mfdN thread). Each numpy call covers the whole
+        batch and each write many packets, so the Python stretches that keep the GIL between two
+        releases stay short and few: the event loop waits for them (issue 13)."""
+        normal, found = _split_zero(block.words, candidates)
+        zero = np.concatenate((zero, found)) if zero.size and found.size else (found if found.size else zero)
+        name = _name_field(block.name)
+        flag = self.comp.flag if self.comp is not None else 0
+        # every offset of the batch as big-endian bytes, once; each packet sends a slice of them
+        n_offs = _be_offsets(normal)
+        z_offs = _be_offsets(zero)
+        buf = memoryview(block.buf)
+        bufs: list[Any] = []
+        counts: list[tuple[int, int]] = []
+        ni = zi = 0
+        while ni < normal.size or zi < zero.size:
+            n_part = normal[ni : ni + MAX_NORMAL]
+            n = n_part.size
+            z = min(zero.size - zi, MAX_PAGES - n)
+            offsets = [n_offs[8 * ni : 8 * (ni + n)], z_offs[8 * zi : 8 * (zi + z)]]
+            payload: list[Any] = []
+            size = 0
             if n and self.comp is None:
-                buf = memoryview(block.buf)
-                payload = [buf[a * PAGE_SIZE : b * PAGE_SIZE] for a, b, _ in _runs(normal)]
+                payload = [buf[a * PAGE_SIZE : b * PAGE_SIZE] for a, b, _ in _runs(n_part)]
                 size = n * PAGE_SIZE
             elif n:
                 assert self.comp is not None
-                frame = self.comp.compress(np.ascontiguousarray(block.pages[normal]).data.cast("B"))
+                frame = self.comp.compress(np.ascontiguousarray(block.pages[n_part]).data.cast("B"))
                 payload = [frame]
                 size = len(frame)
-        hdr = HDR.pack(MAGIC, VERSION, flags, n + z, n, size, next(self.owner.packet_num), z, name)
-        if self.zc is not None and self.comp is None and payload:
-            self._write([hdr, offsets])  # small and short-lived: copied; the pages are pinned
-            self._write_zero_copy(payload)
-        else:
-            self._write([hdr, offsets, *payload])
+            hdr = HDR.pack(MAGIC, VERSION, flag, n + z, n, size, next(self.owner.packet_num), z, name)
+            ni += n
+            zi += z
+            if self.zc is not None and self.comp is None and payload:
+                self._write([hdr, *offsets])  # small and short-lived: copied; the pages are pinned
+                self._write_zero_copy(payload)
+                self._count(n, z)
+                continue
+            if bufs and len(bufs) + 3 + len(payload) > IOV_MAX:
+                self._flush(bufs, counts)
+            bufs += [hdr, *offsets, *payload]
+            counts.append((n, z))
+        if bufs:
+            self._flush(bufs, counts)
+
+    def _flush(self, bufs: list[Any], counts: list[tuple[int, int]]) -> None:
+        """Write the packets gathered in ``bufs`` in one go and count their pages; empties both."""
+        self._write(bufs)
+        for n, z in counts:
+            self._count(n, z)
+        bufs.clear()
+        counts.clear()
+
+    def _count(self, n: int, z: int) -> None:
         self.normal += n
         self.zero += z
+
+    def _sync_packet(self) -> None:
+        """A packet without pages that carries the SYNC flag (mfdN thread)."""
+        flags = FLAG_SYNC | (self.comp.flag if self.comp is not None else 0)
+        self._write([HDR.pack(MAGIC, VERSION, flags, 0, 0, 0, next(self.owner.packet_num), 0, b"")])
+
+
+def _contiguous(idx: np.ndarray) -> bool:
+    """Whether sorted distinct page indices fill one range (batches are sorted and distinct)."""
+    return bool(idx.size) and int(idx[-1]) - int(idx[0]) + 1 == idx.size
+
+
+def _split_zero(words: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(normal, zero) pages of ``idx`` (mfdN thread). A page whose first and last words are not both
+    zero holds data; when that is every page (random RAM) two numpy calls decide the whole batch and
+    the full check (``ram._zero_pages``) never runs. Few calls, few GIL hand-overs per batch."""
+    if idx.size == 0:
+        return idx, idx
+    if _contiguous(idx):
+        w = words[int(idx[0]) : int(idx[-1]) + 1]
+        edges = w[:, 0] | w[:, -1]
+    else:
+        edges = words[idx, 0] | words[idx, -1]
+    if np.count_nonzero(edges) == idx.size:
+        return idx, idx[:0]
+    is_zero = _zero_pages(words, idx)
+    return idx[~is_zero], idx[is_zero]
+
+
+def _be_offsets(idx: np.ndarray) -> np.ndarray:
+    """Page indices as the packet's be64 byte offsets, viewed as bytes (one numpy call for a range)."""
+    if _contiguous(idx):
+        first = int(idx[0])
+        return np.arange(first * PAGE_SIZE, (first + idx.size) * PAGE_SIZE, PAGE_SIZE, dtype=">u8").view(np.uint8)
+    return (idx.astype(np.uint64) << np.uint64(12)).astype(">u8").view(np.uint8)
 
 
 class MultifdSender:
@@ -406,7 +461,10 @@ class _RecvChannel(threading.Thread):
         self.synced = 0
         self.ended = False  # set by the thread as it leaves (a thread not started yet is not ended)
         self.decomp = Decompressor(owner.method)
-        self.stream = InStream(channel, 1 << 20, readahead=False)  # pages land in RAM, not in its buffer
+        # one read takes a packet's header and the offsets of up to MAX_NORMAL pages (the sender writes
+        # them together); payloads land in guest RAM, not in this buffer
+        self.stream = InStream(channel, 1 << 20)
+        self.stream.fill_max = HDR.size + 8 * MAX_NORMAL
 
     @on_thread("mig/dst/mfd")
     def run(self) -> None:
@@ -467,7 +525,8 @@ class _RecvChannel(threading.Thread):
                               f"({alloc} allocated), expected at most {MAX_PAGES}")
         if n + z:
             block = self._block(name.rstrip(b"\0").decode(errors="replace"))
-            offs = np.frombuffer(f.read(8 * (n + z)), dtype=">u8")
+            offs = np.empty(n + z, dtype=">u8")
+            f.read_into(offs.view(np.uint8))  # from the buffer when the header's read took them
             bad = np.flatnonzero((offs % PAGE_SIZE != 0) | (offs >= block.size))
             if bad.size:
                 raise StreamError(f"multifd: offset too long {int(offs[bad[0]])} (max {block.size})")
@@ -506,8 +565,10 @@ class _RecvChannel(threading.Thread):
         elif n:
             if size > n * PAGE_SIZE + (n * PAGE_SIZE >> 6) + 4096:
                 raise StreamError(f"multifd {self.id}: compressed payload of {size} bytes for {n} pages")
+            frame = np.empty(size, dtype=np.uint8)
+            f.read_into(frame)  # straight from the channel: no buffer-sized steps
             try:
-                data = self.decomp.decompress(f.read(size), n * PAGE_SIZE)
+                data = self.decomp.decompress(frame.data, n * PAGE_SIZE)
             except CompressError as exc:
                 raise StreamError(f"multifd {self.id}: {exc}") from None
             block.pages[normal] = np.frombuffer(data, dtype=np.uint8).reshape(n, PAGE_SIZE)

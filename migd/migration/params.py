@@ -99,6 +99,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("x-migd-completion-timeout", "uint64", 0),  # s per GiB of guest RAM; 0 = off
     # [migd] seconds of silence after which a migd peer is given up on (heartbeats, docs/SWITCHOVER.md §2)
     ParamSpec("x-migd-peer-timeout", "uint32", 10),
+    # [migd] checksum records after every section (docs/FORMAT.md §1.2); false: none, as QEMU writes
+    ParamSpec("x-migd-checksums", "bool", True),
 )
 SPECS: dict[str, ParamSpec] = {spec.name: spec for spec in PARAMS}
 DEFAULT_PARAMETERS: dict[str, Any] = {spec.name: spec.default for spec in PARAMS}

@@ -58,6 +58,7 @@ from migd.migration.stream import InStream, OutStream, StreamError
 
 BATCH_PAGES = 512  # PAGE records per batch: 2 MiB per system call
 RUN_BATCH_PAGES = 4096  # pages per batch of page runs straight from RAM (no staging array to fill)
+MULTIFD_BATCH_PAGES = 1024  # pages per batch handed to a multifd channel (two packets of 512)
 SCAN_WINDOW = 1 << 16  # bitmap entries examined per search step (and ZERO records per batch, at most)
 MAX_WAIT = 0.05  # QEMU's MAX_WAIT: one save_iterate runs at most 50 ms
 PERIOD = 1.0  # seconds of a dirty-rate period (QEMU: > 1000 ms)
@@ -285,6 +286,8 @@ class RAMSaver:
                 if limited and f.rate_limit_exceeded():
                     return self.stats.dirty_pages == 0
                 limit = RUN_BATCH_PAGES if direct else self.batch_pages
+                if self.pages_out is not None:  # multifd: fewer, larger hand-overs to the channels
+                    limit = MULTIFD_BATCH_PAGES
                 max_bytes = None
                 if limited:
                     budget = f.rate_budget()

@@ -66,3 +66,35 @@ def test_file_save_is_checked_on_restore_and_readable_by_qemu(migd_factory: Call
                                          "at offset "), info
     assert "RAM block 'ram0'" in info["error-desc"], info
     assert run_status(dst2) == "inmigrate"
+
+
+def test_checksums_off_writes_qemus_stream(migd_factory: Callable[..., Any], tmp_path: Path) -> None:
+    """``x-migd-checksums false``: a ``file:`` save without checksum records or migd's configuration
+    subsection (QEMU's stream), restored intact; a tcp migration to a migd peer still completes."""
+    src = migd_factory("src", "-m", "64M", "--workload", "random,rate=16M")
+    params = {p: v for p, v in src.cmd("query-migrate-parameters").items() if p == "x-migd-checksums"}
+    assert params == {"x-migd-checksums": True}
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 0, "x-migd-checksums": False})
+    assert src.cmd("query-migrate-parameters")["x-migd-checksums"] is False
+    state = tmp_path / "state"
+    src.cmd("migrate", uri=f"file:{state}")
+    wait_status(src, "completed", 60)
+    saved = digests(src)
+    data = state.read_bytes()
+    assert b"x-migd/checksum" not in data and b"x-migd" not in data[:4096]
+    if os.path.isfile(SCRIPT):
+        out = subprocess.run([sys.executable, SCRIPT, "-f", str(state), "-d", "state"], capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert not any(k.startswith("x-migd/") for k in json.loads(out.stdout))
+    dst = migd_factory("dst", "-m", "64M", "-S", "--incoming", f"file:{state}")
+    wait_status(dst, "completed", 60)
+    assert digests(dst) == saved
+    # to a migd peer over tcp (commit and heartbeats still negotiated, checksums not)
+    src.cmd("cont")
+    peer = migd_factory("peer", "-m", "64M", "--incoming", "tcp:127.0.0.1:0")
+    port = wait_status(peer, "setup", 30)["socket-address"][0]["port"]
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    wait_status(src, "completed", 90)
+    wait_status(peer, "completed", 90)
+    assert digests(peer) == digests(src)
