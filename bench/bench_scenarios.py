@@ -24,7 +24,9 @@ fired, the guest's largest stall after the migration (and before it, in brackets
 migration did not cause, e.g. while the destination started), and the final pass's CPU time of the
 migration thread over its wall time in ms (``final_cpu``, from the source's policy trace: a final
 pass that had a fraction of its wall time on a CPU was descheduled — the host's doing, not the
-estimate's; with ``MIGD_POLICY_TRACE`` set the traces stay there, for replays). Writes a PNG (expected vs real downtime, time to converge) when
+estimate's; with ``MIGD_POLICY_TRACE`` set the traces stay there, for replays), and ``dest``: the
+destination's load pace on a CPU of its own in MB/s (its LOAD_PACE reports; 0 = none) over the MB its
+socket still held at the switch-over, both as the policy saw them (the trace replayed). Writes a PNG (expected vs real downtime, time to converge) when
 matplotlib is installed (``pip install 'migd[bench]'``). The TCP cases with 10 and 50 ms of delay each
 way need network namespaces and root: ``bench/bench_netdelay.py`` (``--netdelay`` runs it here).
 """
@@ -44,7 +46,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's migd, for the trace replay
 from bench_query_latency import SETTLE, parse_size, start_pair  # noqa: E402
+
+from migd.migration import policytrace  # noqa: E402
 
 try:  # an optional extra of the bench only (pip install 'migd[bench]'): no picture without it
     import matplotlib
@@ -114,6 +119,7 @@ async def one_case(tmp: Path, memory: int, case: str, timeout: float,
         if saved_env is None:
             del os.environ[TRACE_ENV]
     final_cpu = None
+    dest = None  # the destination's reported pace and the socket's backlog at the switch-over
     stall = before = None
     try:
         control, probe = await src.client(), await src.client()
@@ -153,7 +159,10 @@ async def one_case(tmp: Path, memory: int, case: str, timeout: float,
         while info.get("status") == "completed" and time.monotonic() < deadline:
             new = sorted(set(traces.glob("*.json")) - seen)
             if new:
-                outcome = json.loads(new[-1].read_text()).get("outcome", {})
+                doc = json.loads(new[-1].read_text())
+                outcome = doc.get("outcome", {})
+                policy, _ = policytrace.replay(doc)
+                dest = f"{policy.drain_rate() / 1e6:.0f}/{policy.backlog / 1e6:.1f}"
                 wall = (outcome.get("phases") or {}).get("ram-final")
                 cpu = outcome.get("ram_final_cpu_ms")
                 if wall is not None and cpu is not None:
@@ -186,7 +195,7 @@ async def one_case(tmp: Path, memory: int, case: str, timeout: float,
         "worst_after_1s": round(worst, 2) if worst is not None else None, "worst_expected": worst_e,
         "sent_mb": round(info.get("ram", {}).get("transferred", 0) / 2**20),
         "states": ">".join(states), "actions": ",".join(actions[:4]) + (",…" if len(actions) > 4 else ""),
-        "stall_ms": f"{stall} ({before})", "final_cpu": final_cpu, "phases": info.get("x-migd-downtime-phases"), "error": info.get("error-desc"),
+        "stall_ms": f"{stall} ({before})", "final_cpu": final_cpu, "dest": dest, "phases": info.get("x-migd-downtime-phases"), "error": info.get("error-desc"),
         "limit": limit, "bandwidth": bandwidth, "workload": workload,
         "trace": [(round(t, 2), e, c.get("state"), c.get("eta-ms")) for t, e, c in samples[::10]],
     }
@@ -265,7 +274,7 @@ async def main() -> int:
         runs.append((ANCHOR, {**extra, "x-migd-auto-throttle": True}))
     tmp = Path(tempfile.mkdtemp(prefix="migd-scen-", dir="/dev/shm"))
     cols = ("case", "status", "digest", "total", "downtime", "expected", "ratio", "worst_after_1s",
-            "sent_mb", "states", "actions", "stall_ms", "final_cpu")
+            "sent_mb", "states", "actions", "stall_ms", "final_cpu", "dest")
     print(f"# {len(runs)} cases, {args.memory} guest, unix socket, timeout {args.timeout:g} s; "
           f"load average {Path('/proc/loadavg').read_text().split()[0]} at the start")
     print("| " + " | ".join(cols) + " |")

@@ -257,7 +257,7 @@ async def test_clean_migration_commits(pair: Pair) -> None:
     ms, inc = pair.src.migration, pair.dst.incoming
     assert inc is not None
     assert ms.status is M.COMPLETED and inc.status == "completed", (ms.query(), inc.query())
-    assert ms.committed and inc.features == 15  # commit, heartbeat, checksum, page runs
+    assert ms.committed and inc.features == 31  # commit, heartbeat, checksum, page runs, load pace
     assert pair.dst.running and not src_running(pair)
     assert pair.src.runstate.state is RunState.POSTMIGRATE
     phases = ms.query()["x-migd-downtime-phases"]

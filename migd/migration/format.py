@@ -69,7 +69,9 @@ FEATURE_COMMIT = 0x1  # LOADED, then COMMIT: the destination runs only after the
 FEATURE_HEARTBEAT = 0x2  # heartbeats both ways; each side gives up on a silent peer
 FEATURE_CHECKSUM = 0x4  # an xxh3-64 checksum record after every section (file: saves too)
 FEATURE_PAGE_RUNS = 0x8  # RAM_X_MIGD_RUN records: consecutive pages after one header (zero-copy receive)
-FEATURES_SUPPORTED = FEATURE_COMMIT | FEATURE_HEARTBEAT | FEATURE_CHECKSUM | FEATURE_PAGE_RUNS
+FEATURE_LOAD_PACE = 0x10  # the destination reports its load pace on the return path (X_MIGD_LOAD_PACE)
+FEATURES_SUPPORTED = (FEATURE_COMMIT | FEATURE_HEARTBEAT | FEATURE_CHECKSUM | FEATURE_PAGE_RUNS
+                      | FEATURE_LOAD_PACE)
 CONFIG_SUBSECTION = "configuration/x-migd"
 CONFIG_SUBSECTION_VERSION = 1
 _CONFIG_FIELDS = struct.Struct(">II")  # features, peer timeout in ms

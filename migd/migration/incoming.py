@@ -13,7 +13,9 @@ sends heartbeats on the return path and watches the source's, and after the load
 runs nothing until the source's COMMIT arrives. Losing the source after LOADED by silence or a reset
 leaves the guest loaded and paused, status ``failed`` with the reason, and the process up: the COMMIT
 may have been what was lost. A clean EOF instead of COMMIT is an ordinary failure (nothing committed
-can precede a FIN the source sent after it).
+can precede a FIN the source sent after it). With feature LOAD_PACE (a plain socket, no multifd) the
+incoming thread also reports its load pace (``loadpace.py``): at most every 50 ms while it reads,
+and after each PONG.
 """
 
 from __future__ import annotations
@@ -34,11 +36,13 @@ from migd.migration.format import (
     CMD_X_MIGD_HEARTBEAT,
     FEATURE_COMMIT,
     FEATURE_HEARTBEAT,
+    FEATURE_LOAD_PACE,
     FEATURES_SUPPORTED,
     Cmd,
 )
 from migd.migration.heartbeat import Watchdog, WatchedChannel, beat_interval, writable
 from migd.migration.host import MigrationHost
+from migd.migration.loadpace import LoadMeter
 from migd.migration.multifd import NEEDS_SOCKETS, MultifdReceiver, supports
 from migd.migration.params import MigrationConfig
 from migd.migration.ram import RAMLoader, prefault
@@ -96,6 +100,8 @@ class IncomingMigration:
         self._src_features = 0  # [migd] what the source announced in its configuration subsection
         self._src_timeout_ms = 0
         self.features = 0  # [migd] what this destination accepted (and told the source)
+        self.supported = FEATURES_SUPPORTED  # [migd] what it may accept (a test plays an older migd)
+        self._meter: LoadMeter | None = None  # [migd] the main channel's reads, for LOAD_PACE
         self._watchdog: Watchdog | None = None
         self._silence: str | None = None  # why the watchdog gave up on the source
         self._loaded_sent = False
@@ -247,7 +253,8 @@ class IncomingMigration:
         finally:
             if mfd is None:
                 listener.close()
-        channel = self._channel = WatchedChannel(raw)
+        meter = self._meter = LoadMeter(raw)
+        channel = self._channel = WatchedChannel(meter)
         self._accept_at = time.monotonic()
         self._rp = returnpath.ReturnPathWriter(channel)
         if self._closing:
@@ -264,6 +271,7 @@ class IncomingMigration:
                 if may_be_foreign:
                     self._prefault(machine)
                 loader = self._loader = RAMLoader(machine.ram)
+                meter.pages = lambda: loader.pages + loader.zero_pages
                 if mfd is not None:
                     loader.on_flush = mfd.sync_main
                 load_stream(instream, machine, on_command=self._on_command, on_config=self._on_config,
@@ -358,7 +366,13 @@ class IncomingMigration:
                     self._accept_features(channel, rp)
         elif cmd == Cmd.PING and len(payload) == 4 and rp is not None and self.return_path_open:
             (value,) = struct.unpack(">I", payload)
+            meter = self._meter
+            held = meter.held() if meter is not None else 0.0  # what of the round trip was this side's load
             self._reply(f"PONG {value}", lambda: rp.pong(value))
+            if meter is not None and meter.report is not None:
+                # after the PONG (a message ahead of it would delay its arrival stamp at the source):
+                # the pace up to this PING, and how long the PING waited here behind what came before it
+                meter.send_report(ping=value, held_s=held)
         elif cmd == CMD_X_MIGD_HEARTBEAT:
             pass  # the channel already noted that the source is alive
 
@@ -375,11 +389,16 @@ class IncomingMigration:
 
     def _accept_features(self, channel: WatchedChannel, rp: returnpath.ReturnPathWriter) -> None:
         """[migd] Answer the source's announcement; start heartbeats and the silence watch."""
-        self.features = self._src_features & FEATURES_SUPPORTED
+        self.features = self._src_features & self.supported
+        meter = self._meter
+        if meter is None or not meter.exact or self._multifd is not None:
+            self.features &= ~FEATURE_LOAD_PACE  # waits not told from work, or no pages on this channel
         timeout = int(self.config.param("x-migd-peer-timeout"))  # this side's own
         if not self._reply("FEATURES", lambda: rp.features(self.features, timeout * 1000)):
             return
         log.info("incoming migration: migd source, features 0x%x, peer timeout %d s", self.features, timeout)
+        if self.features & FEATURE_LOAD_PACE and meter is not None:
+            meter.report = self._pace_reporter(rp)
         if not self.features & FEATURE_HEARTBEAT:
             return
         set_peer_timeout(channel.inner, timeout)
@@ -392,6 +411,16 @@ class IncomingMigration:
         self._watchdog = Watchdog("mig/dst/beat", timeout, beat, lambda: interval,
                                   channel.silent_for, self._on_silence)
         self._watchdog.start()
+
+    def _pace_reporter(self, rp: returnpath.ReturnPathWriter) -> Callable[[int, int, int, int, int, int, int], None]:
+        """[migd] The meter's report: a LOAD_PACE message; one that cannot be sent ends the reports
+        (the stream's end tells the rest, as for any answer). (incoming thread)"""
+        def report(*totals: int) -> None:
+            if not self._reply("LOAD_PACE", lambda: rp.load_pace(*totals)):
+                meter = self._meter
+                if meter is not None:
+                    meter.report = None
+        return report
 
     def _on_silence(self, seconds: float) -> None:
         """(watchdog thread) The source said nothing for too long: end the load."""

@@ -15,7 +15,9 @@ window on, the same number in the log and in ``query-migrate``.
 With a return path a PING goes out about once a second and its PONG is only *timed* (an input of the
 model: the destination's round trip, queueing behind the stream included). Only the first switch-over
 waits until one PING was answered (in bounded waits, the guest running, given up after PONG_TIMEOUT);
-no window is restarted by it, so a 100 ms round trip cannot stall a migration.
+no window is restarted by it, so a 100 ms round trip cannot stall a migration. A migd destination
+that accepted LOAD_PACE reports its load pace on the return path; each loop turn hands the new
+reports to the policy (the drain rate of the socket's backlog, a bound on the final pass's rate).
 
 The completion is the commit protocol of docs/SWITCHOVER.md §2 between migd peers (LOADED, then the
 point of no return ``ms.commit()``, then COMMIT, then SHUT): before it every failure resumes the guest,
@@ -47,6 +49,7 @@ from migd.migration.format import (
     FEATURE_CHECKSUM,
     FEATURE_COMMIT,
     FEATURE_HEARTBEAT,
+    FEATURE_LOAD_PACE,
     FEATURE_PAGE_RUNS,
     FEATURES_SUPPORTED,
     Cmd,
@@ -79,6 +82,7 @@ ACK_TIMEOUT = 600.0  # seconds to wait for the destination's SHUT (a cancel ends
 PING_INTERVAL = 1.0  # seconds between PINGs that time the destination's round trip
 DRY_RUNS = 3  # device-state dry runs at setup, the least counted
 PONG_TIMEOUT = 30.0  # seconds after which an unanswered PING is given up and another one sent
+HELD_WAIT = 0.5  # s a PONG's round trip waits at most for the LOAD_PACE report that follows it
 # the switch-over's framing outside RAM and devices (state changes, events, EOF) on top of the
 # measured VMDESCRIPTION build: a small constant, measured once on this kind of machine
 FRAMING_MS = 0.5
@@ -185,6 +189,8 @@ class MigrationThread(threading.Thread):
         self._sync_dirtied: int | None = None  # the dirty log's bytes just before a sync's take
         self._completing = False
         self._ping = 1  # PING 1 goes out with the header
+        self._paces_seen = 0  # LOAD_PACE reports handed to the policy so far
+        self._held: dict[int, float] = {}  # PING value -> s the destination held it (its LOAD_PACE report)
         # (value, time, bytes just before it, bytes queued in the socket ahead of it, s the burst took)
         self._ping_sent: tuple[int, float, int, int, float] | None = None
         self._last_ping = 0.0
@@ -330,6 +336,7 @@ class MigrationThread(threading.Thread):
         self._new_window(time.monotonic())
         while True:
             self._expect(M.ACTIVE)
+            self._take_paces()
             self._time_pong()
             if not stream.rate_limit_exceeded():
                 self._send_ping()
@@ -450,7 +457,12 @@ class MigrationThread(threading.Thread):
         """Nothing left to decide before the first PONG: wait for it a little (bounded), not spin."""
         rp, sent = self.rp, self._ping_sent
         if rp is not None and sent is not None:
-            rp.wait_for_pong(sent[0], timeout)
+            value = sent[0]
+            if self._accepted() & FEATURE_LOAD_PACE:  # the PONG, and the report that follows it
+                rp.wait_for(lambda: value in rp.pongs and any(p.ping == value for p in rp.paces), timeout)
+            else:
+                rp.wait_for_pong(value, timeout)
+            self._take_paces()
             self._time_pong()
 
     def _time_pong(self) -> None:
@@ -464,10 +476,34 @@ class MigrationThread(threading.Thread):
             if not sent[2] or age >= PING_INTERVAL:  # a probe's wait is the load, until it is long
                 self.policy.on_rtt(age, lower_bound=True)
             return
+        held = 0.0
+        if self._accepted() & FEATURE_LOAD_PACE and not sent[2]:
+            # the destination says how long the PING waited there behind what came before it (64 KiB of
+            # zero-page records cost it ~15 ms): that is its load, which the backlog counts, not a trip
+            got = self._held.pop(sent[0], None)
+            if got is None and time.monotonic() - arrived < HELD_WAIT:
+                return  # its report follows the PONG: take the sample next turn
+            held = got or 0.0
         self._ping_sent = None
         # the switch-over waits for LOADED, and with the commit protocol for SHUT after COMMIT too
         self.policy.round_trips = 2 if self._accepted() & FEATURE_COMMIT else 1
-        self.policy.on_rtt(arrived - sent[1], behind_bytes=sent[2], queued_bytes=sent[3], burst_s=sent[4])
+        self.policy.on_rtt(max(0.0, arrived - sent[1] - held), behind_bytes=sent[2], queued_bytes=sent[3],
+                           burst_s=sent[4])
+
+    def _take_paces(self) -> None:
+        """The destination's LOAD_PACE reports that came since the last turn, to the policy
+        (migration thread)."""
+        rp = self.rp
+        if rp is None or rp.pace_count == self._paces_seen:
+            return
+        paces, self._paces_seen = rp.paces_after(self._paces_seen)
+        for pace in paces:
+            if pace.ping:
+                self._held[pace.ping] = pace.held_s
+                for old in list(self._held)[:-4]:
+                    del self._held[old]
+            self.policy.on_load_pace(pace.arrived, pace.bytes_read, pace.pages, pace.busy_s, pace.wait_s,
+                                     pace.cpu_s)
 
     # -- counters (QEMU's migration_update_counters / migration_rate_limit) -----------------------
 

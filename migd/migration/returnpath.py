@@ -8,7 +8,9 @@ anything else, so a confused or hostile peer cannot make it allocate or wait on 
 [migd] Between migd peers three messages of migd's own are added (docs/FORMAT.md §6): FEATURES (the
 answer to the source's configuration subsection), LOADED (everything loaded, waiting for COMMIT) and
 HEARTBEAT. The reader accepts LOADED and HEARTBEAT only after FEATURES, and notes when it last heard
-anything, so the source can give up on a silent destination.
+anything, so the source can give up on a silent destination. With feature LOAD_PACE a fourth one,
+LOAD_PACE, tells the source how fast the destination loads (``loadpace.py`` measures it): the
+reader keeps the last reports for the migration thread, which hands them to the policy.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ import logging
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
+
+from migd.migration.format import FEATURE_LOAD_PACE
 
 if TYPE_CHECKING:
     from migd.transports.channel import Channel
@@ -37,15 +42,33 @@ MSG_SWITCHOVER_ACK = 7
 MSG_X_MIGD_FEATURES = 0x4D00  # be32 accepted features, be32 the destination's peer timeout (ms)
 MSG_X_MIGD_LOADED = 0x4D01  # the whole stream loaded; the guest waits for COMMIT
 MSG_X_MIGD_HEARTBEAT = 0x4D02  # the destination is alive
+MSG_X_MIGD_LOAD_PACE = 0x4D03  # 5 x be64: bytes, pages, us busy, waiting, on a CPU; be32 PING, be32 us it was held
 
 MAX_LENGTH = 512  # QEMU's bound on any return-path payload
 _HEADER = struct.Struct(">HH")
 _U32 = struct.Struct(">I")
 _FEATURES = struct.Struct(">II")
+_LOAD_PACE = struct.Struct(">QQQQQII")
+PACE_KEPT = 64  # LOAD_PACE reports the reader keeps for the migration thread
 
 # the messages a migd source understands, with their fixed payload length
 _ACCEPTED = {MSG_SHUT: 4, MSG_PONG: 4, MSG_X_MIGD_FEATURES: 8}
 _ACCEPTED_AFTER_FEATURES = {**_ACCEPTED, MSG_X_MIGD_LOADED: 0, MSG_X_MIGD_HEARTBEAT: 0}
+_ACCEPTED_WITH_PACE = {**_ACCEPTED_AFTER_FEATURES, MSG_X_MIGD_LOAD_PACE: _LOAD_PACE.size}
+
+
+class LoadPace(NamedTuple):
+    """One LOAD_PACE report, as the source's reader received it: when it arrived (monotonic), and
+    the destination's totals since it accepted the connection."""
+
+    arrived: float
+    bytes_read: int  # stream bytes the incoming thread read off the channel
+    pages: int  # RAM pages it loaded (data and zero)
+    busy_s: float  # seconds the incoming thread was not waiting for data
+    wait_s: float  # seconds it waited for data (the channel empty)
+    cpu_s: float  # seconds it ran on a CPU (its thread CPU time)
+    ping: int  # the PING this report follows the PONG of (0: a periodic report)
+    held_s: float  # seconds that PING waited in the destination after the read that brought it
 
 
 class ReturnPathError(RuntimeError):
@@ -96,6 +119,14 @@ class ReturnPathWriter:
     def heartbeat(self) -> None:
         self._send(MSG_X_MIGD_HEARTBEAT)
 
+    def load_pace(self, bytes_read: int, pages: int, busy_us: int, wait_us: int, cpu_us: int,
+                  ping: int = 0, held_us: int = 0) -> None:
+        """[migd] Feature LOAD_PACE: the incoming thread's totals since it accepted the connection; after
+        a PONG, that PING's value and how long it waited here after the read that brought it."""
+        mask, mask32 = (1 << 64) - 1, (1 << 32) - 1
+        totals = (max(0, v) & mask for v in (bytes_read, pages, busy_us, wait_us, cpu_us))
+        self._send(MSG_X_MIGD_LOAD_PACE, _LOAD_PACE.pack(*totals, ping & mask32, min(max(0, held_us), mask32)))
+
 
 def sibling_error(flag: int) -> str:
     """The source's error-desc for a non-zero SHUT (QEMU's words)."""
@@ -115,6 +146,8 @@ class ReturnPathReader:
         self.peer_timeout_ms = 0  # [migd] the destination's own peer timeout
         self.loaded = False  # [migd] LOADED arrived
         self.answered = False  # the destination sent anything at all (it reads the stream)
+        self.paces: deque[LoadPace] = deque(maxlen=PACE_KEPT)  # [migd] LOAD_PACE reports, oldest first
+        self.pace_count = 0  # LOAD_PACE reports received in all
         self.last_heard = time.monotonic()  # any message, or the start
         self._done = threading.Event()
         self._pong = threading.Condition()
@@ -158,7 +191,11 @@ class ReturnPathReader:
                     self.error = "Return path closed before the destination acknowledged the load"
                     return
                 kind, length = _HEADER.unpack(header)
-                accepted = _ACCEPTED if self.features is None else _ACCEPTED_AFTER_FEATURES
+                if self.features is None:
+                    accepted = _ACCEPTED
+                else:
+                    accepted = (_ACCEPTED_WITH_PACE if self.features & FEATURE_LOAD_PACE
+                                else _ACCEPTED_AFTER_FEATURES)
                 expected = accepted.get(kind)
                 if expected is None or length != expected or length > MAX_LENGTH:
                     self.error = f"Received invalid message 0x{kind:04x} length 0x{length:04x}"
@@ -181,6 +218,11 @@ class ReturnPathReader:
                         self.features, self.peer_timeout_ms = _FEATURES.unpack(payload)
                     elif kind == MSG_X_MIGD_LOADED:
                         self.loaded = True
+                    elif kind == MSG_X_MIGD_LOAD_PACE:
+                        read, pages, busy_us, wait_us, cpu_us, ping, held_us = _LOAD_PACE.unpack(payload)
+                        self.paces.append(LoadPace(self.last_heard, read, pages, busy_us / 1e6, wait_us / 1e6,
+                                                   cpu_us / 1e6, ping, held_us / 1e6))
+                        self.pace_count += 1
                     else:
                         (value,) = _U32.unpack(payload)
                         self.pongs.append(value)
@@ -205,6 +247,13 @@ class ReturnPathReader:
         with self._pong:
             self._pong.wait_for(lambda: predicate() or self._done.is_set(), timeout)
             return predicate()
+
+    def paces_after(self, count: int) -> tuple[list[LoadPace], int]:
+        """The LOAD_PACE reports received after the first ``count`` (those still kept), and how many
+        came in all, read together (any thread)."""
+        with self._pong:
+            new = min(self.pace_count - count, len(self.paces))
+            return (list(self.paces)[len(self.paces) - new:] if new > 0 else []), self.pace_count
 
     def wake(self) -> None:
         """Wake every waiter so it re-checks its condition (any thread)."""

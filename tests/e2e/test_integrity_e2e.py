@@ -92,7 +92,7 @@ def test_checksums_off_writes_qemus_stream(migd_factory: Callable[..., Any], tmp
     assert digests(dst) == saved
     # to a migd peer over tcp (commit and heartbeats still negotiated, checksums not)
     src.cmd("cont")
-    peer = migd_factory("peer", "-m", "64M", "--incoming", "tcp:127.0.0.1:0")
+    peer = migd_factory("peer", "-m", "64M", "-S", "--incoming", "tcp:127.0.0.1:0")  # paused: its RAM stays what it received
     port = wait_status(peer, "setup", 30)["socket-address"][0]["port"]
     src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
     wait_status(src, "completed", 90)
