@@ -577,7 +577,7 @@ class MigrationThread(threading.Thread):
     def _announce(self) -> tuple[int, int]:
         """(features, peer timeout ms) for the configuration subsection. Checksums go everywhere (a
         ``file:`` save is checked when restored) unless ``x-migd-checksums`` is false (QEMU's stream has
-        none; they cost ~0.08 CPU s/GiB on each side over TCP); commit and heartbeats need a return path."""
+        none; they cost ~0.1 CPU s/GiB on each side over TCP); commit and heartbeats need a return path."""
         checksums = FEATURE_CHECKSUM if self.ms.config.param("x-migd-checksums") else 0
         if not self.use_return_path:
             return checksums, 0
