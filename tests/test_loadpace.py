@@ -36,7 +36,7 @@ from migd.migration.returnpath import (
     ReturnPathWriter,
 )
 from migd.migration.status import MigrationStatus as M
-from migd.transports.channel import Channel, SocketChannel
+from migd.transports.channel import Channel, ChannelFilter, SocketChannel
 
 PACE_HEADER = struct.pack(">HH", MSG_X_MIGD_LOAD_PACE, 48)
 
@@ -286,13 +286,12 @@ async def test_an_older_migd_destination_without_load_pace_still_completes(pace:
     assert pace.dst.runstate.state is RunState.RUNNING
 
 
-class ShortPace(Channel):
+class ShortPace(ChannelFilter):
     """The source's real channel, with the length of every LOAD_PACE header it reads changed to 16:
     a destination that sends a malformed report."""
 
     def __init__(self, inner: SocketChannel) -> None:
-        self.inner = inner
-        self.name = inner.name
+        super().__init__(inner)
         self.has_return_path = True
         self.seen = 0
 
@@ -302,18 +301,6 @@ class ShortPace(Channel):
             mv[2:4] = struct.pack(">H", 16)
             self.seen += 1
         return n
-
-    def write_vectored(self, bufs: Any) -> int:
-        return self.inner.write_vectored(bufs)
-
-    def shutdown(self) -> None:
-        self.inner.shutdown()
-
-    def close(self) -> None:
-        self.inner.close()
-
-    def fileno(self) -> int:
-        return self.inner.fileno()
 
 
 async def test_a_malformed_report_fails_the_migration_and_the_source_runs_on(

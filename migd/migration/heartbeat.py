@@ -21,11 +21,11 @@ import logging
 import select
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from migd.migration.stream import OutStream, StreamError
-from migd.transports.channel import Channel
+from migd.transports.channel import Channel, ChannelFilter
 
 log = logging.getLogger("migd.migration")
 
@@ -128,13 +128,11 @@ class IdleStream:
             self.sent += 1
 
 
-class WatchedChannel(Channel):
+class WatchedChannel(ChannelFilter):
     """Destination: a channel that remembers when it last received data and how it ended."""
 
     def __init__(self, inner: Channel) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.has_return_path = inner.has_return_path
+        super().__init__(inner)
         self.last_heard = time.monotonic()
         self.eof = False  # read returned 0: the peer closed its side cleanly
         self.read_error: str | None = None
@@ -153,15 +151,3 @@ class WatchedChannel(Channel):
         else:
             self.eof = True
         return n
-
-    def write_vectored(self, bufs: Sequence[Any]) -> int:
-        return self.inner.write_vectored(bufs)
-
-    def shutdown(self) -> None:
-        self.inner.shutdown()
-
-    def close(self) -> None:
-        self.inner.close()
-
-    def fileno(self) -> int:
-        return self.inner.fileno()

@@ -21,21 +21,19 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
-from migd.transports.channel import Channel, SocketChannel
+from migd.transports.channel import Channel, ChannelFilter, SocketChannel
 
 INTERVAL = 0.05  # s between reports while pages flow, at least
 
 
-class LoadMeter(Channel):
+class LoadMeter(ChannelFilter):
     """A channel whose reads count bytes and the time spent waiting for them (incoming thread)."""
 
     def __init__(self, inner: Channel) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.has_return_path = inner.has_return_path
+        super().__init__(inner)
         # exactly a plain socket: a subclass reads through a layer (TLS) that MSG_DONTWAIT skips
         self._sock = inner.sock if type(inner) is SocketChannel else None
         self.start = time.monotonic()
@@ -100,15 +98,3 @@ class LoadMeter(Channel):
         if self.report is not None and now - self._last_report >= INTERVAL:
             self.send_report(now)
         return n
-
-    def write_vectored(self, bufs: Sequence[Any]) -> int:
-        return self.inner.write_vectored(bufs)
-
-    def shutdown(self) -> None:
-        self.inner.shutdown()
-
-    def close(self) -> None:
-        self.inner.close()
-
-    def fileno(self) -> int:
-        return self.inner.fileno()

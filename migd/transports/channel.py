@@ -85,6 +85,33 @@ class Channel:
         self.close()
 
 
+
+class ChannelFilter(Channel):
+    """A channel over another one that passes everything through: a subclass overrides what it
+    watches or changes (heartbeat.WatchedChannel, loadpace.LoadMeter, test channels that cut or
+    corrupt). Runs on whichever thread uses the inner channel."""
+
+    def __init__(self, inner: Channel) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.has_return_path = inner.has_return_path
+
+    def write_vectored(self, bufs: Sequence[Any]) -> int:
+        return self.inner.write_vectored(bufs)
+
+    def read_into(self, mv: Any) -> int:
+        return self.inner.read_into(mv)
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def fileno(self) -> int:
+        return self.inner.fileno()
+
+
 class SocketChannel(Channel):
     """A connected stream socket (tcp, unix, or an fd: socket). Bidirectional, so it has a return path."""
 
