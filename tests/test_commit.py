@@ -105,6 +105,8 @@ class FaultChannel(Channel):
             if self._cut:
                 return total
             raise OSError(32, "Broken pipe")
+        if hit:  # noted before the write: the peer may act on the message (and the test look) at once
+            self.tripped.set()
         n = self.inner.write_vectored(bufs)
         if hit:
             self._trip()
@@ -295,7 +297,7 @@ async def test_fault_at_each_switchover_message(pair: Pair, side: str, message: 
     await pair.start()
     await pair.settle()
     fault = pair.src_fault if side == "src" else pair.dst_fault
-    assert fault is not None and fault.tripped.is_set(), "the fault point was never reached"
+    assert fault is not None and fault.tripped.is_set(), ("the fault point was never reached", pair.src.migration.query())
     ms, inc = pair.src.migration, pair.dst.incoming
     assert inc is not None
     src_info, dst_info = ms.query(), inc.query()
@@ -315,8 +317,8 @@ async def test_fault_at_each_switchover_message(pair: Pair, side: str, message: 
             assert ms.status is M.FAILED and "committed" in src_info["error-desc"], src_info
     if inc.status == "failed" and "COMMIT did not arrive" in dst_info["error-desc"]:
         assert pair.dst.exits == []  # a held destination keeps its loaded guest: no exit
-    elif inc.status == "failed":
-        assert pair.dst.exits == [1]
+    elif inc.status == "failed":  # the exit follows the published status (incoming thread)
+        await pair.src.wait_for(lambda: pair.dst.exits == [1], 10)
 
 
 async def test_cancel_during_device_never_runs_both(pair: Pair) -> None:
