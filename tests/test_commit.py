@@ -34,7 +34,7 @@ from migd.migration.returnpath import MSG_SHUT, MSG_X_MIGD_LOADED
 from migd.migration.state import MigrationError, MigrationState
 from migd.migration.status import MigrationStatus as M
 from migd.threads import LoopHandle
-from migd.transports.channel import Channel, SocketChannel
+from migd.transports.channel import Channel, ChannelFilter, SocketChannel
 
 MEM = 8 << 20
 TIMEOUT = 1  # x-migd-peer-timeout on both sides, seconds
@@ -53,7 +53,7 @@ def is_commit(data: bytes) -> bool:
     return data == COMMIT_BYTES
 
 
-class FaultChannel(Channel):
+class FaultChannel(ChannelFilter):
     """A real SocketChannel whose writes, from the first one ``match`` accepts, are cut or killed.
 
     ``when="before"``: the matching write is itself affected; ``"after"``: it goes out, the rest not.
@@ -64,10 +64,9 @@ class FaultChannel(Channel):
 
     def __init__(self, inner: SocketChannel, match: Callable[[bytes], bool] | None, action: str,
                  when: str, delay: float = 0.0) -> None:
+        super().__init__(inner)
+        self.inner: SocketChannel = inner
         self.delay = delay
-        self.inner = inner
-        self.name = inner.name
-        self.has_return_path = True
         self.match, self.action, self.when = match, action, when
         self.tripped = threading.Event()
         self._cut = False
@@ -112,9 +111,6 @@ class FaultChannel(Channel):
             self._trip()
         return n
 
-    def read_into(self, mv: Any) -> int:
-        return self.inner.read_into(mv)
-
     def shutdown(self) -> None:
         if self._cut:  # wake our own reads without telling the peer
             try:
@@ -128,9 +124,6 @@ class FaultChannel(Channel):
     def close(self) -> None:
         if not self._cut:
             self.inner.close()
-
-    def fileno(self) -> int:
-        return self.inner.fileno()
 
 
 class DestHarness:

@@ -292,7 +292,6 @@ class ShortPace(ChannelFilter):
 
     def __init__(self, inner: SocketChannel) -> None:
         super().__init__(inner)
-        self.has_return_path = True
         self.seen = 0
 
     def read_into(self, mv: Any) -> int:

@@ -19,7 +19,6 @@ metered: TLS and wrapped channels are not (the destination then does not accept 
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,7 +34,7 @@ class LoadMeter(ChannelFilter):
     def __init__(self, inner: Channel) -> None:
         super().__init__(inner)
         # exactly a plain socket: a subclass reads through a layer (TLS) that MSG_DONTWAIT skips
-        self._sock = inner.sock if type(inner) is SocketChannel else None
+        self._socket = inner if type(inner) is SocketChannel else None
         self.start = time.monotonic()
         self.last_read_at = self.start  # when the last read returned: what the parser holds came then
         self.bytes_read = 0
@@ -49,7 +48,7 @@ class LoadMeter(ChannelFilter):
     @property
     def exact(self) -> bool:
         """Whether waits are told from work (a plain socket): only then is the pace worth reporting."""
-        return self._sock is not None
+        return self._socket is not None
 
     def totals(self, now: float | None = None) -> tuple[int, int, int, int, int]:
         """(bytes read, pages loaded, busy us, waiting us, CPU us) since the start (incoming thread)."""
@@ -76,20 +75,13 @@ class LoadMeter(ChannelFilter):
 
     def read_into(self, mv: Any) -> int:
         """(incoming thread)"""
-        sock = self._sock
-        n = 0
-        if sock is not None and not getattr(self.inner, "_shut", False):  # shut down: its own read says so
-            try:
-                n = sock.recv_into(mv, 0, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                n = 0
-            except InterruptedError:
-                n = 0
+        plain = self._socket
+        n = (plain.try_read_into(mv) or 0) if plain is not None else 0
         if n <= 0:  # empty (or EOF, or not a plain socket): the channel's own blocking read decides
             t0 = time.monotonic()
             n = self.inner.read_into(mv)
             now = time.monotonic()
-            if sock is not None:
+            if plain is not None:
                 self.wait_s += now - t0
         else:
             now = time.monotonic()

@@ -85,7 +85,6 @@ class Channel:
         self.close()
 
 
-
 class ChannelFilter(Channel):
     """A channel over another one that passes everything through: a subclass overrides what it
     watches or changes (heartbeat.WatchedChannel, loadpace.LoadMeter, test channels that cut or
@@ -137,6 +136,16 @@ class SocketChannel(Channel):
         if self._shut:
             raise _shut_error()
         return self.sock.recv_into(mv)
+
+    def try_read_into(self, mv: Any) -> int | None:
+        """Read into ``mv`` what the socket holds without waiting: None when it holds nothing yet,
+        0 at the end of the stream (whichever thread reads the channel)."""
+        if self._shut:
+            raise _shut_error()
+        try:
+            return self.sock.recv_into(mv, 0, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return None
 
     def read_vectored(self, bufs: Sequence[Any]) -> int:
         if type(self).read_into is not SocketChannel.read_into:  # a subclass reads through a layer (TLS)
