@@ -239,7 +239,7 @@ class SwitchoverPolicy:
         self._dest_first: deque[tuple[float, float]] = deque(maxlen=RATE_SAMPLES)
         # every span's (pages, bytes, cpu s): what a page and a byte cost the destination, fitted
         self._dest_spans: deque[tuple[int, int, float]] = deque(maxlen=PACE_SPANS)
-        self._probe_wait_since: float | None = None  # when the switch-over began to wait for a probe  # bytes/s the destination loaded a burst at
+        self._probe_wait_since: float | None = None  # when the switch-over began to wait for a probe
         self._rates: deque[float] = deque(maxlen=RATE_SAMPLES)  # per-window final-pass rates, bytes/s
         self.phases: dict[str, float] = {}  # ms, measured fixed costs
         self._wake_ms: deque[float] = deque(maxlen=16)
@@ -423,11 +423,16 @@ class SwitchoverPolicy:
         """Bytes/s the destination loads data pages at, from its reports (0 = none): the median of
         the last spans of re-sends (past the first pass; during it, of its spans); ``cpu``: on a CPU
         of its own."""
-        samples = self._dest_paces or (self._dest_first if self.in_first_pass() else None)
+        samples = self._dest_samples()
         if not samples:
             return 0.0
         rates = sorted(s[1 if cpu else 0] for s in samples)
         return rates[(len(rates) - 1) // 2]
+
+    def _dest_samples(self) -> deque[tuple[float, float]] | tuple[()]:
+        """The destination's (wall, cpu) paces the model counts on: its spans of re-sends, or during
+        the first pass its spans of first sends."""
+        return self._dest_paces or (self._dest_first if self.in_first_pass() else ())
 
     def drain_rate(self) -> float:
         """Bytes/s the destination loads data pages at with a CPU of its own — the pace at which,
@@ -548,11 +553,7 @@ class SwitchoverPolicy:
         the start) stands in for the final-pass rate; with neither, the limit is QEMU's first guess."""
         fixed = self.fixed_ms()
         final, _ = self._planned(remaining_bytes)
-        # the destination loads the final pass after what the socket holds ahead of it, at the pace
-        # it frees the socket: the link capacity (time inside writes, which block on a full socket).
-        # Under a rate limit it catches up while the thread sleeps (measured: no backlog at any
-        # capped switch-over, 2-8 MiB at the uncapped ones)
-        drain_ms = self.backlog_ms()
+        drain_ms = self.backlog_ms()  # the destination loads what the socket holds before the final pass
         if final <= 0:
             return int(round(fixed + drain_ms))
         rate = self.final_rate() or fallback_rate
@@ -662,7 +663,7 @@ class SwitchoverPolicy:
         floor = rate * (1 - MIN_SPREAD)
         if len(self._rates) >= 4:
             floor = min(floor, sorted(self._rates)[len(self._rates) // 4])
-        dest = self._dest_paces or (self._dest_first if self.in_first_pass() else ())
+        dest = self._dest_samples()
         if len(dest) >= 4:  # ... and of the destination's own pace as it goes (the CPU shared as it is)
             floor = min(floor, sorted(w for w, _ in dest)[len(dest) // 4])
         return floor
