@@ -248,7 +248,8 @@ def _contiguous(idx: np.ndarray) -> bool:
 def _split_zero(words: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(normal, zero) pages of ``idx`` (mfdN thread). A page whose first and last words are not both
     zero holds data; when that is every page (random RAM) two numpy calls decide the whole batch and
-    the full check (``ram._zero_pages``) never runs. Few calls, few GIL hand-overs per batch."""
+    the full check (``ram._zero_pages``) never runs; otherwise it runs on the candidates alone. Few
+    calls, few GIL hand-overs per batch."""
     if idx.size == 0:
         return idx, idx
     if _contiguous(idx):
@@ -256,9 +257,11 @@ def _split_zero(words: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndar
         edges = w[:, 0] | w[:, -1]
     else:
         edges = words[idx, 0] | words[idx, -1]
-    if np.count_nonzero(edges) == idx.size:
+    maybe = np.flatnonzero(edges == 0)
+    if maybe.size == 0:
         return idx, idx[:0]
-    is_zero = _zero_pages(words, idx)
+    is_zero = np.zeros(idx.size, dtype=bool)  # the full check on the candidates only
+    is_zero[maybe] = _zero_pages(words, idx[maybe])
     return idx[~is_zero], idx[is_zero]
 
 
