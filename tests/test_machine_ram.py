@@ -134,6 +134,45 @@ def test_populate_faults_pages_in():
     b.close()
 
 
+def _anon_huge_kib(addr: int) -> int:
+    """AnonHugePages of the mapping that holds ``addr``, from /proc/self/smaps."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "AnonHugePages:":
+                return int(line.split()[1])
+    return 0
+
+
+def test_destination_populate_uses_huge_pages():
+    """The destination's prefault asks for THP, so 64 MiB fault in as 2 MiB pages, not 16384 of
+    4 KiB; a source block stays on 4 KiB pages (its residency is read per page)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = f.read()
+    except OSError:
+        pytest.skip("no transparent huge pages on this kernel")
+    if "[never]" in mode:
+        pytest.skip("transparent huge pages are set to never")
+    dst = RAMBlock("dst", 64 * MiB)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    dst.populate()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert not dst.buf.any()
+    huge_kib = _anon_huge_kib(dst.buf.ctypes.data)
+    assert huge_kib >= 32 * 1024, huge_kib  # at least half of it (the ends may be unaligned)
+    assert faults < 64 * MiB // PAGE_SIZE // 4, faults
+    dst.close()
+    src = RAMBlock("src", 64 * MiB)
+    src.buf[::PAGE_SIZE] = 1  # every page touched, as a source guest's would be
+    assert "[always]" in mode or _anon_huge_kib(src.buf.ctypes.data) == 0
+    src.close()
+
+
 def test_idle_gib_costs_no_resident_memory():
     """Mapping 1 GiB of guest RAM must not make it resident (anonymous mmap, never touched)."""
 

@@ -27,6 +27,7 @@ from migd.units import PAGE_SIZE
 MAX_NAME_LEN = 127  # QEMU's stream analysis reads the idstr length as a signed byte
 MADV_POPULATE_READ = 22
 MADV_POPULATE_WRITE = 23
+MADV_HUGEPAGE = 14
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
@@ -207,9 +208,16 @@ class RAMBlock:
         Through libc in chunks rather than ``mmap.madvise``, which holds the GIL for the whole
         call (~0.3 s per GiB): every other thread, the event loop included, would stall meanwhile.
         Contents are never changed, so it may run while the pages are being written.
+
+        Writing, an anonymous block is first advised to transparent huge pages, as QEMU advises all
+        guest RAM: 2 MiB faults cost the destination 0.2 CPU s per GiB where 4 KiB ones cost
+        0.5-1.1 s, CPU the page loader shares with it on a small host, and the loader's copies miss
+        the TLB less. Only here: a source's page table keeps ``untouched_pages`` exact per page.
         """
         advice = MADV_POPULATE_WRITE if write else MADV_POPULATE_READ
         addr = self.buf.ctypes.data
+        if write and self.mem_path is None and mmap.PAGESIZE == self.page_size:
+            self.advise_huge_pages()
         for off in range(0, self.size, POPULATE_CHUNK):
             # closed meanwhile: stop, before the addresses are reused by a new block whose untouched
             # pages this would fault in (no view is held: it would keep close() from unmapping)
@@ -225,6 +233,14 @@ class RAMBlock:
                     pages[:, 0] |= 0
                 else:
                     int(pages[:, 0].sum())
+
+    def advise_huge_pages(self) -> bool:
+        """Ask for transparent huge pages behind this block (any thread); False where the kernel
+        refuses (no THP, or THP set to ``never``: then 4 KiB pages, as before). Contents unchanged."""
+        if self.buf.size == 0:
+            return False
+        rc: int = _libc.madvise(ctypes.c_void_p(self.buf.ctypes.data), ctypes.c_size_t(self.size), MADV_HUGEPAGE)
+        return rc == 0
 
     def close(self) -> None:
         """Unmap if no view is still exported; otherwise the mapping goes with its last view."""
