@@ -165,8 +165,11 @@ async def one_case(tmp: Path, memory: int, case: str, timeout: float,
                 dest = f"{policy.drain_rate() / 1e6:.0f}/{policy.backlog / 1e6:.1f}"
                 wall = (outcome.get("phases") or {}).get("ram-final")
                 cpu = outcome.get("ram_final_cpu_ms")
+                blocked = outcome.get("ram_final_write_ms")
                 if wall is not None and cpu is not None:
                     final_cpu = f"{cpu:.0f}/{wall:.0f}"
+                    if blocked is not None:  # time inside writes: on a CPU copying, or blocked
+                        final_cpu += f" w{blocked:.0f} {outcome.get('ram_final_bytes', 0) / 1e6:.1f}MB"
                 break
             await asyncio.sleep(0.05)
         for c in (control, probe, dclient):

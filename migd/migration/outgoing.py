@@ -185,6 +185,8 @@ class MigrationThread(threading.Thread):
         self._iter_pages = 0
         self._iter_cpu = 0.0  # the thread's CPU time at the window's start
         self._final_cpu_ms: float | None = None
+        self._final_write_ms: float | None = None
+        self._final_bytes: int | None = None
         self._pre_sync_dirty = 0
         self._sync_dirtied: int | None = None  # the dirty log's bytes just before a sync's take
         self._completing = False
@@ -710,11 +712,15 @@ class MigrationThread(threading.Thread):
         """
         savevm, stream = self.savevm, self.stream
         assert savevm is not None  # made in setup, before any switch-over
-        cpu = time.thread_time()
+        cpu, busy, sent = time.thread_time(), stream.write_busy, stream.transferred
         savevm.save_complete_ram(stream)
         stream.flush()
         clock.mark("ram-final")
-        self._final_cpu_ms = (time.thread_time() - cpu) * 1000  # the thread's own, for the trace
+        # for the trace: the thread's own CPU, the time blocked in writes (a full socket: the
+        # destination's side), and the bytes; the rest of the wall time the thread was descheduled
+        self._final_cpu_ms = (time.thread_time() - cpu) * 1000
+        self._final_write_ms = (stream.write_busy - busy) * 1000
+        self._final_bytes = stream.transferred - sent
         with BQL:  # devices are read while nothing else may touch them
             savevm.save_complete_devices(stream)
         clock.mark("device-state")
@@ -798,7 +804,8 @@ class MigrationThread(threading.Thread):
         policytrace.save(self.policy, ms.config.params, {
             "status": str(ms.status), "downtime": ms.downtime, "expected_downtime": ms.expected_downtime,
             "switch_pending": self._switch_pending, "phases": ms.downtime_phases,
-            "ram_final_cpu_ms": self._final_cpu_ms})
+            "ram_final_cpu_ms": self._final_cpu_ms, "ram_final_write_ms": self._final_write_ms,
+            "ram_final_bytes": self._final_bytes})
         if self.throttle is not None:
             self.throttle.stop()
         ms.throttle_percentage = 0
