@@ -28,7 +28,7 @@ from migd.migration import policytrace
 from migd.migration.format import FEATURE_LOAD_PACE, FEATURES_SUPPORTED
 from migd.migration.incoming import IncomingMigration
 from migd.migration.loadpace import LoadMeter
-from migd.migration.policy import SwitchoverPolicy
+from migd.migration.policy import DRAIN_MS, SwitchoverPolicy
 from migd.migration.returnpath import (
     MSG_X_MIGD_LOAD_PACE,
     ReturnPathError,
@@ -188,7 +188,7 @@ def test_the_policy_learns_the_destinations_pace_from_reports() -> None:
     assert policy.drain_rate() == pytest.approx((4 << 20) / 0.01)
     assert policy.final_rate() <= policy.drain_rate()
     policy.on_backlog(4 << 20)
-    assert policy.backlog_ms() == pytest.approx(10.0)
+    assert policy.full_backlog_ms() == pytest.approx(10.0)
 
 
 def test_the_decision_counts_on_the_slower_end() -> None:
@@ -327,7 +327,8 @@ async def test_a_malformed_report_fails_the_migration_and_the_source_runs_on(
 
 def test_the_threshold_leaves_room_for_the_backlog() -> None:
     """The destination loads the socket's backlog before the final pass: the threshold is what fits
-    after it, so a switch-over is not decided on a final pass that fits only without it."""
+    after it, so a switch-over is not decided on a final pass that fits only without it: all of it
+    once a drain took too long, DRAIN_MS of it while the switch-over drains first."""
     params = {"downtime-limit": 50, "max-bandwidth": 0, "avail-switchover-bandwidth": 0}
     policy = SwitchoverPolicy(lambda: params, 512 << 20, 0.0)
     policy.on_window(0.1, 100 << 20, 0.05, 0.1, 0.1, 100 << 20)
@@ -337,8 +338,10 @@ def test_the_threshold_leaves_room_for_the_backlog() -> None:
     policy.on_backlog(0)
     empty = policy.threshold()
     policy.on_backlog(8 << 20)  # 20 ms of loading at 400 MB/s
-    assert policy.backlog_ms() == pytest.approx(20.0)
     budget = 50 - policy.fixed_ms()
+    assert policy.threshold() == pytest.approx(empty * (budget - DRAIN_MS) / budget, rel=1e-3)
+    policy.drain_gave_up = True
+    assert policy.backlog_ms() == pytest.approx(20.0)
     assert policy.threshold() == pytest.approx(empty * (budget - 20) / budget, rel=1e-3)
     policy.on_backlog(32 << 20)  # 80 ms: nothing fits any more
     assert policy.threshold() == 0

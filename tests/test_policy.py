@@ -15,6 +15,8 @@ import pytest
 
 from migd.migration.params import DEFAULT_PARAMETERS
 from migd.migration.policy import (
+    DRAIN_BUDGET_S,
+    DRAIN_MS,
     HOLD_S,
     Step,
     SwitchoverPolicy,
@@ -372,13 +374,14 @@ def test_a_pong_behind_a_backlog_is_no_round_trip_sample() -> None:
 
 @pytest.mark.parametrize("cap", [0.0, 128 * MIB])
 def test_the_socket_backlog_counts_when_uncapped(cap: float) -> None:
-    """Uncapped, the destination loads the final pass after what the socket still holds, at the
-    pace it frees the socket (the link capacity); under a rate limit it catches up while the thread
-    sleeps."""
+    """Uncapped, a destination that could not drain the socket first (``drain_gave_up``) loads the
+    final pass after what it still holds, at the pace it frees the socket (the link capacity); under
+    a rate limit it catches up while the thread sleeps."""
     sim = Sim(cap=cap)
     for _ in range(5):
         sim._window()
     policy = sim.policy
+    policy.drain_gave_up = True
     before = policy.expected_downtime_ms(0)
     policy.on_backlog(8 * MIB)
     after = policy.expected_downtime_ms(0)
@@ -387,6 +390,55 @@ def test_the_socket_backlog_counts_when_uncapped(cap: float) -> None:
     else:
         assert after == pytest.approx(before + 8 * MIB / policy.capacity.value * 1000, abs=1)
         assert after > before
+
+
+def backlogged_at_switchover() -> Sim:
+    """An idle guest uncapped with its pages sent, at the point of switching over, and 8 MiB in the
+    socket: 4 ms of loading at the link capacity."""
+    sim = Sim()
+    for _ in range(5):
+        sim._window()
+    sim._sync()
+    sim.policy.on_backlog(8 * MIB)
+    return sim
+
+
+def test_a_backlog_is_drained_before_the_switchover() -> None:
+    """The destination loads the socket's backlog while the guest runs, not inside the downtime: the
+    decision is DRAIN until it fits in DRAIN_MS, and the estimate counts no more than that."""
+    sim = backlogged_at_switchover()
+    policy = sim.policy
+    assert policy.full_backlog_ms() > DRAIN_MS
+    assert policy.backlog_ms() == DRAIN_MS
+    assert policy.decide(sim.t, 0, True).step is Step.DRAIN
+    assert policy.drain_target() < 8 * MIB
+    with_backlog = policy.expected_downtime_ms(0)
+    policy.on_backlog(policy.drain_target())  # the thread waited: the destination read it
+    assert policy.decide(sim.t + 0.01, 0, True).step is Step.SWITCHOVER
+    assert policy.expected_downtime_ms(0) <= with_backlog
+
+
+def test_a_backlog_that_does_not_drain_counts_in_after_the_budget() -> None:
+    """A destination that reads nothing for DRAIN_BUDGET_S: the switch-over stops waiting for it,
+    decides again with the whole backlog counted in, and then goes ahead (it still fits)."""
+    sim = backlogged_at_switchover()
+    policy = sim.policy
+    t = sim.t
+    while policy.decide(t, 0, True).step is Step.DRAIN:
+        t += 0.1
+        assert t - sim.t <= DRAIN_BUDGET_S + 0.2
+    assert policy.drain_gave_up and t - sim.t > DRAIN_BUDGET_S
+    assert policy.backlog_ms() == policy.full_backlog_ms() > DRAIN_MS
+    assert policy.decide(t + 0.1, 0, True).step is Step.SWITCHOVER
+
+
+def test_a_new_round_may_drain_again() -> None:
+    """Draining is per switch-over: once remaining rose above the threshold, the budget starts anew."""
+    sim = backlogged_at_switchover()
+    policy = sim.policy
+    assert policy.decide(sim.t, 0, True).step is Step.DRAIN
+    assert policy.decide(sim.t + 0.9, 400 * MIB, True).step is not Step.DRAIN  # a new round
+    assert policy.decide(sim.t + 1.5, 0, True).step is Step.DRAIN  # 1.5 s after the first drain
 
 
 def test_a_probe_the_destination_kept_up_with_bounds_nothing() -> None:

@@ -82,6 +82,8 @@ ACK_TIMEOUT = 600.0  # seconds to wait for the destination's SHUT (a cancel ends
 PING_INTERVAL = 1.0  # seconds between PINGs that time the destination's round trip
 DRY_RUNS = 3  # device-state dry runs at setup, the least counted
 PONG_TIMEOUT = 30.0  # seconds after which an unanswered PING is given up and another one sent
+DRAIN_STEP_S = 0.1  # s one DRAIN waits at most before the policy decides again
+DRAIN_POLL_S = 0.001  # s between looks at the socket's queue while draining
 HELD_WAIT = 0.5  # s a PONG's round trip waits at most for the LOAD_PACE report that follows it
 # the switch-over's framing outside RAM and devices (state changes, events, EOF) on top of the
 # measured VMDESCRIPTION build: a small constant, measured once on this kind of machine
@@ -352,6 +354,9 @@ class MigrationThread(threading.Thread):
                              {k: round(v, 2) for k, v in policy.fixed_parts().items()})
                     self._complete()
                     return
+                if decision.step is Step.DRAIN:
+                    self._drain(policy.drain_target())
+                    continue  # nothing sent meanwhile: sync and decide again
                 if policy.waiting_for_peer:
                     self._wait_pong(WINDOW / 10)
                 before, pages, burst_start = stream.transferred, self._pages(), time.monotonic()
@@ -376,6 +381,16 @@ class MigrationThread(threading.Thread):
             device, other = min(device, t1 - t0), min(other, t2 - t1)
         self.policy.on_phase("device-state", device * 1000)
         self.policy.on_phase("other", other * 1000 + FRAMING_MS)
+
+    def _drain(self, target: int) -> None:
+        """(migration thread) Let the destination load what the socket holds while the guest still
+        runs: wait, the stream idle, until at most ``target`` bytes are queued (DRAIN_STEP_S at most,
+        a cancel or a failure ends it at once; the policy bounds the drains of one switch-over)."""
+        deadline = time.monotonic() + DRAIN_STEP_S
+        with self._idle():
+            while (queued_bytes(self.channel) > target and time.monotonic() < deadline
+                   and self.ms.status is M.ACTIVE and self._silence is None):
+                time.sleep(DRAIN_POLL_S)
 
     def _sync(self) -> int:
         """A bitmap sync, timed (the final pass starts with one): the exact pending bytes."""

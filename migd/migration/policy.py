@@ -14,7 +14,8 @@ The model:
   its costs are learnt past the first pass (first sends cost more, on both ends);
 - **the backlog**: what the socket holds that the destination has not read (``on_backlog``); it is
   loaded before the final pass, at the destination's reported pace (below; without reports, at the
-  link capacity and only without a rate limit);
+  link capacity and only without a rate limit), so a switch-over first ``DRAIN``s it, the guest
+  running, and counts it in only when it does not drain within DRAIN_BUDGET_S;
 - **the destination** (feature LOAD_PACE, ``on_load_pace``): its own pace loading data pages, as it
   went and on a CPU of its own; the final pass goes no faster than the slower end, and the decision
   counts on no more than the destination's slower spans;
@@ -71,6 +72,10 @@ SAMPLE_SPACING = 0.9  # s between the remaining samples the trend is judged on
 # a computed throttle aims at a dirty rate of this share of the throughput: well below HALVING (less
 # its band), so that the rounds of a throttled guest clearly drain, not by the measurement's noise
 THROTTLE_TARGET = 0.4
+# a backlog the destination would load for longer than this inside the downtime is drained first,
+# the guest running (16M unlimited: 4-8 MB queued at the switch-over, 23-47 ms of `wait-ack`)
+DRAIN_MS = 2.0
+DRAIN_BUDGET_S = 1.0  # s of draining before one switch-over at most: then it counts the backlog in
 PROBE_WAIT_S = 3.0  # s the first switch-over under a rate limit waits at most for a probe (see decide)
 FLOOR_AFTER_S = 0.5  # s: a PING unanswered for longer raises the round trip (before one PONG: any age)
 PEEKS = 1024  # dirty-log peeks kept since the last sync (one a window)
@@ -97,6 +102,7 @@ class Step(StrEnum):
     ITERATE = "iterate"  # send another batch of pages
     SYNC = "sync"  # ask for an exact pending (bitmap sync), then decide again
     SWITCHOVER = "switchover"
+    DRAIN = "drain"  # wait, sending nothing, until the destination loaded what the socket holds
 
 
 class Convergence(StrEnum):
@@ -232,6 +238,8 @@ class SwitchoverPolicy:
         self._probed = False  # a probe past the first pass was answered (one that bounds the rate or not)
         self._cpu_recent: deque[float] = deque(maxlen=RATE_SAMPLES)  # the last re-send windows' costs
         self.backlog = 0  # bytes the socket held for the destination at the last decision
+        self._drain_since: float | None = None  # when the switch-over began to wait for a drain
+        self.drain_gave_up = False  # a drain took longer than DRAIN_BUDGET_S: the backlog counts in
         # [migd] the destination's own LOAD_PACE reports: its totals at the last one, and the pace
         # (bytes / busy s) of the spans between reports, of re-sends (past the first pass) and of first sends
         self._pace_last: tuple[int, int, float, float] | None = None  # bytes, pages, busy s, cpu s
@@ -562,9 +570,15 @@ class SwitchoverPolicy:
         return int(round(fixed + drain_ms + final / rate * 1000))
 
     def backlog_ms(self) -> float:
-        """What loading the socket's backlog adds to the downtime: at the destination's drain rate
-        when it reports one (under a rate limit too: the last burst may still sit in the socket,
-        7.5 MB measured at 128 MiB/s); without reports, at the link capacity and only without a rate
+        """What loading the socket's backlog adds to the downtime: DRAIN_MS at most while the
+        switch-over drains it first (``decide``), else all of ``full_backlog_ms``."""
+        full = self.full_backlog_ms()
+        return full if self.drain_gave_up else min(full, DRAIN_MS)
+
+    def full_backlog_ms(self) -> float:
+        """The time the destination takes to load the socket's backlog: at its drain rate when it
+        reports one (under a rate limit too: the last burst may still sit in the socket, 7.5 MB
+        measured at 128 MiB/s); without reports, at the link capacity and only without a rate
         limit (under one the destination mostly catches up while the thread sleeps)."""
         if not self.backlog:
             return 0.0
@@ -574,6 +588,12 @@ class SwitchoverPolicy:
         if int(self._params()["max-bandwidth"]) or not self.capacity.samples or self.capacity.value <= 0:
             return 0.0
         return self.backlog / self.capacity.value * 1000
+
+    def drain_target(self) -> int:
+        """Bytes the socket may hold at a switch-over, more is drained first: what the destination
+        loads in half of DRAIN_MS at its pace, else at the link capacity (64 KiB at least)."""
+        rate = self.drain_rate() or (self.capacity.value if self.capacity.samples else 0.0)
+        return max(64 << 10, int(rate * DRAIN_MS / 2000))
 
     def planned_final(self, remaining: int) -> float:
         """What will be left at the switch-over, if the guest keeps its pace: the decision replayed
@@ -714,6 +734,7 @@ class SwitchoverPolicy:
             # (zero pages or data; live, it costs the guest nothing), and the plan counts on it
             return Decision(Step.ITERATE, actions)
         if remaining_bytes > threshold:
+            self._drain_since = None  # a new round: the next switch-over may drain again
             g = self.guest
             if not exact and g.syncs >= 2 and g.last_sync is not None and now - g.last_sync >= SYNC_INTERVAL:
                 return Decision(Step.SYNC, actions)
@@ -724,6 +745,16 @@ class SwitchoverPolicy:
             return Decision(Step.ITERATE, actions)
         self.waiting_for_peer = self.peer_answers and not self._rtt
         if self.waiting_for_peer or self._wait_for_probe(now, remaining_bytes):
+            return Decision(Step.ITERATE, actions)
+        if not self.drain_gave_up and self.backlog > self.drain_target():
+            # the destination loads the backlog while the guest runs, not inside the downtime (also
+            # when its pace is not known yet: a first pass done within the first window left 6 MB
+            # in the socket, 21 ms of waiting for LOADED)
+            if self._drain_since is None:
+                self._drain_since = now
+            if now - self._drain_since <= DRAIN_BUDGET_S:
+                return Decision(Step.DRAIN, actions)
+            self.drain_gave_up = True  # it does not drain: decide again with the backlog counted in
             return Decision(Step.ITERATE, actions)
         return Decision(Step.SWITCHOVER, actions)
 
