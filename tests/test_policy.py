@@ -432,6 +432,25 @@ def test_a_backlog_that_does_not_drain_counts_in_after_the_budget() -> None:
     assert policy.decide(t + 0.1, 0, True).step is Step.SWITCHOVER
 
 
+def test_no_drain_when_the_guest_would_dirty_past_the_threshold_meanwhile() -> None:
+    """A guest at the edge of converging: while the destination loads the backlog it dirties more
+    than the threshold leaves room for, so the switch-over goes ahead with the backlog counted in
+    (it fits) rather than drain and find too much to send after it."""
+    sim = Sim(dirty_rate=1000 * MIB, wss=256 * MIB, data_ram=True)
+    for _ in range(30):
+        sim._window()
+        sim._sync()
+    policy = sim.policy
+    policy.on_backlog(64 * MIB)  # 32 ms of loading at the link's 2 GB/s: ~30 MB dirtied meanwhile
+    full = policy.threshold(drained=False)
+    assert 0 < full < policy.threshold(drained=True)
+    remaining = full - MIB  # fits with the backlog, and would with a drain, but not after one
+    assert not policy._drain_would_pay(remaining)
+    assert policy.decide(sim.t, remaining, True).step is Step.SWITCHOVER
+    assert policy.backlog_ms() == policy.full_backlog_ms()  # the estimate counts it all
+    assert policy.decide(sim.t, full + (full - remaining), True).step is Step.ITERATE
+
+
 def test_a_new_round_may_drain_again() -> None:
     """Draining is per switch-over: once remaining rose above the threshold, the budget starts anew."""
     sim = backlogged_at_switchover()
