@@ -37,7 +37,7 @@ from migd.migration.format import (
     Section,
 )
 from migd.migration.params import ZERO_COPY_ONLY, MigrationConfig, ParamError
-from migd.migration.ram import RAMLoader
+from migd.migration.ram import RAMLoader, _run_count, _short_run_pages
 from migd.migration.savevm import SaveVM, load_stream
 from migd.migration.stats import MigrationStats
 from migd.migration.stream import InStream, OutStream, StreamError
@@ -394,15 +394,22 @@ def test_a_page_run_from_a_source_that_did_not_announce_runs_is_unknown() -> Non
         _load(_run_stream(bytes(4096), 5, 1, bytes(4096)), _block_ram(), runs=False)
 
 
-@pytest.mark.parametrize("held", [True, False], ids=["from-ram", "staged"])
-def test_save_with_runs_and_checksums_loads_equal(held: bool) -> None:
+@pytest.mark.parametrize(("held", "scattered"), [(True, False), (False, False), (True, True)],
+                         ids=["from-ram", "staged", "short-runs-staged"])
+def test_save_with_runs_and_checksums_loads_equal(held: bool, scattered: bool) -> None:
     """SaveVM with page runs and checksum records -> socketpair -> load_stream: equal RAM, every
-    checksum matched, pages from RAM (vCPUs held) or from the staging copy (vCPUs running)."""
+    checksum matched, pages from RAM (vCPUs held) or from the staging copy (vCPUs running); with
+    ``scattered``, runs of 1, 2 and 3 pages between zero pages, which go as staged PAGE records
+    (ram.MIN_DIRECT_RUN) next to the long runs straight from RAM."""
     src, dst = _block_ram(2048), _block_ram(2048)
     block = src.get("ram0")
     assert block is not None
     block.pages[:] = np.frombuffer(os.urandom(2048 * 4096), dtype=np.uint8).reshape(2048, 4096)
     block.pages[100:300] = 0  # zero records between runs
+    if scattered:
+        block.pages[1000:1400:2] = 0  # runs of one page
+        block.pages[1500:1650:3] = 0  # of two
+        block.pages[1700:1900:4] = 0  # of three
     vset = VCPUSet(1)
     vset.start()
     if not held:
@@ -451,6 +458,14 @@ class _RAMBox:
 
     def devices(self) -> list[Any]:
         return []
+
+
+def test_short_runs_are_told_apart_from_long_ones() -> None:
+    idx = np.array([1, 3, 4, 10, 11, 12, 13, 20, 21, 22], dtype=np.int64)
+    assert _short_run_pages(idx, 4).tolist() == [True, True, True, False, False, False, False,
+                                                 True, True, True]
+    assert not _short_run_pages(np.arange(5, 9), 4).any()
+    assert _run_count(idx) == 4 and _run_count(np.arange(5, 9)) == 1 and _run_count(idx[:0]) == 0
 
 
 def test_analyze_reads_page_runs(tmp_path: Path) -> None:
