@@ -406,8 +406,8 @@ def test_save_with_runs_and_checksums_loads_equal(held: bool, scattered: bool) -
     assert block is not None
     block.pages[:] = np.frombuffer(os.urandom(2048 * 4096), dtype=np.uint8).reshape(2048, 4096)
     block.pages[100:300] = 0  # zero records between runs
-    if scattered:
-        block.pages[1000:1400:2] = 0  # runs of one page
+    if scattered:  # more short-run pages in one batch than the staging array holds (batch_pages)
+        block.pages[300:1400:2] = 0  # runs of one page
         block.pages[1500:1650:3] = 0  # of two
         block.pages[1700:1900:4] = 0  # of three
     vset = VCPUSet(1)

@@ -429,8 +429,10 @@ class RAMSaver:
             direct = held or not f.hashing
             short = _short_run_pages(page_idx, MIN_DIRECT_RUN) if direct and MIN_DIRECT_RUN > 1 else None
             if short is not None and short.any():
-                for lo in range(0, int(short.sum()), self.batch_pages):
-                    nbytes += self._put_pages(f, block, page_idx[short][lo : lo + self.batch_pages])
+                staged = page_idx[short]
+                for lo in range(0, staged.size, self.batch_pages):
+                    nbytes += self._put_pages(f, block, staged[lo : lo + self.batch_pages])
+                    f.flush()  # the staging array is written by reference: sent before it is reused
                 page_idx = page_idx[~short]
             if page_idx.size:
                 nbytes += self._put_runs(f, block, page_idx, direct)
