@@ -162,3 +162,23 @@ def test_under_a_rate_limit_the_backlog_counts_too() -> None:
     assert error_factor(decisions[-1][1], real) <= 2, (decisions[-1][1], real)
     _, blind = policytrace.replay(without_pace(doc))
     assert error_factor(blind[-1][1], real) >= 4, (blind[-1][1], real)
+
+
+@pytest.mark.parametrize("stem", ["16M-unlimited-drain", "64M-unlimited-50-drain"])
+def test_a_recorded_switchover_drained_the_socket_first(stem: str) -> None:
+    """Recorded with the drain (fifth session, quiet host): the switch-over was decided with MBs in the
+    socket, drained first, and decided again with it nearly empty; the downtime had no backlog to load
+    (16M: 5 ms, 4 expected; 64M at 50 ms: 4, 7 expected)."""
+    doc = trace(stem)
+    backlogs, backlog = [], 0
+    for name, *args in doc["calls"]:
+        if name == "on_backlog":
+            backlog = args[0]
+        elif name == "decide":
+            backlogs.append(backlog)
+    policy, decisions = policytrace.replay(doc)
+    steps = [d.step for _, _, d in decisions]
+    drained = [b for s, b in zip(steps, backlogs, strict=True) if s is Step.DRAIN]
+    assert drained and min(drained) > policy.drain_target()
+    assert steps[-1] is Step.SWITCHOVER and backlogs[-1] <= policy.drain_target()
+    assert error_factor(decisions[-1][1], doc["outcome"]["downtime"]) <= 1.25
