@@ -451,6 +451,20 @@ def test_no_drain_when_the_guest_would_dirty_past_the_threshold_meanwhile() -> N
     assert policy.decide(sim.t, full + (full - remaining), True).step is Step.ITERATE
 
 
+def test_a_backlog_longer_than_the_limit_is_drained_even_when_the_guest_dirties_meanwhile() -> None:
+    """Nothing left to send, but the backlog alone takes longer to load than the downtime limit: an
+    empty threshold is no fit, so the switch-over drains (the guest's pages are a later round's)."""
+    sim = Sim(dirty_rate=1000 * MIB, wss=256 * MIB, data_ram=True, params={"downtime-limit": 50})
+    for _ in range(30):
+        sim._window()
+        sim._sync()
+    policy = sim.policy
+    policy.on_backlog(256 * MIB)  # ~130 ms at the link's 2 GB/s
+    assert policy.full_backlog_ms() > 50 and policy.threshold(drained=False) == 0
+    assert not policy._drain_would_pay(0)
+    assert policy.decide(sim.t, 0, True).step is Step.DRAIN
+
+
 def test_a_new_round_may_drain_again() -> None:
     """Draining is per switch-over: once remaining rose above the threshold, the budget starts anew."""
     sim = backlogged_at_switchover()
@@ -683,3 +697,20 @@ def test_a_first_pass_of_zero_pages_does_not_make_the_final_pass_look_free() -> 
     assert policy.final_rate() < 20e6  # 1.5 MB per 100 ms of work, not the link's 1.5 GB/s
     policy.on_window(0.7, 30 * MIB, 0.02, 0.1, 0.1, 30 * MIB)  # a window of data pages
     assert 100 * MIB < policy.final_rate() < 1.5e9
+
+
+def test_a_round_trip_measured_after_a_drain_stands_for_the_others() -> None:
+    """PINGs answered by a busy destination took 7-10 ms, LOADED and SHUT 1-1.5 once it had
+    loaded everything: the round trip of a PING sent as a DRAIN ended, into an empty socket, is
+    the one the switch-over finds, and the estimate counts it instead of the quartile."""
+    sim = Sim(rtt=0.008)
+    for _ in range(5):
+        sim._window()
+    policy = sim.policy
+    assert policy.rtt_ms() == pytest.approx(8.0)
+    policy.on_rtt(0.001, drained=True)
+    assert policy.rtt_ms() == pytest.approx(1.0)
+    policy.on_rtt(0.009)  # a later busy one does not replace it
+    assert policy.rtt_ms() == pytest.approx(1.0)
+    policy.on_rtt(0.002, drained=True)  # a later drained one does
+    assert policy.rtt_ms() == pytest.approx(2.0)

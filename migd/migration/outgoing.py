@@ -84,6 +84,7 @@ DRY_RUNS = 3  # device-state dry runs at setup, the least counted
 PONG_TIMEOUT = 30.0  # seconds after which an unanswered PING is given up and another one sent
 DRAIN_STEP_S = 0.1  # s one DRAIN waits at most before the policy decides again
 DRAIN_POLL_S = 0.001  # s between looks at the socket's queue while draining
+DRAIN_PONG_WAIT = 0.05  # s a drained socket's PING waits at most for its PONG
 HELD_WAIT = 0.5  # s a PONG's round trip waits at most for the LOAD_PACE report that follows it
 # the switch-over's framing outside RAM and devices (state changes, events, EOF) on top of the
 # measured VMDESCRIPTION build: a small constant, measured once on this kind of machine
@@ -195,8 +196,8 @@ class MigrationThread(threading.Thread):
         self._ping = 1  # PING 1 goes out with the header
         self._paces_seen = 0  # LOAD_PACE reports handed to the policy so far
         self._held: dict[int, float] = {}  # PING value -> s the destination held it (its LOAD_PACE report)
-        # (value, time, bytes just before it, bytes queued in the socket ahead of it, s the burst took)
-        self._ping_sent: tuple[int, float, int, int, float] | None = None
+        # (value, time, bytes just before it, bytes queued in the socket ahead of it, s the burst took, sent as a DRAIN ended)
+        self._ping_sent: tuple[int, float, int, int, float, bool] | None = None
         self._last_ping = 0.0
         self._last_probe = 0.0  # when the last PING that follows a burst went out
         self._slept = False  # the thread slept on the rate limit since the last burst
@@ -391,6 +392,11 @@ class MigrationThread(threading.Thread):
             while (queued_bytes(self.channel) > target and time.monotonic() < deadline
                    and self.ms.status is M.ACTIVE and self._silence is None):
                 time.sleep(DRAIN_POLL_S)
+        if queued_bytes(self.channel) <= target and self._ping_sent is None:
+            # drained: a round trip now is the one the switch-over will find (a busy destination
+            # answered the PINGs before it several times slower); waited for, briefly
+            self._send_ping(drained=True)
+            self._wait_pong(DRAIN_PONG_WAIT)
 
     def _sync(self) -> int:
         """A bitmap sync, timed (the final pass starts with one): the exact pending bytes."""
@@ -434,7 +440,7 @@ class MigrationThread(threading.Thread):
 
     # -- the destination's round trip ---------------------------------------------------------------
 
-    def _send_ping(self, behind: int | None = None, since: float = 0.0) -> None:
+    def _send_ping(self, behind: int | None = None, since: float = 0.0, drained: bool = False) -> None:
         """About once a second, a PING whose PONG is timed; nothing ever waits for it. Called before
         a burst of pages (``behind`` None: the plain round trip, once a second) and after a burst of
         mostly data pages (``behind`` = its bytes, ``since`` its start): when the rate limit let the destination
@@ -451,7 +457,7 @@ class MigrationThread(threading.Thread):
             log.info("migration: PING %d unanswered after %.0f s", self._ping_sent[0], PONG_TIMEOUT)
             self.policy.peer_silent()
         if behind is None:
-            if self._last_ping and now - self._last_ping < PING_INTERVAL:
+            if not drained and self._last_ping and now - self._last_ping < PING_INTERVAL:
                 return
             self._last_ping = now
         else:
@@ -464,7 +470,7 @@ class MigrationThread(threading.Thread):
         self.stream.flush()
         sent_at = time.monotonic()
         self._ping_sent = (self._ping, since if behind else sent_at, behind or 0,
-                           queued_bytes(self.channel), sent_at - since if behind else 0.0)
+                           queued_bytes(self.channel), sent_at - since if behind else 0.0, drained)
 
     def _pages(self) -> int:
         """Pages sent so far, zero pages included."""
@@ -505,7 +511,7 @@ class MigrationThread(threading.Thread):
         # the switch-over waits for LOADED, and with the commit protocol for SHUT after COMMIT too
         self.policy.round_trips = 2 if self._accepted() & FEATURE_COMMIT else 1
         self.policy.on_rtt(max(0.0, arrived - sent[1] - held), behind_bytes=sent[2], queued_bytes=sent[3],
-                           burst_s=sent[4])
+                           burst_s=sent[4], drained=sent[5])
 
     def _take_paces(self) -> None:
         """The destination's LOAD_PACE reports that came since the last turn, to the policy

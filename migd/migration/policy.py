@@ -232,6 +232,7 @@ class SwitchoverPolicy:
         self._cpu_any = _Ewma()  # the same over zero-page windows, until a data window was seen
         self._rtt: deque[float] = deque(maxlen=5)  # s, the last round trips
         self._rtt_floor = 0.0  # s, the age of the PING still unanswered
+        self._rtt_drained: float | None = None  # s, the last round trip of a PING sent as a DRAIN ended
         self.round_trips = 1  # the switch-over waits for LOADED (and for SHUT after COMMIT: 2)
         self._load_rates: deque[float] = deque(maxlen=5)  # probes of re-sends (past the first pass)
         self._load_first = 0.0  # bytes/s, the fastest probe of first sends
@@ -375,7 +376,7 @@ class SwitchoverPolicy:
         return self.guest.syncs < 2
 
     def on_rtt(self, seconds: float, lower_bound: bool = False, behind_bytes: int = 0,
-               queued_bytes: int = 0, burst_s: float = 0.0) -> None:
+               queued_bytes: int = 0, burst_s: float = 0.0, drained: bool = False) -> None:
         """A PING's round trip; with ``lower_bound``, the age of a PING not answered yet: the round
         trip is at least that. With ``behind_bytes``, the PING followed that many bytes sent after
         the destination had caught up, and ``seconds`` counts from the first of them: beyond the
@@ -386,8 +387,12 @@ class SwitchoverPolicy:
         against a LOADED that took 8.8 ms). ``burst_s``: how long the probe's burst took to write
         (0 = not known): a destination that answered within PROBE_LAG of it kept up with the source,
         so the probe timed the source's pace with the vCPUs running, not the destination's, and it
-        bounds nothing (measured: probes of 196-309 MB/s, a final pass at 680)."""
-        self._rec("on_rtt", seconds, lower_bound, behind_bytes, queued_bytes, burst_s)
+        bounds nothing (measured: probes of 196-309 MB/s, a final pass at 680). ``drained``: a PING
+        sent as a ``DRAIN`` ended, into an empty socket to a destination with nothing left to load —
+        the round trip as the switch-over will find it, which then stands for all others (16M at
+        50 ms: the quartile of PINGs answered by a busy destination said 7-10 ms, LOADED and SHUT
+        took 1-1.5)."""
+        self._rec("on_rtt", seconds, lower_bound, behind_bytes, queued_bytes, burst_s, drained)
         if lower_bound:
             self._rtt_floor = max(0.0, seconds)
             return
@@ -396,6 +401,8 @@ class SwitchoverPolicy:
         if not behind_bytes:
             if queued_bytes < MIN_WINDOW_BYTES:
                 self._rtt.append(max(0.0, seconds))
+                if drained:
+                    self._rtt_drained = max(0.0, seconds)
             return
         if behind_bytes >= MIN_WINDOW_BYTES and seconds - base > MIN_BUSY_S:
             self._probed = self._probed or not self.in_first_pass()
@@ -545,6 +552,8 @@ class SwitchoverPolicy:
         unanswered for FLOOR_AFTER_S (or of the first one)."""
         if not self._rtt:
             return self._rtt_floor * 1000
+        if self._rtt_drained is not None:  # the last one measured in the switch-over's conditions
+            return max(self._rtt_drained, self._rtt_floor if self._rtt_floor >= FLOOR_AFTER_S else 0.0) * 1000
         # once a PONG came, a PING still out says something only when it is out for long
         floor = self._rtt_floor if self._rtt_floor >= FLOOR_AFTER_S else 0.0
         low = sorted(self._rtt)[len(self._rtt) // 4]  # of five, the second smallest: a PONG can race its stamp
@@ -767,11 +776,15 @@ class SwitchoverPolicy:
             # the destination loads the backlog while the guest runs, not inside the downtime (also
             # when its pace is not known yet: a first pass done within the first window left 6 MB
             # in the socket, 21 ms of waiting for LOADED) — when what the guest dirties meanwhile
-            # still fits; else the switch-over goes ahead with the backlog, if that fits
+            # still fits; else the switch-over goes ahead with the backlog, if the backlog and the
+            # rest fit in the limit (an empty threshold is no fit: 0 left with 7 MB queued at
+            # 45 MB/s made 32 ms for 50 expected 8), and drains when nothing fits
             self._drain_pays = self._drain_would_pay(remaining_bytes)
             if not self._drain_pays:
-                fits = remaining_bytes <= self.threshold(drained=False)
-                return Decision(Step.SWITCHOVER if fits else Step.ITERATE, actions)
+                budget = self.limit_ms() - self.fixed_ms() - self.full_backlog_ms()
+                if budget > 0 and remaining_bytes <= self.threshold(drained=False):
+                    return Decision(Step.SWITCHOVER, actions)
+                self._drain_pays = True  # nothing fits without it: the destination must catch up
             if self._drain_since is None:
                 self._drain_since = now
             if now - self._drain_since <= DRAIN_BUDGET_S:
