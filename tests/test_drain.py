@@ -87,14 +87,8 @@ async def test_the_backlog_is_loaded_before_the_vcpus_stop(
     # the run's decisions (a pure policy: replayed, the same ones), each with the backlog it saw:
     # DRAIN while the socket held more than the destination loads in DRAIN_MS, then the switch-over
     # with the socket nearly empty
-    backlogs, backlog = [], 0
-    for name, *args in doc["calls"]:
-        if name == "on_backlog":
-            backlog = args[0]
-        elif name == "decide":
-            backlogs.append(backlog)
     _, decisions = policytrace.replay(doc)
-    seen = [(d.step, b) for (_, _, d), b in zip(decisions, backlogs, strict=True)]
+    seen = [(d.step, b) for (_, _, d), b in zip(decisions, policytrace.backlogs_at_decisions(doc), strict=True)]
     steps = [step for step, _ in seen]
     assert Step.DRAIN in steps, steps
     assert steps[-1] is Step.SWITCHOVER and Step.SWITCHOVER not in steps[:-1]

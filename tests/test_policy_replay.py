@@ -170,12 +170,7 @@ def test_a_recorded_switchover_drained_the_socket_first(stem: str) -> None:
     socket, drained first, and decided again with it nearly empty; the downtime had no backlog to load
     (16M: 5 ms, 4 expected; 64M at 50 ms: 4, 7 expected)."""
     doc = trace(stem)
-    backlogs, backlog = [], 0
-    for name, *args in doc["calls"]:
-        if name == "on_backlog":
-            backlog = args[0]
-        elif name == "decide":
-            backlogs.append(backlog)
+    backlogs = policytrace.backlogs_at_decisions(doc)
     policy, decisions = policytrace.replay(doc)
     steps = [d.step for _, _, d in decisions]
     drained = [b for s, b in zip(steps, backlogs, strict=True) if s is Step.DRAIN]

@@ -71,3 +71,16 @@ def replay(doc: Mapping[str, Any], params: Mapping[str, Any] | None = None,
         else:
             getattr(policy, name)(*args)
     return policy, out
+
+
+def backlogs_at_decisions(doc: Mapping[str, Any]) -> list[int]:
+    """The socket's backlog (``on_backlog``) each recorded ``decide`` saw, in order: what a replay's
+    decisions are to be read against (a DRAIN, a switch-over with the socket nearly empty)."""
+    out: list[int] = []
+    backlog = 0
+    for name, *args in doc["calls"]:
+        if name == "on_backlog":
+            backlog = int(args[0])
+        elif name == "decide":
+            out.append(backlog)
+    return out
