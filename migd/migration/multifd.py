@@ -35,7 +35,7 @@ import numpy as np
 
 from migd.migration.compress import FLAG_MASK, METHOD_FLAGS, CompressError, Compressor, Decompressor
 from migd.migration.format import PAGE_SIZE
-from migd.migration.ram import _runs, _zero_pages, known_zero_map
+from migd.migration.ram import _contiguous, _runs, _zero_pages, known_zero_map
 from migd.migration.stream import InStream, OutStream, StreamError
 from migd.priority import lower_this_thread
 from migd.threads import any_thread, on_thread
@@ -238,11 +238,6 @@ class _SendChannel(threading.Thread):
         """A packet without pages that carries the SYNC flag (mfdN thread)."""
         flags = FLAG_SYNC | (self.comp.flag if self.comp is not None else 0)
         self._write([HDR.pack(MAGIC, VERSION, flags, 0, 0, 0, next(self.owner.packet_num), 0, b"")])
-
-
-def _contiguous(idx: np.ndarray) -> bool:
-    """Whether sorted distinct page indices fill one range (batches are sorted and distinct)."""
-    return bool(idx.size) and int(idx[-1]) - int(idx[0]) + 1 == idx.size
 
 
 def _split_zero(words: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

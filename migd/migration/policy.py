@@ -552,10 +552,10 @@ class SwitchoverPolicy:
         unanswered for FLOOR_AFTER_S (or of the first one)."""
         if not self._rtt:
             return self._rtt_floor * 1000
-        if self._rtt_drained is not None:  # the last one measured in the switch-over's conditions
-            return max(self._rtt_drained, self._rtt_floor if self._rtt_floor >= FLOOR_AFTER_S else 0.0) * 1000
         # once a PONG came, a PING still out says something only when it is out for long
         floor = self._rtt_floor if self._rtt_floor >= FLOOR_AFTER_S else 0.0
+        if self._rtt_drained is not None:  # the last one measured in the switch-over's conditions
+            return max(self._rtt_drained, floor) * 1000
         low = sorted(self._rtt)[len(self._rtt) // 4]  # of five, the second smallest: a PONG can race its stamp
         return max(low, floor) * 1000
 

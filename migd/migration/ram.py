@@ -83,18 +83,28 @@ class RAMError(RuntimeError):
     """The guest's RAM layout changed in a way a running migration cannot follow."""
 
 
+def _contiguous(idx: np.ndarray) -> bool:
+    """Whether sorted distinct page indices fill one range (batches are sorted and distinct)."""
+    return bool(idx.size) and int(idx[-1]) - int(idx[0]) + 1 == idx.size
+
+
+def _run_breaks(idx: np.ndarray) -> np.ndarray:
+    """Positions in sorted page indices where a new run of consecutive pages starts (the first excepted)."""
+    return np.flatnonzero(np.diff(idx) != 1) + 1
+
+
 def _run_count(idx: np.ndarray) -> int:
     """How many runs of consecutive pages these sorted page indices form (no list built)."""
-    return int(np.count_nonzero(np.diff(idx) != 1)) + 1 if idx.size else 0
+    return _run_breaks(idx).size + 1 if idx.size else 0
 
 
 def _runs(idx: np.ndarray) -> list[tuple[int, int, int]]:
     """Split sorted page indices into contiguous runs: (first page, end page, position in idx)."""
     if idx.size == 0:
         return []
-    if int(idx[-1]) - int(idx[0]) + 1 == idx.size:
+    if _contiguous(idx):
         return [(int(idx[0]), int(idx[-1]) + 1, 0)]
-    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    breaks = _run_breaks(idx)
     starts = np.concatenate(([0], breaks))
     ends = np.concatenate((breaks, [idx.size]))
     return [(int(idx[s]), int(idx[e - 1]) + 1, int(s)) for s, e in zip(starts, ends, strict=True)]
@@ -498,8 +508,7 @@ class RAMSaver:
 
 def _short_run_pages(idx: np.ndarray, min_run: int) -> np.ndarray:
     """Which of these sorted page indices lie in runs of consecutive pages shorter than ``min_run``."""
-    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-    bounds = np.concatenate(([0], breaks, [idx.size]))
+    bounds = np.concatenate(([0], _run_breaks(idx), [idx.size]))
     lengths = np.diff(bounds)
     return np.repeat(lengths < min_run, lengths)
 
@@ -508,7 +517,7 @@ def _zero_pages(words: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """Which of these pages are all zero: first/last word as a filter, a full check on candidates."""
     if idx.size == 0:
         return np.zeros(0, dtype=bool)
-    if int(idx[-1]) - int(idx[0]) + 1 == idx.size:  # one run (sorted, distinct): slices, no gather
+    if _contiguous(idx):  # one run: slices, no gather
         w = words[int(idx[0]) : int(idx[-1]) + 1]
         cand = (w[:, 0] == 0) & (w[:, -1] == 0)
     else:
