@@ -117,6 +117,7 @@ async def test_counters_follow_qemu_formulas(h: Harness) -> None:
         thread._iter_start, thread._iter_bytes, thread._iter_pages, thread._iter_busy = 10.0, 0, 0, 0.0
         thread.stream.transferred = 50_000_000  # 50 MB in 200 ms
         thread.stream.write_busy = 0.05  # 50 ms of it inside channel writes: the link does 1 GB/s
+        thread._iter_save = 0.2  # all of it sending pages
         stats.normal, stats.duplicate = 12_000, 0
         stats.dirty_pages = 5_000  # 20.48 MB remaining
         thread._update_counters(10.2)
@@ -125,7 +126,7 @@ async def test_counters_follow_qemu_formulas(h: Harness) -> None:
         assert stats.pages_per_second == 60_000
         policy = thread.policy
         assert policy.capacity.value == pytest.approx(1e9)
-        # no rate-limit sleep: the final pass costs what the whole window cost per byte
+        # no rate-limit sleep, all of it page work: the final pass costs what the window cost per byte
         assert policy.final_rate() == pytest.approx(250e6)
         fixed = policy.fixed_ms()
         # the decision lets the final pass run at least 25 % slower than estimated
@@ -156,6 +157,7 @@ async def test_a_capped_window_still_measures_the_link(h: Harness) -> None:
             thread.stream.transferred += 3_300_000
             thread.stream.write_busy += 0.003
             thread._iter_sleep = 0.08
+            thread._iter_save = 0.02  # of the 20 ms awake, all sending pages
             stats.normal += 3_300_000 // 4096
             t += 0.1
             thread._update_counters(t)

@@ -447,6 +447,8 @@ def test_save_with_runs_and_checksums_loads_equal(held: bool, scattered: bool) -
     assert result[0] & FEATURE_PAGE_RUNS
     dblock = dst.get("ram0")
     assert dblock is not None and np.array_equal(dblock.pages, block.pages)
+    # staging copies that a held guest's pass does not make are counted apart (the policy leaves them out)
+    assert (sv.ram.live_copy_s > 0) == (not held)
 
 
 class _RAMBox:
@@ -513,3 +515,25 @@ def test_a_socket_subclass_that_reads_through_a_layer_is_not_bypassed() -> None:
         dst = [memoryview(bytearray(1)), memoryview(bytearray(1))]
         f.read_into_iov(dst)
         assert bytes(dst[0]) + bytes(dst[1]) == bytes([6, 8])
+
+
+def test_long_run_share_counts_pages_in_long_dirty_runs() -> None:
+    """Of the dirty pages, the share in runs of at least N consecutive ones: what a final pass by page
+    references sends as references."""
+    ram = _block_ram(100)
+    sv = SaveVM(_RAMBox(ram, None), MigrationStats(), False, 0)
+    a, b = socket.socketpair()
+    out = OutStream(SocketChannel(a))
+    try:
+        sv.ram.save_setup(out)
+        bmap = sv.ram._tracked[0].bmap
+        assert sv.ram.long_run_share(16) == 1.0  # all dirty after setup: one run
+        bmap[:] = False
+        assert sv.ram.long_run_share(16) == 0.0
+        bmap[0:20] = bmap[30:33] = bmap[50:70] = bmap[99] = True
+        assert sv.ram.long_run_share(16) == pytest.approx(40 / 44)
+        assert sv.ram.long_run_share(1) == 1.0
+    finally:
+        sv.ram.cleanup()
+        out.close()
+        b.close()

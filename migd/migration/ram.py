@@ -156,6 +156,9 @@ class RAMSaver:
         self.vcpus: Any = None  # the guest's VCPUSet: held paused while pages leave straight from RAM
         self._logging = False
         self.pages_out: PageSink | None = None  # multifd: pages go to the channels
+        # s spent staging page runs that a final pass sends straight from RAM (the guest running with
+        # a digest kept): work of live rounds only, which the policy leaves out of the final pass's cost
+        self.live_copy_s = 0.0
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -225,6 +228,18 @@ class RAMSaver:
 
     def pending_estimate(self) -> int:
         return self.stats.dirty_pages * PAGE_SIZE
+
+    def long_run_share(self, min_pages: int) -> float:
+        """(migration thread) The share of the dirty pages that lie in runs of at least ``min_pages``
+        consecutive dirty pages: of a final pass by page references, what leaves as references (the
+        rest is copied). One numpy pass over the bitmaps (~0.3 ms for 512 MiB)."""
+        total = long = 0
+        for t in self._tracked:
+            edges = np.flatnonzero(np.diff(t.bmap, prepend=False, append=False))
+            lengths = edges[1::2] - edges[::2]  # each run starts at an even edge and ends at the next
+            total += int(lengths.sum())
+            long += int(lengths[lengths >= min_pages].sum())
+        return long / total if total else 0.0
 
     def pending_exact(self) -> int:
         self.sync()
@@ -485,10 +500,14 @@ class RAMSaver:
             f.splice_from(block.buf)  # unix socket: page references, no copy (settled in _send)
             ram = block.buf.data
         else:
+            t0 = time.monotonic()
             staged = self._stage.reshape(-1)[: page_idx.size * PAGE_SIZE].reshape(-1, PAGE_SIZE)
             for a, b, pos in runs:
                 staged[pos : pos + (b - a)] = block.pages[a:b]
             ram = staged.reshape(-1).data
+            # a final pass stages the pages of short runs too (``_emit``): only the rest is live work
+            long_pages = sum(b - a for a, b, _ in runs if b - a >= MIN_DIRECT_RUN)
+            self.live_copy_s += (time.monotonic() - t0) * long_pages / page_idx.size
         views: list[memoryview] = []
         for i, (a, b, pos) in enumerate(runs):
             src = (a if direct else pos) * PAGE_SIZE

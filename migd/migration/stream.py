@@ -200,6 +200,10 @@ class OutStream:
         self._splice_src[id(obj)] = obj
         return True
 
+    def can_reference(self) -> bool:
+        """Whether views of registered memory would leave as page references (``splice_from``)."""
+        return SPLICE and self._can_splice()
+
     def _can_splice(self) -> bool:
         ch = self.channel
         return (0 not in self._splice_src and isinstance(ch, SocketChannel)
