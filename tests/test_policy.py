@@ -18,6 +18,7 @@ from migd.migration.policy import (
     DRAIN_BUDGET_S,
     DRAIN_MS,
     HOLD_S,
+    RESEND_WAIT_S,
     Step,
     SwitchoverPolicy,
     dirtied_by,
@@ -743,9 +744,9 @@ def test_bytes_sent_as_page_references_cost_no_write_at_the_source() -> None:
     policy.on_window(1.1, 3_000_000, 0.001, 0.0022, 0.1, 3_000_000)  # 3 GB/s writes, 0.4 ns/B of work
     copied = policy.final_rate()
     assert copied == pytest.approx(1 / (1 / 3e9 + 0.4e-9), rel=0.01)
-    policy.on_reference_share(0.75)
+    policy.on_layout(40 * MIB, 100, 0.75)  # 3/4 of what is left in runs of 16 pages or more
     assert policy.final_rate() == pytest.approx(1 / (0.25 / 3e9 + 0.4e-9), rel=0.01)
-    policy.on_reference_share(1.0)
+    policy.on_layout(40 * MIB, 100, 1.0)
     assert policy.final_rate() == pytest.approx(1 / 0.4e-9, rel=0.01)
     for i in range(3):  # the destination loads 1.3 GB/s on a CPU of its own
         policy.on_load_pace(1.2 + i / 10, (i + 1) * 13_000_000, (i + 1) * 3174, 0.01 * (i + 1), 0.0,
@@ -772,3 +773,53 @@ def test_until_a_re_send_span_is_reported_the_first_sends_pace_bounds_the_final_
     assert policy.drain_rate() == pytest.approx(first)
     policy.on_load_pace(1.1, total_b + 3 * MIB, total_p + 768, busy + 0.0015, 0.0, busy + 0.0015)
     assert policy.drain_rate() == pytest.approx(3 * MIB / 0.0015)  # a re-send span of 1.5 ms counts
+
+
+def _runs_policy() -> SwitchoverPolicy:
+    """A first pass of long runs (100 MB windows of 10 runs), then re-send windows of scattered pages:
+    0.4 ns a byte and 3 us a run of page work."""
+    p = dict(DEFAULT_PARAMETERS)
+    policy = SwitchoverPolicy(lambda: p, 512 * MIB, 0.0)
+    policy.on_sync(0.0, 512 * MIB, 512 * MIB)
+    for i in range(3):
+        policy.on_window(0.1 * (i + 1), 100_000_000, 0.01, 0.01 + 0.04 + 10 * 3e-6, 0.1, 100_000_000, None,
+                         None, 10)
+    return policy
+
+
+def test_a_pass_of_scattered_pages_costs_its_runs() -> None:
+    """The page work of data windows is fitted to ``a bytes + b runs``: a final pass whose pages lie
+    in more runs per byte than the windows measured costs more per byte (500M unlimited: a first
+    pass of long runs at 0.36 ns/B, its final pass of scattered pages at 1.39)."""
+    policy = _runs_policy()
+    assert policy.run_cost() is None  # every window had the same mix
+    policy.on_sync(0.5, 60 * MIB, 60 * MIB, 60 * MIB)
+    for i, runs in enumerate((2000, 1000, 1500)):
+        policy.on_window(0.6 + 0.1 * i, 10_000_000, 0.001, 0.001 + 0.004 + runs * 3e-6, 0.1, 10_000_000, None,
+                         None, runs)
+    assert policy.run_cost() == pytest.approx(3e-6, rel=0.01)
+
+    def cpu() -> float:
+        return 1 / policy.final_rate() - 1 / policy.capacity.value
+
+    assert cpu() == pytest.approx(0.85e-9, rel=0.01)  # the median window's cost, without a layout
+    policy.on_layout(40_000_000, 9000, 0.0)  # more scattered than the median window
+    assert cpu() == pytest.approx(0.4e-9 + 9000 * 3e-6 / 40_000_000, rel=0.01)
+    policy.on_layout(40_000_000, 10, 0.0)  # one long run: never below half the measured cost
+    assert cpu() == pytest.approx(0.85e-9 / 2, rel=0.01)
+
+
+def test_a_scattered_final_pass_waits_for_a_window_of_re_sends() -> None:
+    """Right after a first pass of long runs the cost of a run is unknown: a scattered rest waits
+    (at most RESEND_WAIT_S) for one window of re-sends before the first switch-over."""
+    policy = _runs_policy()
+    policy.on_sync(0.5, 40 * MIB, 40 * MIB, 40 * MIB)
+    policy.on_layout(40 * MIB, 5000, 0.0)
+    assert policy.decide(0.5, 40 * MIB, True).step is Step.ITERATE
+    assert policy._wait_for_resend(0.6, 40 * MIB)
+    assert not policy._wait_for_resend(0.5 + RESEND_WAIT_S + 0.01, 40 * MIB)  # bounded
+    policy.on_window(0.6, 10_000_000, 0.001, 0.02, 0.1, 10_000_000, None, None, 1200)
+    assert not policy._wait_for_resend(0.6, 40 * MIB)
+    policy.on_layout(40 * MIB, 4, 0.0)  # a rest of runs as long as the first pass's never waited
+    policy._run_samples.clear()
+    assert not policy._wait_for_resend(0.6, 40 * MIB)

@@ -517,9 +517,9 @@ def test_a_socket_subclass_that_reads_through_a_layer_is_not_bypassed() -> None:
         assert bytes(dst[0]) + bytes(dst[1]) == bytes([6, 8])
 
 
-def test_long_run_share_counts_pages_in_long_dirty_runs() -> None:
-    """Of the dirty pages, the share in runs of at least N consecutive ones: what a final pass by page
-    references sends as references."""
+def test_dirty_layout_counts_runs_and_pages_in_long_runs() -> None:
+    """The dirty pages' runs, and the share of pages in runs of at least N consecutive ones: what a
+    final pass by page references sends as references."""
     ram = _block_ram(100)
     sv = SaveVM(_RAMBox(ram, None), MigrationStats(), False, 0)
     a, b = socket.socketpair()
@@ -527,12 +527,13 @@ def test_long_run_share_counts_pages_in_long_dirty_runs() -> None:
     try:
         sv.ram.save_setup(out)
         bmap = sv.ram._tracked[0].bmap
-        assert sv.ram.long_run_share(16) == 1.0  # all dirty after setup: one run
+        assert sv.ram.dirty_layout(16) == (1, 1.0)  # all dirty after setup: one run
         bmap[:] = False
-        assert sv.ram.long_run_share(16) == 0.0
+        assert sv.ram.dirty_layout(16) == (0, 0.0)
         bmap[0:20] = bmap[30:33] = bmap[50:70] = bmap[99] = True
-        assert sv.ram.long_run_share(16) == pytest.approx(40 / 44)
-        assert sv.ram.long_run_share(1) == 1.0
+        runs, share = sv.ram.dirty_layout(16)
+        assert runs == 4 and share == pytest.approx(40 / 44)
+        assert sv.ram.dirty_layout(1) == (4, 1.0)
     finally:
         sv.ram.cleanup()
         out.close()

@@ -187,6 +187,7 @@ class MigrationThread(threading.Thread):
         self._iter_busy = 0.0
         self._iter_sleep = 0.0
         self._iter_save = 0.0
+        self._iter_runs = 0
         self._iter_pages = 0
         self._iter_cpu = 0.0  # the thread's CPU time at the window's start
         self._final_cpu_ms: float | None = None
@@ -415,8 +416,9 @@ class MigrationThread(threading.Thread):
         with BQL:
             pending = int(self.savevm.pending_exact())
         self.policy.on_phase("sync", min(time.monotonic() - t0, time.thread_time() - cpu0) * 1000)
-        if self._final_by_reference() and pending <= 2 * self.threshold:  # near a switch-over only
-            self.policy.on_reference_share(self.savevm.ram.long_run_share(SPLICE_MIN // PAGE_SIZE))
+        if pending <= 2 * self.threshold:  # near a switch-over only
+            runs, share = self.savevm.ram.dirty_layout(SPLICE_MIN // PAGE_SIZE)
+            self.policy.on_layout(pending, runs, share if self._final_by_reference() else 0.0)
         return pending
 
     def _final_by_reference(self) -> bool:
@@ -551,6 +553,7 @@ class MigrationThread(threading.Thread):
         self._iter_busy = self.stream.write_busy
         self._iter_sleep = 0.0
         self._iter_save = 0.0  # s of save_iterate's page work that a final pass repeats
+        self._iter_runs = self.savevm.ram.runs_sent if self.savevm is not None else 0
         self._iter_pages = self.stats.normal + self.stats.duplicate
         self._iter_cpu = time.thread_time()
         self.stream.reset_window()
@@ -580,7 +583,8 @@ class MigrationThread(threading.Thread):
         self.bandwidth = transferred / spent_ms
         self.policy.on_window(now, transferred, busy, max(busy, spent - self._iter_sleep), spent,
                               (pages - self._iter_pages) * stats.page_size, time.thread_time() - self._iter_cpu,
-                              max(busy, self._iter_save))
+                              max(busy, self._iter_save),
+                              self.savevm.ram.runs_sent - self._iter_runs if self.savevm is not None else None)
         if self.savevm is not None:
             self.policy.on_dirty_log(now, self.savevm.unsynced_bytes())
         self.threshold = float(self.policy.threshold())

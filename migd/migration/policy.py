@@ -78,6 +78,7 @@ THROTTLE_TARGET = 0.4
 DRAIN_MS = 2.0
 DRAIN_BUDGET_S = 1.0  # s of draining before one switch-over at most: then it counts the backlog in
 PROBE_WAIT_S = 3.0  # s the first switch-over under a rate limit waits at most for a probe (see decide)
+RESEND_WAIT_S = 1.0  # s after the first pass the first switch-over waits at most for a re-send window
 FLOOR_AFTER_S = 0.5  # s: a PING unanswered for longer raises the round trip (before one PONG: any age)
 PEEKS = 1024  # dirty-log peeks kept since the last sync (one a window)
 # a probe's PONG later than its burst took by less than this share of it: the destination kept up
@@ -241,6 +242,13 @@ class SwitchoverPolicy:
         self._cpu_recent: deque[float] = deque(maxlen=RATE_SAMPLES)  # the last re-send windows' costs
         self.backlog = 0  # bytes the socket held for the destination at the last decision
         self.reference_share = 0.0  # of what is left, the share a final pass sends as page references
+        self._final_rpb: float | None = None  # runs of dirty pages per byte left, at the last layout
+        # (bytes, runs, s of page work) of data windows: re-sends, and the first pass's; a page costs
+        # more alone than in a run of many, and the fit of the two costs says how much
+        self._run_samples: deque[tuple[int, int, float]] = deque(maxlen=RATE_SAMPLES)
+        self._run_first: deque[tuple[int, int, float]] = deque(maxlen=RATE_SAMPLES)
+        self._first_rpb = 0.0  # runs per byte of the cheapest first-pass window (_cpu_first's)
+        self._first_pass_end: float | None = None  # when the sync ending the first pass came
         self._drain_since: float | None = None  # when the switch-over began to wait for a drain
         self.drain_gave_up = False  # a drain took longer than DRAIN_BUDGET_S: the backlog counts in
         self._drain_pays = True  # the last switch-over judged a drain to pay (see _drain_would_pay)
@@ -279,11 +287,12 @@ class SwitchoverPolicy:
 
     def on_window(self, now: float, sent_bytes: int, busy_s: float, active_s: float | None = None,
                   window_s: float | None = None, ram_bytes: int | None = None,
-                  cpu_s: float | None = None, save_s: float | None = None) -> None:
+                  cpu_s: float | None = None, save_s: float | None = None, runs: int | None = None) -> None:
         """One rate window: bytes written, seconds inside channel writes, seconds the thread worked
         (the window minus rate-limit sleeps), the window's length, guest RAM bytes it covered, the
-        thread's CPU seconds in it (recorded for the traces; the model does not use it), and the
-        seconds of it spent sending pages (writes included).
+        thread's CPU seconds in it (recorded for the traces; the model does not use it), the
+        seconds of it spent sending pages (writes included), and the runs of consecutive data pages
+        it sent.
 
         The thread's cost per byte is only learnt from windows of mostly data pages: zero pages cost a
         scan and almost no wire bytes, and the final pass carries the pages the guest wrote. It is the
@@ -291,7 +300,7 @@ class SwitchoverPolicy:
         rest of a window (bitmap syncs, decisions, PINGs, drains) is no part of a final pass, and under
         a rate limit it is a large share of a short burst (200M on a 64 MiB hot set over 32 MiB/s:
         1.45 ns/B from a window's work, 0.41 in its final pass)."""
-        self._rec("on_window", now, sent_bytes, busy_s, active_s, window_s, ram_bytes, cpu_s, save_s)
+        self._rec("on_window", now, sent_bytes, busy_s, active_s, window_s, ram_bytes, cpu_s, save_s, runs)
         if save_s is not None and active_s is not None:
             active_s = max(busy_s, min(active_s, save_s))
         if sent_bytes < MIN_WINDOW_BYTES:
@@ -315,6 +324,9 @@ class SwitchoverPolicy:
             self._cpu_any.add((active_s - busy_s) / sent_bytes)
         if active_s is not None and active_s >= busy_s and data_heavy:
             cost = (active_s - busy_s) / sent_bytes
+            if runs is not None:
+                sample = (sent_bytes, max(0, runs), active_s - busy_s)
+                (self._run_first if self.in_first_pass() else self._run_samples).append(sample)
             if not self.in_first_pass():
                 self.cpu_per_byte.add(cost)
                 self._cpu_recent.append(cost)
@@ -322,6 +334,7 @@ class SwitchoverPolicy:
                 # first sends cost more than the re-sends a final pass carries (see final_rate): the
                 # least contended of them is the closest
                 self._cpu_first = cost
+                self._first_rpb = max(0, runs or 0) / sent_bytes
             if self.capacity.samples and (not self.in_first_pass() or not self.cpu_per_byte.samples):
                 self._rates.append(1 / (1 / self.capacity.value + cost))
         if window_s is not None and window_s > 0 and data_heavy:
@@ -368,6 +381,7 @@ class SwitchoverPolicy:
             g.hot_set = int(fresh[1])
         if g.syncs == 1:  # this sync ends the first pass: the spread of first sends says nothing more
             self._rates.clear()
+            self._first_pass_end = now
         if g.syncs >= 1:  # the first sync is the whole RAM
             g.working_set = max(g.working_set, remaining_bytes)
             if g.low is None or remaining_bytes < g.low * (1 - PROGRESS_STEP):
@@ -490,14 +504,17 @@ class SwitchoverPolicy:
         self._rec("on_backlog", queued_bytes)
         self.backlog = max(0, queued_bytes)
 
-    def on_reference_share(self, share: float) -> None:
-        """After a sync near a switch-over, when the final pass's long page runs would leave as page
-        references (a unix socket): the share of what is left that lies in such runs. Those bytes cost
-        the source no copy into the socket; the destination copies them, and its pace bounds the
-        final pass anyway (200M on a 64 MiB hot set over 32 MiB/s: 63 MB of one run, written at
-        7.7 GB/s, where copying writes under the cap said 3.0)."""
-        self._rec("on_reference_share", share)
-        self.reference_share = min(1.0, max(0.0, share))
+    def on_layout(self, remaining_bytes: int, runs: int, reference_share: float) -> None:
+        """After a sync near a switch-over, how what is left lies: its runs of consecutive dirty
+        pages (a page alone costs more than its share of a long run: 500M unlimited, a first pass
+        of long runs at 0.36 ns/B, its final pass of scattered pages at 1.39), and the share of it
+        in runs long enough to leave a unix socket as page references (0 where the final pass
+        copies everything). Those bytes cost the source no copy into the socket; the destination
+        copies them, and its pace bounds the final pass anyway (200M on a 64 MiB hot set over
+        32 MiB/s: 63 MB of one run, written at 7.7 GB/s, where copying writes under the cap said 3.0)."""
+        self._rec("on_layout", remaining_bytes, runs, reference_share)
+        self.reference_share = min(1.0, max(0.0, reference_share))
+        self._final_rpb = max(0, runs) / remaining_bytes if remaining_bytes > 0 else None
 
     def on_phase(self, name: str, ms: float) -> None:
         """A measured fixed cost: ``stop-vcpus``, ``drive-flush``, ``sync``, ``device-state``,
@@ -526,8 +543,9 @@ class SwitchoverPolicy:
             return 0.0
         if self._cpu_recent:  # the median: one descheduled window (measured: 2.5 ns/B average, 1.0 median)
             cpu = sorted(self._cpu_recent)[len(self._cpu_recent) // 2]
+            cpu += self._scatter_cost(cpu, self._median_rpb(self._run_samples))
         elif self._cpu_first is not None:
-            cpu = self._cpu_first
+            cpu = self._cpu_first + self._scatter_cost(self._cpu_first, self._first_rpb)
         else:
             cpu = next((e for e in (self._cpu_mixed, self._cpu_any) if e.samples), self._cpu_any).value
         per_byte = (1 - self.reference_share) / self.capacity.value + max(0.0, cpu)
@@ -537,6 +555,39 @@ class SwitchoverPolicy:
         # time a capped burst through every buffer: 44 MB/s for a final pass at 164, 64M over 128 MiB/s)
         bound = self.drain_rate() or self.load_rate()
         return min(rate, bound) if bound > 0 else rate
+
+    def run_cost(self) -> float | None:
+        """Seconds a run of pages costs the thread beyond its bytes: the least-squares fit of the
+        data windows' page work to ``a bytes + b runs`` (None while every window had the same mix,
+        or the fit makes no sense)."""
+        samples = [*self._run_first, *self._run_samples]
+        if len(samples) < 3:
+            return None
+        sbb = sum(float(b) * b for b, _, _ in samples)
+        srr = sum(float(r) * r for _, r, _ in samples)
+        sbr = sum(float(b) * r for b, r, _ in samples)
+        sbc = sum(b * c for b, _, c in samples)
+        src = sum(r * c for _, r, c in samples)
+        det = sbb * srr - sbr * sbr
+        if det <= 0.05 * sbb * srr:  # too alike: runs and bytes cannot be told apart
+            return None
+        per_byte = (srr * sbc - sbr * src) / det
+        per_run = (sbb * src - sbr * sbc) / det
+        return per_run if per_run > 0 and per_byte >= 0 else None
+
+    @staticmethod
+    def _median_rpb(samples: deque[tuple[int, int, float]]) -> float:
+        rpb = sorted(r / b for b, r, _ in samples)
+        return rpb[len(rpb) // 2] if rpb else 0.0
+
+    def _scatter_cost(self, cost: float, measured_rpb: float) -> float:
+        """What the final pass costs per byte more (or less) than windows of ``measured_rpb`` runs
+        per byte did: its own runs per byte (``on_layout``) at the fitted cost of a run; never below
+        half the measured cost."""
+        per_run = self.run_cost()
+        if per_run is None or self._final_rpb is None:
+            return 0.0
+        return max(-cost / 2, per_run * (self._final_rpb - measured_rpb))
 
     def load_rate(self) -> float:
         """Bytes/s a burst went at from the source's scan to the destination's load (the median of
@@ -790,7 +841,8 @@ class SwitchoverPolicy:
         if remaining_bytes and self._another_round_pays(remaining_bytes, commit=True):
             return Decision(Step.ITERATE, actions)
         self.waiting_for_peer = self.peer_answers and not self._rtt
-        if self.waiting_for_peer or self._wait_for_probe(now, remaining_bytes):
+        if (self.waiting_for_peer or self._wait_for_probe(now, remaining_bytes)
+                or self._wait_for_resend(now, remaining_bytes)):
             return Decision(Step.ITERATE, actions)
         if not self.drain_gave_up and self.backlog > self.drain_target():
             # the destination loads the backlog while the guest runs, not inside the downtime (also
@@ -832,6 +884,20 @@ class SwitchoverPolicy:
         if self._probe_wait_since is None:
             self._probe_wait_since = now
         return now - self._probe_wait_since < PROBE_WAIT_S
+
+    def _wait_for_resend(self, now: float, remaining: int) -> bool:
+        """The first switch-over waits (RESEND_WAIT_S at most after the first pass, the guest
+        running) for a window of re-sent pages when what is left lies in more than twice as many
+        runs per byte as the first pass sent and the RAM part matters: until then the cost of a run
+        is not known (500M unlimited switched over as its first pass ended, 233 MB of scattered
+        pages expected at the first pass's 0.36 ns/B: 199 ms expected, 438 real)."""
+        if (self._run_samples or self._final_rpb is None or not self._run_first
+                or self._first_pass_end is None or now - self._first_pass_end > RESEND_WAIT_S):
+            return False
+        if self._final_rpb <= 2 * max(r / b for b, r, _ in self._run_first):
+            return False
+        rate = self.final_rate()
+        return rate > 0 and remaining / rate * 1000 >= RAM_MATTERS * self.fixed_ms()
 
     def peer_silent(self) -> None:
         """The PING went unanswered for too long: stop waiting for a round trip before switching."""
