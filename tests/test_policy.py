@@ -18,6 +18,7 @@ from migd.migration.policy import (
     DRAIN_BUDGET_S,
     DRAIN_MS,
     HOLD_S,
+    PRIOR_RUN_S,
     RESEND_WAIT_S,
     Step,
     SwitchoverPolicy,
@@ -792,7 +793,12 @@ def test_a_pass_of_scattered_pages_costs_its_runs() -> None:
     in more runs per byte than the windows measured costs more per byte (500M unlimited: a first
     pass of long runs at 0.36 ns/B, its final pass of scattered pages at 1.39)."""
     policy = _runs_policy()
-    assert policy.run_cost() is None  # every window had the same mix
+    assert policy.run_cost() is None  # every window had the same mix: a run costs PRIOR_RUN_S meanwhile
+    first = 1 / policy.final_rate() - 1 / policy.capacity.value
+    policy.on_layout(40_000_000, 9000, 0.0)
+    assert 1 / policy.final_rate() - 1 / policy.capacity.value == pytest.approx(
+        first + PRIOR_RUN_S * (9000 / 40_000_000 - 10 / 100_000_000), rel=0.01)
+    policy._final_rpb = None
     policy.on_sync(0.5, 60 * MIB, 60 * MIB, 60 * MIB)
     for i, runs in enumerate((2000, 1000, 1500)):
         policy.on_window(0.6 + 0.1 * i, 10_000_000, 0.001, 0.001 + 0.004 + runs * 3e-6, 0.1, 10_000_000, None,

@@ -93,6 +93,11 @@ HOLD_S = 3.0
 # priors, used only until this migration measured the cost
 PRIOR_STOP_MS = 1.0
 PRIOR_OTHER_MS = 1.0
+# s of page work a run costs beyond its bytes, until windows of different layouts measured it (fitted:
+# 3.2 and 4.2 us, 200M on a 64 MiB hot set over 128 MiB/s; bench_final_pass: 4.8 us a page alone, ~1.5
+# in a long run): capped windows of one round are often all alike (the anchor case: 9-30 pages a run in
+# every window, its final pass 1.9, 0.73 ns/B measured, 1.2 real)
+PRIOR_RUN_S = 3e-6
 # How much slower than its estimate the decision lets a final pass run, at least: the windows' spread
 # does not show that a long final pass competes for the CPU with the destination's load, which the
 # short capped bursts do not (measured: 254 MB at 738 MB/s against 944 estimated, 2 shared cores).
@@ -545,7 +550,7 @@ class SwitchoverPolicy:
             cpu = sorted(self._cpu_recent)[len(self._cpu_recent) // 2]
             cpu += self._scatter_cost(cpu, self._median_rpb(self._run_samples))
         elif self._cpu_first is not None:
-            cpu = self._cpu_first + self._scatter_cost(self._cpu_first, self._first_rpb)
+            cpu = self._cpu_first + self._scatter_cost(self._cpu_first, self._first_rpb if self._run_first else None)
         else:
             cpu = next((e for e in (self._cpu_mixed, self._cpu_any) if e.samples), self._cpu_any).value
         per_byte = (1 - self.reference_share) / self.capacity.value + max(0.0, cpu)
@@ -576,16 +581,17 @@ class SwitchoverPolicy:
         return per_run if per_run > 0 and per_byte >= 0 else None
 
     @staticmethod
-    def _median_rpb(samples: deque[tuple[int, int, float]]) -> float:
+    def _median_rpb(samples: deque[tuple[int, int, float]]) -> float | None:
+        """The windows' median runs per byte (None: they did not report runs)."""
         rpb = sorted(r / b for b, r, _ in samples)
-        return rpb[len(rpb) // 2] if rpb else 0.0
+        return rpb[len(rpb) // 2] if rpb else None
 
-    def _scatter_cost(self, cost: float, measured_rpb: float) -> float:
+    def _scatter_cost(self, cost: float, measured_rpb: float | None) -> float:
         """What the final pass costs per byte more (or less) than windows of ``measured_rpb`` runs
-        per byte did: its own runs per byte (``on_layout``) at the fitted cost of a run; never below
-        half the measured cost."""
-        per_run = self.run_cost()
-        if per_run is None or self._final_rpb is None:
+        per byte did: its own runs per byte (``on_layout``) at the fitted cost of a run (until one
+        is fitted, PRIOR_RUN_S); never below half the measured cost."""
+        per_run = self.run_cost() or PRIOR_RUN_S
+        if self._final_rpb is None or measured_rpb is None:
             return 0.0
         return max(-cost / 2, per_run * (self._final_rpb - measured_rpb))
 
