@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from migd.gilprobe import GilProbe, stall_record
@@ -34,12 +35,11 @@ def test_stall_record_names_busy_threads_busiest_first() -> None:
 
 
 def _hold_gil(size: int) -> None:
-    """One long C call that keeps the GIL: a bytes() copy of a large buffer. The loop after it gives
-    the holder its next eval-breaker checks (backward jumps) inside this function: it drops the GIL
-    here, so the probe's stack names it (without the loop it may drop it only once returned)."""
+    """One long C call that keeps the GIL: a bytes() copy of a large buffer. The sleep after it drops
+    the GIL inside this function and stays here, so the probe's stack names it however late the probe
+    gets a CPU (a short loop here was not enough under load: CI's run found the holder past it)."""
     bytes(memoryview(bytearray(size)))
-    for _ in range(1000):
-        pass
+    time.sleep(0.1)
 
 
 def test_probe_reports_a_long_hold_with_its_stack(tmp_path: Path) -> None:
