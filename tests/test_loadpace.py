@@ -271,8 +271,10 @@ async def test_a_migration_negotiates_load_pace_and_the_policy_hears_it(pace: Pa
     assert [c for c in calls if c[0] == "on_rtt" and not c[2]]
     reports = [c[1:] for c in calls if c[0] == "on_load_pace"]
     assert reports, "no LOAD_PACE report reached the policy"  # one after each PONG at least
-    for (_, b0, p0, busy0, wait0, _), (_, b1, p1, busy1, wait1, _) in zip(reports, reports[1:], strict=False):
+    for (_, b0, p0, busy0, wait0, _, r0), (_, b1, p1, busy1, wait1, _, r1) in zip(reports, reports[1:],
+                                                                                   strict=False):
         assert b1 >= b0 and p1 >= p0 and busy1 >= busy0 and wait1 >= wait0  # totals only grow
+        assert r0 is None or r1 is not None and r1 >= r0  # the source's runs those bytes carried, too
 
 
 async def test_an_older_migd_destination_without_load_pace_still_completes(pace: Pace) -> None:

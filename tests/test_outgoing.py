@@ -618,3 +618,21 @@ async def test_cancel_while_connecting_then_a_new_migration(h: Harness, tmp_path
             s.close()
         busy.close()
         dest.close()
+
+
+async def test_a_load_pace_report_is_matched_to_the_runs_it_loaded(h: Harness) -> None:
+    """The destination's bytes read are the source's stream bytes: the marks left after each batch
+    (bytes written, runs sent) tell how many runs a LOAD_PACE span loaded, interpolated inside a
+    batch."""
+    thread, peer = _idle_thread(h)
+    try:
+        assert thread._runs_at(1000) is None  # nothing sent yet
+        thread._run_marks.extend([(1000, 10), (3000, 30), (7000, 30)])
+        assert thread._runs_at(500) is None  # before the first batch ended: not known
+        assert thread._runs_at(1000) == 10
+        assert thread._runs_at(2000) == 20
+        assert thread._runs_at(5000) == 30
+        assert thread._runs_at(9000) == 30  # past the last mark: all sent so far
+    finally:
+        thread.stream.close()
+        peer.close()

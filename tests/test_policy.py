@@ -15,6 +15,7 @@ import pytest
 
 from migd.migration.params import DEFAULT_PARAMETERS
 from migd.migration.policy import (
+    DEST_PRIOR_RUN_S,
     DRAIN_BUDGET_S,
     DRAIN_MS,
     HOLD_S,
@@ -22,6 +23,7 @@ from migd.migration.policy import (
     RESEND_WAIT_S,
     Step,
     SwitchoverPolicy,
+    _fit_run_cost,
     dirtied_by,
     fit_dirty_log,
     nova_schedule,
@@ -829,3 +831,31 @@ def test_a_scattered_final_pass_waits_for_a_window_of_re_sends() -> None:
     policy.on_layout(40 * MIB, 4, 0.0)  # a rest of runs as long as the first pass's never waited
     policy._run_samples.clear()
     assert not policy._wait_for_resend(0.6, 40 * MIB)
+
+
+def test_the_destination_loads_a_scattered_final_pass_at_its_cost_of_a_run() -> None:
+    """The destination's pace was measured on spans of the live rounds' layout; a final pass in more
+    runs per byte costs it a run's cost more per run (DEST_PRIOR_RUN_S until its spans allow a fit):
+    200M on a 64 MiB hot set over 128 MiB/s, spans of 6-9 pages a run at 1.1-1.7 GB/s, the final pass
+    of 3.3 pages a run loaded at 0.68 GB/s."""
+    p = dict(DEFAULT_PARAMETERS)
+    policy = SwitchoverPolicy(lambda: p, 512 * MIB, 0.0)
+    policy.on_sync(0.0, 512 * MIB, 512 * MIB)
+    policy.on_sync(1.0, 60 * MIB, 60 * MIB, 60 * MIB)
+    total = runs = 0
+    cpu = 0.0
+    policy.on_load_pace(1.0, total, 0, cpu, 0.0, cpu, runs)
+    for i in range(4):  # 13.4 MB spans of 400 runs (8 pages a run), 10 ms of CPU each: 1.34 GB/s
+        total, runs, cpu = total + 13_400_000, runs + 400, cpu + 0.010
+        policy.on_load_pace(1.1 + i / 10, total, total // 4096, cpu, 0.0, cpu, runs)
+    assert policy._final_load_rate() == pytest.approx(1.34e9)  # no layout yet: the spans' pace
+    policy.on_layout(40_000_000, 12_000, 0.0)  # 3.3 pages a run
+    expected = 1 / (1 / 1.34e9 + DEST_PRIOR_RUN_S * (12_000 / 40_000_000 - 400 / 13_400_000))
+    assert policy._final_load_rate() == pytest.approx(expected)
+    assert policy.final_rate() <= expected
+    # spans of different layouts: the destination's own cost of a run, fitted (here 10 us)
+    for i, (n, c) in enumerate(((100, 0.007), (1200, 0.018), (800, 0.014))):
+        total, runs, cpu = total + 13_400_000, runs + n, cpu + c
+        policy.on_load_pace(1.5 + i / 10, total, total // 4096, cpu, 0.0, cpu, runs)
+    fitted = _fit_run_cost(policy._dest_run_spans)
+    assert fitted is not None and fitted == pytest.approx(10e-6, rel=0.3)

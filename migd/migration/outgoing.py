@@ -32,9 +32,12 @@ boundaries, so they add up to ``downtime``.
 
 from __future__ import annotations
 
+import bisect
 import logging
+import math
 import threading
 import time
+from collections import deque
 from collections.abc import Collection
 from contextlib import nullcontext
 from typing import Any, Protocol
@@ -87,6 +90,7 @@ DRAIN_STEP_S = 0.1  # s one DRAIN waits at most before the policy decides again
 DRAIN_POLL_S = 0.001  # s between looks at the socket's queue while draining
 DRAIN_PONG_WAIT = 0.05  # s a drained socket's PING waits at most for its PONG
 HELD_WAIT = 0.5  # s a PONG's round trip waits at most for the LOAD_PACE report that follows it
+RUN_MARKS = 512  # batches whose end offsets and run counts map LOAD_PACE spans to the runs they loaded
 # the switch-over's framing outside RAM and devices (state changes, events, EOF) on top of the
 # measured VMDESCRIPTION build: a small constant, measured once on this kind of machine
 FRAMING_MS = 0.5
@@ -188,6 +192,9 @@ class MigrationThread(threading.Thread):
         self._iter_sleep = 0.0
         self._iter_save = 0.0
         self._iter_runs = 0
+        # (stream bytes written, runs of data pages sent) after each batch: which runs a LOAD_PACE
+        # span of the destination loaded (the destination's cost of a page run is its own)
+        self._run_marks: deque[tuple[int, int]] = deque(maxlen=RUN_MARKS)
         self._iter_pages = 0
         self._iter_cpu = 0.0  # the thread's CPU time at the window's start
         self._final_cpu_ms: float | None = None
@@ -366,6 +373,7 @@ class MigrationThread(threading.Thread):
                 before, pages, burst_start = stream.transferred, self._pages(), time.monotonic()
                 copied = savevm.ram.live_copy_s
                 savevm.save_iterate(stream)
+                self._run_marks.append((stream.transferred, savevm.ram.runs_sent))
                 # the page work a final pass repeats: not the staging copies it does not make
                 self._iter_save += time.monotonic() - burst_start - (savevm.ram.live_copy_s - copied)
                 burst = stream.transferred - before
@@ -543,7 +551,22 @@ class MigrationThread(threading.Thread):
                 for old in list(self._held)[:-4]:
                     del self._held[old]
             self.policy.on_load_pace(pace.arrived, pace.bytes_read, pace.pages, pace.busy_s, pace.wait_s,
-                                     pace.cpu_s)
+                                     pace.cpu_s, self._runs_at(pace.bytes_read))
+
+    def _runs_at(self, offset: int) -> int | None:
+        """(migration thread) Runs of data pages sent up to stream byte ``offset`` (what a LOAD_PACE
+        report's bytes read covered), interpolated between the marks left after each batch of
+        pages; None without marks (multifd: the pages go on other channels)."""
+        marks = self._run_marks
+        if not marks or self.multifd is not None:
+            return None
+        pos = bisect.bisect_right(marks, (offset, math.inf))
+        if pos == 0:
+            return marks[0][1] if offset >= marks[0][0] else None
+        if pos == len(marks):
+            return marks[-1][1]
+        (b0, r0), (b1, r1) = marks[pos - 1], marks[pos]
+        return r0 + round((r1 - r0) * (offset - b0) / (b1 - b0)) if b1 > b0 else r1
 
     # -- counters (QEMU's migration_update_counters / migration_rate_limit) -----------------------
 

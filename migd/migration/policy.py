@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -98,6 +98,10 @@ PRIOR_OTHER_MS = 1.0
 # in a long run): capped windows of one round are often all alike (the anchor case: 9-30 pages a run in
 # every window, its final pass 1.9, 0.73 ns/B measured, 1.2 real)
 PRIOR_RUN_S = 3e-6
+# the same for the destination, until its LOAD_PACE spans of different layouts allowed a fit: a scratch
+# loader of 40 MB (the final pass's path, runs straight into RAM) took 12 ms of CPU in one run, 23-25 in
+# 435 runs, 33-48 in 1306, 51-104 in 3968: 10-27 us a run
+DEST_PRIOR_RUN_S = 15e-6
 # How much slower than its estimate the decision lets a final pass run, at least: the windows' spread
 # does not show that a long final pass competes for the CPU with the destination's load, which the
 # short capped bursts do not (measured: 254 MB at 738 MB/s against 944 estimated, 2 shared cores).
@@ -207,6 +211,25 @@ def dirtied_by(fit: tuple[float, float], seconds: float) -> float:
     return wss * -math.expm1(-rate * seconds / wss)
 
 
+def _fit_run_cost(samples: Collection[tuple[int, int, float]]) -> float | None:
+    """The least-squares fit of (bytes, runs, seconds) samples to ``a bytes + b runs``: ``b``, the
+    seconds a run costs beyond its bytes (None with fewer than three samples, samples too alike
+    to tell runs from bytes, or a fit that makes no sense)."""
+    if len(samples) < 3:
+        return None
+    sbb = sum(float(b) * b for b, _, _ in samples)
+    srr = sum(float(r) * r for _, r, _ in samples)
+    sbr = sum(float(b) * r for b, r, _ in samples)
+    sbc = sum(b * c for b, _, c in samples)
+    src = sum(r * c for _, r, c in samples)
+    det = sbb * srr - sbr * sbr
+    if det <= 0.05 * sbb * srr:  # too alike: runs and bytes cannot be told apart
+        return None
+    per_byte = (srr * sbc - sbr * src) / det
+    per_run = (sbb * src - sbr * sbc) / det
+    return per_run if per_run > 0 and per_byte >= 0 else None
+
+
 def nova_schedule(limit_ms: int, max_ms: int, steps: int, delay_s: float) -> list[tuple[float, int]]:
     """Nova's downtime steps: ``steps + 1`` limits growing geometrically from ``max/(steps+1)`` to
     ``max``, ``delay_s`` apart (Nova's delay is 75 s per GiB of guest RAM). Never below ``limit_ms``."""
@@ -264,6 +287,8 @@ class SwitchoverPolicy:
         self._dest_first: deque[tuple[float, float]] = deque(maxlen=RATE_SAMPLES)
         # every span's (pages, bytes, cpu s): what a page and a byte cost the destination, fitted
         self._dest_spans: deque[tuple[int, int, float]] = deque(maxlen=PACE_SPANS)
+        self._pace_runs: int | None = None  # the source's runs sent at the last report's bytes read
+        self._dest_run_spans: deque[tuple[int, int, float]] = deque(maxlen=PACE_SPANS)  # (bytes, runs, cpu s)
         self._probe_wait_since: float | None = None  # when the switch-over began to wait for a probe
         self._rates: deque[float] = deque(maxlen=RATE_SAMPLES)  # per-window final-pass rates, bytes/s
         self.phases: dict[str, float] = {}  # ms, measured fixed costs
@@ -445,17 +470,24 @@ class SwitchoverPolicy:
                 self._load_rates.append(rate)
 
     def on_load_pace(self, now: float, bytes_read: int, pages: int, busy_s: float, wait_s: float,
-                     cpu_s: float) -> None:
+                     cpu_s: float, runs: int | None = None) -> None:
         """A LOAD_PACE report: the destination's incoming thread's totals since it accepted the
         connection — bytes read, RAM pages loaded, seconds busy (not waiting for data), waiting, and
         on a CPU. A span of data pages between two reports gives its pace, bytes / busy s (how fast
         the destination loads when the source keeps up, the CPU shared as it was) and bytes / CPU s
-        (how fast it loads with a CPU of its own, as once the source's vCPUs stop)."""
-        self._rec("on_load_pace", now, bytes_read, pages, busy_s, wait_s, cpu_s)
+        (how fast it loads with a CPU of its own, as once the source's vCPUs stop). ``runs``: the
+        runs of data pages the source had sent up to ``bytes_read`` (its own count): a run costs the
+        destination far more than its bytes (a scratch loader, 40 MB in one run: 12 ms of CPU; in
+        runs of 7.5 pages: 33 ms; of 2.5: 51 ms)."""
+        self._rec("on_load_pace", now, bytes_read, pages, busy_s, wait_s, cpu_s, runs)
         last, self._pace_last = self._pace_last, (bytes_read, pages, busy_s, cpu_s)
+        last_runs, self._pace_runs = self._pace_runs, runs
         if last is None:
             return
         sent, loaded, busy, cpu = bytes_read - last[0], pages - last[1], busy_s - last[2], cpu_s - last[3]
+        data = sent >= MIN_WINDOW_BYTES and sent >= loaded * PAGE_SIZE / 2 and cpu > PACE_MIN_BUSY_S
+        if data and runs is not None and last_runs is not None and runs >= last_runs:
+            self._dest_run_spans.append((sent, runs - last_runs, cpu))
         if cpu > PACE_MIN_BUSY_S and (sent or loaded):
             self._dest_spans.append((loaded, sent, cpu))
         if sent < MIN_WINDOW_BYTES or busy < PACE_MIN_BUSY_S or sent < loaded * PAGE_SIZE / 2:
@@ -558,27 +590,31 @@ class SwitchoverPolicy:
         # the final pass goes no faster than the slower end: the pace the destination loads at with
         # a CPU of its own, from its LOAD_PACE reports; without them, the end-to-end probes (which
         # time a capped burst through every buffer: 44 MB/s for a final pass at 164, 64M over 128 MiB/s)
-        bound = self.drain_rate() or self.load_rate()
+        bound = self._final_load_rate() or self.load_rate()
         return min(rate, bound) if bound > 0 else rate
+
+    def _final_load_rate(self) -> float:
+        """The destination's pace for the final pass: its drain rate, at the runs per byte of the
+        final pass (``on_layout``) rather than of the spans it was measured on — the fitted cost of
+        a run to the destination (until one is fitted, DEST_PRIOR_RUN_S), never below half the
+        spans' cost per byte (200M on a 64 MiB hot set over 128 MiB/s: spans of 6-9 pages a run at
+        1.1-1.7 GB/s, a final pass of 3.3 pages a run loaded at 0.68 GB/s, CPU-bound)."""
+        rate = self.drain_rate()
+        if rate <= 0 or self._final_rpb is None:
+            return rate
+        spans = self._dest_run_spans
+        measured = self._median_rpb(spans)
+        if measured is None:
+            return rate
+        per_run = _fit_run_cost(spans) or DEST_PRIOR_RUN_S
+        cost = 1 / rate
+        return 1 / max(cost / 2, cost + per_run * (self._final_rpb - measured))
 
     def run_cost(self) -> float | None:
         """Seconds a run of pages costs the thread beyond its bytes: the least-squares fit of the
         data windows' page work to ``a bytes + b runs`` (None while every window had the same mix,
         or the fit makes no sense)."""
-        samples = [*self._run_first, *self._run_samples]
-        if len(samples) < 3:
-            return None
-        sbb = sum(float(b) * b for b, _, _ in samples)
-        srr = sum(float(r) * r for _, r, _ in samples)
-        sbr = sum(float(b) * r for b, r, _ in samples)
-        sbc = sum(b * c for b, _, c in samples)
-        src = sum(r * c for _, r, c in samples)
-        det = sbb * srr - sbr * sbr
-        if det <= 0.05 * sbb * srr:  # too alike: runs and bytes cannot be told apart
-            return None
-        per_byte = (srr * sbc - sbr * src) / det
-        per_run = (sbb * src - sbr * sbc) / det
-        return per_run if per_run > 0 and per_byte >= 0 else None
+        return _fit_run_cost([*self._run_first, *self._run_samples])
 
     @staticmethod
     def _median_rpb(samples: deque[tuple[int, int, float]]) -> float | None:
