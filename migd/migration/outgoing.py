@@ -606,8 +606,7 @@ class MigrationThread(threading.Thread):
         self.bandwidth = transferred / spent_ms
         self.policy.on_window(now, transferred, busy, max(busy, spent - self._iter_sleep), spent,
                               (pages - self._iter_pages) * stats.page_size, time.thread_time() - self._iter_cpu,
-                              max(busy, self._iter_save),
-                              self.savevm.ram.runs_sent - self._iter_runs if self.savevm is not None else None)
+                              max(busy, self._iter_save), self._window_runs())
         if self.savevm is not None:
             self.policy.on_dirty_log(now, self.savevm.unsynced_bytes())
         self.threshold = float(self.policy.threshold())
@@ -617,6 +616,13 @@ class MigrationThread(threading.Thread):
             self._publish_expected_downtime(stats.remaining)
         self._publish_forecast(now)
         self._new_window(now)
+
+    def _window_runs(self) -> int | None:
+        """Runs of data pages this thread sent in the window; None with multifd (the channels' threads
+        do the page work, in their own batches)."""
+        if self.savevm is None or self.multifd is not None:
+            return None
+        return self.savevm.ram.runs_sent - self._iter_runs
 
     def _publish_expected_downtime(self, pending: int) -> None:
         """The policy's downtime of the switch-over it plans; before the first window closed, the
