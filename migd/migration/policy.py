@@ -52,7 +52,7 @@ from collections import deque
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 from migd.units import PAGE_SIZE
 
@@ -211,6 +211,9 @@ def dirtied_by(fit: tuple[float, float], seconds: float) -> float:
     return wss * -math.expm1(-rate * seconds / wss)
 
 
+_STALE = object()  # a cached fit that samples added since have made stale
+
+
 def _fit_run_cost(samples: Collection[tuple[int, int, float]]) -> float | None:
     """The least-squares fit of (bytes, runs, seconds) samples to ``a bytes + b runs``: ``b``, the
     seconds a run costs beyond its bytes (None with fewer than three samples, samples too alike
@@ -277,6 +280,8 @@ class SwitchoverPolicy:
         self._run_first: deque[tuple[int, int, float]] = deque(maxlen=RATE_SAMPLES)
         self._first_rpb = 0.0  # runs per byte of the cheapest first-pass window (_cpu_first's)
         self._first_pass_end: float | None = None  # when the sync ending the first pass came
+        self._run_fit: float | None | object = _STALE  # run_cost(), until a sample is added
+        self._dest_run_fit: float | None | object = _STALE  # the destination's, the same
         self._drain_since: float | None = None  # when the switch-over began to wait for a drain
         self.drain_gave_up = False  # a drain took longer than DRAIN_BUDGET_S: the backlog counts in
         self._drain_pays = True  # the last switch-over judged a drain to pay (see _drain_would_pay)
@@ -357,6 +362,7 @@ class SwitchoverPolicy:
             if runs is not None:
                 sample = (sent_bytes, max(0, runs), active_s - busy_s)
                 (self._run_first if self.in_first_pass() else self._run_samples).append(sample)
+                self._run_fit = _STALE
             if not self.in_first_pass():
                 self.cpu_per_byte.add(cost)
                 self._cpu_recent.append(cost)
@@ -488,6 +494,7 @@ class SwitchoverPolicy:
         data = sent >= MIN_WINDOW_BYTES and sent >= loaded * PAGE_SIZE / 2 and cpu > PACE_MIN_BUSY_S
         if data and runs is not None and last_runs is not None and runs >= last_runs:
             self._dest_run_spans.append((sent, runs - last_runs, cpu))
+            self._dest_run_fit = _STALE
         if cpu > PACE_MIN_BUSY_S and (sent or loaded):
             self._dest_spans.append((loaded, sent, cpu))
         if sent < MIN_WINDOW_BYTES or busy < PACE_MIN_BUSY_S or sent < loaded * PAGE_SIZE / 2:
@@ -606,7 +613,9 @@ class SwitchoverPolicy:
         measured = self._median_rpb(spans)
         if measured is None:
             return rate
-        per_run = _fit_run_cost(spans) or DEST_PRIOR_RUN_S
+        if self._dest_run_fit is _STALE:
+            self._dest_run_fit = _fit_run_cost(spans)
+        per_run = cast("float | None", self._dest_run_fit) or DEST_PRIOR_RUN_S
         cost = 1 / rate
         return 1 / max(cost / 2, cost + per_run * (self._final_rpb - measured))
 
@@ -614,7 +623,9 @@ class SwitchoverPolicy:
         """Seconds a run of pages costs the thread beyond its bytes: the least-squares fit of the
         data windows' page work to ``a bytes + b runs`` (None while every window had the same mix,
         or the fit makes no sense)."""
-        return _fit_run_cost([*self._run_first, *self._run_samples])
+        if self._run_fit is _STALE:  # final_rate asks many times per decision: fitted once per sample
+            self._run_fit = _fit_run_cost([*self._run_first, *self._run_samples])
+        return cast("float | None", self._run_fit)
 
     @staticmethod
     def _median_rpb(samples: deque[tuple[int, int, float]]) -> float | None:
