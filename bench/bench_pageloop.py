@@ -30,6 +30,7 @@ import socket
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -99,6 +100,51 @@ def socket_pair(transport: str) -> tuple[socket.socket, socket.socket]:
     return a, b
 
 
+class ForkedDestination:
+    """A destination process forked with one end of a connected pair: in the child,
+    ``load(sock, ready_w, result_w)`` writes one byte to ``ready_w`` once it may be sent to and one
+    result line to ``result_w``; the parent returns from the constructor once the child is ready."""
+
+    def __init__(self, a: socket.socket, b: socket.socket,
+                 load: Callable[[socket.socket, int, int], None]) -> None:
+        self.sock = a
+        ready_r, ready_w = os.pipe()
+        self.result_r, result_w = os.pipe()
+        self._fds = (ready_r, ready_w, self.result_r, result_w)
+        self.pid = os.fork()
+        if self.pid == 0:
+            a.close()
+            code = 0
+            try:
+                load(b, ready_w, result_w)
+            except BaseException:  # noqa: BLE001 - reported, the child exits
+                import traceback
+
+                traceback.print_exc()
+                code = 1
+            os._exit(code)
+        b.close()
+        os.read(ready_r, 1)
+
+    def result(self) -> list[bytes]:
+        """End the stream, wait for the child and return its result line's fields (RuntimeError if
+        it wrote none)."""
+        self.sock.shutdown(socket.SHUT_WR)
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = os.read(self.result_r, 100)
+            if not chunk:
+                break
+            line += chunk
+        _, status = os.waitpid(self.pid, 0)
+        self.sock.close()
+        for fd in self._fds:
+            os.close(fd)
+        if not line:
+            raise RuntimeError(f"destination failed (status {status})")
+        return line.split()
+
+
 def run_once(case: str, size: int, mode: str = "plain", transport: str = "unix") -> dict[str, float]:
     src = RAMList()
     src.add("ram0", size)
@@ -106,22 +152,7 @@ def run_once(case: str, size: int, mode: str = "plain", transport: str = "unix")
         fill_random(src)
     want = digest(src) if case == "random" else digest_of_zero(size)
     a, b = socket_pair(transport)
-    ready_r, ready_w = os.pipe()
-    result_r, result_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # destination
-        a.close()
-        code = 0
-        try:
-            destination(b, size, ready_w, result_w, want)
-        except BaseException:
-            import traceback
-
-            traceback.print_exc()
-            code = 1
-        os._exit(code)
-    b.close()
-    os.read(ready_r, 1)
+    dest = ForkedDestination(a, b, lambda sock, ready_w, result_w: destination(sock, size, ready_w, result_w, want))
     f = OutStream(SocketChannel(a))
     f.set_rate_limit(0)
     features = 0 if mode == "plain" else FEATURE_CHECKSUM | (FEATURE_PAGE_RUNS if mode.startswith("runs") else 0)
@@ -145,20 +176,7 @@ def run_once(case: str, size: int, mode: str = "plain", transport: str = "unix")
     sv.cleanup()
     if vcpus is not None:
         vcpus.shutdown()
-    a.shutdown(socket.SHUT_WR)
-    line = b""
-    while not line.endswith(b"\n"):
-        chunk = os.read(result_r, 100)
-        if not chunk:
-            break
-        line += chunk
-    _, status = os.waitpid(pid, 0)
-    a.close()
-    for fd in (ready_r, ready_w, result_r, result_w):
-        os.close(fd)
-    if not line:
-        raise RuntimeError(f"destination failed (status {status})")
-    end_s, cpu_s, ok_s = line.split()
+    end_s, cpu_s, ok_s = dest.result()
     elapsed = float(end_s) - start
     gib = size / GiB
     return {"elapsed": elapsed, "gbps": size / elapsed / 1e9, "send_cpu": send_cpu / gib,

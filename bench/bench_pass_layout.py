@@ -35,7 +35,7 @@ from migd.machine.ram import RAMList  # noqa: E402
 from migd.machine.vcpu import VCPUSet  # noqa: E402
 from migd.migration.format import FEATURE_CHECKSUM, FEATURE_PAGE_RUNS  # noqa: E402
 from migd.migration.policy import DEST_PRIOR_RUN_S, PRIOR_RUN_S  # noqa: E402
-from migd.migration.ram import prefault  # noqa: E402
+from migd.migration.ram import _run_count, prefault  # noqa: E402
 from migd.migration.savevm import SaveVM, load_stream  # noqa: E402
 from migd.migration.stats import MigrationStats  # noqa: E402
 from migd.migration.stream import InStream, OutStream  # noqa: E402
@@ -81,22 +81,9 @@ def one_pass(kind: str, pages: int) -> dict[str, float]:
     assert block is not None
     idx = layout(kind, pages)
     a, b = socket.socketpair()
-    ready_r, ready_w = os.pipe()
-    result_r, result_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        a.close()
-        code = 0
-        try:
-            destination(b, idx, block.pages[idx].tobytes(), result_w, ready_w)
-        except BaseException:  # noqa: BLE001 - reported, the child exits
-            import traceback
-
-            traceback.print_exc()
-            code = 1
-        os._exit(code)
-    b.close()
-    os.read(ready_r, 1)
+    want = block.pages[idx].tobytes()
+    dest = bench_pageloop.ForkedDestination(
+        a, b, lambda sock, ready_w, result_w: destination(sock, idx, want, result_w, ready_w))
     out = OutStream(SocketChannel(a))
     out.set_rate_limit(0)
     vcpus = VCPUSet(1)
@@ -119,24 +106,10 @@ def one_pass(kind: str, pages: int) -> dict[str, float]:
     finally:
         sv.cleanup()
         vcpus.shutdown()
-    a.shutdown(socket.SHUT_WR)
-    line = b""
-    while not line.endswith(b"\n"):
-        chunk = os.read(result_r, 100)
-        if not chunk:
-            break
-        line += chunk
-    _, status = os.waitpid(pid, 0)
-    a.close()
-    for fd in (ready_r, ready_w, result_r, result_w):
-        os.close(fd)
-    if not line:
-        raise RuntimeError(f"destination failed (status {status})")
-    recv_cpu, ok = line.split()
+    recv_cpu, ok = dest.result()
     if ok != b"1":
         raise RuntimeError(f"{kind}: the destination's pages differ from the source's")
-    runs = int(np.count_nonzero(np.diff(idx) != 1)) + 1
-    return {"pages": idx.size, "runs": runs, "send": send_cpu, "recv": float(recv_cpu)}
+    return {"pages": idx.size, "runs": _run_count(idx), "send": send_cpu, "recv": float(recv_cpu)}
 
 
 def main() -> None:
