@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, cast
@@ -214,22 +214,36 @@ def dirtied_by(fit: tuple[float, float], seconds: float) -> float:
 _STALE = object()  # a cached fit that samples added since have made stale
 
 
+def _lower_median(values: Iterable[float]) -> float:
+    """The lower median (of two, the smaller) of at least one value."""
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def _least_squares(samples: Iterable[tuple[float, float, float]], min_det: float) -> tuple[float, float] | None:
+    """The least-squares fit of (x, y, z) samples to ``z = a x + b y``: (a, b); None when the
+    normalized determinant is at most ``min_det`` (x and y too alike to be told apart)."""
+    sxx = syy = sxy = sxz = syz = 0.0
+    for x, y, z in samples:
+        sxx += float(x) * x
+        syy += float(y) * y
+        sxy += float(x) * y
+        sxz += x * z
+        syz += y * z
+    det = sxx * syy - sxy * sxy
+    if det <= min_det * sxx * syy:
+        return None
+    return (syy * sxz - sxy * syz) / det, (sxx * syz - sxy * sxz) / det
+
+
 def _fit_run_cost(samples: Collection[tuple[int, int, float]]) -> float | None:
-    """The least-squares fit of (bytes, runs, seconds) samples to ``a bytes + b runs``: ``b``, the
-    seconds a run costs beyond its bytes (None with fewer than three samples, samples too alike
-    to tell runs from bytes, or a fit that makes no sense)."""
-    if len(samples) < 3:
+    """The fit of (bytes, runs, seconds) samples to ``a bytes + b runs``: ``b``, the seconds a run
+    costs beyond its bytes (None with fewer than three samples, samples too alike to tell runs from
+    bytes, or a fit that makes no sense)."""
+    fit = _least_squares(samples, 0.05) if len(samples) >= 3 else None
+    if fit is None:
         return None
-    sbb = sum(float(b) * b for b, _, _ in samples)
-    srr = sum(float(r) * r for _, r, _ in samples)
-    sbr = sum(float(b) * r for b, r, _ in samples)
-    sbc = sum(b * c for b, _, c in samples)
-    src = sum(r * c for _, r, c in samples)
-    det = sbb * srr - sbr * sbr
-    if det <= 0.05 * sbb * srr:  # too alike: runs and bytes cannot be told apart
-        return None
-    per_byte = (srr * sbc - sbr * src) / det
-    per_run = (sbb * src - sbr * sbc) / det
+    per_byte, per_run = fit
     return per_run if per_run > 0 and per_byte >= 0 else None
 
 
@@ -509,8 +523,7 @@ class SwitchoverPolicy:
         samples = self._dest_samples()
         if not samples:
             return 0.0
-        rates = sorted(s[1 if cpu else 0] for s in samples)
-        return rates[(len(rates) - 1) // 2]
+        return _lower_median(s[1 if cpu else 0] for s in samples)
 
     def _dest_samples(self) -> deque[tuple[float, float]] | tuple[()]:
         """The destination's (wall, cpu) paces the model counts on: its spans of re-sends, or during
@@ -520,25 +533,20 @@ class SwitchoverPolicy:
     def drain_rate(self) -> float:
         """Bytes/s the destination loads data pages at with a CPU of its own — the pace at which,
         once the vCPUs stopped, it drains what the socket holds (0 = not known). Its spans of data
-        pages, else the least-squares fit of every span's CPU time to ``a pages + b bytes`` (a run
-        of mostly zero pages and a few data pages shows both costs): a data page costs ``a + 4096 b``.
+        pages (before one of re-sends, of first sends), else the least-squares fit of every span's
+        CPU time to ``a pages + b bytes`` (a run of mostly zero pages and a few data pages shows both
+        costs): a data page costs ``a + 4096 b``.
         Measured at the switch-over of 64M over 128 MiB/s: 3.1 MB drained in 8 ms, the CPU pace said
         267 MB/s, the wall pace 97; 64M unlimited: 4.4 MB in 11 ms, the CPU pace 365."""
         rate = self.dest_pace(cpu=True)
         if rate <= 0 and self._dest_first:  # no re-send measured yet: first sends, which cost more
-            rate = sorted(c for _, c in self._dest_first)[(len(self._dest_first) - 1) // 2]
+            rate = _lower_median(c for _, c in self._dest_first)
         if rate > 0 or len(self._dest_spans) < 3:
             return rate
-        spp = sum(p * p for p, _, _ in self._dest_spans)
-        spb = sum(float(p) * b for p, b, _ in self._dest_spans)
-        sbb = sum(float(b) * b for _, b, _ in self._dest_spans)
-        spc = sum(p * c for p, _, c in self._dest_spans)
-        sbc = sum(b * c for _, b, c in self._dest_spans)
-        det = spp * sbb - spb * spb
-        if det <= 1e-9 * spp * sbb:  # every span had the same mix: the two costs cannot be told apart
+        fit = _least_squares(self._dest_spans, 1e-9)
+        if fit is None:  # every span had the same mix: the two costs cannot be told apart
             return 0.0
-        per_page = (spc * sbb - sbc * spb) / det
-        per_byte = (spp * sbc - spb * spc) / det
+        per_page, per_byte = fit
         cost = max(0.0, per_page) / PAGE_SIZE + per_byte
         return 1 / cost if per_byte > 0 and cost > 0 else 0.0
 
@@ -568,7 +576,7 @@ class SwitchoverPolicy:
             self._wake_ms.append(max(0.0, ms))
         elif name == "sync":  # one descheduled sync is not what the final one will cost
             self._sync_ms.append(max(0.0, ms))  # the lower median: of two, the faster (22 ms and 0.4)
-            self.phases[name] = sorted(self._sync_ms)[(len(self._sync_ms) - 1) // 2]
+            self.phases[name] = _lower_median(self._sync_ms)
         else:
             self.phases[name] = max(0.0, ms)
 
@@ -654,7 +662,7 @@ class SwitchoverPolicy:
         pass (measured: 55 MB/s in the first pass, 631 after it, 650 in the final pass)."""
         if not self._load_rates:
             return self._load_first if self.in_first_pass() else 0.0
-        return sorted(self._load_rates)[(len(self._load_rates) - 1) // 2]  # of two, the slower
+        return _lower_median(self._load_rates)  # of two, the slower
 
     def fixed_parts(self) -> dict[str, float]:
         """The switch-over's fixed costs (ms) as the model sees them now, by name."""
