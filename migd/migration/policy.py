@@ -67,6 +67,7 @@ RAM_MATTERS = 0.25  # ... and the RAM part of the downtime must be at least this
 RATE_SAMPLES = 10  # windows whose spread the threshold allows for
 MIXED_SHARE = 0.1  # a window whose wire bytes are at least this share of its RAM bytes has data pages
 PLAN_ROUNDS = 30  # rounds the expected downtime looks ahead at most
+RUN_FIT_MIN_T = 2.0  # a fitted cost of a run counts when it is this many standard errors above 0
 STALL_S = 5.0  # s without a new low of remaining before a forecast says stalled
 PROGRESS_STEP = 0.05  # a new low of remaining must be this much below the last one
 SAMPLE_SPACING = 0.9  # s between the remaining samples the trend is judged on
@@ -239,12 +240,21 @@ def _least_squares(samples: Iterable[tuple[float, float, float]], min_det: float
 def _fit_run_cost(samples: Collection[tuple[int, int, float]]) -> float | None:
     """The fit of (bytes, runs, seconds) samples to ``a bytes + b runs``: ``b``, the seconds a run
     costs beyond its bytes (None with fewer than three samples, samples too alike to tell runs from
-    bytes, or a fit that makes no sense)."""
+    bytes, a fit that makes no sense, or a ``b`` within RUN_FIT_MIN_T standard errors of nothing:
+    capped windows of one size and 4-8 runs each, their times 1.5-3.0 ms, fitted 193 us a run,
+    t = 1.6, for a final pass whose runs cost 7-18 us; the fits of scattered rounds had t = 10-26)."""
     fit = _least_squares(samples, 0.05) if len(samples) >= 3 else None
     if fit is None:
         return None
     per_byte, per_run = fit
-    return per_run if per_run > 0 and per_byte >= 0 else None
+    if per_run <= 0 or per_byte < 0 or len(samples) < 3:
+        return None
+    sxx = sum(float(b) * b for b, _, _ in samples)
+    syy = sum(float(r) * r for _, r, _ in samples)
+    sxy = sum(float(b) * r for b, r, _ in samples)
+    residuals = sum((s - per_byte * b - per_run * r) ** 2 for b, r, s in samples)
+    variance = residuals / (len(samples) - 2) * sxx / (sxx * syy - sxy * sxy)
+    return per_run if per_run >= RUN_FIT_MIN_T * math.sqrt(variance) else None
 
 
 def nova_schedule(limit_ms: int, max_ms: int, steps: int, delay_s: float) -> list[tuple[float, int]]:
