@@ -92,6 +92,9 @@ async def test_the_backlog_is_loaded_before_the_vcpus_stop(
     steps = [step for step, _ in seen]
     assert Step.DRAIN in steps, steps
     assert steps[-1] is Step.SWITCHOVER and Step.SWITCHOVER not in steps[:-1]
+    # query-migrate (and the log) kept the switch-over decision's own estimate, made after the sync
+    # taught the policy the layout of what is left and the backlog: the replay's, to the millisecond
+    assert doc["outcome"]["expected_downtime"] == decisions[-1][1] == ms.expected_downtime
     drained_from = max(b for step, b in seen if step is Step.DRAIN)
     assert drained_from > 1 << 20, drained_from
     assert seen[-1][1] < drained_from / 4, seen[-1]

@@ -440,6 +440,9 @@ class MigrationThread(threading.Thread):
         for action in decision.actions:
             self._execute(action)
         self.threshold = float(self.policy.threshold())
+        if exact:  # with all the sync taught it (the layout of what is left, the backlog): at a
+            # switch-over the figure the log prints and query-migrate keeps is the decision's own
+            self._publish_expected_downtime(self.stats.remaining)
         return decision
 
     def _execute(self, action: Action) -> None:
