@@ -198,6 +198,7 @@ class MigrationThread(threading.Thread):
         self._iter_pages = 0
         self._iter_cpu = 0.0  # the thread's CPU time at the window's start
         self._final_cpu_ms: float | None = None
+        self._stop_gap_ms: float | None = None  # from the switch-over's start to the vCPU stop's (trace)
         self._final_write_ms: float | None = None
         self._final_bytes: int | None = None
         self._pre_sync_dirty = 0
@@ -722,6 +723,7 @@ class MigrationThread(threading.Thread):
 
     def _complete(self) -> None:
         ms, machine, stream = self.ms, self.machine, self.stream
+        decided = time.monotonic()
         self._completing = True
         self._switch_pending = self.stats.remaining
         log.info("migration switch-over: pending=%d threshold=%d expected_downtime=%d",
@@ -731,6 +733,7 @@ class MigrationThread(threading.Thread):
         with BQL:
             self._expect(M.ACTIVE)
             clock = PhaseClock()  # downtime starts
+            self._stop_gap_ms = (time.monotonic() - decided) * 1000  # the guest still dirtied pages
             self._vm_old_state = self.runstate.state
             self._vm_stopped = True
             self._vm_was_live = self.runstate.is_live()
@@ -879,7 +882,7 @@ class MigrationThread(threading.Thread):
             "status": str(ms.status), "downtime": ms.downtime, "expected_downtime": ms.expected_downtime,
             "switch_pending": self._switch_pending, "phases": ms.downtime_phases,
             "ram_final_cpu_ms": self._final_cpu_ms, "ram_final_write_ms": self._final_write_ms,
-            "ram_final_bytes": self._final_bytes})
+            "ram_final_bytes": self._final_bytes, "stop_gap_ms": self._stop_gap_ms})
         if self.throttle is not None:
             self.throttle.stop()
         ms.throttle_percentage = 0
