@@ -822,13 +822,22 @@ def test_a_run_cost_the_windows_do_not_show_is_not_fitted() -> None:
     """Capped windows of one size and a few runs each vary in time for other reasons than their runs:
     their fit (193 us a run, 1.6 standard errors above nothing) is no cost of a run, and the final
     pass of 200M on a 64 MiB hot set over 32 MiB/s was expected at 72 ms for 33 with it (prior
-    instead: 41). Windows whose runs explain their time are fitted, noise and all."""
+    instead: 41). Windows of different layouts whose runs explain their time are fitted, noise and
+    all."""
     kib = 3280 * 1024
     capped = [(kib, 5, 1.52e-3), (kib, 8, 2.03e-3), (kib, 7, 3.0e-3), (kib, 5, 2.7e-3), (kib, 5, 1.76e-3),
               (kib, 7, 1.77e-3), (kib, 4, 1.49e-3), (kib, 4, 1.84e-3), (kib, 7, 3.0e-3), (kib, 4, 1.65e-3),
               (kib, 6, 1.49e-3)]
     assert _least_squares(capped, 0.05) is not None  # the two costs can be told apart ...
     assert _fit_run_cost(capped) is None  # ... but the runs do not explain the time
+    # a destination's spans of the same kind (3.2-3.3 MB, 4-9 runs): 118 us a run at t = 2.4, but
+    # their runs per byte span a factor 2.2 only (RUN_FIT_MIN_SPREAD): no cost of a run either
+    spans = [(b << 10, r, c * 1e-3) for b, r, c in (
+        (3216, 6, 1.38), (3280, 5, 1.04), (3280, 4, 1.61), (3280, 6, 1.42), (3280, 7, 2.09), (3280, 5, 1.54),
+        (3280, 9, 1.94), (3280, 4, 1.12), (3216, 5, 1.65), (3344, 8, 2.3), (3216, 7, 1.81), (3280, 5, 1.65),
+        (3280, 4, 1.52), (3280, 7, 1.53), (3280, 4, 1.76), (3280, 4, 1.48), (3280, 4, 1.41), (3216, 6, 1.3))]
+    assert _least_squares(spans, 0.05) is not None
+    assert _fit_run_cost(spans) is None
     noise = (1.0, 0.97, 1.03, 1.01, 0.99, 1.02)
     scattered = [(b, r, (0.4e-9 * b + 4e-6 * r) * n) for (b, r), n in
                  zip(((10_000_000, 2000), (12_000_000, 1000), (8_000_000, 1500), (9_000_000, 2500),

@@ -68,6 +68,7 @@ RATE_SAMPLES = 10  # windows whose spread the threshold allows for
 MIXED_SHARE = 0.1  # a window whose wire bytes are at least this share of its RAM bytes has data pages
 PLAN_ROUNDS = 30  # rounds the expected downtime looks ahead at most
 RUN_FIT_MIN_T = 2.0  # a fitted cost of a run counts when it is this many standard errors above 0
+RUN_FIT_MIN_SPREAD = 3.0  # ... and its samples' runs per byte span at least this factor
 STALL_S = 5.0  # s without a new low of remaining before a forecast says stalled
 PROGRESS_STEP = 0.05  # a new low of remaining must be this much below the last one
 SAMPLE_SPACING = 0.9  # s between the remaining samples the trend is judged on
@@ -240,14 +241,19 @@ def _least_squares(samples: Iterable[tuple[float, float, float]], min_det: float
 def _fit_run_cost(samples: Collection[tuple[int, int, float]]) -> float | None:
     """The fit of (bytes, runs, seconds) samples to ``a bytes + b runs``: ``b``, the seconds a run
     costs beyond its bytes (None with fewer than three samples, samples too alike to tell runs from
-    bytes, a fit that makes no sense, or a ``b`` within RUN_FIT_MIN_T standard errors of nothing:
-    capped windows of one size and 4-8 runs each, their times 1.5-3.0 ms, fitted 193 us a run,
-    t = 1.6, for a final pass whose runs cost 7-18 us; the fits of scattered rounds had t = 10-26)."""
+    bytes, a fit that makes no sense, or one the samples cannot carry: their runs per byte within a
+    factor RUN_FIT_MIN_SPREAD of each other, or a ``b`` within RUN_FIT_MIN_T standard errors of
+    nothing. Capped windows of 3.3 MB and 4-9 runs each (a spread of 2.0-2.2), their times 1.0-3.0
+    ms, fitted 46-193 us a run, once at t = 2.4, where a run costs 7-18 us (bench_pass_layout); the
+    fits of scattered rounds had spreads of 4.4-59 and 1-8 us a run)."""
     fit = _least_squares(samples, 0.05) if len(samples) >= 3 else None
     if fit is None:
         return None
     per_byte, per_run = fit
     if per_run <= 0 or per_byte < 0 or len(samples) < 3:
+        return None
+    rpb = [r / b for b, r, _ in samples if b > 0]
+    if not rpb or max(rpb) < RUN_FIT_MIN_SPREAD * min(rpb):
         return None
     sxx = sum(float(b) * b for b, _, _ in samples)
     syy = sum(float(r) * r for _, r, _ in samples)
