@@ -12,6 +12,8 @@ bench case).
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -198,3 +200,21 @@ def test_a_capped_first_pass_does_not_switch_over_before_a_resend_was_measured(r
     policy, decisions = policytrace.replay(after)
     assert policy._dest_paces and decisions[-1][2].step is Step.SWITCHOVER
     assert after["outcome"]["downtime"] <= after["params"]["downtime-limit"]
+
+
+def test_bench_replay_traces_counts_what_the_replays_hold() -> None:
+    """``bench/replay_traces.py`` (the A/B of a model change on recorded traces) counts the traces
+    whose replayed estimate holds each bound, as this module judges them."""
+    held = early = 0
+    for path in TRACES:
+        doc = load(path)
+        _, decisions = policytrace.replay(doc)
+        real = doc["outcome"]["downtime"]
+        held += error_factor(decisions[-1][1], real) <= 1.25
+        late = [e for t, e, _ in decisions if t - doc["start"] >= 1.0]
+        early += not late or max(error_factor(e, real) for e in late) <= 2
+    tool = Path(__file__).resolve().parent.parent / "bench" / "replay_traces.py"
+    out = subprocess.run([sys.executable, str(tool), "--quiet", str(TRACES[0].parent)],
+                         capture_output=True, text=True, check=True, timeout=120).stdout
+    assert out.strip() == (f"# {len(TRACES)} completed traces: at the switch-over within x1.25 (or 5 ms) "
+                           f"{held}, within x2 after the first second {early}"), out
