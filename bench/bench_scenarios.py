@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 from bench_query_latency import SETTLE, parse_size, start_pair  # noqa: E402
 
 from migd.migration import policytrace  # noqa: E402
+from migd.migration.policytrace import SMALL_MS, error_factor  # noqa: E402
 
 try:  # an optional extra of the bench only (pip install 'migd[bench]'): no picture without it
     import matplotlib
@@ -75,7 +76,6 @@ QUICK = (
 )
 ANCHOR = "random,rate=500M:100M:300"  # with x-migd-auto-throttle (QEMU: never; ~100 s with auto-converge)
 TERMINAL = ("completed", "failed", "cancelled")
-SMALL_MS = 5  # issue 10's bound: below 20 ms of downtime, an estimate within 5 ms holds
 TRACE_ENV = "MIGD_POLICY_TRACE"  # migration/policytrace.py: the source writes what it fed its policy
 TRACE_WAIT_S = 2.0  # s the trace of a finished migration may take to appear
 
@@ -92,15 +92,6 @@ def parse_value(text: str) -> Any:
         return parse_size(text)
     except ValueError:
         return text
-
-
-def error_factor(expected: float, real: float) -> float:
-    """How far an estimate is from the real downtime, as a factor (1.0 within SMALL_MS)."""
-    if abs(expected - real) <= SMALL_MS:
-        return 1.0
-    if expected <= 0 or real <= 0:
-        return float("inf")
-    return max(expected / real, real / expected)
 
 
 async def one_case(tmp: Path, memory: int, case: str, timeout: float,

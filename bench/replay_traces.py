@@ -27,17 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from migd.migration import policytrace  # noqa: E402
-
-SMALL_MS = 5
-
-
-def error_factor(expected: float, real: float) -> float:
-    """How far an estimate is from the real downtime, as a factor (1.0 within SMALL_MS)."""
-    if abs(expected - real) <= SMALL_MS:
-        return 1.0
-    if expected <= 0 or real <= 0:
-        return float("inf")
-    return max(expected / real, real / expected)
+from migd.migration.policytrace import error_factor  # noqa: E402
 
 
 def traces(paths: list[str]) -> list[Path]:

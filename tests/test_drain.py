@@ -67,9 +67,9 @@ async def slow_destination(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     src.close()
 
 
-async def test_the_backlog_is_loaded_before_the_vcpus_stop(
-        slow_destination: tuple[Harness, DestHarness, Path]) -> None:
-    src, dst, traces = slow_destination
+async def migrate_traced(src: Harness, dst: DestHarness, traces: Path) -> dict[str, Any]:
+    """Migrate ``src`` into ``dst``'s incoming migration, both ends completed; the one policy trace
+    the source wrote into ``traces``."""
     inc = dst.incoming
     assert inc is not None
     await inc.start()
@@ -80,10 +80,18 @@ async def test_the_backlog_is_loaded_before_the_vcpus_stop(
                        and inc.status in ("completed", "failed"), 60)
     await ms.wait_done(10)
     assert ms.status is M.COMPLETED and inc.status == "completed", (ms.query(), inc.query())
-    assert bytes(dst.machine.ram.blocks()[0].buf) == bytes(src.machine.ram.blocks()[0].buf)
     files = sorted(traces.glob("policy-*.json"))
     assert len(files) == 1, files
     doc: dict[str, Any] = json.loads(files[0].read_text())
+    return doc
+
+
+async def test_the_backlog_is_loaded_before_the_vcpus_stop(
+        slow_destination: tuple[Harness, DestHarness, Path]) -> None:
+    src, dst, traces = slow_destination
+    doc = await migrate_traced(src, dst, traces)
+    ms = src.migration
+    assert bytes(dst.machine.ram.blocks()[0].buf) == bytes(src.machine.ram.blocks()[0].buf)
     # the run's decisions (a pure policy: replayed, the same ones), each with the backlog it saw:
     # DRAIN while the socket held more than the destination loads in DRAIN_MS, then the switch-over
     # with the socket nearly empty

@@ -21,6 +21,7 @@ import pytest
 
 from migd.migration import policytrace
 from migd.migration.policy import Step
+from migd.migration.policytrace import error_factor
 
 TRACES = sorted((Path(__file__).parent / "data" / "policy_traces").glob("*.json"))
 
@@ -28,11 +29,6 @@ TRACES = sorted((Path(__file__).parent / "data" / "policy_traces").glob("*.json"
 def load(path: Path) -> dict[str, Any]:
     doc: dict[str, Any] = json.loads(path.read_text())
     return doc
-
-
-def error_factor(expected: float, real: float) -> float:
-    """How far off an estimate is, as a factor; within 5 ms counts as exact (issue 10's bound)."""
-    return 1.0 if abs(expected - real) <= 5 else max(expected / real, real / expected)
 
 
 @pytest.mark.parametrize("path", TRACES, ids=[p.stem for p in TRACES])

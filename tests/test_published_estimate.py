@@ -13,19 +13,17 @@ the decision's 72).
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from migration_harness import Harness
 from test_commit import DestHarness
+from test_drain import migrate_traced
 
 from migd.migration import policytrace
 from migd.migration.incoming import IncomingMigration
 from migd.migration.policy import Step
-from migd.migration.status import MigrationStatus as M
 
 MEM = 32 << 20
 
@@ -48,19 +46,8 @@ async def pair(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator
 
 async def test_the_switchover_publishes_the_decisions_estimate(pair: tuple[Harness, DestHarness, Path]) -> None:
     src, dst, traces = pair
-    inc = dst.incoming
-    assert inc is not None
-    await inc.start()
-    assert inc.uri is not None
-    await src.migration.start(inc.uri)
+    doc = await migrate_traced(src, dst, traces)
     ms = src.migration
-    await src.wait_for(lambda: ms.status in (M.COMPLETED, M.FAILED, M.CANCELLED)
-                       and inc.status in ("completed", "failed"), 60)
-    await ms.wait_done(10)
-    assert ms.status is M.COMPLETED and inc.status == "completed", (ms.query(), inc.query())
-    files = sorted(traces.glob("policy-*.json"))
-    assert len(files) == 1, files
-    doc: dict[str, Any] = json.loads(files[0].read_text())
     calls = [c[0] for c in doc["calls"]]
     last_sync = len(calls) - 1 - calls[::-1].index("on_sync")
     # the decision came after the sync had told the policy the rest's layout and the backlog ...

@@ -21,6 +21,17 @@ from typing import Any
 from migd.migration.policy import Decision, SwitchoverPolicy
 
 ENV = "MIGD_POLICY_TRACE"
+SMALL_MS = 5  # issue 10's bound: below 20 ms of downtime, an estimate within 5 ms holds
+
+
+def error_factor(expected: float, real: float) -> float:
+    """How far an estimate is from the real downtime, as a factor (1.0 within SMALL_MS): what the
+    bench, the replay tool and the replay tests judge estimates by."""
+    if abs(expected - real) <= SMALL_MS:
+        return 1.0
+    if expected <= 0 or real <= 0:
+        return float("inf")
+    return max(expected / real, real / expected)
 
 
 def start(policy: SwitchoverPolicy) -> None:
