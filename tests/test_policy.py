@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pytest
 
 from migd.migration.params import DEFAULT_PARAMETERS
@@ -28,6 +29,7 @@ from migd.migration.policy import (
     dirtied_by,
     fit_dirty_log,
     nova_schedule,
+    run_share,
 )
 
 MIB = 1 << 20
@@ -844,6 +846,18 @@ def test_a_run_cost_the_windows_do_not_show_is_not_fitted() -> None:
                       (11_000_000, 800), (10_000_000, 1800)), noise, strict=True)]
     fitted = _fit_run_cost(scattered)
     assert fitted is not None and fitted == pytest.approx(4e-6, rel=0.25)
+
+
+@pytest.mark.parametrize("dirty", [0.3, 0.8, 0.9, 0.95, 0.99])
+def test_run_share_is_what_a_uniform_writer_leaves(dirty: float) -> None:
+    """``run_share``: the share of dirty pages in runs of 16 pages or more, for pages dirty at random
+    with one probability each, against a random bitmap of a million pages."""
+    bits = np.random.default_rng(11).random(1 << 20) < dirty
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], bits.astype(np.int8), [0]))))
+    lengths = edges[1::2] - edges[::2]
+    measured = lengths[lengths >= 16].sum() / lengths.sum()
+    assert run_share(dirty, 16) == pytest.approx(measured, abs=0.01)
+    assert run_share(0.0, 16) == 0.0 and run_share(1.0, 16) == 1.0
 
 
 def test_a_scattered_final_pass_waits_for_a_window_of_re_sends() -> None:

@@ -214,3 +214,22 @@ def test_bench_replay_traces_counts_what_the_replays_hold() -> None:
                          capture_output=True, text=True, check=True, timeout=120).stdout
     assert out.strip() == (f"# {len(TRACES)} completed traces: at the switch-over within x1.25 (or 5 ms) "
                            f"{held}, within x2 after the first second {early}"), out
+
+
+def test_a_capped_first_pass_plans_the_layout_a_uniform_writer_leaves() -> None:
+    """The anchor (500M over 100 MiB/s, x-migd-auto-throttle; bench/traces/matrix-2026-12-02, recorded
+    before the thread fed ``on_references``): during its 4.4 s first pass no sync has shown a layout.
+    Planned as copying writes, the rest (all of the RAM, rewritten) did not fit at 1.6 GB/s and the
+    plan counted on a throttle: 1-3 ms expected for a 203 ms downtime. Planned as a uniform writer
+    leaves it, in long runs that leave as page references, it fits: within x2 from the first second
+    until the first pass ends. Decisions are the same either way."""
+    doc = json.loads((BENCH_TRACES / "matrix-2026-12-02" / "500M-100M-300-auto-throttle.json").read_text())
+    real = doc["outcome"]["downtime"]
+    first_pass_end = next(c[1] for c in doc["calls"][1:] if c[0] == "on_sync")
+    _, copying = policytrace.replay(doc)
+    told = {**doc, "calls": [["on_references", True], *doc["calls"]]}  # unix socket, page runs, one channel
+    _, by_reference = policytrace.replay(told)
+    assert [d for _, _, d in copying] == [d for _, _, d in by_reference]
+    during = [(t, e) for t, e, _ in by_reference if 1.0 <= t - doc["start"] and t < first_pass_end]
+    assert len(during) >= 20 and all(error_factor(e, real) <= 2 for _, e in during), (during, real)
+    assert max(e for t, e, _ in copying if 1.0 <= t - doc["start"] and t < first_pass_end) < 10

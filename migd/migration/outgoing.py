@@ -436,6 +436,9 @@ class MigrationThread(threading.Thread):
         return self.multifd is None and self._page_runs() and self.stream.can_reference()
 
     def _decide(self, pending: int, exact: bool) -> Decision:
+        references = self._final_by_reference()  # known once the destination accepted page runs
+        if references != self.policy.references:
+            self.policy.on_references(references)
         self.policy.on_backlog(queued_bytes(self.channel))  # what the destination has still to read
         decision = self.policy.decide(time.monotonic(), pending, exact)
         for action in decision.actions:

@@ -49,7 +49,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, cast
@@ -69,6 +70,7 @@ MIXED_SHARE = 0.1  # a window whose wire bytes are at least this share of its RA
 PLAN_ROUNDS = 30  # rounds the expected downtime looks ahead at most
 RUN_FIT_MIN_T = 2.0  # a fitted cost of a run counts when it is this many standard errors above 0
 RUN_FIT_MIN_SPREAD = 3.0  # ... and its samples' runs per byte span at least this factor
+REFERENCE_RUN = 16  # pages: a run this long leaves a unix socket as page references (stream.SPLICE_MIN)
 STALL_S = 5.0  # s without a new low of remaining before a forecast says stalled
 PROGRESS_STEP = 0.05  # a new low of remaining must be this much below the last one
 SAMPLE_SPACING = 0.9  # s between the remaining samples the trend is judged on
@@ -213,6 +215,19 @@ def dirtied_by(fit: tuple[float, float], seconds: float) -> float:
     return wss * -math.expm1(-rate * seconds / wss)
 
 
+def run_share(dirty: float, length: int) -> float:
+    """The share of dirty pages that lie in runs of at least ``length`` pages when each page of a set
+    is dirty with probability ``dirty``, independently (a uniform writer): the run through a dirty
+    page reaches ``a`` pages back and ``b`` on with P(a) = dirty^a (1 - dirty), so it is shorter than
+    ``length`` with probability sum over k < length - 1 of (k + 1) dirty^k (1 - dirty)^2."""
+    if dirty >= 1.0:
+        return 1.0
+    if dirty <= 0.0:
+        return 0.0
+    shorter = sum((k + 1) * dirty**k for k in range(length - 1)) * (1 - dirty) ** 2
+    return max(0.0, 1.0 - shorter)
+
+
 _STALE = object()  # a cached fit that samples added since have made stale
 
 
@@ -304,6 +319,8 @@ class SwitchoverPolicy:
         self.backlog = 0  # bytes the socket held for the destination at the last decision
         self.reference_share = 0.0  # of what is left, the share a final pass sends as page references
         self._final_rpb: float | None = None  # runs of dirty pages per byte left, at the last layout
+        self.references = False  # whether the final pass's long runs would leave as page references
+        self._past_first_pass = False  # planning, during the first pass, what follows it (see below)
         # (bytes, runs, s of page work) of data windows: re-sends, and the first pass's; a page costs
         # more alone than in a run of many, and the fit of the two costs says how much
         self._run_samples: deque[tuple[int, int, float]] = deque(maxlen=RATE_SAMPLES)
@@ -584,6 +601,13 @@ class SwitchoverPolicy:
         self.reference_share = min(1.0, max(0.0, reference_share))
         self._final_rpb = max(0, runs) / remaining_bytes if remaining_bytes > 0 else None
 
+    def on_references(self, references: bool) -> None:
+        """Whether a final pass would send its long runs as page references (one channel, page runs
+        accepted, a plain unix socket: the thread's ``_final_by_reference``), once it is known and
+        whenever it changes: what the layout of a final pass no sync has shown yet is worth."""
+        self._rec("on_references", references)
+        self.references = bool(references)
+
     def on_phase(self, name: str, ms: float) -> None:
         """A measured fixed cost: ``stop-vcpus``, ``drive-flush``, ``sync``, ``device-state``,
         ``other``, or ``wake`` (a thread wake-up latency sample, the stop's prior)."""
@@ -717,15 +741,48 @@ class SwitchoverPolicy:
         predicts will be left when the decision comes (``planned_final``) — at the switch-over, the
         remaining itself. Before the first window, ``fallback_rate`` (bytes/s, e.g. the average since
         the start) stands in for the final-pass rate; with neither, the limit is QEMU's first guess."""
-        fixed = self.fixed_ms()
-        final, _ = self._planned(remaining_bytes)
-        drain_ms = self.backlog_ms()  # the destination loads what the socket holds before the final pass
-        if final <= 0:
-            return int(round(fixed + drain_ms))
-        rate = self.final_rate() or fallback_rate
-        if rate <= 0:
-            return self.limit_ms()
-        return int(round(fixed + drain_ms + final / rate * 1000))
+        with self._layout_of_unseen_rest(remaining_bytes):
+            fixed = self.fixed_ms()
+            final, _ = self._planned(remaining_bytes)
+            drain_ms = self.backlog_ms()  # the destination loads what the socket holds before the final pass
+            if final <= 0:
+                return int(round(fixed + drain_ms))
+            rate = self.final_rate() or fallback_rate
+            if rate <= 0:
+                return self.limit_ms()
+            return int(round(fixed + drain_ms + final / rate * 1000))
+
+    @contextmanager
+    def _layout_of_unseen_rest(self, remaining: int) -> Iterator[None]:
+        """Until a sync near a switch-over showed the layout of what is left (``on_layout``), the
+        estimate plans a final pass laid out as a uniform writer leaves it (the dirty log's fit
+        assumes one): what the first pass leaves, or the next sync will find, a share ``f`` of the
+        set the guest writes, lies in runs that end where a dirty page is
+        followed by a clean one, ``(1 - f) / page`` runs per byte, and its long runs leave as page
+        references where they can. Otherwise a capped first pass plans copying writes: the anchor (500M
+        over 100 MiB/s) expected 1-3 ms after its first second, at 1.6 GB/s, where 486 MB in long runs
+        went at 2.4 GB/s in 203 ms. The threshold it plans with is the one past the first pass, whose
+        sync forgets the spread of first sends (``decision_rate``). Only the published estimate: no
+        decision is made before that sync, which brings the real layout when it matters."""
+        pace = self.guest_pace()
+        if self._final_rpb is not None or pace is None:
+            yield
+            return
+        wss = float(pace[1] or self.ram_total)
+        if self.in_first_pass():
+            left = self._first_pass_leaves(remaining)
+        else:  # past it, until a sync near the switch-over shows the layout: what the next sync finds
+            left = remaining + (self.guest.peeks[-1][1] if self.guest.peeks else 0)
+        share = min(1.0, left / wss) if wss > 0 else 0.0
+        saved = self.reference_share, self._final_rpb
+        self.reference_share = run_share(share, REFERENCE_RUN) if self.references else 0.0
+        self._final_rpb = (1 - share) / PAGE_SIZE
+        self._past_first_pass = self.in_first_pass()
+        try:
+            yield
+        finally:
+            self.reference_share, self._final_rpb = saved
+            self._past_first_pass = False
 
     def backlog_ms(self, drained: bool | None = None) -> float:
         """What loading the socket's backlog adds to the downtime: DRAIN_MS at most when the
@@ -854,6 +911,8 @@ class SwitchoverPolicy:
         if int(self._params()["avail-switchover-bandwidth"]):
             return rate
         floor = rate * (1 - MIN_SPREAD)
+        if self._past_first_pass:  # as the sync ending the first pass leaves it: no spread known yet
+            return floor
         if len(self._rates) >= 4:
             floor = min(floor, sorted(self._rates)[len(self._rates) // 4])
         dest = self._dest_samples()
