@@ -2,11 +2,11 @@
 
 Each file in tests/data/policy_traces was written by a source daemon run with
 ``MIGD_POLICY_TRACE`` (``bench/bench_scenarios.py``, 512 MiB guest, unix socket, a loaded 2-core
-machine; the ``-fresh`` ones on a quiet one): every input the migration thread fed its policy and the outcome. The policy is pure, so
-fed the same inputs it takes the same decisions: these tests hold the model's estimates against what
-really happened. A model change that changes a decision makes the later inputs of a trace no longer
-the consequence of the replayed decisions; record the traces again then (the file names say which
-bench case).
+machine; the ``-fresh`` ones on a quiet one): every input the migration thread fed its policy and the
+outcome. The policy is pure, so fed the same inputs it takes the same decisions: these tests hold the
+model's estimates against what really happened. A model change that changes a decision makes the
+later inputs of a trace no longer the consequence of the replayed decisions; record the traces again
+then (the file names say which bench case).
 """
 
 from __future__ import annotations

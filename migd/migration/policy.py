@@ -265,7 +265,7 @@ def _fit_run_cost(samples: Collection[tuple[int, int, float]]) -> float | None:
     if fit is None:
         return None
     per_byte, per_run = fit
-    if per_run <= 0 or per_byte < 0 or len(samples) < 3:
+    if per_run <= 0 or per_byte < 0:
         return None
     rpb = [r / b for b, r, _ in samples if b > 0]
     if not rpb or max(rpb) < RUN_FIT_MIN_SPREAD * min(rpb):
@@ -757,13 +757,15 @@ class SwitchoverPolicy:
         """Until a sync near a switch-over showed the layout of what is left (``on_layout``), the
         estimate plans a final pass laid out as a uniform writer leaves it (the dirty log's fit
         assumes one): what the first pass leaves, or the next sync will find, a share ``f`` of the
-        set the guest writes, lies in runs that end where a dirty page is
-        followed by a clean one, ``(1 - f) / page`` runs per byte, and its long runs leave as page
-        references where they can. Otherwise a capped first pass plans copying writes: the anchor (500M
-        over 100 MiB/s) expected 1-3 ms after its first second, at 1.6 GB/s, where 486 MB in long runs
-        went at 2.4 GB/s in 203 ms. The threshold it plans with is the one past the first pass, whose
-        sync forgets the spread of first sends (``decision_rate``). Only the published estimate: no
-        decision is made before that sync, which brings the real layout when it matters."""
+        set the guest writes, lies in runs that end where a dirty page is followed by a clean one,
+        ``(1 - f) / page`` runs per byte, and its long runs leave as page references where they can.
+        Otherwise a capped first pass plans copying writes: the anchor (500M over 100 MiB/s)
+        expected 1-3 ms after its first second, at 1.6 GB/s, where 486 MB in long runs went at
+        2.4 GB/s in 203 ms. The threshold it plans with is the one past the first pass, whose sync
+        forgets the spread of first sends (``decision_rate``). Only the published estimate: no
+        decision is made before that sync, which brings the real layout when it matters. The layout
+        is set for the estimate's computation and restored after it (final_rate, threshold and the
+        plan all read it from the policy)."""
         pace = self.guest_pace()
         if self._final_rpb is not None or pace is None:
             yield
