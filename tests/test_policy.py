@@ -688,7 +688,9 @@ def test_with_a_return_path_the_first_switchover_waits_for_one_answered_ping() -
     assert policy.decide(0.02, 0, True).step is Step.ITERATE
     assert policy.expected_downtime_ms(0) >= 20
     policy.on_rtt(0.1)
-    assert policy.decide(0.1, 0, True).step is Step.SWITCHOVER and not policy.waiting_for_peer
+    assert policy.decide(0.1, 0, True).step is Step.DRAIN and not policy.waiting_for_peer  # a quiet trip
+    policy.on_rtt(0.001, drained=True)
+    assert policy.decide(0.11, 0, True).step is Step.SWITCHOVER
     silent = SwitchoverPolicy(lambda: DEFAULT_PARAMETERS, 64 * MIB, 0.0, peer_answers=True)
     silent.peer_silent()  # a peer that never answers PING still gets its switch-over
     assert silent.decide(0.0, 0, True).step is Step.SWITCHOVER
@@ -902,3 +904,23 @@ def test_the_destination_loads_a_scattered_final_pass_at_its_cost_of_a_run() -> 
         policy.on_load_pace(1.5 + i / 10, total, total // 4096, cpu, 0.0, cpu, runs)
     fitted = _fit_run_cost(policy._dest_run_spans)
     assert fitted is not None and fitted == pytest.approx(10e-6, rel=0.3)
+
+
+def test_the_first_switchover_times_one_quiet_round_trip_and_only_once() -> None:
+    """The PING that goes with the header finds a destination just starting (4-6 ms, where the
+    switch-over's round trips took 0.4-1 ms): before the first switch-over one DRAIN times a round
+    trip into an empty socket, which then stands for the switch-over's; asked once, so a PONG slower
+    than the drain's wait delays nothing further."""
+    policy = SwitchoverPolicy(lambda: {**DEFAULT_PARAMETERS, "downtime-limit": 50}, 64 * MIB, 0.0,
+                              peer_answers=True)
+    policy.round_trips = 2
+    policy.on_rtt(0.006)  # the header's PING
+    before = policy.expected_downtime_ms(0)
+    assert policy.decide(0.01, 0, True).step is Step.DRAIN
+    policy.on_rtt(0.0002, drained=True)
+    assert policy.decide(0.011, 0, True).step is Step.SWITCHOVER
+    assert policy.expected_downtime_ms(0) <= before - 11  # 2 x (6 - 0.2) ms less
+    slow = SwitchoverPolicy(lambda: DEFAULT_PARAMETERS, 64 * MIB, 0.0, peer_answers=True)
+    slow.on_rtt(0.006)
+    assert slow.decide(0.01, 0, True).step is Step.DRAIN
+    assert slow.decide(0.07, 0, True).step is Step.SWITCHOVER  # no answer within the drain's wait

@@ -407,11 +407,15 @@ class MigrationThread(threading.Thread):
             while (queued_bytes(self.channel) > target and time.monotonic() < deadline
                    and self.ms.status is M.ACTIVE and self._silence is None):
                 time.sleep(DRAIN_POLL_S)
-        if queued_bytes(self.channel) <= target and self._ping_sent is None:
+        if queued_bytes(self.channel) <= target:
             # drained: a round trip now is the one the switch-over will find (a busy destination
-            # answered the PINGs before it several times slower); waited for, briefly
-            self._send_ping(drained=True)
-            self._wait_pong(DRAIN_PONG_WAIT)
+            # answered the PINGs before it several times slower); waited for, briefly, as is a
+            # PING still out before it (one PING is out at a time)
+            if self._ping_sent is not None:
+                self._wait_pong(DRAIN_PONG_WAIT)
+            if self._ping_sent is None:
+                self._send_ping(drained=True)
+                self._wait_pong(DRAIN_PONG_WAIT)
 
     def _sync(self) -> int:
         """A bitmap sync, timed (the final pass starts with one): the exact pending bytes. Its cost

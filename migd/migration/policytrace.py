@@ -47,7 +47,7 @@ def save(policy: SwitchoverPolicy, params: Mapping[str, Any], outcome: Mapping[s
         return None
     path = Path(where) / f"policy-{os.getpid()}-{time.time_ns()}.json"
     doc = {"ram_total": policy.ram_total, "start": policy.start, "peer_answers": policy.peer_answers,
-           "round_trips": policy.round_trips, "drains": True,
+           "round_trips": policy.round_trips, "drains": True, "quiet_rtt": True,
            "params": {k: v for k, v in params.items() if isinstance(v, (int, float, str, bool))},
            "outcome": dict(outcome), "calls": policy.trace}
     try:
@@ -63,12 +63,15 @@ def replay(doc: Mapping[str, Any], params: Mapping[str, Any] | None = None,
     ``decide`` at ``until``; returns the policy and, per decision, (time, expected downtime, decision).
     The switch-over's round trips are the run's final count from the start (the run learnt it with
     its first PONG). A trace recorded before the switch-over drained the socket's backlog first
-    (no ``drains`` in it) replays as a destination that never drains: as it was recorded."""
+    (no ``drains`` in it) replays as a destination that never drains, and one recorded before the
+    thread timed a quiet round trip before the switch-over (no ``quiet_rtt``) without asking for
+    one: as they were recorded."""
     p = {**doc["params"], **(params or {})}
     policy = SwitchoverPolicy(lambda: p, int(doc["ram_total"]), float(doc["start"]),
                               peer_answers=bool(doc["peer_answers"]))
     policy.round_trips = int(doc.get("round_trips", 1))
     policy.drain_gave_up = not doc.get("drains", False)
+    policy.times_quiet_rtt = bool(doc.get("quiet_rtt", False))
     out: list[tuple[float, int, Decision]] = []
     for name, *args in doc["calls"]:
         if name == "decide":
