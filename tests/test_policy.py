@@ -924,3 +924,39 @@ def test_the_first_switchover_times_one_quiet_round_trip_and_only_once() -> None
     slow.on_rtt(0.006)
     assert slow.decide(0.01, 0, True).step is Step.DRAIN
     assert slow.decide(0.07, 0, True).step is Step.SWITCHOVER  # no answer within the drain's wait
+
+
+def test_a_scattered_final_pass_is_priced_from_the_span_the_drain_rate_came_from() -> None:
+    """The destination's drain rate is its re-send spans' pace; the runs a final pass has more are
+    counted against those spans' runs per byte, not against the median of every span with the first
+    pass's long runs in it (200M on a 64 MiB hot set over 128 MiB/s: a re-send span of 38 runs per
+    MB gave the rate, the median span 1.5; the final pass of 74 runs per MB expected at 0.60 GB/s,
+    loaded at 1.2)."""
+    p = dict(DEFAULT_PARAMETERS)
+    policy = SwitchoverPolicy(lambda: p, 512 * MIB, 0.0)
+    policy.on_sync(0.0, 512 * MIB, 512 * MIB)
+    total = runs = 0
+    cpu = 0.0
+    policy.on_load_pace(0.1, total, 0, cpu, 0.0, cpu, runs)
+    for i in range(3):  # first sends: 13.4 MB in 20 runs, 2 ms of CPU each
+        total, runs, cpu = total + 13_400_000, runs + 20, cpu + 0.002
+        policy.on_load_pace(0.2 + i / 10, total, total // 4096, cpu, 0.0, cpu, runs)
+    policy.on_sync(1.0, 60 * MIB, 60 * MIB, 60 * MIB)
+    total, runs, cpu = total + 13_400_000, runs + 512, cpu + 0.0078  # one re-send span: 1.72 GB/s
+    policy.on_load_pace(1.1, total, total // 4096, cpu, 0.0, cpu, runs)
+    policy.on_layout(40_000_000, 2_960, 0.0)
+    assert policy.drain_rate() == pytest.approx(13_400_000 / 0.0078)
+    per_run = _fit_run_cost(policy._dest_run_spans) or DEST_PRIOR_RUN_S  # (here fitted: 11.8 us)
+    expected = 1 / (0.0078 / 13_400_000 + per_run * (2_960 / 40_000_000 - 512 / 13_400_000))
+    assert policy._final_load_rate() == pytest.approx(expected)
+    assert policy._final_load_rate() > 0.9e9  # against the median span's 1.5 runs per MB: 0.55 GB/s
+
+
+def test_a_span_that_loaded_no_page_is_no_pace() -> None:
+    """The stream's start (64 KiB read and no page loaded in 4.7 ms) is no span of data pages: taken
+    for one, it said 14 MB/s, and a 0.17 MB final pass was expected at 12 ms for 1.4."""
+    policy = SwitchoverPolicy(lambda: DEFAULT_PARAMETERS, 512 * MIB, 0.0)
+    policy.on_sync(0.0, 512 * MIB, 512 * MIB)
+    policy.on_load_pace(0.001, 166, 0, 0.0017, 0.0044, 0.001)
+    policy.on_load_pace(0.01, 65_702, 0, 0.0064, 0.0044, 0.0013)
+    assert policy.drain_rate() == 0.0 and not policy._dest_first

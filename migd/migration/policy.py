@@ -102,10 +102,11 @@ PRIOR_OTHER_MS = 1.0
 # in a long run): capped windows of one round are often all alike (the anchor case: 9-30 pages a run in
 # every window, its final pass 1.9, 0.73 ns/B measured, 1.2 real)
 PRIOR_RUN_S = 3e-6
-# the same for the destination, until its LOAD_PACE spans of different layouts allowed a fit: a scratch
-# loader of 40 MB (the final pass's path, runs straight into RAM) took 12 ms of CPU in one run, 23-25 in
-# 435 runs, 33-48 in 1306, 51-104 in 3968: 10-27 us a run
-DEST_PRIOR_RUN_S = 15e-6
+# the same for the destination, until its LOAD_PACE spans of different layouts allowed a fit. It prices
+# the runs a final pass has more than the span its pace came from, so it is the marginal cost of a run
+# between layouts of 2.5-38 pages a run (bench_pass_layout, 40 MB): 13-15 us on the sixth session's
+# machine, 6-7 us on the eighth's (the cost from a single run up is higher: 11-16 us)
+DEST_PRIOR_RUN_S = 10e-6
 # How much slower than its estimate the decision lets a final pass run, at least: the windows' spread
 # does not show that a long final pass competes for the CPU with the destination's load, which the
 # short capped bursts do not (measured: 254 MB at 738 MB/s against 944 estimated, 2 shared cores).
@@ -341,6 +342,9 @@ class SwitchoverPolicy:
         self._pace_last: tuple[int, int, float, float] | None = None  # bytes, pages, busy s, cpu s
         self._dest_paces: deque[tuple[float, float]] = deque(maxlen=RATE_SAMPLES)  # (wall, cpu) bytes/s
         self._dest_first: deque[tuple[float, float]] = deque(maxlen=RATE_SAMPLES)
+        # each of those spans' runs per byte (None: not reported), in step with them
+        self._dest_paces_rpb: deque[float | None] = deque(maxlen=RATE_SAMPLES)
+        self._dest_first_rpb: deque[float | None] = deque(maxlen=RATE_SAMPLES)
         # every span's (pages, bytes, cpu s): what a page and a byte cost the destination, fitted
         self._dest_spans: deque[tuple[int, int, float]] = deque(maxlen=PACE_SPANS)
         self._pace_runs: int | None = None  # the source's runs sent at the last report's bytes read
@@ -543,15 +547,22 @@ class SwitchoverPolicy:
             return
         sent, loaded, busy, cpu = bytes_read - last[0], pages - last[1], busy_s - last[2], cpu_s - last[3]
         data = sent >= MIN_WINDOW_BYTES and sent >= loaded * PAGE_SIZE / 2 and cpu > PACE_MIN_BUSY_S
+        span_rpb = None
         if data and runs is not None and last_runs is not None and runs >= last_runs:
             self._dest_run_spans.append((sent, runs - last_runs, cpu))
             self._dest_run_fit = _STALE
+            span_rpb = (runs - last_runs) / sent
         if cpu > PACE_MIN_BUSY_S and (sent or loaded):
             self._dest_spans.append((loaded, sent, cpu))
-        if sent < MIN_WINDOW_BYTES or busy < PACE_MIN_BUSY_S or sent < loaded * PAGE_SIZE / 2:
-            return  # too little to tell, or mostly zero pages (work, but few bytes)
+        if sent < MIN_WINDOW_BYTES or busy < PACE_MIN_BUSY_S or sent < loaded * PAGE_SIZE / 2 or not loaded:
+            # too little to tell, mostly zero pages (work, but few bytes), or no pages at all: the
+            # stream's start (64 KiB and no page in 4.7 ms, 16M at 50 ms: a "pace" of 14 MB/s and a
+            # final pass of 0.17 MB expected at 12 ms for 1.4)
+            return
         cpu_rate = sent / cpu if cpu > PACE_MIN_BUSY_S else sent / busy
-        (self._dest_first if self.in_first_pass() else self._dest_paces).append((sent / busy, cpu_rate))
+        first = self.in_first_pass()
+        (self._dest_first if first else self._dest_paces).append((sent / busy, cpu_rate))
+        (self._dest_first_rpb if first else self._dest_paces_rpb).append(span_rpb)
 
     def dest_pace(self, cpu: bool = False) -> float:
         """Bytes/s the destination loads data pages at, from its reports (0 = none): the median of
@@ -662,7 +673,9 @@ class SwitchoverPolicy:
         if rate <= 0 or self._final_rpb is None:
             return rate
         spans = self._dest_run_spans
-        measured = self._median_rpb(spans)
+        measured = self._drain_rpb()
+        if measured is None:
+            measured = self._median_rpb(spans)
         if measured is None:
             return rate
         if self._dest_run_fit is _STALE:
@@ -670,6 +683,21 @@ class SwitchoverPolicy:
         per_run = cast("float | None", self._dest_run_fit) or DEST_PRIOR_RUN_S
         cost = 1 / rate
         return 1 / max(cost / 2, cost + per_run * (self._final_rpb - measured))
+
+    def _drain_rpb(self) -> float | None:
+        """The runs per byte of the span whose pace ``drain_rate`` counts on (None: not reported, or
+        the rate is the fit's): the final pass's cost differs from that span's by its runs, not from
+        the median of every span, first sends included (200M on a 64 MiB hot set over 128 MiB/s:
+        the drain rate from a re-send span of 38 runs per MB, the median span 1.5; a final pass of
+        74 runs per MB expected at 0.60 GB/s, loaded at 1.2)."""
+        if self._dest_paces:
+            paces, rpbs = self._dest_paces, self._dest_paces_rpb
+        elif self._dest_first:
+            paces, rpbs = self._dest_first, self._dest_first_rpb
+        else:
+            return None
+        ranked = sorted(zip((c for _, c in paces), rpbs, strict=True), key=lambda pair: pair[0])
+        return ranked[(len(ranked) - 1) // 2][1]
 
     def run_cost(self) -> float | None:
         """Seconds a run of pages costs the thread beyond its bytes: the least-squares fit of the
@@ -1019,7 +1047,6 @@ class SwitchoverPolicy:
         running on."""
         return (self.times_quiet_rtt and self.peer_answers and not self._quiet_rtt_asked
                 and self._rtt_drained is None)
-
 
     def _wait_for_probe(self, now: float, remaining: int) -> bool:
         """Under a rate limit, with data pages that matter to send in the final pass, the first
