@@ -83,14 +83,15 @@ def test_multifd_compressible_guest_sends_fewer_bytes(migd_factory: Any) -> None
     assert info["ram"]["transferred"] < info["ram"]["normal-bytes"] * 0.6, info["ram"]
 
 
-def test_multifd_cancel_midway_leaves_the_guest_running(migd_factory: Any) -> None:
+@pytest.mark.parametrize("channels", [2, 4])
+def test_multifd_cancel_midway_leaves_the_guest_running(migd_factory: Any, channels: int) -> None:
     src, dst, uri = _pair(migd_factory, _unix, workload="random,rate=64M")
     for vm in (src, dst):
-        _setup(vm, 2)
+        _setup(vm, channels)
     hold_active(src)
     src.cmd("migrate", uri=uri)
     wait_for(lambda: src.cmd("query-migrate")["status"] in HELD, timeout=30, what="active")
-    wait_for(lambda: len(thread_names(src, "mig/src/mfd")) == 2, timeout=10, what="two sender threads")
+    wait_for(lambda: len(thread_names(src, "mig/src/mfd")) == channels, timeout=10, what="every sender thread")
     src.cmd("migrate_cancel")
     wait_for(lambda: src.cmd("query-migrate")["status"] == "cancelled", timeout=30, what="cancelled")
     settled(src, "running")  # held, it may have been cancelled in pre-switchover, vCPUs stopped
@@ -98,10 +99,11 @@ def test_multifd_cancel_midway_leaves_the_guest_running(migd_factory: Any) -> No
     assert dst.wait(timeout=30) == 1  # the destination failed its load and exited (exit-on-error)
 
 
-def test_multifd_destination_killed_midway_fails_the_source(migd_factory: Any) -> None:
+@pytest.mark.parametrize("channels", [2, 4])
+def test_multifd_destination_killed_midway_fails_the_source(migd_factory: Any, channels: int) -> None:
     src, dst, uri = _pair(migd_factory, _tcp, workload="random,rate=64M")
     for vm in (src, dst):
-        _setup(vm, 4)
+        _setup(vm, channels)
     hold_active(src)
     src.cmd("migrate", uri=uri)
     wait_for(lambda: src.cmd("query-migrate")["status"] in HELD, timeout=30, what="active")
