@@ -233,3 +233,26 @@ def test_a_capped_first_pass_plans_the_layout_a_uniform_writer_leaves() -> None:
     during = [(t, e) for t, e, _ in by_reference if 1.0 <= t - doc["start"] and t < first_pass_end]
     assert len(during) >= 20 and all(error_factor(e, real) <= 2 for _, e in during), (during, real)
     assert max(e for t, e, _ in copying if 1.0 <= t - doc["start"] and t < first_pass_end) < 10
+
+
+def test_the_switchover_counts_on_a_quiet_round_trip() -> None:
+    """16M unlimited at 50 ms (eighth session, a quiet machine): the header's PING took 8.7 ms, the
+    first switch-over DRAINed once and timed 0.15 ms into the empty socket; LOADED and SHUT took 0.4
+    and 0.5. The stream's start (64 KiB, no page loaded) no longer counts as a span of data pages."""
+    doc = trace("16M-unlimited-50-quiet")
+    policy, decisions = policytrace.replay(doc)
+    steps = [d.step for _, _, d in decisions]
+    assert Step.DRAIN in steps and steps[-1] is Step.SWITCHOVER
+    assert policy.rtt_ms() < 1 and max(policy._rtt) > 0.008
+    assert error_factor(decisions[-1][1], doc["outcome"]["downtime"]) <= 1.25, decisions[-1][1]
+
+
+def test_a_capped_small_guest_holds_after_the_first_second() -> None:
+    """64M over 128 MiB/s (eighth session): until its first span of data pages the destination's pace
+    was the fit of mixed spans, 82 MB/s, and the estimate at 1.01 s 218 ms for 2; the best span's
+    bytes / CPU s bound the fit below."""
+    doc = trace("64M-128M-fit-floor")
+    _, decisions = policytrace.replay(doc)
+    real = doc["outcome"]["downtime"]
+    late = [e for t, e, _ in decisions if t - doc["start"] >= 1.0]
+    assert late and max(error_factor(e, real) for e in late) <= 2, late
