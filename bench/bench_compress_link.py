@@ -89,6 +89,7 @@ def one_run(work: Path, size: int, rate: str, channels: int, method: str, compre
         gib = size / (1 << 30)
         return {"method": method, "gbps": size / (info["total-time"] / 1000) / 1e9,
                 "total_ms": info["total-time"], "downtime_ms": info.get("downtime"),
+                "expected_ms": info.get("x-migd-expected-downtime"),
                 "wire_mb": info["ram"]["transferred"] / 1e6, "veth_mb": (tx1 - tx0) / 1e6,
                 "src_cpu": (cpu1[0] - cpu0[0]) / gib, "dst_cpu": (cpu1[1] - cpu0[1]) / gib,
                 "digest_equal": src.cmd("x-migd-ram-digest") == dst.cmd("x-migd-ram-digest")}

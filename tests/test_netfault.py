@@ -232,6 +232,30 @@ def test_migration_through_delay(net: NetPair, daemons: Daemons, delay_ms: int) 
     migrate_and_compare(src, dst, relay.uri, 25)
 
 
+def test_multifd_over_a_slow_link_drains_its_channels_before_the_switchover(net: NetPair, daemons: Daemons,
+                                                                              random_ram: Path) -> None:
+    """multifd 2 over a 1 Gbit/s token bucket: the channels' sockets hold megabytes the destination
+    has not read, and the final pass waits behind them. The switch-over drains them first and counts
+    what is left: an idle 256 MiB guest had 112 ms of downtime for 22 expected when only the main
+    channel's queue counted, 2 for 3 since."""
+    need("tc")
+    net.rate("1gbit", burst="1mb")
+    src = daemons("a", "src", "-m", GUEST, "--mem-path", str(random_ram), "-S")
+    dst, port = destination(daemons, "dst", "-S")
+    for vm in (src, dst):
+        vm.cmd("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
+        vm.cmd("migrate-set-parameters", **{"multifd-channels": 2})
+    unlimited(src)
+    src.cmd("migrate", uri=f"tcp:{ADDR_B}:{port}")
+    wait_status(src, "completed", 60)
+    wait_status(dst, "completed", 60)
+    info = query(src)
+    assert digests(dst) == digests(src)
+    real, expected = info["downtime"], info["x-migd-expected-downtime"]
+    assert real <= 20, info
+    assert abs(expected - real) <= 5 or max(expected, real) <= 1.25 * min(expected, real), info
+
+
 @contextlib.contextmanager
 def stall(net: NetPair, dst: Migd, kind: str) -> Iterator[None]:
     """The destination goes silent for the block: stopped, cut off, or every packet lost."""

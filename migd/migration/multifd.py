@@ -41,6 +41,7 @@ from migd.priority import lower_this_thread
 from migd.threads import any_thread, on_thread
 from migd.transports import Listener, TransportError, connect
 from migd.transports.channel import IOV_MAX, Channel, SocketChannel
+from migd.transports.sendqueue import queued_bytes
 from migd.transports.uri import MigrationURI, TcpURI, UnixURI
 from migd.transports.zerocopy import NOT_DETECTED, ZeroCopySocket
 
@@ -287,6 +288,10 @@ class MultifdSender:
                          zero_copy[i] if zero_copy else None)
             for i, ch in enumerate(channels)
         ]
+
+    def queued_bytes(self) -> int:
+        """(any thread) Bytes the channels' sockets hold that the destination has not read."""
+        return sum(queued_bytes(t.channel) for t in self.threads)
 
     @classmethod
     @on_thread("mig/src/main")

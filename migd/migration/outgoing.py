@@ -404,10 +404,10 @@ class MigrationThread(threading.Thread):
         a cancel or a failure ends it at once; the policy bounds the drains of one switch-over)."""
         deadline = time.monotonic() + DRAIN_STEP_S
         with self._idle():
-            while (queued_bytes(self.channel) > target and time.monotonic() < deadline
+            while (self._backlog() > target and time.monotonic() < deadline
                    and self.ms.status is M.ACTIVE and self._silence is None):
                 time.sleep(DRAIN_POLL_S)
-        if queued_bytes(self.channel) <= target:
+        if self._backlog() <= target:
             # drained: a round trip now is the one the switch-over will find (a busy destination
             # answered the PINGs before it several times slower); waited for, briefly, as is a
             # PING still out before it (one PING is out at a time)
@@ -416,6 +416,14 @@ class MigrationThread(threading.Thread):
             if self._ping_sent is None:
                 self._send_ping(drained=True)
                 self._wait_pong(DRAIN_PONG_WAIT)
+
+    def _backlog(self) -> int:
+        """(migration thread) Bytes the sockets hold that the destination has not read: the main
+        channel's, and with multifd its channels' too (the final pass's pages wait behind them: an
+        idle guest over a 1 Gbit/s link, multifd 2, expected 22 ms for 112 when only the main
+        channel counted)."""
+        queued = queued_bytes(self.channel)
+        return queued + self.multifd.queued_bytes() if self.multifd is not None else queued
 
     def _sync(self) -> int:
         """A bitmap sync, timed (the final pass starts with one): the exact pending bytes. Its cost
@@ -443,7 +451,7 @@ class MigrationThread(threading.Thread):
         references = self._final_by_reference()  # known once the destination accepted page runs
         if references != self.policy.references:
             self.policy.on_references(references)
-        self.policy.on_backlog(queued_bytes(self.channel))  # what the destination has still to read
+        self.policy.on_backlog(self._backlog())  # what the destination has still to read
         decision = self.policy.decide(time.monotonic(), pending, exact)
         for action in decision.actions:
             self._execute(action)
