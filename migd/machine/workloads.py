@@ -14,14 +14,12 @@ number is bytes, binary K/M/G/T/P/E suffixes, ``1.5M`` and ``64MiB`` too):
     disk-rate=R                           combinable with any of them: R bytes/s to the drives
 
 Pages are written in batches (one numpy assignment per batch, few batches per slice) and marked dirty
-after the data, so the migration thread is not starved of the GIL; ``random`` spreads a slice's
-batches over the slice (SPREAD bursts), as a guest's stores come over time. Rates are paced against
-the vCPU's *run* time, so throttling really lowers the dirty rate.
+after the data, so the migration thread is not starved of the GIL. Rates are paced against the vCPU's
+*run* time, so throttling really lowers the dirty rate.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -41,11 +39,6 @@ SPEC_MAX = 128  # bytes; the spec travels in a fixed-size vmstate buffer
 POOL_PAGES = 1024  # random source pages shared by the vCPUs (4 MiB)
 MAX_BATCH = 1024  # pages per numpy assignment
 CATCH_UP = 0.1  # seconds of backlog a lagging vCPU may catch up; older debt is forgiven
-# a slice's random writes go out in this many bursts spread over the slice, as a guest's stores do
-# over time: written all at its start, 5.3 MB at 500 MB/s, a switch-over decided on a sync that
-# found nothing met a whole burst in its final pass 1 ms later (500M unlimited: 2-3 ms expected, 8-10
-# real)
-SPREAD = 5
 COUNTER_AREA = 64  # pages per vCPU for the counter guest: one header page + a trail
 COUNTER_MAGIC = 0x4D49474443544552  # "MIGDCTER"
 _U64 = (1 << 64) - 1
@@ -225,7 +218,7 @@ class Workload:
             n = self._due_pages(w, elapsed)
             if n:
                 if self.spec.kind == "random":
-                    self._random_spread(vcpu, w, n)
+                    self._random_pages(vcpu, w, n)
                 else:
                     self._counter_steps(vcpu, w, n)
         if self.disk_rate_per_vcpu:
@@ -241,21 +234,6 @@ class Workload:
         n = int(due // page)
         w.ram_done += n * page
         return n
-
-    def _random_spread(self, vcpu: VCPU, w: VCPUWork, n: int) -> None:
-        """The slice's ``n`` pages in SPREAD bursts, SLICE / SPREAD apart; a pause or exit asked for
-        meanwhile ends the slice, and the pages not written stay due."""
-        start = time.monotonic()
-        vset = vcpu.vset
-        for part in range(SPREAD):
-            k = n * (part + 1) // SPREAD - n * part // SPREAD
-            if k:
-                self._random_pages(vcpu, w, k)
-            if part + 1 < SPREAD:
-                vset.sleep_unless_paused(start + (part + 1) * SLICE / SPREAD - time.monotonic())
-                if not vset.running:
-                    w.ram_done -= (n - n * (part + 1) // SPREAD) * self.ram0.page_size
-                    return
 
     def _random_pages(self, vcpu: VCPU, w: VCPUWork, n: int) -> None:
         block = self.ram0
