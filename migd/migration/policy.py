@@ -340,11 +340,9 @@ class SwitchoverPolicy:
         # [migd] the destination's own LOAD_PACE reports: its totals at the last one, and the pace
         # (bytes / busy s) of the spans between reports, of re-sends (past the first pass) and of first sends
         self._pace_last: tuple[int, int, float, float] | None = None  # bytes, pages, busy s, cpu s
-        self._dest_paces: deque[tuple[float, float]] = deque(maxlen=RATE_SAMPLES)  # (wall, cpu) bytes/s
-        self._dest_first: deque[tuple[float, float]] = deque(maxlen=RATE_SAMPLES)
-        # each of those spans' runs per byte (None: not reported), in step with them
-        self._dest_paces_rpb: deque[float | None] = deque(maxlen=RATE_SAMPLES)
-        self._dest_first_rpb: deque[float | None] = deque(maxlen=RATE_SAMPLES)
+        # (wall, cpu) bytes/s and the span's runs per byte (None: not reported)
+        self._dest_paces: deque[tuple[float, float, float | None]] = deque(maxlen=RATE_SAMPLES)
+        self._dest_first: deque[tuple[float, float, float | None]] = deque(maxlen=RATE_SAMPLES)
         # every span's (pages, bytes, cpu s): what a page and a byte cost the destination, fitted
         self._dest_spans: deque[tuple[int, int, float]] = deque(maxlen=PACE_SPANS)
         self._pace_runs: int | None = None  # the source's runs sent at the last report's bytes read
@@ -560,9 +558,7 @@ class SwitchoverPolicy:
             # final pass of 0.17 MB expected at 12 ms for 1.4)
             return
         cpu_rate = sent / cpu if cpu > PACE_MIN_BUSY_S else sent / busy
-        first = self.in_first_pass()
-        (self._dest_first if first else self._dest_paces).append((sent / busy, cpu_rate))
-        (self._dest_first_rpb if first else self._dest_paces_rpb).append(span_rpb)
+        (self._dest_first if self.in_first_pass() else self._dest_paces).append((sent / busy, cpu_rate, span_rpb))
 
     def dest_pace(self, cpu: bool = False) -> float:
         """Bytes/s the destination loads data pages at, from its reports (0 = none): the median of
@@ -571,9 +567,9 @@ class SwitchoverPolicy:
         samples = self._dest_samples()
         if not samples:
             return 0.0
-        return _lower_median(s[1 if cpu else 0] for s in samples)
+        return _lower_median(c if cpu else w for w, c, _ in samples)
 
-    def _dest_samples(self) -> deque[tuple[float, float]] | tuple[()]:
+    def _dest_samples(self) -> deque[tuple[float, float, float | None]] | tuple[()]:
         """The destination's (wall, cpu) paces the model counts on: its spans of re-sends, or during
         the first pass its spans of first sends."""
         return self._dest_paces or (self._dest_first if self.in_first_pass() else ())
@@ -588,7 +584,7 @@ class SwitchoverPolicy:
         267 MB/s, the wall pace 97; 64M unlimited: 4.4 MB in 11 ms, the CPU pace 365."""
         rate = self.dest_pace(cpu=True)
         if rate <= 0 and self._dest_first:  # no re-send measured yet: first sends, which cost more
-            rate = _lower_median(c for _, c in self._dest_first)
+            rate = _lower_median(c for _, c, _ in self._dest_first)
         if rate > 0 or len(self._dest_spans) < 3:
             return rate
         fit = _least_squares(self._dest_spans, 1e-9)
@@ -696,14 +692,11 @@ class SwitchoverPolicy:
         the median of every span, first sends included (200M on a 64 MiB hot set over 128 MiB/s:
         the drain rate from a re-send span of 38 runs per MB, the median span 1.5; a final pass of
         74 runs per MB expected at 0.60 GB/s, loaded at 1.2)."""
-        if self._dest_paces:
-            paces, rpbs = self._dest_paces, self._dest_paces_rpb
-        elif self._dest_first:
-            paces, rpbs = self._dest_first, self._dest_first_rpb
-        else:
+        paces = self._dest_paces or self._dest_first
+        if not paces:
             return None
-        ranked = sorted(zip((c for _, c in paces), rpbs, strict=True), key=lambda pair: pair[0])
-        return ranked[(len(ranked) - 1) // 2][1]
+        ranked = sorted(paces, key=lambda pace: pace[1])  # by the pace on a CPU of its own
+        return ranked[(len(ranked) - 1) // 2][2]
 
     def run_cost(self) -> float | None:
         """Seconds a run of pages costs the thread beyond its bytes: the least-squares fit of the
@@ -957,7 +950,7 @@ class SwitchoverPolicy:
             floor = min(floor, sorted(self._rates)[len(self._rates) // 4])
         dest = self._dest_samples()
         if len(dest) >= 4:  # ... and of the destination's own pace as it goes (the CPU shared as it is)
-            floor = min(floor, sorted(w for w, _ in dest)[len(dest) // 4])
+            floor = min(floor, sorted(w for w, _, _ in dest)[len(dest) // 4])
         return floor
 
     def threshold(self, drained: bool | None = None) -> int:
