@@ -275,6 +275,50 @@ def test_loader_interleaved_and_scattered_records():
     assert loader.pages + loader.zero_pages == 100 + 5 + 3
 
 
+def _short_runs(count: int, seed: int) -> list[int]:
+    """Sorted pages in runs of 2 or 3 at random places, as a final pass of scattered pages leaves them."""
+    rng = np.random.default_rng(seed)
+    pages: set[int] = set()
+    for start in rng.choice(np.arange(0, 250, 4), count, replace=False):
+        pages.update(range(int(start), int(start) + int(rng.integers(2, 4))))
+    return sorted(pages)
+
+
+def test_loader_scattered_short_runs_of_page_records():
+    """Runs of 2-3 consecutive PAGE records one after another (a final pass's staged short runs) load
+    in bulk, each page its own content."""
+    dst = ramlist(ram0=MiB)
+    block = dst.get("ram0")
+    pages = _short_runs(40, seed=3)
+    stream = bytearray((0 | RAM_PAGE).to_bytes(8, "big") + bytes((4,)) + b"ram0" + bytes([1]) * PAGE_SIZE)
+    for p in pages:
+        stream += _records(RAM_PAGE, [p], bytes([p % 251 + 2]) * PAGE_SIZE)
+    stream += (0x10).to_bytes(8, "big")
+    a, b = socket.socketpair()
+    SocketChannel(a).write_all([stream])
+    a.close()
+    loader = RAMLoader(dst)
+    loader.load(InStream(SocketChannel(b)), 2)
+    b.close()
+    for p in pages:
+        assert (block.pages[p] == p % 251 + 2).all(), p
+    assert loader.pages == len(pages) + 1
+    untouched = sorted(set(range(1, 256)) - set(pages))
+    assert not block.pages[untouched].any()
+
+
+def test_loader_rejects_a_bad_offset_among_scattered_short_runs():
+    dst = ramlist(ram0=MiB)
+    pages = _short_runs(20, seed=4) + [(MiB // PAGE_SIZE) + 7]
+    stream = (0 | RAM_ZERO).to_bytes(8, "big") + b"\x04ram0\x00" + _records(RAM_PAGE, pages, bytes(PAGE_SIZE))
+    a, b = socket.socketpair()
+    SocketChannel(a).write_all([stream])
+    a.close()
+    with pytest.raises(StreamError, match="Illegal RAM offset"):
+        RAMLoader(dst).load(InStream(SocketChannel(b)), 2)
+    b.close()
+
+
 def test_zero_records_write_zeros_unless_page_is_known_zero():
     dst = ramlist(ram0=MiB)
     block = dst.get("ram0")

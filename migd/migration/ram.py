@@ -724,15 +724,18 @@ class RAMLoader:
         first = int(hdr[0])
         mismatch = np.flatnonzero(hdr != _STEPS[:look] + np.uint64(first))
         n = int(mismatch[0]) if mismatch.size else look
-        if n >= 2:
+        same_kind = n
+        if n < look:  # a short run of consecutive pages may be the first of many scattered records
+            same = np.flatnonzero((hdr & _FLAG_MASK) != np.uint64(kind | RAM_CONTINUE))
+            same_kind = int(same[0]) if same.size else look
+        if n >= 2 and 2 * n >= same_kind:
             start = (first & ~RAM_FLAG_MASK) // PAGE_SIZE
             if (start + n) * PAGE_SIZE > block.size:
                 bad = max(start, block.size // PAGE_SIZE)
                 raise StreamError(f"Illegal RAM offset {bad * PAGE_SIZE:x}")
             idx: np.ndarray | slice = slice(start, start + n)
         else:
-            same = np.flatnonzero((hdr & _FLAG_MASK) != np.uint64(kind | RAM_CONTINUE))
-            n = int(same[0]) if same.size else look
+            n = same_kind
             addrs = hdr[:n] & _ADDR_MASK
             over = np.flatnonzero(addrs >= np.uint64(block.size))
             if over.size:
