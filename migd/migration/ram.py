@@ -513,7 +513,7 @@ class RAMSaver:
         scattered pages otherwise copies every staged page into socket buffers the kernel allocates
         for it, and on a host that takes freed guest memory back (free page reporting: this
         project's VMs) that copy ran at 0.4-0.5 GB/s in some passes, 5 GB/s in others (bench/README,
-        bench_pass_layout --big)."""
+        bench_pass_layout --block-mib 512 --pages 51200)."""
         if not f.can_reference():
             return None
         if not self._ref_stages:
