@@ -113,14 +113,14 @@ def one_pass(kind: str, pages: int) -> dict[str, float]:
 
 
 def main() -> None:
+    global BLOCK, NPAGES
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pages", type=int, default=9760, help="pages per pass (9760: 40 MB, the 200M/64M/128M case)")
     ap.add_argument("--runs", type=int, nargs="+", default=[16, 4, 2], help="run lengths besides one run and random")
     ap.add_argument("--reps", type=int, default=3, help="passes of each layout, alternating")
-    ap.add_argument("--block-mib", type=int, default=BLOCK >> 20,
+    ap.add_argument("--block-mib", type=int, default=64,
                     help="the RAM block's size (512 with --pages 51200: the 64M over 32 MiB/s case's 210 MB final pass)")
     args = ap.parse_args()
-    global BLOCK, NPAGES
     BLOCK, NPAGES = args.block_mib << 20, (args.block_mib << 20) // 4096
     kinds = ["one", *(f"run{k}" for k in args.runs), "random"]
     results: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
