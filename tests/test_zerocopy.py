@@ -449,43 +449,6 @@ def test_save_with_runs_and_checksums_loads_equal(held: bool, scattered: bool) -
     assert dblock is not None and np.array_equal(dblock.pages, block.pages)
     # staging copies that a held guest's pass does not make are counted apart (the policy leaves them out)
     assert (sv.ram.live_copy_s > 0) == (not held)
-    # the short runs of a held pass left as page references, through both staging arrays in turn
-    assert (len(sv.ram._ref_stages) == 2) == scattered and (sv.ram._ref_marks[1] > 0) == scattered
-
-
-def test_wait_unread_returns_once_the_peer_read_and_fails_when_it_stops_reading(monkeypatch: Any) -> None:
-    """``SpliceSender.wait_unread``: the referenced staging arrays are rewritten only once the peer
-    read them, and a peer that reads nothing for DRAIN_MAX fails the stream instead of letting them
-    be overwritten under it."""
-    from migd.transports import zerocopy
-
-    monkeypatch.setattr(zerocopy, "DRAIN_MAX", 0.3)
-    a, b = socket.socketpair()
-    mem = mmap.mmap(-1, MiB)
-    np.frombuffer(mem, dtype=np.uint8)[:] = 7
-    out = OutStream(SocketChannel(a))
-    assert out.splice_from(mem)
-    out.put_nocopy(memoryview(mem)[: 512 << 10])
-    out.flush()
-    mark = out.transferred
-    out.put(b"x" * 1000)
-    out.flush()
-    with pytest.raises(StreamError, match="stopped reading"):
-        out.wait_read(mark)  # nothing read: times out
-    a2, b2 = socket.socketpair()
-    out2 = OutStream(SocketChannel(a2))
-    assert out2.splice_from(mem)
-    out2.put_nocopy(memoryview(mem)[: 512 << 10])
-    out2.flush()
-    mark2 = out2.transferred
-    got = bytearray(mark2)
-    reader = threading.Thread(target=lambda: InStream(SocketChannel(b2)).read_into(memoryview(got)))
-    reader.start()
-    out2.wait_read(mark2)
-    reader.join(10)
-    assert bytes(got) == bytes([7]) * mark2
-    for s_ in (a, b, a2, b2):
-        s_.close()
 
 
 class _RAMBox:

@@ -23,7 +23,6 @@ dirty bitmap (a no-op unless logging): a relay sending the machine on while it a
 
 from __future__ import annotations
 
-import mmap
 import threading
 import time
 import weakref
@@ -55,7 +54,7 @@ from migd.migration.format import (
     read_idstr,
 )
 from migd.migration.stats import MigrationStats
-from migd.migration.stream import SPLICE_MIN, InStream, OutStream, StreamError
+from migd.migration.stream import InStream, OutStream, StreamError
 
 BATCH_PAGES = 512  # PAGE records per batch: 2 MiB per system call
 SCATTERED = 4  # a batch with more runs than a quarter of its pages is gathered in one numpy call
@@ -150,11 +149,6 @@ class RAMSaver:
         self._pos_page = 0
         self._last_sent: str | None = None  # block of the last record (CONTINUE after it)
         self._stage = np.empty((batch_pages, PAGE_RECORD), dtype=np.uint8)
-        # [migd] staging arrays whose records leave a unix socket as page references, alternating
-        # (``_put_pages``); made, and touched, once a stream can take references
-        self._ref_stages: list[tuple[mmap.mmap, np.ndarray]] = []
-        self._ref_marks = [0, 0]  # the stream's ``transferred`` after each one's last send
-        self._ref_next = 0
         # [migd] page-run headers of a batch
         self._run_headers = np.empty(max(batch_pages, RUN_BATCH_PAGES), dtype=_RUN)
         # [migd] whether the destination accepted FEATURE_PAGE_RUNS (the migration thread sets it)
@@ -471,7 +465,7 @@ class RAMSaver:
             if short is not None and short.any():
                 staged = page_idx[short]
                 for lo in range(0, staged.size, self.batch_pages):
-                    nbytes += self._put_pages(f, block, staged[lo : lo + self.batch_pages], by_reference=True)
+                    nbytes += self._put_pages(f, block, staged[lo : lo + self.batch_pages])
                     f.flush()  # the staging array is written by reference: sent before it is reused
                 page_idx = page_idx[~short]
             if page_idx.size:
@@ -484,14 +478,11 @@ class RAMSaver:
         self.stats.count_ram_bytes(nbytes + zero_idx.size * ZERO_RECORD, self.guest_running)
         f.flush()  # the staging/header arrays are reused by the next batch
 
-    def _put_pages(self, f: OutStream, block: Any, page_idx: np.ndarray, by_reference: bool = False) -> int:
+    def _put_pages(self, f: OutStream, block: Any, page_idx: np.ndarray) -> int:
         """QEMU's PAGE records (header, page) for these pages, through the staging array: two views
-        per page straight from RAM cost more in Python than this one copy (bench_pageloop --modes).
-        ``by_reference``: where the stream takes page references, through one of two staging arrays
-        that leave as references (``_reference_stage``)."""
+        per page straight from RAM cost more in Python than this one copy (bench_pageloop --modes)."""
         n = page_idx.size
-        ref = self._reference_stage(f) if by_reference and n * PAGE_RECORD >= SPLICE_MIN else None
-        stage = (self._stage if ref is None else ref[1])[:n]
+        stage = self._stage[:n]
         stage[:, :8].view(">u8")[:, 0] = (page_idx.astype(np.uint64) << np.uint64(12)) | np.uint64(
             RAM_PAGE | RAM_CONTINUE)
         if _run_count(page_idx) * SCATTERED > n:  # scattered pages: one gather, not a slice per run
@@ -499,37 +490,8 @@ class RAMSaver:
         else:
             for a, b, pos in _runs(page_idx):
                 stage[pos : pos + (b - a), 8:] = block.pages[a:b]
-        if ref is None:
-            f.put_nocopy(stage.reshape(-1))
-            return n * PAGE_RECORD
-        f.put_nocopy(memoryview(ref[0])[: n * PAGE_RECORD])  # a view of the registered mmap
-        f.flush()
-        self._ref_marks[self._ref_next ^ 1] = f.transferred
+        f.put_nocopy(stage.reshape(-1))
         return n * PAGE_RECORD
-
-    def _reference_stage(self, f: OutStream) -> tuple[mmap.mmap, np.ndarray] | None:
-        """(migration thread) The next staging array whose records leave as page references, once
-        the peer has read what it last carried; None where the stream copies. A final pass of
-        scattered pages otherwise copies every staged page into socket buffers the kernel allocates
-        for it, and on a host that takes freed guest memory back (free page reporting: this
-        project's VMs) that copy ran at 0.4-0.5 GB/s in some passes, 5 GB/s in others (bench/README,
-        bench_pass_layout --block-mib 512 --pages 51200)."""
-        if not f.can_reference():
-            return None
-        if not self._ref_stages:
-            size = self.batch_pages * PAGE_RECORD
-            for _ in range(2):
-                mem = mmap.mmap(-1, size)
-                arr = np.frombuffer(mem, dtype=np.uint8).reshape(self.batch_pages, PAGE_RECORD)
-                arr[:] = 0  # faulted in now, not inside a downtime
-                self._ref_stages.append((mem, arr))
-        k = self._ref_next
-        mem, arr = self._ref_stages[k]
-        if not f.splice_from(mem):
-            return None
-        f.wait_read(self._ref_marks[k])
-        self._ref_next = k ^ 1
-        return mem, arr
 
     def _put_runs(self, f: OutStream, block: Any, page_idx: np.ndarray, direct: bool) -> int:
         """[migd] One RAM_X_MIGD_RUN record per run of consecutive pages (FEATURE_PAGE_RUNS): its

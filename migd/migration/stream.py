@@ -209,18 +209,6 @@ class OutStream:
         return (0 not in self._splice_src and isinstance(ch, SocketChannel)
                 and type(ch).write_vectored is SocketChannel.write_vectored and ch.sock.family == socket.AF_UNIX)
 
-    def wait_read(self, mark: int) -> None:
-        """Wait until the peer has read the stream up to ``mark`` (a ``transferred`` count), so that
-        registered memory sent before it as page references may be written again (the referenced
-        staging arrays of a final pass, ``RAMSaver._put_pages``). StreamError when it stops reading."""
-        if self._splicer is None or mark <= 0:
-            return
-        try:
-            self._splicer.wait_unread(max(0, self.transferred - mark), lambda: self.error is not None)
-        except OSError as exc:
-            self._fail(_describe(exc))
-        self._check()
-
     def settle(self) -> None:
         """Wait until the peer has read every page reference sent (nothing to do if none was)."""
         if self._splicer is not None and self.error is None:

@@ -178,25 +178,6 @@ class SpliceSender:
         self.spliced += total
         return total
 
-    def wait_unread(self, at_most: int, stop: Callable[[], bool]) -> None:
-        """Wait until the socket holds at most ``at_most`` bytes the peer has not read. ``SIOCOUTQ``
-        counts the queued buffers' sizes, never less than their unread bytes, so every byte sent
-        before the last ``at_most`` was then read. OSError (ETIMEDOUT) when the peer reads nothing for
-        DRAIN_MAX: unlike ``drain``, whose pages the checksum guards, a caller that waits here is
-        about to overwrite what it sent, so it must not go on."""
-        deadline = time.monotonic() + DRAIN_MAX
-        last = None
-        while not stop():
-            queued = queued_bytes(self.sock)
-            if queued <= at_most:
-                return
-            now = time.monotonic()
-            if last is None or queued < last:
-                last, deadline = queued, now + DRAIN_MAX  # the peer reads: wait on
-            elif now >= deadline:
-                raise OSError(errno.ETIMEDOUT, "The destination stopped reading the migration stream")
-            time.sleep(DRAIN_POLL)
-
     def drain(self, stop: Callable[[], bool]) -> None:
         """Wait until the peer consumed everything sent (the pages may change afterwards)."""
         if not self.spliced:
