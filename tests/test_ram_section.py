@@ -247,6 +247,19 @@ def _records(kind: int, pages: list[int], data: bytes = b"") -> bytes:
     return bytes(out)
 
 
+def _load(dst: RAMList, stream: bytes | bytearray) -> RAMLoader:
+    """Load one ram section's records through a socketpair; the loader, for its counts."""
+    a, b = socket.socketpair()
+    SocketChannel(a).write_all([stream])
+    a.close()
+    loader = RAMLoader(dst)
+    try:
+        loader.load(InStream(SocketChannel(b)), 2)
+    finally:
+        b.close()
+    return loader
+
+
 def test_loader_interleaved_and_scattered_records():
     """QEMU's order (PAGE and ZERO interleaved page by page) and non-contiguous runs."""
     dst = ramlist(ram0=MiB)
@@ -258,12 +271,7 @@ def test_loader_interleaved_and_scattered_records():
     stream += _records(RAM_PAGE, [200, 150, 170, 171, 172], bytes([9]) * PAGE_SIZE)  # scattered run
     stream += _records(RAM_ZERO, [201, 203, 250])
     stream += (0x10).to_bytes(8, "big")
-    a, b = socket.socketpair()
-    SocketChannel(a).write_all([stream])
-    a.close()
-    loader = RAMLoader(dst)
-    loader.load(InStream(SocketChannel(b)), 2)
-    b.close()
+    loader = _load(dst, stream)
     assert (block.pages[0] == 1).all()
     for i in range(1, 100):
         assert (block.pages[i] == (i if i % 2 else 0)).all(), i
@@ -294,12 +302,7 @@ def test_loader_scattered_short_runs_of_page_records():
     for p in pages:
         stream += _records(RAM_PAGE, [p], bytes([p % 251 + 2]) * PAGE_SIZE)
     stream += (0x10).to_bytes(8, "big")
-    a, b = socket.socketpair()
-    SocketChannel(a).write_all([stream])
-    a.close()
-    loader = RAMLoader(dst)
-    loader.load(InStream(SocketChannel(b)), 2)
-    b.close()
+    loader = _load(dst, stream)
     for p in pages:
         assert (block.pages[p] == p % 251 + 2).all(), p
     assert loader.pages == len(pages) + 1
@@ -311,12 +314,8 @@ def test_loader_rejects_a_bad_offset_among_scattered_short_runs():
     dst = ramlist(ram0=MiB)
     pages = _short_runs(20, seed=4) + [(MiB // PAGE_SIZE) + 7]
     stream = (0 | RAM_ZERO).to_bytes(8, "big") + b"\x04ram0\x00" + _records(RAM_PAGE, pages, bytes(PAGE_SIZE))
-    a, b = socket.socketpair()
-    SocketChannel(a).write_all([stream])
-    a.close()
     with pytest.raises(StreamError, match="Illegal RAM offset"):
-        RAMLoader(dst).load(InStream(SocketChannel(b)), 2)
-    b.close()
+        _load(dst, stream)
 
 
 def test_zero_records_write_zeros_unless_page_is_known_zero():
