@@ -5,7 +5,7 @@ rounds, whose pages lie in other runs than the final pass's (docs/SWITCHOVER.md 
 it needs the cost of a run beyond its bytes, on each side, and fits it from the migration's own
 windows and spans — until they allow a fit it counts on ``policy.PRIOR_RUN_S`` (source) and
 ``policy.DEST_PRIOR_RUN_S`` (destination). This bench measures both on this machine: ``--pages``
-random-content pages of a 64 MiB block, sent as a final pass between migd peers (page runs,
+random-content pages of a 64 MiB block (``--block-mib``), sent as a final pass between migd peers (page runs,
 checksum records, the vCPUs held paused, page references over the unix socket) to a forked
 destination that loads them into prefaulted RAM and checks them, laid out in one run, in runs of
 ``k`` pages at random places (``--runs``), or uniformly at random. Each side's CPU time (the whole

@@ -325,11 +325,7 @@ def test_zero_records_write_zeros_unless_page_is_known_zero():
     prefault(dst)  # the rest was untouched: known zero, no write needed
     stream = ((3 * PAGE_SIZE) | RAM_ZERO).to_bytes(8, "big") + b"\x04ram0\x00"
     stream += _records(RAM_ZERO, list(range(4, 200))) + (0x10).to_bytes(8, "big")
-    a, b = socket.socketpair()
-    SocketChannel(a).write_all([stream])
-    a.close()
-    RAMLoader(dst).load(InStream(SocketChannel(b)), 2)
-    b.close()
+    _load(dst, stream)
     assert not block.buf.any()
 
 
@@ -338,12 +334,8 @@ def test_loader_rejects_bad_zero_byte_in_bulk_run():
     stream = (0 | RAM_ZERO).to_bytes(8, "big") + b"\x04ram0\x00" + _records(RAM_ZERO, list(range(1, 50)))
     bad = bytearray(stream)
     bad[-1] = 5
-    a, b = socket.socketpair()
-    SocketChannel(a).write_all([bad])
-    a.close()
     with pytest.raises(StreamError, match="Found a zero page with value 5"):
-        RAMLoader(dst).load(InStream(SocketChannel(b)), 2)
-    b.close()
+        _load(dst, bad)
 
 
 class Writer:
