@@ -26,8 +26,10 @@ migration thread over its wall time in ms (``final_cpu``, from the source's poli
 pass that had a fraction of its wall time on a CPU was descheduled — the host's doing, not the
 estimate's; with ``MIGD_POLICY_TRACE`` set the traces stay there, for replays), and ``dest``: the
 destination's load pace on a CPU of its own in MB/s (its LOAD_PACE reports; 0 = none) over the MB its
-socket still held at the switch-over, both as the policy saw them (the trace replayed). Writes a PNG (expected vs real downtime, time to converge) when
-matplotlib is installed (``pip install 'migd[bench]'``). The TCP cases with 10 and 50 ms of delay each
+socket still held at the switch-over, both as the policy saw them (the trace replayed), and
+``steal_pct``: the share of the machine's CPU time the host took during the case (``/proc/stat``'s
+steal; a case run while the host took its CPUs measured the host too). Writes a PNG (expected vs real
+downtime, time to converge) when matplotlib is installed (``pip install 'migd[bench]'``). The TCP cases with 10 and 50 ms of delay each
 way need network namespaces and root: ``bench/bench_netdelay.py`` (``--netdelay`` runs it here).
 """
 
@@ -245,6 +247,25 @@ def draw(results: list[dict[str, Any]], path: Path, title: str) -> str:
     return f"picture: {path} ({path.stat().st_size // 1024} KiB)"
 
 
+def cpu_times() -> list[int] | None:
+    """The machine's CPU times from /proc/stat (jiffies: user, nice, system, idle, iowait, irq,
+    softirq, steal), or None where it cannot be read."""
+    try:
+        return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+
+
+def steal_share(before: list[int] | None, after: list[int] | None) -> float | None:
+    """% of the machine's CPU time the host took (steal) between two readings: a case run while
+    the host took its CPUs away measured the host as much as migd."""
+    if before is None or after is None or len(before) < 8 or len(after) < 8:
+        return None
+    spent = [b - a for a, b in zip(before[:8], after[:8], strict=True)]
+    total = sum(spent)
+    return round(100 * spent[7] / total, 1) if total > 0 else None
+
+
 async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--memory", default="512M")
@@ -268,7 +289,7 @@ async def main() -> int:
         runs.append((ANCHOR, {**extra, "x-migd-auto-throttle": True}))
     tmp = Path(tempfile.mkdtemp(prefix="migd-scen-", dir="/dev/shm"))
     cols = ("case", "status", "digest", "total", "downtime", "expected", "ratio", "worst_after_1s",
-            "sent_mb", "states", "actions", "stall_ms", "final_cpu", "dest")
+            "sent_mb", "states", "actions", "stall_ms", "final_cpu", "dest", "steal_pct")
     print(f"# {len(runs)} cases, {args.memory} guest, unix socket, timeout {args.timeout:g} s; "
           f"load average {Path('/proc/loadavg').read_text().split()[0]} at the start")
     print("| " + " | ".join(cols) + " |")
@@ -278,7 +299,9 @@ async def main() -> int:
         for i, (case, params) in enumerate(runs):
             run_dir = tmp / f"case{i}"
             run_dir.mkdir()
+            before = cpu_times()
             r = await one_case(run_dir, memory, case, args.timeout, params)
+            r["steal_pct"] = steal_share(before, cpu_times())
             if params is not extra:
                 r["case"] += " +auto-throttle"
             results.append(r)
