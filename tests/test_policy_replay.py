@@ -200,20 +200,37 @@ def test_a_capped_first_pass_does_not_switch_over_before_a_resend_was_measured(r
 
 def test_bench_replay_traces_counts_what_the_replays_hold() -> None:
     """``bench/replay_traces.py`` (the A/B of a model change on recorded traces) counts the traces
-    whose replayed estimate holds each bound, as this module judges them."""
-    held = early = 0
+    whose replayed estimate at the replay's first switch-over holds each bound, as this module judges
+    them, and apart those where the replayed model decides no switch-over."""
+    held = early = waits = 0
     for path in TRACES:
         doc = load(path)
         _, decisions = policytrace.replay(doc)
         real = doc["outcome"]["downtime"]
-        held += error_factor(decisions[-1][1], real) <= 1.25
-        late = [e for t, e, _ in decisions if t - doc["start"] >= 1.0]
+        switch = policytrace.first_switchover(decisions)
+        if switch is None:
+            waits += 1
+            continue
+        held += error_factor(decisions[switch][1], real) <= 1.25
+        late = [e for t, e, _ in decisions[: switch + 1] if t - doc["start"] >= 1.0]
         early += not late or max(error_factor(e, real) for e in late) <= 2
     tool = Path(__file__).resolve().parent.parent / "bench" / "replay_traces.py"
     out = subprocess.run([sys.executable, str(tool), "--quiet", str(TRACES[0].parent)],
                          capture_output=True, text=True, check=True, timeout=120).stdout
     assert out.strip() == (f"# {len(TRACES)} completed traces: at the switch-over within x1.25 (or 5 ms) "
-                           f"{held}, within x2 after the first second {early}"), out
+                           f"{held}, within x2 after the first second {early}; no switch-over replayed "
+                           f"in {waits}"), out
+
+
+def test_first_switchover_is_the_replay_s_own() -> None:
+    """A replay is judged at its own first SWITCHOVER; a model that keeps iterating where the run
+    switched over has no switch-over to judge (its last decision was no switch-over)."""
+    doc = load(TRACES[0])
+    _, decisions = policytrace.replay(doc)
+    switch = policytrace.first_switchover(decisions)
+    assert switch is not None and decisions[switch][2].step is Step.SWITCHOVER
+    assert all(d.step is not Step.SWITCHOVER for _, _, d in decisions[:switch])
+    assert policytrace.first_switchover(decisions[:switch]) is None
 
 
 def test_a_capped_first_pass_plans_the_layout_a_uniform_writer_leaves() -> None:

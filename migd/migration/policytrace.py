@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from migd.migration.policy import Decision, SwitchoverPolicy
+from migd.migration.policy import Decision, Step, SwitchoverPolicy
 
 ENV = "MIGD_POLICY_TRACE"
 SMALL_MS = 5  # issue 10's bound: below 20 ms of downtime, an estimate within 5 ms holds
@@ -85,6 +85,12 @@ def replay(doc: Mapping[str, Any], params: Mapping[str, Any] | None = None,
         else:
             getattr(policy, name)(*args)
     return policy, out
+
+
+def first_switchover(decisions: list[tuple[float, int, Decision]]) -> int | None:
+    """The index of a replay's first SWITCHOVER decision (None: the replayed model decided none,
+    where the recording run switched over: what would have followed is not in the trace)."""
+    return next((i for i, (_, _, d) in enumerate(decisions) if d.step is Step.SWITCHOVER), None)
 
 
 def backlogs_at_decisions(doc: Mapping[str, Any]) -> list[int]:
