@@ -29,8 +29,9 @@ destination's load pace on a CPU of its own in MB/s (its LOAD_PACE reports; 0 = 
 socket still held at the switch-over, both as the policy saw them (the trace replayed), and
 ``steal_pct``: the share of the machine's CPU time the host took during the case (``/proc/stat``'s
 steal; a case run while the host took its CPUs measured the host too). Writes a PNG (expected vs real
-downtime, time to converge) when matplotlib is installed (``pip install 'migd[bench]'``). The TCP cases with 10 and 50 ms of delay each
-way need network namespaces and root: ``bench/bench_netdelay.py`` (``--netdelay`` runs it here).
+downtime, time to converge) when matplotlib is installed (``pip install 'migd[bench]'``). The TCP
+cases with 10 and 50 ms of delay each way need network namespaces and root: ``bench/bench_netdelay.py``
+(``--netdelay`` runs it here).
 """
 
 from __future__ import annotations
