@@ -7,10 +7,10 @@ burst that never sleeps. If a CPU that slept pays a wake-up cost (caches, TLB, t
 state), every capped window overstates what the final pass will cost, the more the shorter the
 burst. This bench measures that cost on this machine: bursts of random scattered 4 KiB pages of a
 512 MiB block, gathered (numpy fancy indexing, as the page loop stages short runs) and, with
-``--send``, written into a unix socket that a forked reader drains (each timed burst starts on an empty
-socket); each size is timed after a
-sleep of ``--sleep-ms`` and right after another burst of the same size, alternated, in the same
-run. Prints the median of each, the difference (the wake-up cost), and their ratio.
+``--send``, written into a unix socket that a forked reader drains (each timed burst starts on an
+empty socket); each size is timed after a sleep of ``--sleep-ms`` and right after another burst of
+the same size, alternated, in the same run. Prints the median of each, the difference (the wake-up
+cost), and their ratio.
 
     python3 bench/bench_burst_warmup.py [--sizes-mb 0.84 3.36 13.4 49] [--reps 40] [--sleep-ms 98] [--send]
 """

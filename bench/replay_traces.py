@@ -57,15 +57,13 @@ def main() -> None:
         real = outcome["downtime"]
         total += 1
         head = f"{path.name}: limit {params.get('downtime-limit')} bw {int(params.get('max-bandwidth', 0)) >> 20}M real {real}"
-        switch = policytrace.first_switchover(decisions)
-        if switch is None:
+        judged = policytrace.judged(doc, decisions)
+        if judged is None:
             waits += 1
             if not args.quiet:
                 print(f"{head} no switch-over replayed")
             continue
-        expected = decisions[switch][1]
-        late = [e for t, e, _ in decisions[: switch + 1] if t - doc["start"] >= 1.0]
-        worst = max((error_factor(e, real) for e in late), default=None)
+        expected, worst = judged
         held += error_factor(expected, real) <= 1.25
         early += worst is None or worst <= 2
         if not args.quiet:

@@ -206,14 +206,13 @@ def test_bench_replay_traces_counts_what_the_replays_hold() -> None:
     for path in TRACES:
         doc = load(path)
         _, decisions = policytrace.replay(doc)
-        real = doc["outcome"]["downtime"]
-        switch = policytrace.first_switchover(decisions)
-        if switch is None:
+        judged = policytrace.judged(doc, decisions)
+        if judged is None:
             waits += 1
             continue
-        held += error_factor(decisions[switch][1], real) <= 1.25
-        late = [e for t, e, _ in decisions[: switch + 1] if t - doc["start"] >= 1.0]
-        early += not late or max(error_factor(e, real) for e in late) <= 2
+        expected, worst = judged
+        held += error_factor(expected, doc["outcome"]["downtime"]) <= 1.25
+        early += worst is None or worst <= 2
     tool = Path(__file__).resolve().parent.parent / "bench" / "replay_traces.py"
     out = subprocess.run([sys.executable, str(tool), "--quiet", str(TRACES[0].parent)],
                          capture_output=True, text=True, check=True, timeout=120).stdout
@@ -231,6 +230,12 @@ def test_first_switchover_is_the_replay_s_own() -> None:
     assert switch is not None and decisions[switch][2].step is Step.SWITCHOVER
     assert all(d.step is not Step.SWITCHOVER for _, _, d in decisions[:switch])
     assert policytrace.first_switchover(decisions[:switch]) is None
+    assert policytrace.judged(doc, decisions[:switch]) is None  # nothing to judge
+    expected, worst = policytrace.judged(doc, decisions) or (None, None)
+    assert expected == decisions[switch][1]
+    real = doc["outcome"]["downtime"]
+    late = [error_factor(e, real) for t, e, _ in decisions[: switch + 1] if t - doc["start"] >= 1.0]
+    assert worst == (max(late) if late else None)  # the estimates up to the switch-over, not after
 
 
 def test_a_capped_first_pass_plans_the_layout_a_uniform_writer_leaves() -> None:

@@ -93,6 +93,18 @@ def first_switchover(decisions: list[tuple[float, int, Decision]]) -> int | None
     return next((i for i, (_, _, d) in enumerate(decisions) if d.step is Step.SWITCHOVER), None)
 
 
+def judged(doc: Mapping[str, Any], decisions: list[tuple[float, int, Decision]]) -> tuple[int, float | None] | None:
+    """A replay judged against its trace's real downtime: the expected downtime at the replay's first
+    switch-over, and the worst error factor of its estimates from the first second up to it (None:
+    none that late); None where the replayed model decides no switch-over."""
+    switch = first_switchover(decisions)
+    if switch is None:
+        return None
+    real = doc["outcome"]["downtime"]
+    late = [e for t, e, _ in decisions[: switch + 1] if t - doc["start"] >= 1.0]
+    return decisions[switch][1], max((error_factor(e, real) for e in late), default=None)
+
+
 def backlogs_at_decisions(doc: Mapping[str, Any]) -> list[int]:
     """The socket's backlog (``on_backlog``) each recorded ``decide`` saw, in order: what a replay's
     decisions are to be read against (a DRAIN, a switch-over with the socket nearly empty)."""
