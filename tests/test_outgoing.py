@@ -11,6 +11,7 @@ import asyncio
 import socket
 import threading
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from migd.machine.machine import Machine
 from migd.machine.runstate import RunState, RunStateMachine
 from migd.machine.vcpu import VCPUSet
 from migd.migration.outgoing import MigrationThread, PhaseClock
+from migd.migration.returnpath import ReturnPathReader, send_shut
 from migd.migration.status import MigrationStatus as M
 from migd.migration.stream import OutStream
 from migd.migration.throttle import AutoConverge
@@ -364,11 +366,30 @@ async def test_failed_destination_load_fails_the_source_and_resumes_it(h: Harnes
         await ms.wait_done(10)
         assert ms.status is M.FAILED
         desc = ms.query()["error-desc"]
-        # the destination's SHUT(1), unless the write failure was noticed before it arrived
-        assert desc == "Sibling indicated error 1" or desc.startswith("Unable to write"), desc
+        # the destination's SHUT(1), also when a write failed before the return path read it
+        assert desc == "Sibling indicated error 1", desc
         assert h.runstate.state is RunState.RUNNING
     finally:
         dest.close()
+
+
+def test_a_failed_write_is_reported_with_the_shut_sent_before_the_close(channel_pair) -> None:
+    """A destination that refuses sends SHUT(1), then closes; the source's next write can fail
+    (EPIPE) before its return-path reader has read that SHUT. The failure names the destination's
+    reason, not the broken pipe it caused (CI saw "Unable to write to channel: Broken pipe" once)."""
+    src, dst = channel_pair
+    reader = ReturnPathReader(src)  # not started yet: the SHUT sits unread
+    send_shut(dst, 1)
+    side = SimpleNamespace(rp=reader, stream=SimpleNamespace(error="Unable to write to channel: Broken pipe"),
+                           _silence=None)
+    assert MigrationThread._peer_error(side) is None  # what the thread knows at that moment
+    starter = threading.Timer(0.05, reader.start)
+    starter.start()
+    try:
+        assert MigrationThread._peer_error(side, after_write_error=True) == "Sibling indicated error 1"
+    finally:
+        starter.join()
+        reader.close()
 
 
 async def test_peer_gone_mid_migration_fails_with_error_desc_guest_running(h: Harness, tmp_path, savevm: Any) -> None:

@@ -90,6 +90,9 @@ DRAIN_STEP_S = 0.1  # s one DRAIN waits at most before the policy decides again
 DRAIN_POLL_S = 0.001  # s between looks at the socket's queue while draining
 DRAIN_PONG_WAIT = 0.05  # s a drained socket's PING waits at most for its PONG
 HELD_WAIT = 0.5  # s a PONG's round trip waits at most for the LOAD_PACE report that follows it
+# s a failed write waits at most for the return path to deliver the destination's SHUT or end: a
+# destination that refuses sends SHUT(1) before it closes, and the write can fail before it is read
+VERDICT_WAIT_S = 1.0
 RUN_MARKS = 512  # batches whose end offsets and run counts map LOAD_PACE spans to the runs they loaded
 # the switch-over's framing outside RAM and devices (state changes, events, EOF) on top of the
 # measured VMDESCRIPTION build: a small constant, measured once on this kind of machine
@@ -283,7 +286,8 @@ class MigrationThread(threading.Thread):
         except MigrationFailed as exc:
             self.ms.fail(str(exc))
         except (StreamError, RAMError, OSError) as exc:  # channel gone, RAM block removed, I/O error
-            self.ms.fail(self._peer_error() or self.stream.error or str(exc) or type(exc).__name__)
+            self.ms.fail(self._peer_error(after_write_error=True) or self.stream.error or str(exc)
+                         or type(exc).__name__)
         except Exception as exc:  # a bug: report it, and never leave the state running
             log.exception("migration thread failed")
             self.ms.fail(self.stream.error or f"Migration thread error: {exc or type(exc).__name__}")
@@ -303,9 +307,14 @@ class MigrationThread(threading.Thread):
         self.savevm = None
         self.multifd = None
 
-    def _peer_error(self) -> str | None:
-        """The destination's own verdict (SHUT(error)), or the watchdog's on a silent destination."""
+    def _peer_error(self, after_write_error: bool = False) -> str | None:
+        """The destination's own verdict (SHUT(error)), or the watchdog's on a silent destination.
+        ``after_write_error``: when the stream failed, first let the return path deliver a SHUT the
+        destination sent before it closed (VERDICT_WAIT_S at most, the reader ending sooner on EOF):
+        its reason, not the broken pipe it caused (migration thread)."""
         rp = self.rp
+        if after_write_error and rp is not None and self.stream.error is not None and rp.shut is None:
+            rp.wait_for(lambda: rp.shut is not None, VERDICT_WAIT_S)
         if rp is not None and rp.shut:
             return sibling_error(rp.shut)
         return self._silence
@@ -313,7 +322,7 @@ class MigrationThread(threading.Thread):
     def _expect(self, status: M) -> None:
         if self.ms.status is not status:
             raise Cancelled()
-        peer = self._peer_error()
+        peer = self._peer_error(after_write_error=True)
         if peer is not None:
             raise MigrationFailed(peer)
         if self.stream.error is not None:
